@@ -1,0 +1,62 @@
+from moshi_grpc.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ReplayStep(_message.Message):
+    __slots__ = ("user_codes", "text_token", "moshi_codes")
+    USER_CODES_FIELD_NUMBER: _ClassVar[int]
+    TEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MOSHI_CODES_FIELD_NUMBER: _ClassVar[int]
+    user_codes: _containers.RepeatedScalarFieldContainer[int]
+    text_token: int
+    moshi_codes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, user_codes: _Optional[_Iterable[int]] = ..., text_token: _Optional[int] = ..., moshi_codes: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class LmOpen(_message.Message):
+    __slots__ = ("session_id", "sampling", "seed", "replay")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    sampling: _common_pb2.SamplingParams
+    seed: int
+    replay: _containers.RepeatedCompositeFieldContainer[ReplayStep]
+    def __init__(self, session_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., replay: _Optional[_Iterable[_Union[ReplayStep, _Mapping]]] = ...) -> None: ...
+
+class UserCodes(_message.Message):
+    __slots__ = ("index", "codes")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    CODES_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    codes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, index: _Optional[int] = ..., codes: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class StepRequest(_message.Message):
+    __slots__ = ("open", "frame")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    open: LmOpen
+    frame: UserCodes
+    def __init__(self, open: _Optional[_Union[LmOpen, _Mapping]] = ..., frame: _Optional[_Union[UserCodes, _Mapping]] = ...) -> None: ...
+
+class StepOutput(_message.Message):
+    __slots__ = ("index", "ready", "text_token", "text_piece", "moshi_codes", "timing")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    TEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TEXT_PIECE_FIELD_NUMBER: _ClassVar[int]
+    MOSHI_CODES_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    ready: bool
+    text_token: int
+    text_piece: str
+    moshi_codes: _containers.RepeatedScalarFieldContainer[int]
+    timing: _common_pb2.ServerTiming
+    def __init__(self, index: _Optional[int] = ..., ready: _Optional[bool] = ..., text_token: _Optional[int] = ..., text_piece: _Optional[str] = ..., moshi_codes: _Optional[_Iterable[int]] = ..., timing: _Optional[_Union[_common_pb2.ServerTiming, _Mapping]] = ...) -> None: ...
