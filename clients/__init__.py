@@ -1,1 +1,63 @@
-"""TODO"""
+"""Python SDK for the moshi-grpc gateway's public `Converse` API.
+
+- `ConverseClient` (blocking) and `AsyncConverseClient` (asyncio): open a session over audio
+  chunks (bytes, numpy arrays, a wav file), iterate over typed reply events.
+- Events: `AudioFrame`, `TextPiece`, `SessionStarted`, `BudgetMissed`, `FramesDropped`,
+  `Failover`, `SessionEnded` (with a `SessionSummary`).
+- Options: `SessionOptions` (rate, encoding, sampling, seed, budget), `TlsOptions`,
+  `RetryPolicy`; failures raise `ConverseError` (gRPC code, details, retry hint).
+- Helpers: `chunk_array`, `read_wav_chunks`, `paced` / `apaced` (real-time pacing).
+"""
+
+from .async_client import AsyncConversation, AsyncConverseClient
+from .events import (
+    AudioFrame,
+    BudgetMissed,
+    Failover,
+    FramesDropped,
+    ReplyEvent,
+    SessionEnded,
+    SessionStarted,
+    SessionSummary,
+    TextPiece,
+)
+from .latency import LatencyStats
+from .options import (
+    NO_RETRY,
+    ClientConfigError,
+    ConverseError,
+    RetryPolicy,
+    SessionOptions,
+    TlsOptions,
+)
+from .result import ConverseResult
+from .source import apaced, chunk_array, paced, read_wav_chunks
+from .sync_client import Conversation, ConverseClient
+
+__all__ = [
+    "NO_RETRY",
+    "AsyncConversation",
+    "AsyncConverseClient",
+    "AudioFrame",
+    "BudgetMissed",
+    "ClientConfigError",
+    "Conversation",
+    "ConverseClient",
+    "ConverseError",
+    "ConverseResult",
+    "Failover",
+    "FramesDropped",
+    "LatencyStats",
+    "ReplyEvent",
+    "RetryPolicy",
+    "SessionEnded",
+    "SessionOptions",
+    "SessionStarted",
+    "SessionSummary",
+    "TextPiece",
+    "TlsOptions",
+    "apaced",
+    "chunk_array",
+    "paced",
+    "read_wav_chunks",
+]

@@ -1,0 +1,180 @@
+"""Typed reply events of a Converse session.
+
+The wire messages (`ConverseResponse`) are a nest of oneofs; callers want one flat, typed value
+per reply they can `match` on or `isinstance`-check. Each dataclass here mirrors one reply kind
+of protos/moshi_grpc/v1/gateway.proto, with the same field names, so the proto comments are the
+documentation of the fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+import numpy as np
+
+from moshi_grpc.v1 import gateway_pb2
+
+PCM16 = "pcm16"
+FLOAT32 = "float32"
+ENCODINGS = {
+    PCM16: gateway_pb2.AUDIO_ENCODING_PCM16,
+    FLOAT32: gateway_pb2.AUDIO_ENCODING_FLOAT32,
+}
+
+
+def decode_samples(data: bytes, encoding: str) -> np.ndarray:
+    """Raw little-endian samples of the session's encoding -> float32 in [-1, 1]."""
+    from moshi_grpc import audio
+
+    return audio.decode_samples(data, encoding, allow_empty=True)
+
+
+@dataclass(frozen=True)
+class AudioFrame:
+    """One 80 ms output frame (answers input frame `frame_index`)."""
+
+    frame_index: int
+    data: bytes
+    silence: bool
+    encoding: str
+    sample_rate: int
+
+    @property
+    def samples(self) -> np.ndarray:
+        """The frame as float32 samples in [-1, 1] at `sample_rate`."""
+        return decode_samples(self.data, self.encoding)
+
+
+@dataclass(frozen=True)
+class TextPiece:
+    """A piece of Moshi's inner-monologue text, produced by output frame `frame_index`."""
+
+    frame_index: int
+    text: str
+
+
+@dataclass(frozen=True)
+class SessionStarted:
+    """First event of every session: its id, the replicas it is pinned to, effective limits."""
+
+    session_id: str
+    codec_replica: str
+    lm_replica: str
+    budget_ms: int
+    max_consecutive_misses: int
+    sample_rate: int
+    model: str
+
+
+@dataclass(frozen=True)
+class BudgetMissed:
+    """Output frame `frame_index` missed its deadline by `late_ms` and was sent as silence."""
+
+    frame_index: int
+    late_ms: float
+    consecutive: int
+
+
+@dataclass(frozen=True)
+class FramesDropped:
+    """`count` input frames from `first_frame_index` were dropped (backlog full)."""
+
+    first_frame_index: int
+    count: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Failover:
+    """The LM replica failed and the session moved to another one."""
+
+    from_replica: str
+    to_replica: str
+    frames_lost: int
+
+
+@dataclass(frozen=True)
+class SessionSummary:
+    """Server-side totals of a session (see `SessionSummary` in gateway.proto)."""
+
+    frames_in: int
+    frames_out: int
+    frames_late: int
+    frames_dropped: int
+    latency_p50_ms: float
+    latency_p95_ms: float
+    latency_p99_ms: float
+    duration_s: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class SessionEnded:
+    """Last event of a session the gateway ended, with its summary."""
+
+    summary: SessionSummary = field(
+        default_factory=lambda: SessionSummary(0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, "")
+    )
+
+
+ReplyEvent = Union[
+    AudioFrame, TextPiece, SessionStarted, BudgetMissed, FramesDropped, Failover, SessionEnded
+]
+
+
+def _summary(msg: gateway_pb2.SessionSummary) -> SessionSummary:
+    return SessionSummary(
+        frames_in=msg.frames_in,
+        frames_out=msg.frames_out,
+        frames_late=msg.frames_late,
+        frames_dropped=msg.frames_dropped,
+        latency_p50_ms=msg.latency_p50_ms,
+        latency_p95_ms=msg.latency_p95_ms,
+        latency_p99_ms=msg.latency_p99_ms,
+        duration_s=msg.duration_s,
+        reason=msg.reason,
+    )
+
+
+def from_response(
+    resp: gateway_pb2.ConverseResponse, encoding: str, sample_rate: int
+) -> ReplyEvent | None:
+    """Turn one wire reply into its typed event; None for a kind this SDK does not know yet.
+
+    Unknown kinds are skipped rather than raised so that an older client keeps working when
+    the gateway adds reply kinds (the contract only grows additively).
+    """
+    kind = resp.WhichOneof("kind")
+    if kind == "audio":
+        a = resp.audio
+        return AudioFrame(a.frame_index, a.data, a.silence, encoding, sample_rate)
+    if kind == "text":
+        return TextPiece(resp.text.frame_index, resp.text.text)
+    if kind != "event":
+        return None
+    ev = resp.event
+    which = ev.WhichOneof("kind")
+    if which == "started":
+        s = ev.started
+        return SessionStarted(
+            s.session_id,
+            s.codec_replica,
+            s.lm_replica,
+            s.budget_ms,
+            s.max_consecutive_misses,
+            s.sample_rate,
+            s.model,
+        )
+    if which == "budget_missed":
+        b = ev.budget_missed
+        return BudgetMissed(b.frame_index, b.late_ms, b.consecutive)
+    if which == "frames_dropped":
+        d = ev.frames_dropped
+        return FramesDropped(d.first_frame_index, d.count, d.reason)
+    if which == "failover":
+        f = ev.failover
+        return Failover(f.from_replica, f.to_replica, f.frames_lost)
+    if which == "ended":
+        return SessionEnded(_summary(ev.ended.summary))
+    return None

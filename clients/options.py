@@ -1,0 +1,234 @@
+"""Client options: session settings, TLS, auth, retries, and the channel they make.
+
+Kept apart from the clients so the sync and asyncio clients build identical channels, configs
+and metadata from one place.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from moshi_grpc.v1 import common_pb2, gateway_pb2
+
+from .events import ENCODINGS, PCM16
+
+# Our own messages are small (one chunk of audio), but a client may send a long chunk at once.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# Trailing-metadata key in which the gateway may hint how long to wait before retrying.
+RETRY_AFTER_KEY = "retry-after-ms"
+RETRYABLE_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE})
+
+
+class ClientConfigError(ValueError):
+    """An SDK option or session setting is invalid (caught before anything is sent)."""
+
+
+class ConverseError(Exception):
+    """A Converse session failed with a gRPC status.
+
+    `code` and `details` are the status; `retry_after_ms` the gateway's hint if it sent one;
+    `attempts` how many times the session start was tried; `started` whether the session had
+    started (after that no retry is ever made: audio already went through the model).
+    """
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        *,
+        retry_after_ms: int | None = None,
+        attempts: int = 1,
+        started: bool = False,
+    ) -> None:
+        self.code = code
+        self.details = details
+        self.retry_after_ms = retry_after_ms
+        self.attempts = attempts
+        self.started = started
+        super().__init__(f"{code.name}: {details} (attempts: {attempts})")
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    """TLS for the channel. All paths are PEM files; None uses the system roots.
+
+    `client_cert` + `client_key` enable mutual TLS. `server_name` overrides the name checked
+    against the server certificate (for tests and IP addresses).
+    """
+
+    root_ca: str | Path | None = None
+    client_cert: str | Path | None = None
+    client_key: str | Path | None = None
+    server_name: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ClientConfigError("TLS: client_cert and client_key must be given together")
+
+        def read(p: str | Path | None) -> bytes | None:
+            if p is None:
+                return None
+            try:
+                return Path(p).read_bytes()
+            except OSError as exc:
+                raise ClientConfigError(f"TLS: cannot read {p}: {exc.strerror}") from exc
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.root_ca),
+            private_key=read(self.client_key),
+            certificate_chain=read(self.client_cert),
+        )
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter for the *start* of a session.
+
+    Only RESOURCE_EXHAUSTED (overload: no free slot) and UNAVAILABLE (draining or failed
+    backend) are retried, and only before the session started: once audio has gone through the
+    model a retry would replay a conversation, which is the caller's decision, not the SDK's.
+    A `retry-after-ms` hint from the gateway is honoured as the minimum wait.
+    """
+
+    max_attempts: int = 4
+    initial_backoff_s: float = 0.2
+    max_backoff_s: float = 5.0
+    multiplier: float = 2.0
+    jitter: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ClientConfigError("retry: max_attempts must be >= 1")
+        if self.initial_backoff_s < 0 or self.max_backoff_s < 0 or self.multiplier < 1:
+            raise ClientConfigError("retry: backoffs must be >= 0 and multiplier >= 1")
+        if not 0 <= self.jitter <= 1:
+            raise ClientConfigError("retry: jitter must be in [0, 1]")
+
+    def delay_s(
+        self, attempt: int, retry_after_ms: int | None = None, rng: random.Random | None = None
+    ) -> float:
+        """Wait before attempt `attempt + 1` (attempt counts from 1)."""
+        rng = rng or random
+        base = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1))
+        # Jitter spreads clients that were refused together so they do not return together.
+        delay = base * (1 - self.jitter * rng.random())
+        if retry_after_ms is not None:
+            hint = retry_after_ms / 1000.0
+            delay = max(delay, hint * (1 + self.jitter * rng.random()))
+        return delay
+
+
+NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+def retry_after_ms(metadata) -> int | None:
+    """The gateway's `retry-after-ms` hint from trailing metadata, if present and valid."""
+    for key, value in metadata or ():
+        if key.lower() == RETRY_AFTER_KEY:
+            try:
+                ms = int(value.decode() if isinstance(value, bytes) else value)
+            except ValueError:
+                return None
+            return ms if ms >= 0 else None
+    return None
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """What the first message of a session (`SessionConfig`) says; None = server default."""
+
+    sample_rate: int = 24000
+    encoding: str = PCM16
+    text_temperature: float | None = None
+    text_top_k: int | None = None
+    audio_temperature: float | None = None
+    audio_top_k: int | None = None
+    seed: int | None = None
+    budget_ms: int | None = None
+    max_consecutive_misses: int | None = None
+    client_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not 8000 <= self.sample_rate <= 48000:
+            raise ClientConfigError(f"sample_rate must be 8000..48000 Hz, got {self.sample_rate}")
+        if self.encoding not in ENCODINGS:
+            raise ClientConfigError(
+                f"encoding must be one of {sorted(ENCODINGS)}, got {self.encoding!r}"
+            )
+        for name in ("text_temperature", "audio_temperature"):
+            v = getattr(self, name)
+            if v is not None and not v >= 0:
+                raise ClientConfigError(f"{name} must be >= 0, got {v}")
+        for name in ("text_top_k", "audio_top_k", "budget_ms", "max_consecutive_misses"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise ClientConfigError(f"{name} must be >= 0, got {v}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise ClientConfigError(f"seed must fit in 64 unsigned bits, got {self.seed}")
+
+    def to_proto(self) -> gateway_pb2.ConverseRequest:
+        sampling = common_pb2.SamplingParams()
+        for name in ("text_temperature", "text_top_k", "audio_temperature", "audio_top_k"):
+            v = getattr(self, name)
+            if v is not None:
+                setattr(sampling, name, v)
+        config = gateway_pb2.SessionConfig(
+            sample_rate=self.sample_rate,
+            encoding=ENCODINGS[self.encoding],
+            sampling=sampling,
+            client_id=self.client_id,
+        )
+        if self.seed is not None:
+            config.seed = self.seed
+        if self.budget_ms is not None:
+            config.budget_ms = self.budget_ms
+        if self.max_consecutive_misses is not None:
+            config.max_consecutive_misses = self.max_consecutive_misses
+        return gateway_pb2.ConverseRequest(config=config)
+
+
+@dataclass(frozen=True)
+class ChannelOptions:
+    """How to reach the gateway: address, TLS, bearer token, keepalive."""
+
+    addr: str
+    tls: TlsOptions | None = None
+    token: str | None = None
+    keepalive_s: float = 30.0
+    extra: tuple[tuple[str, object], ...] = field(default_factory=tuple)
+
+    def grpc_options(self) -> list[tuple[str, object]]:
+        opts: list[tuple[str, object]] = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.keepalive_time_ms", int(self.keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            # The SDK retries session starts itself (with the pushback rules above); grpc's
+            # transparent retries would double them.
+            ("grpc.enable_retries", 0),
+        ]
+        if self.tls is not None and self.tls.server_name:
+            opts.append(("grpc.ssl_target_name_override", self.tls.server_name))
+        opts.extend(self.extra)
+        return opts
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        if self.token:
+            return (("authorization", f"Bearer {self.token}"),)
+        return ()
+
+    def sync_channel(self) -> grpc.Channel:
+        if self.tls is None:
+            return grpc.insecure_channel(self.addr, options=self.grpc_options())
+        return grpc.secure_channel(self.addr, self.tls.credentials(), options=self.grpc_options())
+
+    def aio_channel(self) -> grpc.aio.Channel:
+        if self.tls is None:
+            return grpc.aio.insecure_channel(self.addr, options=self.grpc_options())
+        return grpc.aio.secure_channel(
+            self.addr, self.tls.credentials(), options=self.grpc_options()
+        )

@@ -1,0 +1,107 @@
+"""`ConverseResult`: a finished session gathered into audio, transcript and events."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .events import (
+    AudioFrame,
+    BudgetMissed,
+    FramesDropped,
+    ReplyEvent,
+    SessionStarted,
+    SessionSummary,
+    TextPiece,
+)
+from .latency import LatencyStats
+
+
+@dataclass
+class ConverseResult:
+    """Everything a session produced, in arrival order.
+
+    `audio` is the reply as float32 samples at `sample_rate` (frames in index order, silence
+    frames included so the reply stays aligned with the input); `transcript` joins the text
+    pieces; `events` keeps every typed event except audio frames.
+    """
+
+    sample_rate: int
+    audio: np.ndarray
+    transcript: str
+    frames: int
+    silence_frames: int
+    started: SessionStarted | None
+    summary: SessionSummary | None
+    latency: LatencyStats
+    attempts: int
+    events: list[ReplyEvent] = field(default_factory=list)
+
+    @property
+    def budget_misses(self) -> int:
+        return sum(1 for e in self.events if isinstance(e, BudgetMissed))
+
+    @property
+    def frames_dropped(self) -> int:
+        return sum(e.count for e in self.events if isinstance(e, FramesDropped))
+
+    @staticmethod
+    def builder() -> _Builder:
+        """Accumulate events yourself (`add(event)`), then `build(conversation)`."""
+        return _Builder()
+
+    @classmethod
+    def gather(cls, conversation, on_event=None) -> ConverseResult:
+        """Iterate a sync `Conversation` to its end."""
+        b = _Builder()
+        for event in conversation:
+            b.add(event)
+            if on_event is not None:
+                on_event(event)
+        return b.build(conversation)
+
+    @classmethod
+    async def agather(cls, conversation, on_event=None) -> ConverseResult:
+        """Iterate an `AsyncConversation` to its end."""
+        b = _Builder()
+        async for event in conversation:
+            b.add(event)
+            if on_event is not None:
+                on_event(event)
+        return b.build(conversation)
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.frames: dict[int, AudioFrame] = {}
+        self.text: list[str] = []
+        self.events: list[ReplyEvent] = []
+
+    def add(self, event: ReplyEvent) -> None:
+        if isinstance(event, AudioFrame):
+            self.frames[event.frame_index] = event
+            return
+        if isinstance(event, TextPiece):
+            self.text.append(event.text)
+        self.events.append(event)
+
+    def build(self, conversation) -> ConverseResult:
+        session = conversation.session
+        ordered = [self.frames[i] for i in sorted(self.frames)]
+        if ordered:
+            audio = np.concatenate([f.samples for f in ordered]).astype(np.float32, copy=False)
+        else:
+            audio = np.zeros(0, dtype=np.float32)
+        return ConverseResult(
+            sample_rate=session.sample_rate,
+            audio=audio,
+            transcript="".join(self.text).strip(),
+            frames=len(ordered),
+            silence_frames=sum(1 for f in ordered if f.silence),
+            started=conversation.started,
+            summary=conversation.summary,
+            latency=conversation.latency(),
+            attempts=conversation.attempts,
+            events=self.events,
+        )

@@ -1,0 +1,315 @@
+"""Audio sources for a session: chunking, real-time pacing, and replay for retried starts.
+
+A session start may be refused (RESOURCE_EXHAUSTED/UNAVAILABLE) after some audio was already
+pulled from the caller's iterator. `ReplaySource` / `AsyncReplaySource` remember every chunk
+pulled before the session started so that the next attempt sends exactly the same audio; once
+started they forget what was sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+
+from moshi_grpc.v1 import gateway_pb2
+
+from .events import FLOAT32, PCM16
+from .options import ClientConfigError
+
+Chunk = Union[bytes, bytearray, memoryview, np.ndarray]
+_BYTES_PER_SAMPLE = {PCM16: 2, FLOAT32: 4}  # for pacing byte chunks without decoding
+
+
+def encode_chunk(chunk: Chunk, encoding: str) -> tuple[bytes, int]:
+    """A caller's chunk -> (wire bytes in the session encoding, number of samples).
+
+    `bytes` are taken as already encoded; numpy arrays may be float (in [-1, 1]) or int16,
+    shape (n,) or (n, 1) (mono).
+    """
+    from moshi_grpc import audio
+
+    width = audio.bytes_per_sample(encoding)
+    if isinstance(chunk, (bytes, bytearray, memoryview)):
+        data = bytes(chunk)
+        if len(data) % width:
+            raise ClientConfigError(
+                f"a {encoding} chunk must hold whole {width}-byte samples, got {len(data)} bytes"
+            )
+        return data, len(data) // width
+    if not isinstance(chunk, np.ndarray):
+        raise ClientConfigError(f"audio chunks must be bytes or numpy arrays, got {type(chunk)}")
+    a = chunk
+    if a.ndim == 2 and a.shape[1] == 1:
+        a = a[:, 0]
+    if a.ndim != 1:
+        raise ClientConfigError(f"audio chunks must be mono (n,) arrays, got shape {chunk.shape}")
+    if a.dtype == np.int16:
+        if encoding == PCM16:  # already the wire format: no float round trip
+            return a.astype("<i2").tobytes(), len(a)
+        a = audio.decode_samples(a.astype("<i2").tobytes(), PCM16, allow_empty=True)
+    elif not np.issubdtype(a.dtype, np.floating):
+        raise ClientConfigError(f"audio arrays must be float or int16, got {a.dtype}")
+    elif not np.isfinite(a).all():
+        raise ClientConfigError("audio chunk contains NaN or Inf samples")
+    return audio.encode_samples(a.astype(np.float32, copy=False), encoding), len(a)
+
+
+def chunk_array(
+    samples: np.ndarray, sample_rate: int, chunk_ms: float = 80.0
+) -> Iterator[np.ndarray]:
+    """Split a mono signal into chunks of `chunk_ms` (the last one may be shorter)."""
+    if chunk_ms <= 0:
+        raise ClientConfigError(f"chunk_ms must be > 0, got {chunk_ms}")
+    step = max(1, round(sample_rate * chunk_ms / 1000.0))
+    for start in range(0, len(samples), step):
+        yield samples[start : start + step]
+
+
+def read_wav_chunks(
+    path: str | Path, chunk_ms: float = 80.0
+) -> tuple[int, np.ndarray, Iterator[np.ndarray]]:
+    """Read a mono wav file: (sample_rate, all samples as float32, an iterator of chunks)."""
+    from moshi_grpc import audio
+
+    samples, sample_rate = audio.read_wav(path)
+    return sample_rate, samples, chunk_array(samples, sample_rate, chunk_ms)
+
+
+def _duration(chunk: Chunk, sample_rate: int, encoding: str) -> float:
+    if isinstance(chunk, np.ndarray):
+        n = chunk.shape[0]
+    else:
+        n = len(chunk) // _BYTES_PER_SAMPLE[encoding]
+    return n / sample_rate
+
+
+def paced(
+    chunks: Iterable[Chunk], sample_rate: int, encoding: str = PCM16, clock=time.monotonic
+) -> Iterator[Chunk]:
+    """Yield chunks no faster than real time: chunk i leaves when the audio before it has played.
+
+    Models a microphone: the gateway sees audio arrive as a live caller would send it.
+    """
+    t0 = clock()
+    ahead = 0.0
+    for chunk in chunks:
+        wait = t0 + ahead - clock()
+        if wait > 0:
+            time.sleep(wait)
+        yield chunk
+        ahead += _duration(chunk, sample_rate, encoding)
+
+
+async def apaced(
+    chunks: Iterable[Chunk] | AsyncIterable[Chunk],
+    sample_rate: int,
+    encoding: str = PCM16,
+    clock=time.monotonic,
+) -> AsyncIterator[Chunk]:
+    """Async `paced`: accepts a sync or async iterable of chunks."""
+    t0 = clock()
+    ahead = 0.0
+    async for chunk in _aiter(chunks):
+        wait = t0 + ahead - clock()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        yield chunk
+        ahead += _duration(chunk, sample_rate, encoding)
+
+
+async def _aiter(chunks: Iterable[Chunk] | AsyncIterable[Chunk]) -> AsyncIterator[Chunk]:
+    if hasattr(chunks, "__aiter__"):
+        async for c in chunks:  # type: ignore[union-attr]
+            yield c
+    else:
+        for c in chunks:  # type: ignore[union-attr]
+            yield c
+
+
+def _audio_request(data: bytes) -> gateway_pb2.ConverseRequest:
+    return gateway_pb2.ConverseRequest(audio=gateway_pb2.AudioChunk(data=data))
+
+
+class ReplaySource:
+    """The caller's chunks, pulled once, replayable until the session has started.
+
+    gRPC's sync client consumes request iterators on its own thread, so pulls are serialised
+    by a lock: a refused attempt's generator may still be inside `next()` when the retry
+    begins, and the chunk it pulls must reach the retry, not vanish.
+    """
+
+    def __init__(
+        self, chunks: Iterable[Chunk], encoding: str, on_sent=None, before_send=None
+    ) -> None:
+        self._it = iter(chunks)
+        self._encoding = encoding
+        self._on_sent = on_sent
+        self._before_send = before_send
+        self._pull_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._pending: list[tuple[bytes, int]] = []  # chunks from absolute index `_base` on
+        self._base = 0
+        self._exhausted = False
+        self._started = False
+        self._generation = 0
+        self.error: BaseException | None = None
+
+    def new_attempt(self) -> int:
+        with self._lock:
+            self._generation += 1
+            return self._generation
+
+    def mark_started(self) -> None:
+        with self._lock:
+            self._started = True
+
+    def _get(self, i: int) -> tuple[bytes, int] | None:
+        with self._pull_lock:
+            with self._lock:
+                if i - self._base < len(self._pending):
+                    return self._pending[i - self._base]
+                if self._exhausted:
+                    return None
+            try:
+                item = next(self._it, None)
+                entry = None if item is None else encode_chunk(item, self._encoding)
+            except Exception as exc:  # surfaced by the conversation, not lost in grpc's thread
+                self.error = exc
+                entry = None
+            with self._lock:
+                if entry is None:
+                    self._exhausted = True
+                    return None
+                self._pending.append(entry)
+                return entry
+
+    def _sent(self, i: int) -> None:
+        with self._lock:
+            if self._started and i + 1 > self._base:
+                drop = i + 1 - self._base
+                del self._pending[:drop]
+                self._base += drop
+
+    def requests(
+        self, first: gateway_pb2.ConverseRequest, generation: int
+    ) -> Iterator[gateway_pb2.ConverseRequest]:
+        """The request stream of one attempt: the config, then every chunk from the start."""
+        yield first
+        i = self._base if self._started else 0
+        while True:
+            if self._before_send is not None:
+                self._before_send()
+            entry = self._get(i)
+            if entry is None or generation != self._generation:
+                return
+            data, n = entry
+            if n:
+                if self._on_sent is not None:
+                    self._on_sent(n)
+                yield _audio_request(data)
+            self._sent(i)
+            i += 1
+
+
+class AsyncReplaySource:
+    """`ReplaySource` for asyncio: one event loop, so only the pull needs serialising.
+
+    It also holds audio back until the session has started (first reply) or `start_gate_s`
+    passed. grpc.aio reports a failed write as INTERNAL and overwrites the server's real status
+    (grpc/grpc#36066), so audio written while the gateway refuses the session would turn a
+    retryable RESOURCE_EXHAUSTED into INTERNAL. Waiting for SessionStarted costs one round trip
+    at the start; the audio is not lost, only queued.
+    """
+
+    def __init__(
+        self,
+        chunks: Iterable[Chunk] | AsyncIterable[Chunk],
+        encoding: str,
+        on_sent=None,
+        start_gate_s: float = 2.0,
+        before_send=None,
+    ) -> None:
+        self._it = _aiter(chunks).__aiter__()
+        self._encoding = encoding
+        self._on_sent = on_sent
+        self._before_send = before_send
+        self._gate_s = start_gate_s
+        self._started_evt = asyncio.Event()
+        self._pull_lock = asyncio.Lock()
+        self._pending: list[tuple[bytes, int]] = []
+        self._base = 0
+        self._exhausted = False
+        self._started = False
+        self._generation = 0
+        self.error: BaseException | None = None
+
+    def new_attempt(self) -> int:
+        self._generation += 1
+        return self._generation
+
+    def mark_started(self) -> None:
+        self._started = True
+        self._started_evt.set()
+
+    def close(self) -> None:
+        """No attempt will follow: wake and end every request stream still waiting."""
+        self._generation += 1
+        self._started_evt.set()
+
+    async def _get(self, i: int) -> tuple[bytes, int] | None:
+        async with self._pull_lock:
+            if i - self._base < len(self._pending):
+                return self._pending[i - self._base]
+            if self._exhausted:
+                return None
+            try:
+                item = await self._it.__anext__()
+                entry = encode_chunk(item, self._encoding)
+            except StopAsyncIteration:
+                entry = None
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.error = exc
+                entry = None
+            if entry is None:
+                self._exhausted = True
+                return None
+            self._pending.append(entry)
+            return entry
+
+    def _sent(self, i: int) -> None:
+        if self._started and i + 1 > self._base:
+            drop = i + 1 - self._base
+            del self._pending[:drop]
+            self._base += drop
+
+    async def requests(
+        self, first: gateway_pb2.ConverseRequest, generation: int
+    ) -> AsyncIterator[gateway_pb2.ConverseRequest]:
+        yield first
+        if not self._started and self._gate_s > 0:
+            try:
+                await asyncio.wait_for(self._started_evt.wait(), self._gate_s)
+            except asyncio.TimeoutError:
+                pass  # a gateway that waits for audio before answering: send it anyway
+        i = self._base if self._started else 0
+        while True:
+            if self._before_send is not None:
+                await self._before_send()
+            entry = await self._get(i)
+            if entry is None or generation != self._generation:
+                return
+            data, n = entry
+            if n:
+                if self._on_sent is not None:
+                    self._on_sent(n)
+                yield _audio_request(data)
+            self._sent(i)
+            i += 1

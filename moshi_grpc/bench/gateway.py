@@ -1,0 +1,414 @@
+"""`moshi-grpc bench gateway`: latency the gateway adds per frame, at 1..N concurrent sessions.
+
+Setup (all on loopback, each service its own process, as deployed): codec and LM services in
+`--model echo` mode (zero model cost, `--max-wait-ms 0`), and the gateway in front of them.
+This process is the load: N sessions, each sending one 80 ms frame every 80 ms (real time,
+phases spread over the frame period), measuring per frame
+
+- gateway path: send of input frame t -> arrival of output frame t from the gateway;
+- direct path (the baseline, same run, same N): the same frame driven by this process
+  straight through the backends' Encode -> Step -> Decode streams, pipelined like the gateway
+  does it.
+
+Gateway-added latency = gateway path - direct path (p50 and p99 of each, subtracted: the
+backend time, the echo cost and the client's own stack are in both). Every frame must come
+back (`lost` = sent - received, and the gateway's summaries must show no late or dropped
+frame). Bounded: `--seconds` of audio per session, a timeout per level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+FRAME_S = 0.08
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--sessions", default="1,50,200", help="comma-separated concurrent session counts"
+    )
+    parser.add_argument("--seconds", type=float, default=3.0, help="audio per session")
+    parser.add_argument(
+        "--rate", type=int, default=24000, help="client sample rate (24000: no resampling)"
+    )
+    parser.add_argument("--encoding", choices=["pcm16", "float32"], default="pcm16")
+    parser.add_argument(
+        "--no-direct", action="store_true", help="skip the direct-to-backends baseline"
+    )
+    parser.add_argument(
+        "--gateway-cpus",
+        default=None,
+        help="pin the gateway process to these CPUs (taskset list, e.g. 0,1)",
+    )
+    parser.add_argument(
+        "--profile",
+        default=None,
+        metavar="PATH",
+        help="run the gateway under cProfile and write the stats to PATH",
+    )
+    parser.add_argument(
+        "--timeout-s", type=float, default=120.0, help="give up on a level after this long"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Proc:
+    name: str
+    address: str
+    proc: subprocess.Popen
+
+
+def _spawn(name: str, extra: list[str], prefix: list[str] | None = None) -> Proc:
+    port = _free_port()
+    cmd = [
+        *(prefix or []),
+        sys.executable,
+        *(["-m", "cProfile", "-o", extra.pop(0)] if name == "gateway-profiled" else []),
+        "-m",
+        "moshi_grpc.cli",
+        "--log-level",
+        "WARNING",
+        name.split("-")[0],
+        "--port",
+        str(port),
+        "--metrics-port",
+        "-1",
+        *extra,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return Proc(name, f"127.0.0.1:{port}", proc)
+
+
+async def _wait_serving(p: Proc, timeout_s: float = 120.0) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    async with grpc.aio.insecure_channel(p.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if p.proc.poll() is not None:
+                err = p.proc.stderr.read().decode(errors="replace") if p.proc.stderr else ""
+                raise RuntimeError(f"{p.name} exited: {err[-2000:]}")
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{p.name} not serving after {timeout_s} s")
+
+
+def _stop(procs: list[Proc]) -> None:
+    for p in procs:
+        if p.proc.poll() is None:
+            p.proc.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.proc.kill()
+            p.proc.wait()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """user + system CPU time of a process (Linux /proc), 0 when unavailable."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+@dataclass
+class LevelResult:
+    latencies_ms: list[float] = field(default_factory=list)
+    sent: int = 0
+    received: int = 0
+    late: int = 0
+    dropped: int = 0
+    errors: list[str] = field(default_factory=list)
+    gateway_cpu_s: float = 0.0
+    wall_s: float = 0.0
+
+    def pct(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+
+async def _paced_frames(n_frames: int, phase_s: float, send) -> None:
+    loop = asyncio.get_running_loop()
+    start = loop.time() + phase_s
+    for t in range(n_frames):
+        delay = start + t * FRAME_S - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await send(t)
+
+
+async def _gateway_session(stub, args, frames: int, phase: float, chunk: bytes, res) -> None:
+    import grpc
+
+    from moshi_grpc.v1 import gateway_pb2
+
+    enc = (
+        gateway_pb2.AUDIO_ENCODING_PCM16
+        if args.encoding == "pcm16"
+        else gateway_pb2.AUDIO_ENCODING_FLOAT32
+    )
+    call = stub.Converse()
+    await call.write(
+        gateway_pb2.ConverseRequest(
+            config=gateway_pb2.SessionConfig(
+                sample_rate=args.rate, encoding=enc, budget_ms=5000, max_consecutive_misses=0
+            )
+        )
+    )
+    first = await call.read()
+    if first is grpc.aio.EOF or not first.event.HasField("started"):
+        res.errors.append(f"no SessionStarted: {await call.code()} {await call.details()}")
+        return
+    sent_at: dict[int, float] = {}
+    request = gateway_pb2.ConverseRequest(audio=gateway_pb2.AudioChunk(data=chunk))
+
+    async def send(t: int) -> None:
+        sent_at[t] = time.perf_counter()
+        await call.write(request)
+        res.sent += 1
+
+    async def receive() -> None:
+        while True:
+            msg = await call.read()
+            if msg is grpc.aio.EOF:
+                return
+            kind = msg.WhichOneof("kind")
+            if kind == "audio":
+                t = msg.audio.frame_index
+                res.latencies_ms.append((time.perf_counter() - sent_at.pop(t)) * 1000.0)
+                res.received += 1
+            elif kind == "event" and msg.event.HasField("ended"):
+                s = msg.event.ended.summary
+                res.late += s.frames_late
+                res.dropped += s.frames_dropped
+
+    reader = asyncio.create_task(receive())
+    try:
+        await _paced_frames(frames, phase, send)
+        await call.done_writing()
+        await reader
+        code = await call.code()
+        if code != grpc.StatusCode.OK:
+            res.errors.append(f"{code.name}: {await call.details()}")
+    finally:
+        reader.cancel()
+
+
+async def _direct_session(codec, lm, frames: int, phase: float, pcm: bytes, res) -> None:
+    """The gateway's job done by hand, minimal: Encode -> Step -> Decode, pipelined."""
+    import grpc
+
+    from moshi_grpc.v1 import codec_pb2, lm_pb2
+
+    enc = codec.Encode()
+    dec = codec.Decode()
+    step = lm.Step()
+    await enc.write(codec_pb2.EncodeRequest(open=codec_pb2.CodecOpen(session_id="bench")))
+    await dec.write(codec_pb2.DecodeRequest(open=codec_pb2.CodecOpen(session_id="bench")))
+    await step.write(lm_pb2.StepRequest(open=lm_pb2.LmOpen(session_id="bench")))
+    sent_at: dict[int, float] = {}
+
+    def done(t: int) -> None:
+        res.latencies_ms.append((time.perf_counter() - sent_at.pop(t)) * 1000.0)
+        res.received += 1
+
+    async def send(t: int) -> None:
+        sent_at[t] = time.perf_counter()
+        await enc.write(codec_pb2.EncodeRequest(frame=codec_pb2.PcmFrame(index=t, pcm_f32le=pcm)))
+        res.sent += 1
+
+    async def codes_to_lm() -> None:
+        while (msg := await enc.read()) is not grpc.aio.EOF:
+            await step.write(
+                lm_pb2.StepRequest(frame=lm_pb2.UserCodes(index=msg.index, codes=msg.codes))
+            )
+        await step.done_writing()
+
+    decode_order: list[int] = []
+
+    async def lm_to_decode() -> None:
+        d = 0
+        while (msg := await step.read()) is not grpc.aio.EOF:
+            if msg.ready:
+                decode_order.append(msg.index)
+                await dec.write(
+                    codec_pb2.DecodeRequest(
+                        frame=codec_pb2.CodesFrame(index=d, codes=msg.moshi_codes)
+                    )
+                )
+                d += 1
+            else:
+                done(msg.index)
+        await dec.done_writing()
+
+    async def pcm_back() -> None:
+        i = 0
+        while (await dec.read()) is not grpc.aio.EOF:
+            done(decode_order[i])
+            i += 1
+
+    tasks = [asyncio.create_task(c()) for c in (codes_to_lm, lm_to_decode, pcm_back)]
+    try:
+        await _paced_frames(frames, phase, send)
+        await enc.done_writing()
+        await asyncio.gather(*tasks)
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        res.errors.append(f"direct: {exc}")
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _level(
+    n: int, frames: int, make_session, timeout_s: float, gateway_pid: int | None = None
+) -> LevelResult:
+    res = LevelResult()
+    rng = np.random.default_rng(n)
+    phases = rng.uniform(0, FRAME_S, size=n)
+    cpu0 = _cpu_seconds(gateway_pid) if gateway_pid else 0.0
+    t0 = time.perf_counter()
+    tasks = [asyncio.create_task(make_session(float(p), res)) for p in phases]
+    done, pending = await asyncio.wait(tasks, timeout=timeout_s)
+    res.wall_s = time.perf_counter() - t0
+    if gateway_pid:
+        res.gateway_cpu_s = _cpu_seconds(gateway_pid) - cpu0
+    for t in pending:
+        t.cancel()
+        res.errors.append("timeout")
+    for t in done:
+        if t.exception() is not None:
+            res.errors.append(repr(t.exception()))
+    return res
+
+
+async def _main(args: argparse.Namespace) -> int:
+    import grpc
+
+    from moshi_grpc import audio
+    from moshi_grpc.v1 import codec_pb2_grpc, gateway_pb2_grpc, lm_pb2_grpc
+
+    levels = [int(x) for x in args.sessions.split(",") if x.strip()]
+    slots = max(levels)
+    frames = max(1, int(round(args.seconds / FRAME_S)))
+    backend = ["--model", "echo", "--max-sessions", str(slots), "--max-wait-ms", "0"]
+    codec = _spawn("codec", list(backend))
+    lm = _spawn("lm", list(backend))
+    procs = [codec, lm]
+    try:
+        await asyncio.gather(_wait_serving(codec), _wait_serving(lm))
+        gw_extra = ["--codec-addr", codec.address, "--lm-addr", lm.address, "--grace", "5"]
+        gw_extra += ["--max-concurrent-rpcs", "0"]
+        prefix = ["taskset", "-c", args.gateway_cpus] if args.gateway_cpus else None
+        name = "gateway"
+        if args.profile:
+            name = "gateway-profiled"
+            gw_extra.insert(0, args.profile)
+        gateway = _spawn(name, gw_extra, prefix)
+        procs.insert(0, gateway)
+        await _wait_serving(gateway)
+        n_samples = int(round(FRAME_S * args.rate))
+        signal_24k = audio.speech_like(FRAME_S, 24000, seed=0)
+        chunk = audio.encode_samples(
+            audio.speech_like(FRAME_S, args.rate, seed=0)[:n_samples], args.encoding
+        )
+        pcm = audio.array_to_f32le(signal_24k[: audio.FRAME_SIZE])
+        options = [("grpc.max_receive_message_length", 4 << 20)]
+        rows = []
+        async with (
+            grpc.aio.insecure_channel(gateway.address, options=options) as gch,
+            grpc.aio.insecure_channel(codec.address, options=options) as cch,
+            grpc.aio.insecure_channel(lm.address, options=options) as lch,
+        ):
+            gstub = gateway_pb2_grpc.GatewayStub(gch)
+            cstub = codec_pb2_grpc.CodecStub(cch)
+            lstub = lm_pb2_grpc.LMStub(lch)
+            for n in levels:
+                via = await _level(
+                    n,
+                    frames,
+                    lambda p, r: _gateway_session(gstub, args, frames, p, chunk, r),
+                    args.timeout_s,
+                    gateway.proc.pid,
+                )
+                direct = None
+                if not args.no_direct:
+                    direct = await _level(
+                        n,
+                        frames,
+                        lambda p, r: _direct_session(cstub, lstub, frames, p, pcm, r),
+                        args.timeout_s,
+                    )
+                rows.append((n, via, direct))
+                await asyncio.sleep(0.5)  # let the backends' slots settle between levels
+    finally:
+        _stop(procs)
+    _print(args, frames, rows)
+    bad = any(via.errors or via.sent != via.received for _, via, _ in rows)
+    return 1 if bad else 0
+
+
+def _print(args, frames: int, rows) -> None:
+    print(f"command: {' '.join(shlex.quote(a) for a in sys.argv)}")
+    print(
+        f"setup: codec + LM in --model echo (max-wait 0 ms), gateway, this load generator: "
+        f"4 processes on {os.cpu_count()} CPU(s); {frames} frames per session at real time, "
+        f"client {args.rate} Hz {args.encoding}"
+        + (f"; gateway pinned to CPUs {args.gateway_cpus}" if args.gateway_cpus else "")
+    )
+    head = (
+        f"{'sessions':>8} | {'gateway p50':>11} {'p99':>7} | {'direct p50':>10} {'p99':>7} | "
+        f"{'added p50':>9} {'p99':>7} | {'sent':>6} {'recv':>6} {'lost':>5} {'late':>5} "
+        f"{'drop':>5}"
+    )
+    print(head)
+    print("-" * len(head))
+    for n, via, direct in rows:
+        d50 = direct.pct(50) if direct else float("nan")
+        d99 = direct.pct(99) if direct else float("nan")
+        print(
+            f"{n:>8} | {via.pct(50):>9.2f}ms {via.pct(99):>5.2f}ms | {d50:>8.2f}ms "
+            f"{d99:>5.2f}ms | {via.pct(50) - d50:>7.2f}ms {via.pct(99) - d99:>5.2f}ms | "
+            f"{via.sent:>6} {via.received:>6} {via.sent - via.received:>5} {via.late:>5} "
+            f"{via.dropped:>5}"
+        )
+        if via.received:
+            print(
+                f"         gateway CPU: {via.gateway_cpu_s * 1e3 / via.received:.2f} ms per frame, "
+                f"{100 * via.gateway_cpu_s / via.wall_s:.0f}% of one core over {via.wall_s:.1f} s"
+            )
+        for err in (via.errors + (direct.errors if direct else []))[:3]:
+            print(f"         error: {err}")
+    print(
+        "added = gateway path - direct path, per percentile (backend and client costs are in "
+        "both). Target: added p99 <= 2 ms at 200 sessions on 2 CPU cores."
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    return asyncio.run(_main(args))

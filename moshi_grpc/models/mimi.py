@@ -1,0 +1,1109 @@
+"""Mimi, the neural audio codec of Moshi, in one file: 24 kHz mono audio <-> 12.5 Hz RVQ codes.
+
+Read top to bottom:
+
+1. `MimiConfig` and its presets (`"mimi"` is the published 79 M model, `"tiny"` a small one
+   for tests and demos).
+2. Building blocks. Every causal convolution keeps, per batch slot, the few input columns
+   that the next call needs (its left context); every transposed convolution keeps the
+   overlap that the next call adds to its first outputs. The offline path is the same code
+   run once over the whole signal from a fresh (zero) state, so streaming equals offline
+   by construction.
+3. The SEANet encoder/decoder, the two transformers (RoPE, context 250 steps at 25 Hz,
+   layer scale), the learned down/upsampling 25 Hz <-> 12.5 Hz and the split RVQ.
+4. `Mimi` (offline `encode`/`decode`), `MimiStreamingEncoder`/`MimiStreamingDecoder`
+   (one 80 ms frame per slot per call, per-slot reset and masks) and `load_mimi`.
+
+Module and parameter names reproduce the official checkpoint's tensor names
+(`tokenizer-e351c8d8-checkpoint125.safetensors`), so loading is a strict, name-for-name copy;
+the Hugging Face `MimiModel` layout is converted to those names first.
+
+Streaming state: every tensor has the slot as its first dimension. Conv caches are replaced
+functionally each step (`torch.where(active, new, old)`); the transformer KV caches are ring
+buffers written in place at per-slot positions, keeping the old entry for inactive slots. No
+Python branch looks at per-row values.
+
+Exactness note: the attention of a query at step p sees steps p-249..p (context 250). A
+streaming frame brings two 25 Hz steps at once, so the ring holds context + 1 steps; the
+public reference keeps only 250 and its first query of a frame then misses one step once a
+stream is longer than 10 s (its streaming output drifts from its own offline output there).
+We follow the offline definition, so our streaming equals our offline path at any length.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moshi_grpc.models.checkpoint import CheckpointError, load_state_strict, read_safetensors
+from moshi_grpc.models.rope import rope_angles
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "PRESETS",
+    "CheckpointError",
+    "Mimi",
+    "MimiConfig",
+    "MimiInputError",
+    "MimiStreamingDecoder",
+    "MimiStreamingEncoder",
+    "load_mimi",
+]
+
+
+class MimiInputError(ValueError):
+    """Audio or codes given to the codec have the wrong shape, dtype, length or values."""
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MimiConfig:
+    """Hyper-parameters of a Mimi codec (defaults = the published model)."""
+
+    name: str = "mimi"
+    sample_rate: int = 24000
+    frame_rate: float = 12.5
+    # SEANet
+    dimension: int = 512
+    n_filters: int = 64
+    ratios: tuple[int, ...] = (8, 6, 5, 4)  # decoder order; the encoder uses them reversed
+    kernel_size: int = 7
+    residual_kernel_size: int = 3
+    last_kernel_size: int = 3
+    n_residual_layers: int = 1
+    dilation_base: int = 2
+    compress: int = 2
+    # transformers (d_model == dimension)
+    num_heads: int = 8
+    num_layers: int = 8
+    dim_feedforward: int = 2048
+    context: int = 250
+    max_period: float = 10000.0
+    layer_scale: float = 0.01
+    # split RVQ
+    codebook_dim: int = 256
+    total_codebooks: int = 32
+    semantic_codebooks: int = 1
+    bins: int = 2048
+
+    @property
+    def frame_size(self) -> int:
+        return int(self.sample_rate / self.frame_rate)
+
+    @property
+    def hop_length(self) -> int:
+        return math.prod(self.ratios)
+
+    @property
+    def resample_stride(self) -> int:
+        return self.frame_size // self.hop_length
+
+    def validate(self) -> MimiConfig:
+        if self.frame_size % self.hop_length:
+            raise ValueError(f"frame size {self.frame_size} is not a multiple of {self.ratios}")
+        if self.dimension % self.num_heads or (self.dimension // self.num_heads) % 2:
+            raise ValueError("dimension must split into heads of even size")
+        if not 0 < self.semantic_codebooks < self.total_codebooks:
+            raise ValueError("need 1 <= semantic_codebooks < total_codebooks")
+        return self
+
+
+PRESETS: dict[str, MimiConfig] = {
+    "mimi": MimiConfig(),
+    # Same structure, ~1/100 of the compute: for tests, demos and laptops without weights.
+    "tiny": MimiConfig(
+        name="tiny",
+        dimension=32,
+        n_filters=4,
+        num_heads=2,
+        num_layers=2,
+        dim_feedforward=64,
+        context=10,
+        codebook_dim=4,
+        total_codebooks=8,
+    ),
+}
+
+
+def _resolve_config(config: str | MimiConfig) -> MimiConfig:
+    if isinstance(config, MimiConfig):
+        return config.validate()
+    if config not in PRESETS:
+        raise ValueError(f"unknown Mimi config {config!r}; presets: {sorted(PRESETS)}")
+    return PRESETS[config].validate()
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Streaming building blocks
+# --------------------------------------------------------------------------------------------
+
+
+class _States:
+    """Reads the old per-slot conv states in order and collects the new ones."""
+
+    def __init__(self, old: Sequence[torch.Tensor]):
+        self._old = iter(old)
+        self.new: list[torch.Tensor] = []
+
+    def take(self) -> torch.Tensor:
+        return next(self._old)
+
+    def give(self, t: torch.Tensor) -> None:
+        self.new.append(t)
+
+
+class _Holder(nn.Module):
+    """Only there to reproduce the official nesting (`<name>.conv.conv.weight`)."""
+
+    def __init__(self, attr: str, module: nn.Module):
+        super().__init__()
+        setattr(self, attr, module)
+
+
+class StreamingConv1d(nn.Module):
+    """Causal Conv1d on time-major activations (N, T, C), as unfold + one matmul.
+
+    The `context` input steps before each call come from the state: zeros at the start
+    (constant padding), or the first sample repeated when `replicate` (the downsampler's
+    padding). A matmul against the (Cout, Cin * K) weight view avoids the per-call weight
+    re-layout that oneDNN convolutions pay on CPU, which dominates at one frame per call.
+    """
+
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel: int,
+        stride: int = 1,
+        dilation: int = 1,
+        bias: bool = True,
+        replicate: bool = False,
+    ):
+        super().__init__()
+        self.conv = _Holder("conv", nn.Conv1d(cin, cout, kernel, stride, dilation=dilation, bias=bias))
+        self.kernel, self.stride, self.dilation = kernel, stride, dilation
+        self.span = (kernel - 1) * dilation + 1
+        self.context = self.span - stride
+        self.replicate = replicate
+        # (Cout, K * Cin) copy of the weight, rebuilt by `refresh()` after loading
+        self.register_buffer("w_kc", torch.zeros(0), persistent=False)
+
+    def refresh(self) -> None:
+        w = self.conv.conv.weight  # (Cout, Cin, K)
+        self.w_kc = w.permute(0, 2, 1).reshape(w.shape[0], -1).contiguous()
+
+    def init_state(self, n: int, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+        if not self.context:
+            return []
+        cin = self.conv.conv.in_channels
+        state = [torch.zeros(n, self.context, cin, device=device, dtype=dtype)]
+        if self.replicate:
+            state.append(torch.ones(n, device=device, dtype=torch.bool))  # "first call" flag
+        return state
+
+    def forward(self, x: torch.Tensor, states: _States) -> torch.Tensor:
+        conv = self.conv.conv
+        if self.context:
+            prev = states.take()  # (N, context, Cin)
+            if self.replicate:
+                first = states.take()
+                prev = torch.where(first.view(-1, 1, 1), x[:, :1], prev)
+            x = torch.cat([prev, x], dim=1)
+            states.give(x[:, -self.context :])
+            if self.replicate:
+                states.give(torch.zeros_like(first))
+        if self.kernel == 1:
+            return F.linear(x[:, :: self.stride], conv.weight[:, :, 0], conv.bias)
+        cols = x.unfold(1, self.span, self.stride).transpose(2, 3)  # (N, Tout, span, Cin)
+        if self.dilation > 1:
+            cols = cols[:, :, :: self.dilation]
+        n, t = cols.shape[:2]
+        # rows copied with contiguous channel runs, against a (Cout, K * Cin) weight
+        return F.linear(cols.reshape(n, t, -1), self.w_kc, conv.bias)
+
+
+class StreamingConvTranspose1d(nn.Module):
+    """Causal ConvTranspose1d (kernel = m * stride) on (N, T, C): one matmul + overlap-add.
+
+    The last `kernel - stride` outputs of a call are incomplete: they are kept (without bias)
+    and added to the first outputs of the next call. Offline they are dropped, as in the
+    reference. Depthwise (groups == channels) is an elementwise product instead.
+    """
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, groups: int = 1, bias=True):
+        super().__init__()
+        if kernel % stride:
+            raise ValueError("transposed conv kernel must be a multiple of its stride")
+        if groups not in (1, cin) or (groups > 1 and cout != cin):
+            raise ValueError("only plain or depthwise transposed convolutions are supported")
+        self.convtr = _Holder(
+            "convtr", nn.ConvTranspose1d(cin, cout, kernel, stride, groups=groups, bias=bias)
+        )
+        self.stride, self.kernel, self.groups = stride, kernel, groups
+        self.overlap = kernel - stride
+        # (Cin, K * Cout) copy of the weight, rebuilt by `refresh()` after loading
+        self.register_buffer("w_kc", torch.zeros(0), persistent=False)
+
+    def refresh(self) -> None:
+        w = self.convtr.convtr.weight  # (Cin, Cout / groups, K)
+        self.w_kc = w.permute(0, 2, 1).reshape(w.shape[0], -1).contiguous()
+
+    def init_state(self, n: int, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+        cout = self.convtr.convtr.out_channels
+        return [torch.zeros(n, self.overlap, cout, device=device, dtype=dtype)]
+
+    def forward(self, x: torch.Tensor, states: _States) -> torch.Tensor:
+        conv = self.convtr.convtr
+        n, t, cin = x.shape
+        s, m = self.stride, self.kernel // self.stride
+        cout = conv.out_channels
+        if self.groups == 1:
+            z = torch.matmul(x, self.w_kc)  # (N, T, K * Cout)
+        else:  # depthwise: z[n, t, k, c] = x[n, t, c] * w[c, 0, k]
+            z = x.unsqueeze(2) * self.w_kc.t().unsqueeze(0)  # (N, T, K, C)
+        z = z.reshape(n, t, m, s * cout)  # contribution of step t to output block t + j
+        out = F.pad(z[:, :, 0], (0, 0, 0, m - 1))  # (N, T + m - 1, S * Cout)
+        for j in range(1, m):
+            out = out + F.pad(z[:, :, j], (0, 0, j, m - 1 - j))
+        out = out.view(n, (t + m - 1) * s, cout)
+        prev = states.take()  # (N, K - S, Cout)
+        states.give(out[:, t * s :])
+        y = torch.cat([out[:, : self.overlap] + prev, out[:, self.overlap : t * s]], dim=1)
+        if conv.bias is not None:
+            y = y + conv.bias
+        return y
+
+
+class SEANetResnetBlock(nn.Module):
+    """x + conv1x1(elu(conv_k(elu(x)))), true skip; names `block.1` and `block.3`."""
+
+    def __init__(self, dim: int, kernel: int, dilation: int, compress: int):
+        super().__init__()
+        hidden = dim // compress
+        self.block = nn.Sequential(
+            nn.ELU(),
+            StreamingConv1d(dim, hidden, kernel, dilation=dilation),
+            nn.ELU(),
+            StreamingConv1d(hidden, dim, 1),
+        )
+
+    def forward(self, x: torch.Tensor, states: _States) -> torch.Tensor:
+        y = self.block[1](F.elu(x), states)
+        y = self.block[3](F.elu(y), states)
+        return x + y
+
+
+def _run_seq(model: nn.Sequential, x: torch.Tensor, states: _States) -> torch.Tensor:
+    for layer in model:
+        x = F.elu(x) if isinstance(layer, nn.ELU) else layer(x, states)
+    return x
+
+
+def _init_seq(model: nn.Module, n: int, device, dtype) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    for m in model.modules():
+        if isinstance(m, (StreamingConv1d, StreamingConvTranspose1d)):
+            out += m.init_state(n, device, dtype)
+    return out
+
+
+class SEANetEncoder(nn.Module):
+    """Audio (N, T, 1) -> latent (N, T / hop, dimension) at 25 Hz (time-major)."""
+
+    def __init__(self, c: MimiConfig):
+        super().__init__()
+        mult = 1
+        layers: list[nn.Module] = [StreamingConv1d(1, c.n_filters, c.kernel_size)]
+        for ratio in reversed(c.ratios):
+            ch = mult * c.n_filters
+            for j in range(c.n_residual_layers):
+                layers.append(
+                    SEANetResnetBlock(ch, c.residual_kernel_size, c.dilation_base**j, c.compress)
+                )
+            layers += [nn.ELU(), StreamingConv1d(ch, ch * 2, ratio * 2, stride=ratio)]
+            mult *= 2
+        layers += [nn.ELU(), StreamingConv1d(mult * c.n_filters, c.dimension, c.last_kernel_size)]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, states: _States) -> torch.Tensor:
+        return _run_seq(self.model, x, states)
+
+
+class SEANetDecoder(nn.Module):
+    """Latent (N, T, dimension) at 25 Hz -> audio (N, T * hop, 1) (time-major)."""
+
+    def __init__(self, c: MimiConfig):
+        super().__init__()
+        mult = 2 ** len(c.ratios)
+        layers: list[nn.Module] = [StreamingConv1d(c.dimension, mult * c.n_filters, c.kernel_size)]
+        for ratio in c.ratios:
+            ch = mult * c.n_filters
+            layers += [nn.ELU(), StreamingConvTranspose1d(ch, ch // 2, ratio * 2, ratio)]
+            for j in range(c.n_residual_layers):
+                layers.append(
+                    SEANetResnetBlock(
+                        ch // 2, c.residual_kernel_size, c.dilation_base**j, c.compress
+                    )
+                )
+            mult //= 2
+        layers += [nn.ELU(), StreamingConv1d(c.n_filters, 1, c.last_kernel_size)]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, states: _States) -> torch.Tensor:
+        return _run_seq(self.model, x, states)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Transformer with per-slot ring KV cache
+# --------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Per-slot ring buffers for every layer of one transformer, plus per-slot positions."""
+
+    def __init__(
+        self, layers: int, n: int, heads: int, capacity: int, head_dim: int, device, dtype
+    ):
+        self.capacity = capacity
+        self.k = [
+            torch.zeros(n, heads, capacity, head_dim, device=device, dtype=dtype)
+            for _ in range(layers)
+        ]
+        self.v = [torch.zeros_like(k) for k in self.k]
+        self.pos = torch.zeros(n, device=device, dtype=torch.long)  # steps seen by each slot
+
+    def reset(self, mask: torch.Tensor) -> None:
+        # Entries older than the new position are masked out by `key_positions`; no need to
+        # clear the buffers themselves.
+        self.pos.copy_(torch.where(mask, torch.zeros_like(self.pos), self.pos))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((dim,), init))
+
+
+@dataclass
+class _StepPlan:
+    """What every layer of one transformer call shares: RoPE, mask, ring write indices."""
+
+    cos: torch.Tensor  # (B, 1, T, hd/2) float32
+    sin: torch.Tensor
+    mask: torch.Tensor  # (B, 1, T, S) bool: query t may see key s
+    cache: KVCache | None
+    write: torch.Tensor | None  # (B, H, T, hd) ring indices written this call
+    active: torch.Tensor | None
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on interleaved (real, imaginary) pairs of the last dim, computed in float32."""
+    pairs = x.unflatten(-1, (-1, 2))
+    re, im = pairs[..., 0].float(), pairs[..., 1].float()
+    out = torch.stack([(re * cos - im * sin).to(x.dtype), (re * sin + im * cos).to(x.dtype)], -1)
+    return out.flatten(-2)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with RoPE and a finite context."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        nn.init.kaiming_uniform_(self.in_proj_weight, a=math.sqrt(5))
+        self.out_proj = nn.Linear(dim, dim, bias=False)
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor, plan: _StepPlan, layer: int) -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.heads
+        qkv = F.linear(x, self.in_proj_weight).view(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        qk = _rotate(qkv[:2], plan.cos, plan.sin)  # (2, B, H, T, hd)
+        q, k, v = qk[0], qk[1], qkv[2]
+        cache = plan.cache
+        if cache is not None:
+            kc, vc = cache.k[layer], cache.v[layer]
+            if plan.active is not None:  # inactive slots write back what was there
+                keep = ~plan.active.view(-1, 1, 1, 1)
+                k = torch.where(keep, kc.gather(2, plan.write), k)
+                v = torch.where(keep, vc.gather(2, plan.write), v)
+            kc.scatter_(2, plan.write, k)
+            vc.scatter_(2, plan.write, v)
+            k, v = kc, vc
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask)
+        return self.out_proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, c: MimiConfig):
+        super().__init__()
+        d = c.dimension
+        self.self_attn = Attention(d, c.num_heads)
+        self.norm1 = nn.LayerNorm(d, eps=1e-5)
+        self.norm2 = nn.LayerNorm(d, eps=1e-5)
+        self.linear1 = nn.Linear(d, c.dim_feedforward, bias=False)
+        self.linear2 = nn.Linear(c.dim_feedforward, d, bias=False)
+        self.layer_scale_1 = LayerScale(d, c.layer_scale)
+        self.layer_scale_2 = LayerScale(d, c.layer_scale)
+
+    def forward(self, x: torch.Tensor, plan: _StepPlan, i: int) -> torch.Tensor:
+        x = x + self.layer_scale_1.scale * self.self_attn(self.norm1(x), plan, i)
+        y = self.linear2(F.gelu(self.linear1(self.norm2(x))))
+        return x + self.layer_scale_2.scale * y
+
+
+class _Layers(nn.Module):
+    def __init__(self, c: MimiConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(TransformerLayer(c) for _ in range(c.num_layers))
+
+
+class Transformer(nn.Module):
+    """(N, T, C) -> (N, T, C); names `<prefix>.transformer.layers.<i>...` as published."""
+
+    def __init__(self, c: MimiConfig):
+        super().__init__()
+        self.transformer = _Layers(c)
+        self.c = c
+
+    def new_cache(self, n: int, steps_per_call: int, device, dtype) -> KVCache:
+        c = self.c
+        return KVCache(
+            c.num_layers, n, c.num_heads, c.context + steps_per_call - 1,
+            c.dimension // c.num_heads, device, dtype,
+        )  # fmt: skip
+
+    def _plan(self, b: int, t: int, device, cache: KVCache | None, active) -> _StepPlan:
+        c = self.c
+        hd = c.dimension // c.num_heads
+        positions = cache.pos if cache is not None else torch.zeros(b, dtype=torch.long, device=device)
+        angles = rope_angles(positions, t, hd, c.max_period).unsqueeze(1)  # (B, 1, T, hd/2)
+        qpos = positions.view(-1, 1) + torch.arange(t, device=device)  # (B, T)
+        write = None
+        if cache is None:  # offline: the whole signal at once, from position 0
+            kpos = qpos
+        else:
+            cap = cache.capacity
+            if t > cap - c.context + 1:
+                raise MimiInputError(f"a streaming call brings at most {cap - c.context + 1} steps")
+            write = (qpos % cap).view(b, 1, t, 1).expand(b, c.num_heads, t, hd)
+            last = qpos[:, -1:]  # (B, 1)
+            j = torch.arange(cap, device=device)
+            kpos = last - torch.remainder(last - j, cap)  # newest step held in ring slot j
+        delta = qpos.unsqueeze(-1) - kpos.unsqueeze(1)  # (B, T, S)
+        mask = (kpos.unsqueeze(1) >= 0) & (delta >= 0) & (delta < c.context)
+        return _StepPlan(angles.cos(), angles.sin(), mask.unsqueeze(1), cache, write, active)
+
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, active: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        b, t, _ = x.shape  # (B, T, C)
+        plan = self._plan(b, t, x.device, cache, active)
+        for i, layer in enumerate(self.transformer.layers):
+            x = layer(x, plan, i)
+        if cache is not None:
+            step = torch.full_like(cache.pos, t)
+            if active is not None:
+                step = step * active
+            cache.pos.add_(step)
+        return x
+
+
+# --------------------------------------------------------------------------------------------
+# 3b. Resampling 25 Hz <-> 12.5 Hz and the split RVQ
+# --------------------------------------------------------------------------------------------
+
+
+class Downsample(nn.Module):
+    """Learned strided conv (kernel 2 * stride, no bias, left padding = first sample)."""
+
+    def __init__(self, dim: int, stride: int):
+        super().__init__()
+        self.conv = StreamingConv1d(dim, dim, 2 * stride, stride, bias=False, replicate=True)
+
+    def forward(self, x: torch.Tensor, states: _States) -> torch.Tensor:
+        return self.conv(x, states)
+
+
+class Upsample(nn.Module):
+    """Depthwise transposed conv (kernel 2 * stride, no bias)."""
+
+    def __init__(self, dim: int, stride: int):
+        super().__init__()
+        self.convtr = StreamingConvTranspose1d(dim, dim, 2 * stride, stride, groups=dim, bias=False)
+
+    def forward(self, x: torch.Tensor, states: _States) -> torch.Tensor:
+        return self.convtr(x, states)
+
+
+class Codebook(nn.Module):
+    """Published as EMA sums and usage counts; the centroids are their ratio."""
+
+    def __init__(self, bins: int, dim: int):
+        super().__init__()
+        self.register_buffer("_initialized", torch.ones(1))
+        self.register_buffer("cluster_usage", torch.ones(bins))
+        self.register_buffer("embedding_sum", torch.zeros(bins, dim))
+
+    def centroids(self) -> torch.Tensor:
+        return self.embedding_sum.float() / self.cluster_usage.float().clamp(min=1e-5)[:, None]
+
+
+class _VQ(nn.Module):
+    def __init__(self, bins: int, dim: int):
+        super().__init__()
+        self._codebook = Codebook(bins, dim)
+
+
+class _VQLayers(nn.Module):
+    def __init__(self, n: int, bins: int, dim: int):
+        super().__init__()
+        self.layers = nn.ModuleList(_VQ(bins, dim) for _ in range(n))
+
+
+class ResidualVQ(nn.Module):
+    """Projection in (1x1 conv) -> residual VQ -> projection out."""
+
+    def __init__(self, n_q: int, bins: int, dim: int, io_dim: int):
+        super().__init__()
+        self.input_proj = nn.Conv1d(io_dim, dim, 1, bias=False)
+        self.output_proj = nn.Conv1d(dim, io_dim, 1, bias=False)
+        self.vq = _VQLayers(n_q, bins, dim)
+        self.register_buffer("codebooks", torch.zeros(n_q, bins, dim), persistent=False)
+        self.register_buffer("sqnorms", torch.zeros(n_q, bins), persistent=False)
+
+    def refresh(self) -> None:
+        """Recompute the float32 centroids after the EMA buffers changed (load)."""
+        cb = torch.stack([layer._codebook.centroids() for layer in self.vq.layers])
+        self.codebooks = cb.to(self.codebooks.device)
+        self.sqnorms = (cb * cb).sum(-1).to(self.codebooks.device)
+
+    def encode(self, x: torch.Tensor, n_q: int) -> torch.Tensor:
+        """x (B, T, io_dim) -> codes (B, T, n_q): nearest centroid of the running residual."""
+        r = F.linear(x, self.input_proj.weight[:, :, 0]).float()  # (B, T, dim)
+        codes = []
+        for i in range(n_q):
+            cb = self.codebooks[i]
+            # torch.cdist (|r|^2 + |e|^2 - 2 r.e in one matmul) rounds like the reference
+            # does, so near-ties in deep residual levels resolve the same way
+            dist = torch.cdist(r.reshape(1, -1, r.shape[-1]), cb.unsqueeze(0))[0]
+            idx = dist.argmin(-1).view(r.shape[:-1])
+            codes.append(idx)
+            if i + 1 < n_q:
+                r = r - cb[idx]
+        return torch.stack(codes, dim=-1)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, T, n_q) -> (B, T, io_dim)."""
+        q = self.codebooks[0][codes[..., 0]]
+        for i in range(1, codes.shape[-1]):
+            q = q + self.codebooks[i][codes[..., i]]
+        w = self.output_proj.weight[:, :, 0]
+        return F.linear(q.to(w.dtype), w)
+
+
+class SplitRVQ(nn.Module):
+    """1 semantic codebook (`rvq_first`) + up to 31 acoustic ones (`rvq_rest`), summed."""
+
+    def __init__(self, c: MimiConfig):
+        super().__init__()
+        self.n_sem = c.semantic_codebooks
+        args = (c.bins, c.codebook_dim, c.dimension)
+        self.rvq_first = ResidualVQ(c.semantic_codebooks, *args)
+        self.rvq_rest = ResidualVQ(c.total_codebooks - c.semantic_codebooks, *args)
+
+    def encode(self, x: torch.Tensor, n_q: int) -> torch.Tensor:
+        """x (B, T, C) -> codes (B, T, n_q)."""
+        codes = self.rvq_first.encode(x, min(n_q, self.n_sem))
+        if n_q > self.n_sem:
+            codes = torch.cat([codes, self.rvq_rest.encode(x, n_q - self.n_sem)], dim=-1)
+        return codes
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, T, K) -> (B, T, C)."""
+        y = self.rvq_first.decode(codes[..., : self.n_sem])
+        if codes.shape[-1] > self.n_sem:
+            y = y + self.rvq_rest.decode(codes[..., self.n_sem :])
+        return y
+
+
+# --------------------------------------------------------------------------------------------
+# 4. The codec
+# --------------------------------------------------------------------------------------------
+
+
+class Mimi(nn.Module):
+    """The Mimi codec. Offline: `encode`/`decode`; streaming: `streaming_encoder/decoder`."""
+
+    def __init__(self, config: MimiConfig, num_codebooks: int = 8):
+        super().__init__()
+        c = config.validate()
+        if not 1 <= num_codebooks <= c.total_codebooks:
+            raise ValueError(
+                f"num_codebooks must be in 1..{c.total_codebooks}, got {num_codebooks}"
+            )
+        self.config = c
+        self.num_codebooks = num_codebooks
+        self.encoder = SEANetEncoder(c)
+        self.decoder = SEANetDecoder(c)
+        self.encoder_transformer = Transformer(c)
+        self.decoder_transformer = Transformer(c)
+        self.quantizer = SplitRVQ(c)
+        self.downsample = Downsample(c.dimension, c.resample_stride)
+        self.upsample = Upsample(c.dimension, c.resample_stride)
+
+    # -- facts ---------------------------------------------------------------------------------
+    @property
+    def config_name(self) -> str:
+        return self.config.name
+
+    @property
+    def sample_rate(self) -> int:
+        return self.config.sample_rate
+
+    @property
+    def frame_size(self) -> int:
+        return self.config.frame_size
+
+    @property
+    def frame_rate(self) -> float:
+        return self.config.frame_rate
+
+    @property
+    def cardinality(self) -> int:
+        return self.config.bins
+
+    @property
+    def device(self) -> torch.device:
+        return self.quantizer.rvq_first.input_proj.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.quantizer.rvq_first.input_proj.weight.dtype
+
+    def refresh(self) -> None:
+        """Rebuild derived tensors (centroids, weight layouts) after the weights changed.
+
+        `load_mimi` calls it; call it again after editing parameters or buffers by hand.
+        """
+        self.quantizer.rvq_first.refresh()
+        self.quantizer.rvq_rest.refresh()
+        for m in self.modules():
+            if isinstance(m, (StreamingConv1d, StreamingConvTranspose1d)):
+                m.refresh()
+
+    # -- state ---------------------------------------------------------------------------------
+    def _encoder_state(self, n: int) -> list[torch.Tensor]:
+        d, t = self.device, self.dtype
+        return _init_seq(self.encoder, n, d, t) + _init_seq(self.downsample, n, d, t)
+
+    def _decoder_state(self, n: int) -> list[torch.Tensor]:
+        d, t = self.device, self.dtype
+        return _init_seq(self.upsample, n, d, t) + _init_seq(self.decoder, n, d, t)
+
+    # -- shared forward passes (offline: cache None, fresh states) -----------------------------
+    def _encode_frames(self, pcm, states: _States, cache, active) -> torch.Tensor:
+        """pcm (N, 1, T) -> codes (N, K, T / frame_size)."""
+        x = self.encoder(pcm.transpose(1, 2), states)  # (N, 2F, C) at 25 Hz
+        x = self.encoder_transformer(x, cache, active)
+        x = self.downsample(x, states)  # (N, F, C) at 12.5 Hz
+        return self.quantizer.encode(x, self.num_codebooks).transpose(1, 2)
+
+    def _decode_frames(self, codes, states: _States, cache, active) -> torch.Tensor:
+        """codes (N, K, F) -> pcm (N, 1, F * frame_size)."""
+        x = self.quantizer.decode(codes.transpose(1, 2))  # (N, F, C)
+        x = self.upsample(x, states)  # (N, 2F, C)
+        x = self.decoder_transformer(x, cache, active)
+        return self.decoder(x, states).transpose(1, 2)
+
+    # -- offline API ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, pcm: torch.Tensor) -> torch.Tensor:
+        """pcm float (B, 1, T) -> codes int64 (B, K, ceil(T / 1920)).
+
+        T need not be a multiple of 1920: the end is zero-padded to whole frames, as the
+        reference does.
+        """
+        _check_pcm(pcm, self.frame_size, offline=True)
+        pad = (-pcm.shape[-1]) % self.frame_size
+        x = F.pad(pcm.to(self.device, self.dtype), (0, pad))
+        return self._encode_frames(x, _States(self._encoder_state(x.shape[0])), None, None)
+
+    @torch.inference_mode()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes int (B, K, F) -> pcm (B, 1, F * 1920) in the model dtype."""
+        _check_codes(codes, self.num_codebooks, self.cardinality, ndim=3)
+        codes = codes.to(self.device, torch.long)
+        return self._decode_frames(codes, _States(self._decoder_state(codes.shape[0])), None, None)
+
+    # -- streaming API ---------------------------------------------------------------------------
+    def streaming_encoder(self, num_slots: int) -> MimiStreamingEncoder:
+        return MimiStreamingEncoder(self, num_slots)
+
+    def streaming_decoder(self, num_slots: int) -> MimiStreamingDecoder:
+        return MimiStreamingDecoder(self, num_slots)
+
+
+class _Streamer:
+    """Common slot bookkeeping of the streaming encoder and decoder."""
+
+    def __init__(self, mimi: Mimi, num_slots: int, transformer: Transformer, states):
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        self.mimi, self.num_slots = mimi, num_slots
+        with torch.inference_mode():
+            self._fresh = states(num_slots)
+            self._states = [s.clone() for s in self._fresh]
+            self._cache = transformer.new_cache(
+                num_slots, mimi.config.resample_stride, mimi.device, mimi.dtype
+            )
+
+    def _active(self, active: torch.Tensor | None) -> torch.Tensor | None:
+        if active is None:
+            return None
+        if not isinstance(active, torch.Tensor) or active.dtype != torch.bool:
+            raise MimiInputError("active must be a bool tensor")
+        if active.shape != (self.num_slots,):
+            raise MimiInputError(
+                f"active must have shape ({self.num_slots},), got {tuple(active.shape)}"
+            )
+        return active.to(self.mimi.device)
+
+    def _commit(self, new: list[torch.Tensor], active: torch.Tensor | None) -> None:
+        if active is None:
+            self._states = new
+        else:
+            self._states = [
+                torch.where(active.view((-1,) + (1,) * (n.dim() - 1)), n, o)
+                for n, o in zip(new, self._states, strict=True)
+            ]
+
+    @torch.inference_mode()
+    def reset(self, slots: torch.Tensor | Sequence[int]) -> None:
+        """Those slots start a fresh conversation; the others are untouched."""
+        mask = _slot_mask(slots, self.num_slots).to(self.mimi.device)
+        self._states = [
+            torch.where(mask.view((-1,) + (1,) * (o.dim() - 1)), f, o)
+            for f, o in zip(self._fresh, self._states, strict=True)
+        ]
+        self._cache.reset(mask)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """Frames processed by each slot since its last reset."""
+        return self._cache.pos // self.mimi.config.resample_stride
+
+
+class MimiStreamingEncoder(_Streamer):
+    """Many streams, one 80 ms frame each per `step`, batched: slot i = row i."""
+
+    def __init__(self, mimi: Mimi, num_slots: int):
+        super().__init__(mimi, num_slots, mimi.encoder_transformer, mimi._encoder_state)
+
+    @torch.inference_mode()
+    def step(self, pcm: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        """pcm (N, 1920) float -> codes (N, K) int64. Inactive rows: state kept, output unspecified."""
+        m = self.mimi
+        active = self._active(active)
+        if pcm.dim() != 2 or pcm.shape != (self.num_slots, m.frame_size):
+            raise MimiInputError(
+                f"pcm must have shape ({self.num_slots}, {m.frame_size}), got {tuple(pcm.shape)}"
+            )
+        _check_pcm(pcm, m.frame_size, offline=False, active=active)
+        x = pcm.to(m.device, m.dtype)
+        if active is not None:
+            x = torch.where(active.view(-1, 1), x, torch.zeros_like(x))
+        states = _States(self._states)
+        codes = m._encode_frames(x.unsqueeze(1), states, self._cache, active)
+        self._commit(states.new, active)
+        return codes[:, :, 0]
+
+
+class MimiStreamingDecoder(_Streamer):
+    """Many streams, one frame of codes each per `step`, batched: slot i = row i."""
+
+    def __init__(self, mimi: Mimi, num_slots: int):
+        super().__init__(mimi, num_slots, mimi.decoder_transformer, mimi._decoder_state)
+
+    @torch.inference_mode()
+    def step(self, codes: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        """codes (N, K) int -> pcm (N, 1920). Inactive rows: state kept, output unspecified."""
+        m = self.mimi
+        active = self._active(active)
+        if codes.dim() != 2 or codes.shape[0] != self.num_slots:
+            raise MimiInputError(
+                f"codes must have shape ({self.num_slots}, {m.num_codebooks}), "
+                f"got {tuple(codes.shape)}"
+            )
+        _check_codes(codes, m.num_codebooks, m.cardinality, ndim=2, active=active)
+        c = codes.to(m.device, torch.long)
+        if active is not None:
+            c = torch.where(active.view(-1, 1), c, torch.zeros_like(c))
+        states = _States(self._states)
+        pcm = m._decode_frames(c.unsqueeze(-1), states, self._cache, active)
+        self._commit(states.new, active)
+        return pcm[:, 0]
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------------------------
+
+
+def _slot_mask(slots: torch.Tensor | Sequence[int], n: int) -> torch.Tensor:
+    if isinstance(slots, torch.Tensor) and slots.dtype == torch.bool:
+        if slots.shape != (n,):
+            raise MimiInputError(f"slot mask must have shape ({n},), got {tuple(slots.shape)}")
+        return slots
+    idx = torch.as_tensor(list(slots) if not isinstance(slots, torch.Tensor) else slots)
+    if idx.numel() and (idx.dtype.is_floating_point or idx.min() < 0 or idx.max() >= n):
+        raise MimiInputError(f"slot indices must be integers in 0..{n - 1}")
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[idx.long()] = True
+    return mask
+
+
+def _check_pcm(pcm, frame_size: int, offline: bool, active: torch.Tensor | None = None) -> None:
+    if not isinstance(pcm, torch.Tensor) or not pcm.dtype.is_floating_point:
+        raise MimiInputError(f"pcm must be a float tensor, got {getattr(pcm, 'dtype', type(pcm))}")
+    if offline:
+        if pcm.dim() != 3 or pcm.shape[1] != 1:
+            raise MimiInputError(f"pcm must have shape (B, 1, T), got {tuple(pcm.shape)}")
+        if pcm.shape[-1] == 0 or pcm.shape[0] == 0:
+            raise MimiInputError("pcm is empty")
+    finite = torch.isfinite(pcm).flatten(1).all(dim=1)
+    if active is not None:
+        finite = finite | ~active.to(finite.device)
+    if not bool(finite.all()):
+        raise MimiInputError("pcm contains NaN or Inf")
+
+
+def _check_codes(codes, k: int, card: int, ndim: int, active: torch.Tensor | None = None) -> None:
+    if (
+        not isinstance(codes, torch.Tensor)
+        or codes.dtype.is_floating_point
+        or codes.dtype == torch.bool
+    ):
+        raise MimiInputError(
+            f"codes must be an integer tensor, got {getattr(codes, 'dtype', type(codes))}"
+        )
+    if codes.dim() != ndim:
+        want = "(B, K, F)" if ndim == 3 else "(N, K)"
+        raise MimiInputError(f"codes must have shape {want}, got {tuple(codes.shape)}")
+    if codes.shape[1] != k:
+        raise MimiInputError(f"expected {k} codebooks, got {codes.shape[1]}")
+    if ndim == 3 and (codes.shape[-1] == 0 or codes.shape[0] == 0):
+        raise MimiInputError("codes are empty")
+    bad = ((codes < 0) | (codes >= card)).flatten(1).any(dim=1)
+    if active is not None:
+        bad = bad & active.to(bad.device)
+    if bool(bad.any()):
+        raise MimiInputError(f"codes out of range 0..{card - 1}")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+_HF_RENAMES = [
+    # (Hugging Face transformers MimiModel name pattern, official name), applied in order
+    (
+        r"^(encoder|decoder)\.layers\.(\d+)\.block\.(\d+)\.conv\.",
+        r"\1.model.\2.block.\3.conv.conv.",
+    ),
+    (r"^encoder\.layers\.(\d+)\.conv\.", r"encoder.model.\1.conv.conv."),
+    (r"^downsample\.conv\.", "downsample.conv.conv.conv."),
+    (r"^upsample\.conv\.", "upsample.convtr.convtr.convtr."),
+    (r"^(encoder|decoder)_transformer\.layers\.", r"\1_transformer.transformer.layers."),
+    (r"\.mlp\.fc1\.", ".linear1."),
+    (r"\.mlp\.fc2\.", ".linear2."),
+    (r"\.self_attn\.o_proj\.", ".self_attn.out_proj."),
+    (r"\.input_layernorm\.", ".norm1."),
+    (r"\.post_attention_layernorm\.", ".norm2."),
+    (r"\.self_attn_layer_scale\.", ".layer_scale_1."),
+    (r"\.mlp_layer_scale\.", ".layer_scale_2."),
+    (r"^quantizer\.semantic_residual_vector_quantizer\.layers\.", "quantizer.rvq_first.vq.layers."),
+    (r"^quantizer\.semantic_residual_vector_quantizer\.", "quantizer.rvq_first."),
+    (r"^quantizer\.acoustic_residual_vector_quantizer\.layers\.", "quantizer.rvq_rest.vq.layers."),
+    (r"^quantizer\.acoustic_residual_vector_quantizer\.", "quantizer.rvq_rest."),
+    (r"\.codebook\.initialized$", "._codebook._initialized"),
+    (r"\.codebook\.embed_sum$", "._codebook.embedding_sum"),
+    (r"\.codebook\.cluster_usage$", "._codebook.cluster_usage"),
+]
+
+
+def _is_hf_layout(tensors: dict[str, torch.Tensor]) -> bool:
+    return any(
+        k.startswith(("encoder.layers.", "quantizer.semantic_residual_vector_quantizer."))
+        for k in tensors
+    )
+
+
+def hf_to_official(tensors: dict[str, torch.Tensor], config: MimiConfig) -> dict[str, torch.Tensor]:
+    """Rename a transformers `MimiModel` state dict to the official tensor names.
+
+    transformers splits `in_proj_weight` into q/k/v and permutes q and k rows from
+    interleaved to half-split RoPE; this undoes both.
+    """
+    h = config.num_heads
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        m = re.match(r"^(.*)\.self_attn\.([qkv])_proj\.weight$", name)
+        if m:
+            qkv.setdefault(m.group(1), {})[m.group(2)] = t
+            continue
+        new = name
+        if re.match(r"^decoder\.layers\.\d+\.conv\.", new):
+            new = re.sub(r"^decoder\.layers\.(\d+)\.conv\.", r"decoder.model.\1.CONV.", new)
+        for pat, rep in _HF_RENAMES:
+            new = re.sub(pat, rep, new)
+        out[new] = t
+    # decoder convs and transposed convs share the HF name `conv`; the official name depends
+    # on the shape (transposed weights are (Cin, Cout, K) with an upsampling kernel)
+    for name in [n for n in out if ".CONV." in n]:
+        t = out.pop(name)
+        idx = int(name.split(".")[2])
+        kind = "convtr.convtr" if _decoder_is_convtr(config, idx) else "conv.conv"
+        out[name.replace("CONV", kind)] = t
+    for prefix, parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            for p, t in parts.items():
+                out[f"{prefix}.self_attn.{p}_proj.weight"] = t
+            continue
+        dim = parts["q"].shape[0]
+
+        def unpermute(w: torch.Tensor, d=dim) -> torch.Tensor:
+            return w.view(h, 2, d // h // 2, w.shape[1]).transpose(1, 2).reshape(d, w.shape[1])
+
+        for pat, rep in _HF_RENAMES:
+            prefix = re.sub(pat, rep, prefix)
+        out[f"{prefix}.self_attn.in_proj_weight"] = torch.cat(
+            [unpermute(parts["q"]), unpermute(parts["k"]), parts["v"]]
+        )
+    return out
+
+
+def official_to_hf(tensors: dict[str, torch.Tensor], config: MimiConfig) -> dict[str, torch.Tensor]:
+    """The inverse of `hf_to_official` (used by tests; follows the transformers converter)."""
+    h = config.num_heads
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        new = name
+        for a, b in [
+            ("conv.conv.conv", "conv"), ("convtr.convtr.convtr", "conv"),
+            ("conv.conv", "conv"), ("convtr.convtr", "conv"),
+            ("quantizer.rvq_first.vq", "quantizer.semantic_residual_vector_quantizer"),
+            ("quantizer.rvq_first", "quantizer.semantic_residual_vector_quantizer"),
+            ("quantizer.rvq_rest.vq", "quantizer.acoustic_residual_vector_quantizer"),
+            ("quantizer.rvq_rest", "quantizer.acoustic_residual_vector_quantizer"),
+            ("_codebook", "codebook"), ("_initialized", "initialized"),
+            ("embedding_sum", "embed_sum"), ("encoder.model", "encoder.layers"),
+            ("decoder.model", "decoder.layers"),
+            ("encoder_transformer.transformer", "encoder_transformer"),
+            ("decoder_transformer.transformer", "decoder_transformer"),
+            ("linear1", "mlp.fc1"), ("linear2", "mlp.fc2"),
+            ("self_attn.out_proj", "self_attn.o_proj"), ("norm1", "input_layernorm"),
+            ("norm2", "post_attention_layernorm"), ("layer_scale_1", "self_attn_layer_scale"),
+            ("layer_scale_2", "mlp_layer_scale"),
+        ]:  # fmt: skip
+            new = new.replace(a, b)
+        if new.endswith("in_proj_weight"):
+            d = t.shape[0] // 3
+
+            def permute(w: torch.Tensor, d=d) -> torch.Tensor:
+                return w.view(h, d // h // 2, 2, w.shape[1]).transpose(1, 2).reshape(d, w.shape[1])
+
+            base = new[: -len("in_proj_weight")]
+            out[base + "q_proj.weight"] = permute(t[:d])
+            out[base + "k_proj.weight"] = permute(t[d : 2 * d])
+            out[base + "v_proj.weight"] = t[2 * d :]
+        else:
+            out[new] = t
+    return out
+
+
+def _decoder_is_convtr(config: MimiConfig, idx: int) -> bool:
+    # decoder.model: 0 conv, then per ratio [ELU, convtr, resblocks...]
+    pos = 1
+    for _ in config.ratios:
+        if idx == pos + 1:
+            return True
+        pos += 2 + config.n_residual_layers
+    return False
+
+
+def _random_init(mimi: Mimi, seed: int) -> None:
+    """Seeded, untrained weights with sane scales (codebooks spread like the latents)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in mimi.named_parameters():
+            if name.endswith(".scale"):
+                continue
+            fan_in = p[0].numel() if p.dim() > 1 else p.numel()
+            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(max(fan_in, 1)))
+        for rvq in (mimi.quantizer.rvq_first, mimi.quantizer.rvq_rest):
+            for layer in rvq.vq.layers:
+                cb = layer._codebook
+                cb.cluster_usage.copy_(0.5 + torch.rand(cb.cluster_usage.shape, generator=gen))
+                cb.embedding_sum.copy_(
+                    torch.randn(cb.embedding_sum.shape, generator=gen) * cb.cluster_usage[:, None]
+                )
+
+
+def load_mimi(
+    weights: str | Path | None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    num_codebooks: int = 8,
+    config: str | MimiConfig = "mimi",
+    seed: int = 0,
+) -> Mimi:
+    """Build the codec and load weights strictly (official or transformers layout).
+
+    `weights=None` gives seeded random weights: an untrained codec, for tests and demos only.
+    """
+    cfg = _resolve_config(config)
+    mimi = Mimi(cfg, num_codebooks=num_codebooks)
+    if weights is None:
+        logger.warning(
+            "Mimi %r has RANDOM, UNTRAINED weights (seed %d): its audio is noise. "
+            "Pass the real checkpoint for a working codec.", cfg.name, seed,
+        )  # fmt: skip
+        _random_init(mimi, seed)
+    else:
+        tensors = read_safetensors(weights)
+        if _is_hf_layout(tensors):
+            tensors = hf_to_official(tensors, cfg)
+        load_state_strict(mimi, tensors, source=str(weights))
+    # codebooks stay float32 whatever the model dtype: nearest-centroid search needs it
+    books = {n: b.float().clone() for n, b in mimi.named_buffers() if "._codebook." in n}
+    mimi = mimi.to(device=device, dtype=dtype).eval()
+    for name, buf in books.items():
+        owner, attr = name.rsplit(".", 1)
+        setattr(mimi.get_submodule(owner), attr, buf.to(device))
+    mimi.refresh()
+    for p in mimi.parameters():
+        p.requires_grad_(False)
+    return mimi
+
+
+def save_mimi(mimi: Mimi, path: str | Path) -> None:
+    """Write the weights with the official tensor names (a file `load_mimi` reads back)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().float().contiguous().cpu() for k, v in mimi.state_dict().items()}
+    save_file(state, str(path))

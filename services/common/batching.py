@@ -1,0 +1,365 @@
+"""Slot-based cross-session batching (the sequence-batching idea of Triton and Riva).
+
+A replica has a fixed number of slots (`--max-sessions`). Every open stream holds one slot
+for its lifetime; an extra stream is refused with RESOURCE_EXHAUSTED (never queued
+silently). RPC handlers only enqueue one frame at a time (`SlotHandle.submit`) and await a
+future. ONE runner thread per model replica loops:
+
+1. wait for the first pending frame, then at most `max_wait_s` more for the other active
+   slots (stragglers) — a frame never waits longer than that for company;
+2. apply the joins (per-slot reset with the stream's open payload) collected since the last
+   call, then run ONE batched model call over the slots that have a frame (the runner's
+   `run` builds the active mask);
+3. resolve every stream's future on the event loop (`loop.call_soon_threadsafe`).
+
+The model therefore never runs on the event loop (grpc/grpc#19881), and fixed slot shapes
+keep the model call CUDA-graph friendly. A slot is freed when its stream ends for any
+reason: `release()` is idempotent and is called both from the handler's `finally` and from
+`context.add_done_callback`, because `finally` blocks may not run after `stop(grace)`
+(grpc/grpc#37239). Frames still queued for a released slot are dropped and results of an
+in-flight call for it are discarded: they never reach another stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from moshi_grpc.services.common.errors import CapacityExhausted, Draining
+from moshi_grpc.services.common.metrics import BatcherMetrics
+from moshi_grpc.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+
+class BatchRunner(Protocol):
+    """What a service plugs into the scheduler. Both methods run on the runner thread only."""
+
+    num_slots: int
+
+    def join(self, slot: int, open_payload: Any) -> None:
+        """Reset `slot`'s model state for a new stream (called before its first frame)."""
+
+    def run(self, slots: Sequence[int], payloads: Sequence[Any]) -> Sequence[Any]:
+        """One batched model call: `payloads[i]` is the frame of `slots[i]`; slots not listed
+        are inactive this tick. Returns one result per listed slot, in the same order."""
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Where one frame's time went on the server."""
+
+    queue_s: float
+    compute_s: float
+    batch_size: int
+
+    def to_proto(self) -> common_pb2.ServerTiming:
+        return common_pb2.ServerTiming(
+            queue_ms=self.queue_s * 1000.0,
+            compute_ms=self.compute_s * 1000.0,
+            batch_size=self.batch_size,
+        )
+
+
+@dataclass
+class _Item:
+    slot: int
+    payload: Any
+    future: asyncio.Future
+    arrived: float
+
+
+class SlotHandle:
+    """One stream's slot. `submit` from the event loop; `release` is idempotent."""
+
+    def __init__(self, scheduler: BatchScheduler, slot: int, session_id: str) -> None:
+        self._scheduler = scheduler
+        self.slot = slot
+        self.session_id = session_id
+        self.released = False
+
+    async def submit(self, payload: Any) -> tuple[Any, Timing]:
+        """Queue one frame for the next batched call and wait for its result."""
+        future = self._scheduler._submit(self, payload)
+        return await future
+
+    def release(self) -> None:
+        self._scheduler._release(self)
+
+
+class BatchScheduler:
+    """Fixed slots, one runner thread, one batched model call per tick."""
+
+    def __init__(
+        self,
+        runner: BatchRunner,
+        *,
+        name: str,
+        max_wait_s: float = 0.005,
+        metrics: BatcherMetrics | None = None,
+        inject_delay_s: float = 0.0,
+        recent: int = 512,
+    ) -> None:
+        if runner.num_slots < 1:
+            raise ValueError(f"{name}: need at least one slot, got {runner.num_slots}")
+        if max_wait_s < 0:
+            raise ValueError(f"{name}: max wait must be >= 0, got {max_wait_s}")
+        self.runner = runner
+        self.name = name
+        self.num_slots = runner.num_slots
+        self.max_wait_s = max_wait_s
+        self.inject_delay_s = inject_delay_s
+        self.metrics = metrics
+        self._cond = threading.Condition()
+        self._owners: list[SlotHandle | None] = [None] * self.num_slots
+        self._pending: dict[int, _Item] = {}
+        self._joins: dict[int, Any] = {}
+        self._closed = False
+        self._in_use = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._recent: deque[float] = deque(maxlen=recent)
+        self.calls = 0
+        self.busy_s = 0.0  # total wall time spent in model calls (benchmarks read it)
+        if metrics is not None:
+            metrics.slots.set(self.num_slots)
+            metrics.slots_in_use.set(0)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Start the runner thread; results are delivered on `loop` (default: running loop)."""
+        if self._thread is not None:
+            return
+        self._loop = loop or asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run_forever, name=f"{self.name}-runner")
+        self._thread.daemon = True
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop the runner thread; every queued frame's future is cancelled."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            items = list(self._pending.values())
+            self._pending.clear()
+            self._cond.notify_all()
+        self._cancel(items)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+
+    # -- introspection -------------------------------------------------------------------
+
+    @property
+    def slots_in_use(self) -> int:
+        with self._cond:
+            return self._in_use
+
+    def step_percentiles_ms(self) -> tuple[float, float]:
+        """p50 and p99 of recent batched call times, in ms (0, 0 before the first call)."""
+        values = sorted(self._recent)
+        if not values:
+            return 0.0, 0.0
+
+        def pct(q: float) -> float:
+            return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] * 1000.0
+
+        return pct(0.5), pct(0.99)
+
+    # -- event-loop side -----------------------------------------------------------------
+
+    def acquire(self, open_payload: Any = None, session_id: str = "") -> SlotHandle:
+        """Take a free slot (its state is reset before its first frame) or refuse."""
+        with self._cond:
+            if self._closed:
+                if self.metrics is not None:
+                    self.metrics.refused("draining").inc()
+                raise Draining(f"{self.name} is shutting down; retry on another replica")
+            for slot, owner in enumerate(self._owners):
+                if owner is None:
+                    handle = SlotHandle(self, slot, session_id)
+                    self._owners[slot] = handle
+                    self._joins[slot] = open_payload
+                    self._in_use += 1
+                    in_use = self._in_use
+                    break
+            else:
+                if self.metrics is not None:
+                    self.metrics.refused("capacity").inc()
+                raise CapacityExhausted(
+                    f"all {self.num_slots} {self.name} slots are in use; "
+                    "retry later (with backoff) or on another replica"
+                )
+        if self.metrics is not None:
+            self.metrics.streams_started.inc()
+            self.metrics.slots_in_use.set(in_use)
+        log.debug("%s: slot %d -> session %s", self.name, slot, session_id or "-")
+        return handle
+
+    def _submit(self, handle: SlotHandle, payload: Any) -> asyncio.Future:
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError(f"{self.name}: scheduler not started")
+        future = loop.create_future()
+        with self._cond:
+            if self._closed:
+                raise Draining(f"{self.name} is shutting down")
+            if handle.released or self._owners[handle.slot] is not handle:
+                raise RuntimeError(f"{self.name}: slot {handle.slot} was released")
+            if handle.slot in self._pending:
+                raise RuntimeError(f"{self.name}: slot {handle.slot} already has a queued frame")
+            self._pending[handle.slot] = _Item(handle.slot, payload, future, time.perf_counter())
+            # Wake the runner only when it has something to decide (the first frame starts
+            # the max-wait clock; the last one completes the batch): every wake-up costs a
+            # GIL hand-off between the event loop and the runner thread.
+            waiting = len(self._pending)
+            if waiting == 1 or waiting >= self._in_use:
+                self._cond.notify()
+        return future
+
+    def _release(self, handle: SlotHandle) -> None:
+        with self._cond:
+            if handle.released:
+                return
+            handle.released = True
+            item = None
+            if self._owners[handle.slot] is handle:
+                self._owners[handle.slot] = None
+                self._joins.pop(handle.slot, None)
+                item = self._pending.pop(handle.slot, None)
+                self._in_use -= 1
+            in_use = self._in_use
+            self._cond.notify()
+        if item is not None:
+            self._cancel([item])
+        if self.metrics is not None:
+            self.metrics.slots_in_use.set(in_use)
+        log.debug("%s: slot %d released", self.name, handle.slot)
+
+    def _cancel(self, items: list[_Item]) -> None:
+        loop = self._loop
+        if not items or loop is None or loop.is_closed():
+            return
+
+        def cancel() -> None:
+            for it in items:
+                if not it.future.done():
+                    it.future.cancel()
+
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        try:
+            if running is loop:
+                cancel()
+            else:
+                loop.call_soon_threadsafe(cancel)
+        except RuntimeError:  # loop closed meanwhile
+            pass
+
+    # -- runner thread -------------------------------------------------------------------
+
+    def _gather(self) -> tuple[list[_Item], dict[int, Any]] | None:
+        """Block until a batch is due; None once closed."""
+        with self._cond:
+            while True:
+                while not self._closed and not self._pending:
+                    self._cond.wait()
+                if self._closed:
+                    return None
+                deadline = min(it.arrived for it in self._pending.values()) + self.max_wait_s
+                while not self._closed and self._pending:
+                    if len(self._pending) >= self._in_use:
+                        break
+                    remaining = deadline - time.perf_counter()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                if self._closed:
+                    return None
+                if self._pending:  # (empty when the waiting streams all left meanwhile)
+                    break
+            items = sorted(self._pending.values(), key=lambda it: it.slot)
+            self._pending.clear()
+            joins, self._joins = self._joins, {}
+            return items, joins
+
+    def _run_forever(self) -> None:
+        while True:
+            gathered = self._gather()
+            if gathered is None:
+                return
+            items, joins = gathered
+            try:
+                self._run_once(items, joins)
+            except Exception:  # noqa: BLE001 - the runner thread must survive
+                log.exception("%s: scheduler tick failed", self.name)
+
+    def _run_once(self, items: list[_Item], joins: dict[int, Any]) -> None:
+        start = time.perf_counter()
+        results: Sequence[Any] | None = None
+        error: BaseException | None = None
+        try:
+            for slot, payload in joins.items():
+                self.runner.join(slot, payload)
+            if self.inject_delay_s > 0:
+                time.sleep(self.inject_delay_s)
+            results = self.runner.run([it.slot for it in items], [it.payload for it in items])
+            if len(results) != len(items):
+                raise RuntimeError(
+                    f"{self.name}: model returned {len(results)} results for {len(items)} frames"
+                )
+        except Exception as exc:  # noqa: BLE001 - delivered to every waiting stream
+            log.exception("%s: batched model call failed", self.name)
+            error = exc
+        end = time.perf_counter()
+        compute = end - start
+        n = len(items)
+        self.calls += 1
+        self.busy_s += compute
+        self._recent.append(compute)
+        deliveries = []
+        for i, it in enumerate(items):
+            timing = Timing(queue_s=start - it.arrived, compute_s=compute, batch_size=n)
+            deliveries.append((it.future, None if results is None else results[i], timing))
+        m = self.metrics
+        if m is not None:
+            m.batch_size.observe(n)
+            m.compute_seconds.observe(compute)
+            m.frames.inc(n)
+            for it in items:
+                m.queue_wait_seconds.observe(start - it.arrived)
+                m.frame_seconds.observe(end - it.arrived)
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+
+        def deliver() -> None:
+            for future, result, timing in deliveries:
+                if future.done():  # cancelled: the stream left meanwhile
+                    continue
+                if error is not None:
+                    future.set_exception(_copy_error(error))
+                else:
+                    future.set_result((result, timing))
+
+        try:
+            loop.call_soon_threadsafe(deliver)
+        except RuntimeError:  # loop closed during shutdown
+            pass
+
+
+def _copy_error(error: BaseException) -> BaseException:
+    """Each stream gets its own exception object (tracebacks are per raise)."""
+    try:
+        return type(error)(*error.args)
+    except Exception:  # noqa: BLE001
+        return RuntimeError(str(error))

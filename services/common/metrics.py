@@ -1,0 +1,454 @@
+"""Every Prometheus metric of moshi-grpc, defined in one place.
+
+Each server builds its metrics on its own `CollectorRegistry` (never the process-global
+default), so several servers in one process (tests, `moshi-grpc up`) do not collide, and
+serves that registry on `/metrics` over HTTP (`serve_metrics`). Naming follows
+prometheus.io: `moshi_` prefix, base units (`_seconds`), `_total` on counters, histograms
+(aggregatable across replicas) whose latency buckets include the per-frame budget values
+0.08 / 0.1 / 0.2 s, and no per-session labels (cardinality stays bounded).
+
+| metric | type | labels | meaning |
+| --- | --- | --- | --- |
+| `grpc_server_started_total` | counter | grpc_service, grpc_method, grpc_type | RPCs started on the server |
+| `grpc_server_handled_total` | counter | grpc_service, grpc_method, grpc_type, grpc_code | RPCs completed, by status code |
+| `grpc_server_handling_seconds` | histogram | grpc_service, grpc_method, grpc_type | RPC duration (whole stream for streaming RPCs) |
+| `moshi_build_info` | gauge | service, version, model, config, device, dtype | always 1; what this replica runs |
+| `moshi_server_ready` | gauge | service | 1 once the model is loaded and the server admits streams |
+| `moshi_server_draining` | gauge | service | 1 while draining (refusing new streams) |
+| `moshi_model_load_seconds` | gauge | service | time it took to load the model at start-up |
+| `moshi_codec_streams_active` | gauge | stage | open Encode/Decode streams (stage = encode, decode) |
+| `moshi_codec_slots` | gauge | stage | batch slots of the replica (capacity) |
+| `moshi_codec_slots_in_use` | gauge | stage | batch slots held by open streams |
+| `moshi_codec_streams_started_total` | counter | stage | streams that got a slot |
+| `moshi_codec_streams_refused_total` | counter | stage, reason | streams refused by the scheduler (reason = capacity, draining); refusals while loading/draining at the door show as `grpc_server_handled_total{grpc_code="UNAVAILABLE"}` |
+| `moshi_codec_frames_total` | counter | stage | frames processed |
+| `moshi_codec_batch_size` | histogram | stage | streams per batched model call |
+| `moshi_codec_queue_wait_seconds` | histogram | stage | frame arrival -> start of its batched model call |
+| `moshi_codec_compute_seconds` | histogram | stage | wall time of one batched model call |
+| `moshi_codec_frame_seconds` | histogram | stage | frame arrival -> result ready (service latency per frame) |
+| `moshi_lm_streams_active` | gauge | | open Step streams |
+| `moshi_lm_slots` | gauge | | batch slots of the replica (capacity) |
+| `moshi_lm_slots_in_use` | gauge | | batch slots held by open streams |
+| `moshi_lm_streams_started_total` | counter | | streams that got a slot |
+| `moshi_lm_streams_refused_total` | counter | reason | streams refused by the scheduler (capacity, draining) |
+| `moshi_lm_frames_total` | counter | | LM steps processed (one per input frame, replayed steps included) |
+| `moshi_lm_batch_size` | histogram | | streams per batched LM step |
+| `moshi_lm_queue_wait_seconds` | histogram | | frame arrival -> start of its batched step |
+| `moshi_lm_compute_seconds` | histogram | | wall time of one batched LM step (temporal + depth) |
+| `moshi_lm_frame_seconds` | histogram | | frame arrival -> result ready (service latency per frame) |
+| `moshi_lm_replayed_steps_total` | counter | | history steps replayed on open (failover) |
+| `moshi_gateway_sessions_active` | gauge | | live Converse sessions |
+| `moshi_gateway_sessions_started_total` | counter | | sessions admitted |
+| `moshi_gateway_sessions_refused_total` | counter | reason | sessions refused (capacity, budget, draining, invalid, backend_unavailable) |
+| `moshi_gateway_sessions_ended_total` | counter | reason | sessions ended (completed, cancelled, budget_exceeded, backend_error, idle_timeout, error, draining) |
+| `moshi_gateway_frames_total` | counter | | output frames sent to clients (silence replacements included) |
+| `moshi_gateway_frame_latency_seconds` | histogram | | per frame end to end: input frame complete -> output frame sent |
+| `moshi_gateway_stage_seconds` | histogram | stage | per-frame time in one backend call as the gateway sees it (encode, step, decode) |
+| `moshi_gateway_budget_misses_total` | counter | | frames whose output missed the per-frame budget |
+| `moshi_gateway_frames_dropped_total` | counter | reason | frames replaced by silence or discarded (budget, backend_error, overflow) |
+| `moshi_gateway_time_to_first_audio_seconds` | histogram | | session start -> first audio chunk sent |
+| `moshi_gateway_real_time_factor` | histogram | | per session at its end: processing wall time / audio duration |
+| `moshi_gateway_failovers_total` | counter | service, result | sessions moved to another replica (service = codec, lm; result = ok, failed) |
+| `moshi_gateway_backends_healthy` | gauge | service | backend replicas currently considered healthy |
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
+
+log = logging.getLogger(__name__)
+
+# Per-frame latency: dense around the 80 ms frame and the 100/200 ms budgets.
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+)
+# Model calls and queue waits: sub-millisecond (echo, tiny) up to seconds (7B on CPU).
+COMPUTE_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.08,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.5,
+    10.0,
+)
+# Whole RPCs: unary calls (ms) to conversations (minutes).
+RPC_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+TTFA_BUCKETS = (0.08, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+RTF_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 5.0)
+
+
+def new_registry() -> CollectorRegistry:
+    """A fresh registry for one server (never the global default).
+
+    Also turns off prometheus_client's `*_created` series (process-wide switch): they double
+    the exposition size and no dashboard or alert of ours reads them."""
+    disable_created_metrics()
+    return CollectorRegistry(auto_describe=True)
+
+
+@dataclass
+class RpcMetrics:
+    """The standard gRPC server metrics (go-grpc-prometheus names), filled by the interceptor."""
+
+    started: Counter
+    handled: Counter
+    handling_seconds: Histogram
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> RpcMetrics:
+        base = ["grpc_service", "grpc_method", "grpc_type"]
+        return cls(
+            started=Counter(
+                "grpc_server_started_total",
+                "RPCs started on the server.",
+                base,
+                registry=registry,
+            ),
+            handled=Counter(
+                "grpc_server_handled_total",
+                "RPCs completed on the server, by gRPC status code.",
+                [*base, "grpc_code"],
+                registry=registry,
+            ),
+            handling_seconds=Histogram(
+                "grpc_server_handling_seconds",
+                "RPC duration until the server sent its status (whole stream for streams).",
+                base,
+                buckets=RPC_BUCKETS,
+                registry=registry,
+            ),
+        )
+
+
+@dataclass
+class ServerMetrics:
+    """Per-process lifecycle metrics shared by all three services."""
+
+    service: str
+    build_info: Gauge
+    ready: Gauge
+    draining: Gauge
+    model_load_seconds: Gauge
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry, service: str) -> ServerMetrics:
+        m = cls(
+            service=service,
+            build_info=Gauge(
+                "moshi_build_info",
+                "Always 1: the version, model and configuration this replica runs.",
+                ["service", "version", "model", "config", "device", "dtype"],
+                registry=registry,
+            ),
+            ready=Gauge(
+                "moshi_server_ready",
+                "1 once the model is loaded and the server admits streams.",
+                ["service"],
+                registry=registry,
+            ),
+            draining=Gauge(
+                "moshi_server_draining",
+                "1 while the server drains (finishes live streams, refuses new ones).",
+                ["service"],
+                registry=registry,
+            ),
+            model_load_seconds=Gauge(
+                "moshi_model_load_seconds",
+                "Seconds it took to load the model at start-up.",
+                ["service"],
+                registry=registry,
+            ),
+        )
+        m.ready.labels(service).set(0)
+        m.draining.labels(service).set(0)
+        return m
+
+    def set_build_info(
+        self, *, version: str, model: str, config: str, device: str, dtype: str
+    ) -> None:
+        self.build_info.labels(self.service, version, model, config, device, dtype).set(1)
+
+
+@dataclass
+class BatcherMetrics:
+    """The metrics one batching scheduler updates, already bound to its labels.
+
+    `refused(reason)` returns the counter child for a refusal reason.
+    """
+
+    streams_active: Any
+    slots: Any
+    slots_in_use: Any
+    streams_started: Any
+    frames: Any
+    batch_size: Any
+    queue_wait_seconds: Any
+    compute_seconds: Any
+    frame_seconds: Any
+    _refused: Counter
+    _refused_labels: tuple[str, ...]
+
+    def refused(self, reason: str) -> Any:
+        return self._refused.labels(*self._refused_labels, reason)
+
+
+def _batcher_family(
+    registry: CollectorRegistry, prefix: str, what: str, labels: list[str]
+) -> dict[str, Any]:
+    """Create the metric families of one service's schedulers (codec: per stage; lm: none)."""
+    return {
+        "streams_active": Gauge(
+            f"{prefix}_streams_active", f"Open {what} streams.", labels, registry=registry
+        ),
+        "slots": Gauge(
+            f"{prefix}_slots", "Batch slots of this replica (capacity).", labels, registry=registry
+        ),
+        "slots_in_use": Gauge(
+            f"{prefix}_slots_in_use", "Batch slots held by open streams.", labels, registry=registry
+        ),
+        "streams_started": Counter(
+            f"{prefix}_streams_started_total",
+            f"{what} streams that got a batch slot.",
+            labels,
+            registry=registry,
+        ),
+        "refused": Counter(
+            f"{prefix}_streams_refused_total",
+            f"{what} streams refused by the scheduler (reason = capacity, draining).",
+            [*labels, "reason"],
+            registry=registry,
+        ),
+        "frames": Counter(f"{prefix}_frames_total", "Frames processed.", labels, registry=registry),
+        "batch_size": Histogram(
+            f"{prefix}_batch_size",
+            "Streams per batched model call.",
+            labels,
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        ),
+        "queue_wait_seconds": Histogram(
+            f"{prefix}_queue_wait_seconds",
+            "Frame arrival to the start of the batched model call that took it.",
+            labels,
+            buckets=COMPUTE_BUCKETS,
+            registry=registry,
+        ),
+        "compute_seconds": Histogram(
+            f"{prefix}_compute_seconds",
+            "Wall time of one batched model call.",
+            labels,
+            buckets=COMPUTE_BUCKETS,
+            registry=registry,
+        ),
+        "frame_seconds": Histogram(
+            f"{prefix}_frame_seconds",
+            "Frame arrival to its result being ready (service latency per frame).",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        ),
+    }
+
+
+def _bind(family: dict[str, Any], label_values: tuple[str, ...]) -> BatcherMetrics:
+    bound = {
+        k: (v.labels(*label_values) if label_values else v)
+        for k, v in family.items()
+        if k != "refused"
+    }
+    return BatcherMetrics(**bound, _refused=family["refused"], _refused_labels=label_values)
+
+
+@dataclass
+class CodecMetrics:
+    """Codec service metrics: one bound scheduler set per stage (encode, decode)."""
+
+    encode: BatcherMetrics
+    decode: BatcherMetrics
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> CodecMetrics:
+        family = _batcher_family(registry, "moshi_codec", "Encode/Decode", ["stage"])
+        return cls(encode=_bind(family, ("encode",)), decode=_bind(family, ("decode",)))
+
+
+@dataclass
+class LmMetrics:
+    """LM service metrics: the scheduler set plus replayed history steps."""
+
+    step: BatcherMetrics
+    replayed_steps: Counter
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> LmMetrics:
+        family = _batcher_family(registry, "moshi_lm", "Step", [])
+        return cls(
+            step=_bind(family, ()),
+            replayed_steps=Counter(
+                "moshi_lm_replayed_steps_total",
+                "History steps replayed when a session was opened with replay (failover).",
+                registry=registry,
+            ),
+        )
+
+
+@dataclass
+class GatewayMetrics:
+    """Gateway metrics (used by moshi_grpc.services.gateway; defined here with the rest)."""
+
+    sessions_active: Gauge
+    sessions_started: Counter
+    sessions_refused: Counter
+    sessions_ended: Counter
+    frames: Counter
+    frame_latency_seconds: Histogram
+    stage_seconds: Histogram
+    budget_misses: Counter
+    frames_dropped: Counter
+    time_to_first_audio_seconds: Histogram
+    real_time_factor: Histogram
+    failovers: Counter
+    backends_healthy: Gauge
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> GatewayMetrics:
+        r = registry
+        return cls(
+            sessions_active=Gauge(
+                "moshi_gateway_sessions_active", "Live Converse sessions.", registry=r
+            ),
+            sessions_started=Counter(
+                "moshi_gateway_sessions_started_total", "Sessions admitted.", registry=r
+            ),
+            sessions_refused=Counter(
+                "moshi_gateway_sessions_refused_total",
+                "Sessions refused at admission "
+                "(reason = capacity, budget, draining, invalid, backend_unavailable).",
+                ["reason"],
+                registry=r,
+            ),
+            sessions_ended=Counter(
+                "moshi_gateway_sessions_ended_total",
+                "Sessions ended (reason = completed, cancelled, budget_exceeded, "
+                "backend_error, idle_timeout, error, draining).",
+                ["reason"],
+                registry=r,
+            ),
+            frames=Counter(
+                "moshi_gateway_frames_total",
+                "Output frames sent to clients (silence replacements included).",
+                registry=r,
+            ),
+            frame_latency_seconds=Histogram(
+                "moshi_gateway_frame_latency_seconds",
+                "Per frame end to end: input frame complete to output frame sent.",
+                buckets=LATENCY_BUCKETS,
+                registry=r,
+            ),
+            stage_seconds=Histogram(
+                "moshi_gateway_stage_seconds",
+                "Per-frame time of one backend call as the gateway sees it "
+                "(stage = encode, step, decode).",
+                ["stage"],
+                buckets=LATENCY_BUCKETS,
+                registry=r,
+            ),
+            budget_misses=Counter(
+                "moshi_gateway_budget_misses_total",
+                "Frames whose output missed the per-frame latency budget.",
+                registry=r,
+            ),
+            frames_dropped=Counter(
+                "moshi_gateway_frames_dropped_total",
+                "Frames replaced by silence or discarded (reason = budget, backend_error, "
+                "overflow).",
+                ["reason"],
+                registry=r,
+            ),
+            time_to_first_audio_seconds=Histogram(
+                "moshi_gateway_time_to_first_audio_seconds",
+                "Session start to the first audio chunk sent.",
+                buckets=TTFA_BUCKETS,
+                registry=r,
+            ),
+            real_time_factor=Histogram(
+                "moshi_gateway_real_time_factor",
+                "Per session at its end: processing wall time / audio duration.",
+                buckets=RTF_BUCKETS,
+                registry=r,
+            ),
+            failovers=Counter(
+                "moshi_gateway_failovers_total",
+                "Sessions moved to another replica (service = codec, lm; result = ok, failed).",
+                ["service", "result"],
+                registry=r,
+            ),
+            backends_healthy=Gauge(
+                "moshi_gateway_backends_healthy",
+                "Backend replicas currently considered healthy (service = codec, lm).",
+                ["service"],
+                registry=r,
+            ),
+        )
+
+
+# Every metric family name defined above (deploy files and docs are checked against it).
+METRIC_NAMES: tuple[str, ...] = tuple(
+    line.split("`")[1]
+    for line in (__doc__ or "").splitlines()
+    if line.startswith("| `") and line.count("`") >= 2
+)
+
+
+class MetricsHttpServer:
+    """`/metrics` over HTTP for one registry, on a daemon thread (port 0 = ephemeral)."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        from prometheus_client import start_http_server
+
+        self._httpd, self._thread = start_http_server(port, addr=host, registry=registry)
+        self.port: int = int(self._httpd.server_port)
+        self.host = host
+        log.info("metrics on http://%s:%d/metrics", host, self.port)
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+
+def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> MetricsHttpServer:
+    """Serve `registry` on http://host:port/metrics; `.port` is the bound port."""
+    return MetricsHttpServer(registry, host, port)

@@ -1,0 +1,616 @@
+"""The grpc.aio server bootstrap shared by the codec, LM and gateway services.
+
+What every service gets from `start_server(...)`:
+- bind host:port (port 0 = ephemeral; `RunningServer.port` is the bound port), optional TLS
+  (and mTLS with a client CA), message size limits, `maximum_concurrent_rpcs`, keepalive
+  enforcement and `max_connection_age` (long streams rebalance behind L4 load balancers);
+- grpc.health.v1 (aio servicer) for "" and every service name: NOT_SERVING until
+  `set_serving()` (model loading) and again from the start of a drain;
+- server reflection; a bearer-token auth interceptor (health exempt, so probes work);
+- a serving interceptor: admission (new streams get UNAVAILABLE while loading or draining),
+  domain-exception -> status mapping (errors.py), the standard `grpc_server_*` metrics,
+  in-flight stream accounting for the drain, and the RPC name in the log context;
+- `/metrics` over HTTP from the server's own registry (port 0 = ephemeral);
+- graceful drain: NOT_SERVING -> refuse new streams -> let live streams finish up to the
+  grace period -> stop (SIGTERM/SIGINT trigger it through `install_signal_handlers`).
+
+In-process use (tests, `moshi-grpc up`)::
+
+    async with serve(config, [Service("moshi_grpc.v1.Codec", register)], "codec") as srv:
+        channel = grpc.aio.insecure_channel(srv.address)
+        ...
+
+`asyncio.CancelledError` is never swallowed (grpc/grpc#43360), and nothing relies on
+`finally` blocks running after `stop(grace)` (grpc/grpc#37239): callers free per-stream
+resources with `context.add_done_callback` as well.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import inspect
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from moshi_grpc import __version__
+from moshi_grpc.services.common import logs
+from moshi_grpc.services.common.errors import status_for
+from moshi_grpc.services.common.metrics import (
+    MetricsHttpServer,
+    RpcMetrics,
+    ServerMetrics,
+    new_registry,
+    serve_metrics,
+)
+
+log = logging.getLogger(__name__)
+
+AUTH_ENV = "MOSHI_GRPC_AUTH_TOKEN"
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+REFLECTION_PREFIXES = (
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+UNAUTHENTICATED_MESSAGE = "missing or invalid credentials"
+
+
+@dataclass
+class ServerConfig:
+    """Transport, limits and lifecycle settings of one server (flags.py fills it from the CLI)."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_host: str | None = None  # None: same as host
+    metrics_port: int | None = 0  # None: no /metrics HTTP server
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_concurrent_rpcs: int | None = None
+    grace_s: float = 10.0
+    idle_timeout_s: float = 30.0
+    # Clients may ping at most this often without data (enforced; more = GOAWAY).
+    min_ping_interval_ms: int = 10_000
+    keepalive_time_ms: int = 60_000
+    keepalive_timeout_ms: int = 20_000
+    max_connection_age_s: float | None = None
+    max_connection_age_grace_s: float | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    auth_token: str | None = None
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        opts = [
+            ("grpc.max_receive_message_length", int(self.max_message_bytes)),
+            ("grpc.max_send_message_length", int(self.max_message_bytes)),
+            ("grpc.so_reuseport", 0),
+            ("grpc.keepalive_time_ms", int(self.keepalive_time_ms)),
+            ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_ms)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", int(self.min_ping_interval_ms)),
+            ("grpc.http2.max_ping_strikes", 2),
+        ]
+        if self.max_connection_age_s:
+            opts.append(("grpc.max_connection_age_ms", int(self.max_connection_age_s * 1000)))
+            grace = self.max_connection_age_grace_s
+            if grace is None:
+                grace = self.grace_s
+            opts.append(("grpc.max_connection_age_grace_ms", int(grace * 1000)))
+        return opts
+
+
+@dataclass
+class Service:
+    """A servicer to add: its full proto name (for health and reflection) and the
+    generated `add_*Servicer_to_server` call bound to the servicer."""
+
+    name: str
+    register: Callable[[grpc.aio.Server], None]
+
+
+@dataclass
+class ServerState:
+    """Lifecycle flags that servicers read (Info's `draining`) and the interceptor enforces."""
+
+    ready: bool = False
+    draining: bool = False
+    inflight: int = 0
+    _idle: asyncio.Event | None = field(default=None, repr=False)
+
+    def _event(self) -> asyncio.Event:
+        if self._idle is None:
+            self._idle = asyncio.Event()
+            if self.inflight == 0:
+                self._idle.set()
+        return self._idle
+
+    def enter(self) -> None:
+        self.inflight += 1
+        self._event().clear()
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        if self.inflight <= 0:
+            self.inflight = 0
+            self._event().set()
+
+    async def wait_idle(self) -> None:
+        await self._event().wait()
+
+
+def _is_exempt(method: str) -> bool:
+    """Health and reflection: never refused by drain/loading, not counted as live streams."""
+    return method.startswith(HEALTH_PREFIX) or method.startswith(REFLECTION_PREFIXES)
+
+
+def _rpc_type(handler: grpc.RpcMethodHandler) -> str:
+    if handler.request_streaming and handler.response_streaming:
+        return "bidi_stream"
+    if handler.request_streaming:
+        return "client_stream"
+    if handler.response_streaming:
+        return "server_stream"
+    return "unary"
+
+
+_FACTORIES = {
+    "unary": ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    "client_stream": ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    "server_stream": ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    "bidi_stream": ("stream_stream", grpc.stream_stream_rpc_method_handler),
+}
+
+
+def _replace_behavior(handler: grpc.RpcMethodHandler, behavior: Callable) -> grpc.RpcMethodHandler:
+    attr, factory = _FACTORIES[_rpc_type(handler)]
+    return factory(
+        behavior,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _code_name(code: object) -> str:
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):
+        for c in grpc.StatusCode:
+            if c.value[0] == code:
+                return c.name
+    return "UNKNOWN"
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Bearer-token auth: `authorization: Bearer <token>` compared in constant time.
+
+    Health checks are exempt so that load balancers and kubelet probes work without it.
+    The refusal never says whether the header was missing or the token was wrong.
+    """
+
+    def __init__(self, token: str) -> None:
+        if not token:
+            raise ValueError("auth token must not be empty")
+        self._expected = f"Bearer {token}".encode()
+
+    def _authorized(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
+        provided = b""
+        for key, value in metadata or ():
+            if key.lower() == "authorization":
+                provided = value if isinstance(value, bytes) else value.encode()
+                break
+        return hmac.compare_digest(provided, self._expected)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(HEALTH_PREFIX):
+            return handler
+        if self._authorized(handler_call_details.invocation_metadata):
+            return handler
+
+        async def reject(_request, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+
+        return _replace_behavior(handler, reject)
+
+
+class ServingInterceptor(grpc.aio.ServerInterceptor):
+    """Admission, error mapping, RPC metrics, in-flight accounting, log context."""
+
+    def __init__(self, state: ServerState, metrics: RpcMetrics) -> None:
+        self._state = state
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        service, _, name = method.lstrip("/").rpartition("/")
+        rpc_type = _rpc_type(handler)
+        attr, _factory = _FACTORIES[rpc_type]
+        behavior = getattr(handler, attr)
+        exempt = _is_exempt(method)
+        state = self._state
+        metrics = self._metrics
+        labels = (service, name, rpc_type)
+
+        def admit() -> str | None:
+            """Refusal message for a new stream, or None to admit it."""
+            if exempt or not handler.request_streaming:
+                return None
+            if state.draining:
+                return "server is draining (shutting down); retry on another replica"
+            if not state.ready:
+                return "server is still loading its model; retry shortly"
+            return None
+
+        def begin() -> float:
+            metrics.started.labels(*labels).inc()
+            if not exempt:
+                state.enter()
+            logs.bind_rpc(name)
+            return time.perf_counter()
+
+        def end(t0: float, code: str) -> None:
+            if not exempt:
+                state.leave()
+            metrics.handled.labels(*labels, code).inc()
+            metrics.handling_seconds.labels(*labels).observe(time.perf_counter() - t0)
+
+        async def fail(
+            context: grpc.aio.ServicerContext, exc: BaseException
+        ) -> tuple[grpc.StatusCode, str]:
+            code, message = status_for(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", method)
+            else:
+                log.info("%s -> %s: %s", method, code.name, message)
+            return code, message
+
+        if inspect.isasyncgenfunction(behavior):
+
+            async def wrapped_gen(request, context: grpc.aio.ServicerContext):
+                t0 = begin()
+                code = "OK"
+                try:
+                    refusal = admit()
+                    if refusal is not None:
+                        code = "UNAVAILABLE"
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, refusal)
+                    async for response in behavior(request, context):
+                        yield response
+                    code = _code_name(context.code()) if context.code() is not None else "OK"
+                except asyncio.CancelledError:
+                    code = "CANCELLED"
+                    raise
+                except grpc.aio.AbortError:
+                    code = _code_name(context.code())
+                    raise
+                except Exception as exc:  # noqa: BLE001 - mapped to a status in one place
+                    status, message = await fail(context, exc)
+                    code = status.name
+                    await context.abort(status, message)
+                finally:
+                    end(t0, code)
+
+            return _replace_behavior(handler, wrapped_gen)
+
+        async def wrapped(request, context: grpc.aio.ServicerContext):
+            t0 = begin()
+            code = "OK"
+            try:
+                refusal = admit()
+                if refusal is not None:
+                    code = "UNAVAILABLE"
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, refusal)
+                result = await behavior(request, context)
+                code = _code_name(context.code()) if context.code() is not None else "OK"
+                return result
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except grpc.aio.AbortError:
+                code = _code_name(context.code())
+                raise
+            except Exception as exc:  # noqa: BLE001 - mapped to a status in one place
+                status, message = await fail(context, exc)
+                code = status.name
+                await context.abort(status, message)
+            finally:
+                end(t0, code)
+
+        return _replace_behavior(handler, wrapped)
+
+
+def _read(path: str | None, what: str) -> bytes | None:
+    if not path:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{what} file not found: {path}")
+    return p.read_bytes()
+
+
+def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if not (config.tls_cert or config.tls_key or config.tls_client_ca):
+        return None
+    if not (config.tls_cert and config.tls_key):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    cert = _read(config.tls_cert, "--tls-cert")
+    key = _read(config.tls_key, "--tls-key")
+    ca = _read(config.tls_client_ca, "--tls-client-ca")
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+    )
+
+
+class RunningServer:
+    """A started server: bound ports, health control, drain and stop."""
+
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        *,
+        config: ServerConfig,
+        service_name: str,
+        service_names: list[str],
+        port: int,
+        health_servicer: health.aio.HealthServicer,
+        registry: CollectorRegistry,
+        state: ServerState,
+        server_metrics: ServerMetrics,
+        metrics_http: MetricsHttpServer | None,
+        tls: bool,
+    ) -> None:
+        self.server = server
+        self.config = config
+        self.service_name = service_name
+        self.service_names = service_names
+        self.port = port
+        self.health = health_servicer
+        self.registry = registry
+        self.state = state
+        self.server_metrics = server_metrics
+        self._metrics_http = metrics_http
+        self.tls = tls
+        self._on_stop: list[Callable[[], object]] = []
+        self._stopped = asyncio.Event()
+        self._stopping: asyncio.Task | None = None
+        # Completes once the model is loaded (set by start_backend); None: ready at start.
+        self.ready: asyncio.Future | None = None
+        # Whatever the service wants tests and `up` to reach (its servicer, engine...).
+        self.servicer: object | None = None
+
+    @property
+    def address(self) -> str:
+        """host:port to dial (loopback when bound to a wildcard address)."""
+        host = self.config.host
+        if host in ("0.0.0.0", "::", "[::]", ""):
+            host = "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self._metrics_http.port if self._metrics_http else None
+
+    @property
+    def metrics_url(self) -> str | None:
+        if self._metrics_http is None:
+            return None
+        host = self._metrics_http.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        return f"http://{host}:{self._metrics_http.port}/metrics"
+
+    @property
+    def draining(self) -> bool:
+        return self.state.draining
+
+    def on_stop(self, callback: Callable[[], object]) -> None:
+        """Run `callback` (sync or async) after the gRPC server stopped (e.g. free the model)."""
+        self._on_stop.append(callback)
+
+    async def set_serving(self, serving: bool = True) -> None:
+        """Mark the model loaded (SERVING, streams admitted) or not (NOT_SERVING)."""
+        if self.state.draining:
+            return
+        self.state.ready = serving
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+        self.server_metrics.ready.labels(self.service_name).set(1 if serving else 0)
+        log.info("%s %s", self.service_name, "serving" if serving else "not serving")
+
+    async def drain(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING -> refuse new streams -> wait for live ones up to grace -> stop."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._drain(grace_s))
+        await asyncio.shield(self._stopping)
+
+    async def _drain(self, grace_s: float | None) -> None:
+        grace = self.config.grace_s if grace_s is None else grace_s
+        self.state.draining = True
+        self.server_metrics.draining.labels(self.service_name).set(1)
+        await self.health.enter_graceful_shutdown()
+        log.info(
+            "%s draining: %d live stream(s), grace %.1fs",
+            self.service_name,
+            self.state.inflight,
+            grace,
+        )
+        t0 = time.monotonic()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.state.wait_idle(), timeout=max(grace, 0.0))
+        left = max(0.0, grace - (time.monotonic() - t0))
+        if self.state.inflight:
+            log.warning(
+                "%s grace period over: cancelling %d live stream(s)",
+                self.service_name,
+                self.state.inflight,
+            )
+        await self._stop(min(left, 1.0))
+
+    async def stop(self, grace_s: float | None = 0.0) -> None:
+        """Stop now (live streams get CANCELLED after `grace_s`), without a drain."""
+        if self._stopping is None:
+            self.state.draining = True
+            self._stopping = asyncio.ensure_future(self._stop(grace_s))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, grace_s: float | None) -> None:
+        try:
+            await self.server.stop(grace_s)
+        finally:
+            for callback in self._on_stop:
+                try:
+                    result = callback()
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception:
+                    log.exception("shutdown callback failed")
+            if self._metrics_http is not None:
+                self._metrics_http.close()
+            self._stopped.set()
+            log.info("%s stopped", self.service_name)
+
+    async def wait_closed(self) -> None:
+        await self._stopped.wait()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT -> drain (a second signal stops at once)."""
+        loop = asyncio.get_running_loop()
+
+        def on_signal(signum: int) -> None:
+            if self._stopping is None:
+                log.info("signal %d: draining", signum)
+                asyncio.ensure_future(self.drain())
+            else:
+                log.info("signal %d again: stopping now", signum)
+                asyncio.ensure_future(self.server.stop(0))
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, on_signal, sig)
+
+
+async def start_server(
+    config: ServerConfig,
+    services: Sequence[Service],
+    service_name: str,
+    *,
+    registry: CollectorRegistry | None = None,
+    state: ServerState | None = None,
+    ready: bool = True,
+) -> RunningServer:
+    """Build, bind and start a server; `ready=False` keeps it NOT_SERVING until
+    `set_serving()` (call that once the model is loaded)."""
+    registry = registry if registry is not None else new_registry()
+    state = state if state is not None else ServerState()
+    rpc_metrics = RpcMetrics.create(registry)
+    server_metrics = ServerMetrics.create(registry, service_name)
+    token = config.auth_token
+    interceptors: list[grpc.aio.ServerInterceptor] = [ServingInterceptor(state, rpc_metrics)]
+    if token:
+        interceptors.append(AuthInterceptor(token))
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=config.grpc_options(),
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
+    )
+    for svc in services:
+        svc.register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [svc.name for svc in services]
+    reflection.enable_server_reflection(
+        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    for name in ["", *names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    creds = _credentials(config)
+    address = f"{config.host}:{config.port}"
+    try:
+        if creds is not None:
+            port = server.add_secure_port(address, creds)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot bind gRPC server to {address}: {exc}") from exc
+    if not port:
+        raise OSError(f"cannot bind gRPC server to {address}")
+    metrics_http = None
+    if config.metrics_port is not None:
+        metrics_http = serve_metrics(
+            registry, config.metrics_host or config.host, int(config.metrics_port)
+        )
+    try:
+        await server.start()
+    except BaseException:
+        if metrics_http is not None:
+            metrics_http.close()
+        raise
+    running = RunningServer(
+        server,
+        config=config,
+        service_name=service_name,
+        service_names=names,
+        port=port,
+        health_servicer=health_servicer,
+        registry=registry,
+        state=state,
+        server_metrics=server_metrics,
+        metrics_http=metrics_http,
+        tls=creds is not None,
+    )
+    log.info(
+        "%s: gRPC bound to %s:%d (%s, auth %s)",
+        service_name,
+        config.host,
+        port,
+        "TLS" if creds is not None else "plaintext",
+        "on" if token else "off",
+    )
+    if ready:
+        await running.set_serving(True)
+    return running
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    config: ServerConfig,
+    services: Sequence[Service],
+    service_name: str,
+    **kwargs,
+) -> AsyncIterator[RunningServer]:
+    """`start_server` as a context manager; stops the server (grace 0) on exit."""
+    running = await start_server(config, services, service_name, **kwargs)
+    try:
+        yield running
+    finally:
+        await running.stop(0)
+
+
+def version() -> str:
+    return __version__

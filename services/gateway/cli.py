@@ -1,0 +1,268 @@
+"""`moshi-grpc gateway`: the session gateway (public Converse API).
+
+`start_gateway(...)` starts it in-process (tests, benchmarks); `run(args)` is the console
+entry point: serve until SIGTERM/SIGINT, then drain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+from moshi_grpc.services.common import flags, logs
+from moshi_grpc.services.common.metrics import GatewayMetrics, new_registry
+from moshi_grpc.services.common.server import (
+    RunningServer,
+    ServerConfig,
+    ServerState,
+    Service,
+    start_server,
+)
+from moshi_grpc.services.gateway.config import GatewaySettings
+from moshi_grpc.services.gateway.replicas import (
+    ChannelSettings,
+    ReplicaPool,
+    ReplicaSpecError,
+    Spec,
+    parse_specs,
+)
+from moshi_grpc.services.gateway.servicer import GatewayServicer
+from moshi_grpc.v1 import gateway_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "moshi_grpc.v1.Gateway"
+BACKEND_AUTH_ENV = "MOSHI_GRPC_BACKEND_AUTH_TOKEN"
+
+# Channels to backends: generous message limits, keepalive within the backends' enforcement
+# (min ping interval 10 s there), and no gRPC-level retries (a session is pinned).
+BACKEND_CHANNEL_OPTIONS: tuple[tuple[str, object], ...] = (
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+    ("grpc.max_send_message_length", 4 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.enable_retries", 0),
+)
+
+
+class GatewayServer:
+    """A started gateway: the common `RunningServer` plus its pool and servicer."""
+
+    def __init__(self, server: RunningServer, pool: ReplicaPool, servicer: GatewayServicer):
+        self.server = server
+        self.pool = pool
+        self.servicer = servicer
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    @property
+    def registry(self):
+        return self.server.registry
+
+    async def stop(self, grace_s: float | None = 0.0) -> None:
+        await self.server.stop(grace_s)
+
+    async def __aenter__(self) -> GatewayServer:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop(0)
+
+
+async def start_gateway(
+    config: ServerConfig,
+    codec: list[Spec] | list[str] | str,
+    lm: list[Spec] | list[str] | str,
+    settings: GatewaySettings | None = None,
+    channels: ChannelSettings | None = None,
+    *,
+    resolver=None,
+) -> GatewayServer:
+    """Start a gateway in this event loop; backends are probed once before it serves."""
+    settings = settings or GatewaySettings()
+    channels = channels or ChannelSettings(options=BACKEND_CHANNEL_OPTIONS)
+    codec_specs = codec if codec and isinstance(codec[0], Spec) else parse_specs(codec)
+    lm_specs = lm if lm and isinstance(lm[0], Spec) else parse_specs(lm)
+    registry = new_registry()
+    metrics = GatewayMetrics.create(registry)
+
+    def on_refresh(pool: ReplicaPool) -> None:
+        metrics.backends_healthy.labels("codec").set(pool.codec.healthy_count())
+        metrics.backends_healthy.labels("lm").set(pool.lm.healthy_count())
+
+    extra = {"resolver": resolver} if resolver is not None else {}
+    pool = ReplicaPool(
+        codec_specs,
+        lm_specs,
+        channels,
+        refresh_interval_s=settings.refresh_interval_s,
+        probe_timeout_s=settings.probe_timeout_s,
+        on_refresh=on_refresh,
+        **extra,
+    )
+    await pool.start()
+    state = ServerState()
+    servicer = GatewayServicer(pool, settings, metrics, state)
+    try:
+        server = await start_server(
+            config,
+            [
+                Service(
+                    SERVICE_NAME,
+                    lambda s: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, s),
+                )
+            ],
+            "gateway",
+            registry=registry,
+            state=state,
+        )
+    except BaseException:
+        await pool.stop()
+        raise
+    server.on_stop(pool.stop)
+    return GatewayServer(server, pool, servicer)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    flags.add_server_flags(parser, "gateway")
+    d = GatewaySettings()
+    g = parser.add_argument_group("backends")
+    g.add_argument(
+        "--codec-addr",
+        action="append",
+        required=True,
+        help="codec replicas: host:port[,host:port...] or dns:///name:port (every address the "
+        "name resolves to, re-resolved periodically: Kubernetes headless services); repeatable",
+    )
+    g.add_argument("--lm-addr", action="append", required=True, help="LM replicas, same forms")
+    g.add_argument(
+        "--backend-auth-token",
+        default=None,
+        help=f"bearer token sent to the backends (default: env {BACKEND_AUTH_ENV})",
+    )
+    g.add_argument(
+        "--backend-tls-ca", default=None, help="PEM CA of the backends' TLS certificates"
+    )
+    g.add_argument(
+        "--backend-tls-cert",
+        default=None,
+        help="PEM client certificate for backends that require mTLS (with --backend-tls-key)",
+    )
+    g.add_argument("--backend-tls-key", default=None, help="PEM key of --backend-tls-cert")
+    g.add_argument(
+        "--backend-tls-server-name",
+        default=None,
+        help="expected server name in the backends' certificates (when dialing by IP)",
+    )
+    g.add_argument(
+        "--refresh-interval-s",
+        type=float,
+        default=d.refresh_interval_s,
+        help="how often backends are re-resolved and probed (health + Info)",
+    )
+    b = parser.add_argument_group("sessions")
+    b.add_argument(
+        "--budget-ms",
+        type=int,
+        default=d.default_budget_ms,
+        help="default per-frame latency budget (a frame's output is due this long after its "
+        "input frame is complete; sessions may set their own)",
+    )
+    b.add_argument(
+        "--max-consecutive-misses",
+        type=int,
+        default=d.default_max_consecutive_misses,
+        help="default: end a session with DEADLINE_EXCEEDED after this many misses in a row "
+        "(0 = never)",
+    )
+    b.add_argument(
+        "--max-backlog-frames",
+        type=int,
+        default=d.max_backlog_frames,
+        help="frames of one session allowed at the backends at once; more input is dropped "
+        "(and counted) instead of queued",
+    )
+    b.add_argument(
+        "--resample-quality",
+        default=d.resample_quality,
+        choices=["LQ", "MQ", "HQ", "VHQ"],
+        help="soxr resampler quality (LQ: ~20 ms filter delay; HQ: ~38 ms)",
+    )
+    b.add_argument(
+        "--retry-after-ms",
+        type=int,
+        default=d.retry_after_ms,
+        help="retry hint given with RESOURCE_EXHAUSTED refusals",
+    )
+
+
+def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
+    if args.budget_ms < 1:
+        raise ValueError("--budget-ms must be >= 1")
+    if args.max_backlog_frames < 1:
+        raise ValueError("--max-backlog-frames must be >= 1")
+    return GatewaySettings(
+        default_budget_ms=args.budget_ms,
+        default_max_consecutive_misses=max(0, args.max_consecutive_misses),
+        max_backlog_frames=args.max_backlog_frames,
+        resample_quality=args.resample_quality,
+        idle_timeout_s=args.idle_timeout_s,
+        retry_after_ms=args.retry_after_ms,
+        refresh_interval_s=args.refresh_interval_s,
+    )
+
+
+def _read_pem(path: str | None, flag: str) -> bytes | None:
+    if not path:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{flag} file not found: {p}")
+    return p.read_bytes()
+
+
+def channels_from_args(args: argparse.Namespace) -> ChannelSettings:
+    token = args.backend_auth_token or os.environ.get(BACKEND_AUTH_ENV) or None
+    ca = _read_pem(args.backend_tls_ca, "--backend-tls-ca")
+    cert = _read_pem(args.backend_tls_cert, "--backend-tls-cert")
+    key = _read_pem(args.backend_tls_key, "--backend-tls-key")
+    if (cert is None) != (key is None):
+        raise ValueError("--backend-tls-cert and --backend-tls-key go together")
+    options = list(BACKEND_CHANNEL_OPTIONS)
+    if args.backend_tls_server_name:
+        options.append(("grpc.ssl_target_name_override", args.backend_tls_server_name))
+    return ChannelSettings(
+        tls_ca=ca,
+        auth_token=token,
+        options=tuple(options),
+        tls_client_cert=cert,
+        tls_client_key=key,
+    )
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    gateway = await start_gateway(
+        flags.server_config_from_args(args),
+        parse_specs(args.codec_addr),
+        parse_specs(args.lm_addr),
+        settings_from_args(args),
+        channels_from_args(args),
+    )
+    gateway.server.install_signal_handlers()
+    log.info("gateway listening on %s", gateway.address)
+    await gateway.server.wait_closed()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    logs.install(json_logs=args.json_logs)
+    try:
+        return asyncio.run(_serve(args))
+    except (ReplicaSpecError, ValueError, OSError) as exc:
+        log.error("gateway: %s", exc)
+        return 2

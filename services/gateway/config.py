@@ -1,0 +1,95 @@
+"""Gateway settings (from flags) and validation of a client's `SessionConfig`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from moshi_grpc import audio
+from moshi_grpc.services.common.errors import InvalidInput
+from moshi_grpc.v1 import common_pb2, gateway_pb2
+
+ENCODING_NAMES = {
+    gateway_pb2.AUDIO_ENCODING_PCM16: audio.PCM16,
+    gateway_pb2.AUDIO_ENCODING_FLOAT32: audio.FLOAT32,
+}
+
+MAX_BUDGET_MS = 10_000
+MIN_BUDGET_MS = 1
+
+
+@dataclass
+class GatewaySettings:
+    """Per-gateway defaults and limits; sessions may override budget and miss limit."""
+
+    default_budget_ms: int = 200
+    default_max_consecutive_misses: int = 25  # 2 s of consecutive misses
+    # Frames allowed at the backends at once per session before input frames are dropped.
+    max_backlog_frames: int = 8
+    # Frames received but not yet sent back before the gateway stops reading the client
+    # (a client that sends but does not read gets gRPC flow control, not unbounded memory).
+    max_pending_frames: int = 64
+    resample_quality: str = "LQ"  # soxr quality: LQ keeps ~20 ms hold-back, HQ ~38 ms
+    idle_timeout_s: float = 30.0  # no client message for this long ends the session
+    max_session_s: float = 0.0  # 0 = unlimited
+    retry_after_ms: int = 1000  # hint for refused sessions
+    refresh_interval_s: float = 0.5  # replica discovery, health and Info polling
+    probe_timeout_s: float = 1.0
+
+
+@dataclass
+class SessionParams:
+    """A validated SessionConfig with the gateway's defaults applied."""
+
+    sample_rate: int
+    encoding: str  # audio.PCM16 or audio.FLOAT32
+    encoding_enum: int
+    sampling: common_pb2.SamplingParams
+    seed: int | None
+    budget_ms: int
+    max_consecutive_misses: int
+    client_id: str
+
+
+def _check_sampling(sp: common_pb2.SamplingParams) -> None:
+    for name in ("text_temperature", "audio_temperature"):
+        if sp.HasField(name):
+            value = getattr(sp, name)
+            if not math.isfinite(value) or value < 0:
+                raise InvalidInput(f"sampling.{name} must be a finite number >= 0, got {value}")
+    for name in ("text_top_k", "audio_top_k"):
+        if sp.HasField(name) and getattr(sp, name) < 0:
+            raise InvalidInput(f"sampling.{name} must be >= 0, got {getattr(sp, name)}")
+
+
+def session_params(config: gateway_pb2.SessionConfig, settings: GatewaySettings) -> SessionParams:
+    """Validate a SessionConfig (InvalidInput with a clear message) and apply defaults."""
+    rate = config.sample_rate
+    if not audio.MIN_RATE <= rate <= audio.MAX_RATE:
+        raise InvalidInput(
+            f"sample_rate must be between {audio.MIN_RATE} and {audio.MAX_RATE} Hz, got {rate}"
+        )
+    encoding = ENCODING_NAMES.get(config.encoding)
+    if encoding is None:
+        raise InvalidInput("encoding must be AUDIO_ENCODING_PCM16 or AUDIO_ENCODING_FLOAT32")
+    _check_sampling(config.sampling)
+    budget = config.budget_ms if config.HasField("budget_ms") else settings.default_budget_ms
+    if not MIN_BUDGET_MS <= budget <= MAX_BUDGET_MS:
+        raise InvalidInput(f"budget_ms must be between 1 and {MAX_BUDGET_MS}, got {budget}")
+    misses = (
+        config.max_consecutive_misses
+        if config.HasField("max_consecutive_misses")
+        else settings.default_max_consecutive_misses
+    )
+    if len(config.client_id) > 256:
+        raise InvalidInput("client_id must be at most 256 characters")
+    return SessionParams(
+        sample_rate=rate,
+        encoding=encoding,
+        encoding_enum=config.encoding,
+        sampling=config.sampling,
+        seed=config.seed if config.HasField("seed") else None,
+        budget_ms=int(budget),
+        max_consecutive_misses=int(misses),
+        client_id=config.client_id,
+    )

@@ -1,0 +1,182 @@
+"""The public `Gateway` servicer: session admission, then one `Session` per Converse stream.
+
+Thin on purpose: validate the first message, pick replicas (admission), open the backend
+streams, send `SessionStarted`, hand over to `Session.pump()`, and always end with a
+`SessionEnded` summary before the status the gateway chose. Refusals carry a retry hint both
+in the message and as trailing metadata `retry-after-ms`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import grpc
+
+from moshi_grpc.services.common import logs
+from moshi_grpc.services.common.errors import (
+    BackendUnavailable,
+    InvalidInput,
+    OutOfOrder,
+    ServiceError,
+)
+from moshi_grpc.services.common.metrics import GatewayMetrics
+from moshi_grpc.services.common.server import ServerState
+from moshi_grpc.services.common.streams import check_known_fields
+from moshi_grpc.services.gateway.config import GatewaySettings, session_params
+from moshi_grpc.services.gateway.replicas import NoCapacity, ReplicaPool
+from moshi_grpc.services.gateway.session import ENDED_LABEL, RetryableCapacity, Session
+from moshi_grpc.v1 import gateway_pb2, gateway_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_KEY = "retry-after-ms"
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    """Converse: one conversation per stream, pinned to one codec and one LM replica."""
+
+    def __init__(
+        self,
+        pool: ReplicaPool,
+        settings: GatewaySettings,
+        metrics: GatewayMetrics,
+        state: ServerState | None = None,
+    ) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.metrics = metrics
+        self.state = state
+        self.sessions: dict[str, Session] = {}
+
+    async def _refuse(
+        self, context: grpc.aio.ServicerContext, reason: str, exc: BaseException, retry_ms: int
+    ) -> None:
+        self.metrics.sessions_refused.labels(reason).inc()
+        code = exc.code if isinstance(exc, ServiceError) else grpc.StatusCode.RESOURCE_EXHAUSTED
+        message = f"{exc}; retry after {retry_ms} ms"
+        log.info("session refused (%s): %s", reason, message)
+        await context.abort(code, message, trailing_metadata=((RETRY_AFTER_KEY, str(retry_ms)),))
+
+    async def Converse(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+        first = await context.read()
+        if first is grpc.aio.EOF:
+            self.metrics.sessions_refused.labels("invalid").inc()
+            raise InvalidInput("stream closed before SessionConfig")
+        try:
+            kind = first.WhichOneof("kind")
+            if kind != "config":
+                raise OutOfOrder("the first ConverseRequest must be a SessionConfig")
+            check_known_fields(first.config, "SessionConfig")
+            check_known_fields(first.config.sampling, "SamplingParams")
+            params = session_params(first.config, self.settings)
+        except ValueError:
+            self.metrics.sessions_refused.labels("invalid").inc()
+            raise
+        if self.state is not None and self.state.draining:
+            self.metrics.sessions_refused.labels("draining").inc()
+            raise BackendUnavailable("gateway is draining; retry on another replica")
+        try:
+            lease = self.pool.lease(params.budget_ms)
+        except NoCapacity as exc:
+            await self._refuse(context, exc.reason, exc, exc.retry_after_ms)
+            return
+        session_id = uuid.uuid4().hex[:16]
+        logs.bind_session(session_id)
+        session = Session(
+            session_id=session_id,
+            params=params,
+            lease=lease,
+            settings=self.settings,
+            metrics=self.metrics,
+            context=context,
+            metadata=self.pool.channels.metadata(),
+        )
+        # A vanished client cancels this handler; free the backend slots right away even if
+        # the handler's `finally` runs late (grpc/grpc#37239).
+        context.add_done_callback(lambda _ctx: session.cancel_backends())
+        started = False
+        try:
+            try:
+                await session.open_backends()
+            except RetryableCapacity as exc:
+                await self._refuse(context, "capacity", exc, exc.retry_after_ms)
+                return
+            except BackendUnavailable:
+                self.metrics.sessions_refused.labels("backend_unavailable").inc()
+                raise
+            started = True
+            self.sessions[session_id] = session
+            self.metrics.sessions_started.inc()
+            self.metrics.sessions_active.inc()
+            await context.write(self._started_event(session))
+            log.info(
+                "session started: %d Hz %s, budget %d ms, codec %s, lm %s, client %r",
+                params.sample_rate,
+                params.encoding,
+                params.budget_ms,
+                lease.codec.address,
+                lease.lm.address,
+                params.client_id,
+            )
+            try:
+                await session.pump()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                await self._end(session, context)
+                if isinstance(exc, RetryableCapacity):
+                    await context.abort(
+                        exc.code,
+                        f"{exc}; retry after {exc.retry_after_ms} ms",
+                        trailing_metadata=((RETRY_AFTER_KEY, str(exc.retry_after_ms)),),
+                    )
+                raise
+            await self._end(session, context)
+            await session.finish()
+        finally:
+            self.sessions.pop(session_id, None)
+            await session.close()
+            lease.release()
+            if started:
+                self.metrics.sessions_active.dec()
+                self.metrics.sessions_ended.labels(ENDED_LABEL.get(session.reason, "error")).inc()
+                if session.audio_duration_s() > 0:
+                    self.metrics.real_time_factor.observe(
+                        session.summary().duration_s / session.audio_duration_s()
+                    )
+                log.info("session ended: %s", session.reason)
+
+    @staticmethod
+    def _started_event(session: Session) -> gateway_pb2.ConverseResponse:
+        lease = session.lease
+        lm_info = lease.lm.info
+        model = f"{lm_info.model_name}/{lm_info.config_name}" if lm_info else ""
+        return gateway_pb2.ConverseResponse(
+            event=gateway_pb2.Event(
+                started=gateway_pb2.SessionStarted(
+                    session_id=session.session_id,
+                    codec_replica=lease.codec.address,
+                    lm_replica=lease.lm.address,
+                    budget_ms=session.params.budget_ms,
+                    max_consecutive_misses=session.params.max_consecutive_misses,
+                    sample_rate=session.params.sample_rate,
+                    model=model,
+                )
+            )
+        )
+
+    async def _end(self, session: Session, context: grpc.aio.ServicerContext) -> None:
+        """Send the SessionEnded summary (best effort: the client may be gone)."""
+        summary = session.summary()
+        try:
+            await context.write(
+                gateway_pb2.ConverseResponse(
+                    event=gateway_pb2.Event(ended=gateway_pb2.SessionEnded(summary=summary))
+                )
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the client is gone; nothing else to tell it
+            log.debug("could not send the summary", exc_info=True)

@@ -1,0 +1,183 @@
+"""LM servicer: proto <-> engine. Every message is validated before it reaches a batch
+(one bad frame must never fail the batched step of the other sessions)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from moshi_grpc import __version__
+from moshi_grpc.services.common import logs
+from moshi_grpc.services.common.errors import InvalidInput, NotReady
+from moshi_grpc.services.common.metrics import LmMetrics
+from moshi_grpc.services.common.server import ServerState
+from moshi_grpc.services.common.streams import (
+    expect_frame,
+    next_message,
+    read_open,
+    stream_closer,
+)
+from moshi_grpc.services.common.wire import parse_codes
+from moshi_grpc.services.lm.engine import JoinPayload, LmEngine, StepInput
+from moshi_grpc.v1 import common_pb2, lm_pb2, lm_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "moshi_grpc.v1.LM"
+
+
+def sampling_from_proto(params: common_pb2.SamplingParams) -> Any:
+    """SamplingConfig with the server defaults for unset fields; InvalidInput if bad."""
+    from moshi_grpc.models.lm_gen import SamplingConfig
+
+    defaults = SamplingConfig()
+    values = {}
+    for name in ("text_temperature", "text_top_k", "audio_temperature", "audio_top_k"):
+        values[name] = getattr(params, name) if params.HasField(name) else getattr(defaults, name)
+    try:
+        return SamplingConfig(**values)
+    except ValueError as exc:
+        raise InvalidInput(f"sampling: {exc}") from None
+
+
+def parse_replay(replay: Any, engine: LmEngine) -> list[StepInput]:
+    """Validate the history and turn it into teacher-forced steps.
+
+    The history holds what each step emitted (delay-aligned). The token the model sampled
+    for stream j at step s was emitted at step s + max_delay - delay_j, so step s can be
+    forced when all those emitted steps are in the history; the last steps (whose tokens
+    were not emitted yet) run unforced: with the same seed and sampling they sample the
+    same tokens again, so the session continues exactly as it would have.
+    """
+    steps = list(replay)
+    n = len(steps)
+    emitted_text: list[int | None] = []
+    emitted_audio: list[list[int] | None] = []
+    user: list[torch.Tensor] = []
+    for s, step in enumerate(steps):
+        user.append(
+            parse_codes(step.user_codes, engine.n_user, engine.card, f"replay[{s}].user_codes")
+        )
+        if step.HasField("text_token"):
+            if not 0 <= step.text_token < engine.text_card:
+                raise InvalidInput(
+                    f"replay[{s}].text_token = {step.text_token} is out of range "
+                    f"[0, {engine.text_card})"
+                )
+            audio = parse_codes(
+                step.moshi_codes, engine.dep_q, engine.card, f"replay[{s}].moshi_codes"
+            )
+            emitted_text.append(int(step.text_token))
+            emitted_audio.append(audio.tolist())
+        else:
+            if len(step.moshi_codes):
+                raise InvalidInput(
+                    f"replay[{s}].moshi_codes must be empty when text_token is unset"
+                )
+            emitted_text.append(None)
+            emitted_audio.append(None)
+    delays = engine.delays
+    out: list[StepInput] = []
+    for s in range(n):
+        text_at = s + engine.max_delay - delays[0]
+        audio_at = [s + engine.max_delay - delays[1 + j] for j in range(engine.dep_q)]
+        needed = [text_at, *audio_at]
+        if all(0 <= e < n and emitted_text[e] is not None for e in needed):
+            text = emitted_text[text_at]
+            audio = torch.tensor(
+                [emitted_audio[e][j] for j, e in enumerate(audio_at)], dtype=torch.long
+            )
+            out.append(StepInput(user[s], force_text=text, force_audio=audio))
+        else:
+            out.append(StepInput(user[s]))
+    return out
+
+
+class LmServicer(lm_pb2_grpc.LMServicer):
+    """Step streams over an engine that is attached once the model is loaded."""
+
+    def __init__(
+        self, state: ServerState, idle_timeout_s: float, *, metrics: LmMetrics | None = None
+    ) -> None:
+        self.state = state
+        self.idle_timeout_s = idle_timeout_s
+        self.metrics = metrics
+        self.engine: LmEngine | None = None
+
+    def attach(self, engine: LmEngine) -> None:
+        self.engine = engine
+
+    def _engine(self) -> LmEngine:
+        if self.engine is None:
+            raise NotReady("LM model is still loading; retry shortly")
+        return self.engine
+
+    async def Step(self, request_iterator, context):
+        engine = self._engine()
+        opened = await read_open(request_iterator, self.idle_timeout_s, "Step")
+        if opened is None:
+            return
+        logs.bind_session(opened.session_id)
+        sampling = sampling_from_proto(opened.sampling)
+        seed = int(opened.seed) if opened.HasField("seed") else None
+        replay = parse_replay(opened.replay, engine)
+        slot = engine.scheduler.acquire(JoinPayload(sampling, seed), opened.session_id)
+        step_metrics = self.metrics.step if self.metrics else None
+        close = stream_closer(slot, step_metrics)
+        context.add_done_callback(lambda _ctx: close())
+        log.info("Step stream opened (slot %d, replay %d)", slot.slot, len(replay))
+        index = 0
+        try:
+            for item in replay:
+                await slot.submit(item)
+                if self.metrics is not None:
+                    self.metrics.replayed_steps.inc()
+            index = len(replay)
+            while True:
+                message = await next_message(request_iterator, self.idle_timeout_s)
+                if message is None:
+                    break
+                frame = expect_frame(message, index, "Step")
+                codes = parse_codes(frame.codes, engine.n_user, engine.card, "codes")
+                out, timing = await slot.submit(StepInput(codes))
+                if out.ready:
+                    yield lm_pb2.StepOutput(
+                        index=frame.index,
+                        ready=True,
+                        text_token=out.text,
+                        text_piece=engine.piece(out.text),
+                        moshi_codes=out.audio,
+                        timing=timing.to_proto(),
+                    )
+                else:
+                    yield lm_pb2.StepOutput(
+                        index=frame.index, ready=False, timing=timing.to_proto()
+                    )
+                index += 1
+        finally:
+            close()
+            log.info("Step stream closed at frame %d", index)
+
+    async def Info(self, request, context) -> common_pb2.BackendInfo:
+        engine = self._engine()
+        lm = engine.lm
+        p50, p99 = engine.scheduler.step_percentiles_ms()
+        return common_pb2.BackendInfo(
+            model_name=engine.model_name,
+            config_name=str(getattr(lm, "config_name", engine.options.config)),
+            dtype=str(getattr(lm, "dtype", engine.options.dtype)).replace("torch.", ""),
+            device=str(getattr(lm, "device", engine.options.device)),
+            slots_total=engine.options.max_sessions,
+            slots_in_use=engine.scheduler.slots_in_use,
+            step_p50_ms=p50,
+            step_p99_ms=p99,
+            version=__version__,
+            draining=self.state.draining,
+            num_codebooks=engine.dep_q,
+            sample_rate=24000,
+            frame_size=1920,
+            codebook_size=engine.card,
+            text_vocab_size=engine.text_card,
+        )

@@ -1,0 +1,279 @@
+"""Moshi LM streaming generation: parity with the reference, slots, seeds, replay, bad input.
+
+The golden fixture (tools/make_lm_golden.py) is the public reference `moshi` 0.2.13 run
+greedily on a small moshiko-style config (real stream layout and delays, context 10 so the ring
+KV cache wraps) with seeded random weights stored under the official tensor names.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moshi_grpc.models.lm import load_lm
+from moshi_grpc.models.lm_gen import LMGen, LMGenError, SamplingConfig
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The test model is tiny: threads only add pool synchronisation on a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def golden() -> dict:
+    from conftest import FIXTURES
+
+    d = FIXTURES / "lm"
+    data = json.loads((d / "golden.json").read_text())
+    data["codes"] = torch.tensor(data["user_codes"])
+    data["weights"] = d / "model.safetensors"
+    data["config"] = d / "config.json"
+    return data
+
+
+@pytest.fixture(scope="module")
+def lm(golden):
+    return load_lm(golden["weights"], golden["config"])
+
+
+def _frame(result, slot: int):
+    if not bool(result.ready[slot]):
+        return None
+    return int(result.text[slot]), result.audio[slot].tolist()
+
+
+def _expected(golden, t: int):
+    if golden["text"][t] is None:
+        return None
+    return golden["text"][t], golden["audio"][t]
+
+
+def test_greedy_tokens_identical_to_reference(lm, golden) -> None:
+    gen = LMGen(lm, 1)
+    gen.reset(0, SamplingConfig.greedy(), seed=0)
+    assert golden["steps"] >= 24
+    for t in range(golden["steps"]):
+        out = gen.step(golden["codes"][t][None])
+        assert _frame(out, 0) == _expected(golden, t), f"step {t}"
+    assert int(gen.steps[0]) == golden["steps"]
+
+
+def test_slots_joining_leaving_and_pausing_match_reference(lm, golden) -> None:
+    """Sessions in a shared batch, joining/leaving/pausing mid-run, each match the golden run."""
+    steps = golden["steps"]
+    codes = golden["codes"]
+    n = 4
+    gen = LMGen(lm, n)
+    # slot -> (global tick it joins, ticks it is paused) ; slot 2 is a noise session that leaves
+    plan = {0: (0, set()), 1: (5, {9, 10, 17}), 3: (12, {20})}
+    local = {s: 0 for s in plan}
+    noise = torch.Generator().manual_seed(3)
+    for tick in range(12 + steps + 2):
+        if tick == 0:
+            gen.reset(2, SamplingConfig(), seed=11)  # a sampling session beside the greedy ones
+        if tick == 14:
+            gen.free(2)
+        active = torch.zeros(n, dtype=torch.bool)
+        user = torch.randint(0, lm.config.card, (n, 8), generator=noise)  # garbage by default
+        for slot, (join, paused) in plan.items():
+            if tick == join:
+                gen.reset(slot, SamplingConfig.greedy(), seed=slot)
+            if tick >= join and tick not in paused and local[slot] < steps:
+                active[slot] = True
+                user[slot] = codes[local[slot]]
+        active[2] = tick < 14
+        before_steps = gen.steps.clone()
+        out = gen.step(user, active)
+        for slot in range(n):
+            if active[slot]:
+                assert int(out.steps[slot]) == int(before_steps[slot]) + 1
+            else:
+                assert not bool(out.ready[slot]) and int(out.text[slot]) == -1
+                assert int(out.steps[slot]) == int(before_steps[slot])
+        for slot in plan:
+            if active[slot]:
+                t = local[slot]
+                assert _frame(out, slot) == _expected(golden, t), f"slot {slot} step {t}"
+                local[slot] += 1
+    assert all(v == steps for v in local.values())
+
+
+def test_inactive_slot_state_is_untouched(lm, golden) -> None:
+    gen = LMGen(lm, 2)
+    for s in range(2):
+        gen.reset(s, SamplingConfig(), seed=s)
+    for t in range(4):
+        gen.step(golden["codes"][t][None].repeat(2, 1))
+    snap = (
+        gen.steps[1].clone(),
+        gen.tokens[1].clone(),
+        [(c.k[1].clone(), c.v_t[1].clone()) for c in gen.caches],
+        gen.generators[1].get_state().clone(),
+    )
+    for t in range(4, 15):
+        gen.step(golden["codes"][t][None].repeat(2, 1), torch.tensor([True, False]))
+    assert torch.equal(gen.steps[1], snap[0])
+    assert torch.equal(gen.tokens[1], snap[1])
+    for c, (k, v) in zip(gen.caches, snap[2]):
+        assert torch.equal(c.k[1], k) and torch.equal(c.v_t[1], v)
+    assert torch.equal(gen.generators[1].get_state(), snap[3])
+
+
+def _run_session(lm, codes, sampling, seed, slot=0, n=1, others=None) -> list:
+    """Sampled raw tokens of a session in `slot` of an `n`-slot generator (others busy)."""
+    gen = LMGen(lm, n)
+    for s in range(n):
+        gen.reset(s, sampling if s == slot else (others or SamplingConfig()), seed=seed + 100 + s)
+    gen.reset(slot, sampling, seed=seed)
+    noise = torch.Generator().manual_seed(5)
+    out = []
+    for t in range(codes.shape[0]):
+        user = torch.randint(0, lm.config.card, (n, 8), generator=noise)
+        user[slot] = codes[t]
+        r = gen.step(user)
+        out.append((int(r.sampled_text[slot]), r.sampled_audio[slot].tolist()))
+    return out
+
+
+def test_seed_reproducible_whatever_the_batch(lm, golden) -> None:
+    codes = golden["codes"][:16]
+    sc = SamplingConfig(text_temperature=0.9, text_top_k=20, audio_temperature=1.0, audio_top_k=0)
+    alone = _run_session(lm, codes, sc, seed=42)
+    assert _run_session(lm, codes, sc, seed=42) == alone
+    shared = _run_session(lm, codes, sc, seed=42, slot=2, n=3, others=SamplingConfig.greedy())
+    assert shared == alone
+    mixed = _run_session(lm, codes, sc, seed=42, slot=1, n=3, others=SamplingConfig(1.2, 5, 0.5, 3))
+    assert mixed == alone
+    assert _run_session(lm, codes, sc, seed=43) != alone
+    # top-k 1 is greedy whatever the temperature
+    g1 = _run_session(lm, codes, SamplingConfig(1.0, 1, 1.0, 1), seed=1)
+    g2 = _run_session(lm, codes, SamplingConfig.greedy(), seed=2)
+    assert g1 == g2
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig.greedy(), SamplingConfig(0.8, 10, 0.9, 30)])
+def test_forced_replay_rebuilds_the_session(lm, golden, sampling) -> None:
+    """Replaying recorded user codes + sampled tokens onto a fresh slot continues identically."""
+    codes = golden["codes"]
+    split, total = 20, golden["steps"]
+    gen = LMGen(lm, 3)
+    gen.reset(0, sampling, seed=7)
+    gen.reset(2, SamplingConfig(), seed=99)  # unrelated neighbour
+    history = []
+    for t in range(split):
+        user = torch.zeros(3, 8, dtype=torch.long)
+        user[0] = codes[t]
+        active = torch.tensor([True, False, True])
+        r = gen.step(user, active)
+        history.append((codes[t], r.sampled_text[0].clone(), r.sampled_audio[0].clone()))
+    gen.reset(1, sampling, seed=7)
+    for user_t, text_t, audio_t in history:  # replay onto slot 1 while slot 2 keeps running
+        user = torch.zeros(3, 8, dtype=torch.long)
+        user[1] = user_t
+        force = torch.tensor([False, True, False])
+        ft = torch.zeros(3, dtype=torch.long)
+        fa = torch.zeros(3, 8, dtype=torch.long)
+        ft[1], fa[1] = text_t, audio_t
+        r = gen.step(
+            user,
+            torch.tensor([False, True, True]),
+            force_text=ft,
+            force_audio=fa,
+            force=force,
+        )
+        assert int(r.sampled_text[1]) == int(text_t)
+    assert int(gen.steps[0]) == int(gen.steps[1]) == split
+    for t in range(split, total):
+        user = torch.zeros(3, 8, dtype=torch.long)
+        user[0] = user[1] = codes[t]
+        r = gen.step(user, torch.tensor([True, True, False]))
+        assert _frame(r, 0) == _frame(r, 1), f"step {t}"
+        assert int(r.sampled_text[0]) == int(r.sampled_text[1])
+        assert torch.equal(r.sampled_audio[0], r.sampled_audio[1])
+        if sampling.text_temperature == 0:
+            assert _frame(r, 0) == _expected(golden, t)
+
+
+def test_ready_only_after_max_delay(lm, golden) -> None:
+    gen = LMGen(lm, 2)
+    gen.reset(0, seed=1)
+    r = gen.step(golden["codes"][:2])
+    assert r.ready.tolist() == [False, False]  # slot 1 was never reset: inactive
+    gen.reset(1, seed=1)
+    r = gen.step(golden["codes"][:2])
+    assert r.ready.tolist() == [True, False]
+    r = gen.step(golden["codes"][:2])
+    assert r.ready.tolist() == [True, True]
+    assert lm.max_delay == 1
+
+
+def test_bad_input_is_rejected_clearly(lm) -> None:
+    gen = LMGen(lm, 2)
+    gen.reset(0, seed=0)
+    ok = torch.zeros(2, 8, dtype=torch.long)
+    with pytest.raises(LMGenError, match="shape"):
+        gen.step(torch.zeros(2, 7, dtype=torch.long))
+    with pytest.raises(LMGenError, match="integers"):
+        gen.step(torch.zeros(2, 8))
+    with pytest.raises(LMGenError, match=r"out of range \[0, 64\) for slot\(s\) \[0\]"):
+        gen.step(torch.full((2, 8), 64))
+    with pytest.raises(LMGenError, match="out of range"):
+        gen.step(torch.full((2, 8), -1))
+    with pytest.raises(LMGenError, match="never reset"):
+        gen.step(ok, torch.tensor([True, True]))
+    with pytest.raises(LMGenError, match="shape"):
+        gen.step(ok, torch.tensor([True]))
+    with pytest.raises(LMGenError, match="bool"):
+        gen.step(ok, torch.tensor([1, 0]))
+    with pytest.raises(LMGenError, match="both"):
+        gen.step(ok, force=torch.tensor([True, False]))
+    with pytest.raises(LMGenError, match="without force"):
+        gen.step(ok, force_text=torch.zeros(2, dtype=torch.long))
+    with pytest.raises(LMGenError, match="force_text out of range"):
+        gen.step(
+            ok,
+            force=torch.tensor([True, False]),
+            force_text=torch.full((2,), 96),
+            force_audio=torch.zeros(2, 8, dtype=torch.long),
+        )
+    with pytest.raises(LMGenError, match="slot"):
+        gen.reset(2)
+    with pytest.raises(LMGenError, match="seed"):
+        gen.reset(0, seed=-1)
+    with pytest.raises(LMGenError):
+        LMGen(lm, 0)
+    # garbage in an inactive slot's row is ignored; nothing above changed slot 0's state
+    assert int(gen.steps[0]) == 0
+    garbage = torch.tensor([[0] * 8, [999] * 8])
+    assert bool(gen.step(garbage).steps[0] == 1)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"text_temperature": -0.1},
+        {"audio_temperature": float("nan")},
+        {"text_top_k": -1},
+        {"audio_top_k": 2.5},
+        {"text_temperature": "hot"},
+    ],
+)
+def test_sampling_config_validation(kwargs) -> None:
+    with pytest.raises(ValueError):
+        SamplingConfig(**kwargs)
+
+
+def test_sampling_defaults() -> None:
+    sc = SamplingConfig()
+    assert (sc.text_temperature, sc.text_top_k, sc.audio_temperature, sc.audio_top_k) == (
+        0.7,
+        25,
+        0.8,
+        250,
+    )

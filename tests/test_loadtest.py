@@ -1,0 +1,50 @@
+"""CI run of the load test in its short mode (tools/loadtest.py --short): 50 concurrent
+Converse sessions through real codec/LM/gateway subprocesses (echo models), every frame
+accounted for, nothing crashed. The full 200-session load and the 5-minute soak are the same
+script without --short (see docs/RELIABILITY.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO_ROOT
+
+
+@pytest.mark.slow
+def test_loadtest_short_mode(tmp_path) -> None:
+    out = tmp_path / "loadtest.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tools" / "loadtest.py"), "--short", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=REPO_ROOT,
+    )
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert report["ok"] is True
+    (phase,) = report["phases"]
+    assert phase["phase"] == "echo"
+    assert phase["sessions_held"] == phase["sessions_requested"] == 50
+    assert phase["refused"] == 0 and phase["failed_after_admission"] == 0
+    assert phase["frames_unaccounted"] == 0
+    assert phase["frames_sent"] == phase["frames_out"] > 50 * 40
+    assert not phase["crashed"]
+    # Every silent frame has a cause: late, dropped, or the LM's initial delay (1 frame with
+    # the echo LM's delays, per session).
+    assert phase["frames_silence_other"] <= 50
+    assert "PASS" in proc.stdout
+
+
+def test_loadtest_refuses_unbounded_or_remote_runs() -> None:
+    script = str(REPO_ROOT / "tools" / "loadtest.py")
+    for extra in (["--sessions", "5000"], ["--duration", "99999"], ["--gateway", "10.0.0.1:1"]):
+        proc = subprocess.run(
+            [sys.executable, script, *extra], capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode != 0
+        assert "must" in proc.stderr
