@@ -39,7 +39,7 @@ from .options import (
     TlsOptions,
     retry_after_ms,
 )
-from .result import ConverseResult
+from .result import ConverseResult, EventCallback
 from .source import AsyncReplaySource, Chunk, apaced, chunk_array, read_wav_chunks
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ class AsyncConversation:
     def latency(self) -> LatencyStats:
         return self._tracker.stats()
 
-    async def collect(self, on_event=None) -> ConverseResult:
+    async def collect(self, on_event: EventCallback | None = None) -> ConverseResult:
         """Run the whole session and gather its reply audio, transcript and events."""
         return await ConverseResult.agather(self, on_event=on_event)
 

@@ -7,6 +7,7 @@ and metadata from one place.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,7 +126,7 @@ class RetryPolicy:
 NO_RETRY = RetryPolicy(max_attempts=1)
 
 
-def retry_after_ms(metadata) -> int | None:
+def retry_after_ms(metadata: Iterable[tuple[str, str | bytes]] | None) -> int | None:
     """The gateway's `retry-after-ms` hint from trailing metadata, if present and valid."""
     for key, value in metadata or ():
         if key.lower() == RETRY_AFTER_KEY:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +17,9 @@ from .events import (
     TextPiece,
 )
 from .latency import LatencyStats
+
+# Called with every event as it arrives (progress bars, live playback).
+EventCallback = Callable[[ReplyEvent], None]
 
 
 @dataclass
@@ -52,7 +56,7 @@ class ConverseResult:
         return _Builder()
 
     @classmethod
-    def gather(cls, conversation, on_event=None) -> ConverseResult:
+    def gather(cls, conversation, on_event: EventCallback | None = None) -> ConverseResult:
         """Iterate a sync `Conversation` to its end."""
         b = _Builder()
         for event in conversation:
@@ -62,7 +66,7 @@ class ConverseResult:
         return b.build(conversation)
 
     @classmethod
-    async def agather(cls, conversation, on_event=None) -> ConverseResult:
+    async def agather(cls, conversation, on_event: EventCallback | None = None) -> ConverseResult:
         """Iterate an `AsyncConversation` to its end."""
         b = _Builder()
         async for event in conversation:

@@ -40,7 +40,7 @@ from .options import (
     TlsOptions,
     retry_after_ms,
 )
-from .result import ConverseResult
+from .result import ConverseResult, EventCallback
 from .source import Chunk, ReplaySource, chunk_array, paced, read_wav_chunks
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class Conversation:
     def latency(self) -> LatencyStats:
         return self._tracker.stats()
 
-    def collect(self, on_event=None) -> ConverseResult:
+    def collect(self, on_event: EventCallback | None = None) -> ConverseResult:
         """Run the whole session and gather its reply audio, transcript and events."""
         return ConverseResult.gather(self, on_event=on_event)
 

@@ -153,7 +153,7 @@ def live_metric_names() -> Iterator[set[str]]:
     try:
         with ConverseClient(gw.address) as client:
             result = client.converse_array(
-                np.zeros(4800, np.float32), 24000, window_frames=2
+                np.zeros(4800, np.float32), 24000, window_frames=2, budget_ms=5000
             ).collect()
         assert result.frames == 3
         names: set[str] = {"up"}  # Prometheus' own per-target series

@@ -8,6 +8,7 @@ services' own `inject_delay_ms` option. Nothing mocks the transport.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import sys
 import time
@@ -24,7 +25,7 @@ from moshi_grpc.services.codec.service import start_codec_server
 from moshi_grpc.services.common.server import ServerConfig
 from moshi_grpc.services.gateway.cli import start_gateway
 from moshi_grpc.services.gateway.config import GatewaySettings
-from moshi_grpc.services.lm.engine import LmOptions
+from moshi_grpc.services.lm.engine import LmOptions, load_lm_model
 from moshi_grpc.services.lm.service import start_lm_server
 from moshi_grpc.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
@@ -52,6 +53,12 @@ class Stack:
             await s.stop(0)
 
 
+@functools.cache
+def _small_lm():
+    """The small random LM and its bundled tokenizer, built once for the whole module."""
+    return load_lm_model(LmOptions(model="real", config="small"))
+
+
 async def start_stack(
     *,
     lm_model: str = "echo",
@@ -64,16 +71,15 @@ async def start_stack(
     codec = await start_codec_server(
         _cfg(), CodecOptions(model="echo", max_sessions=codec_slots, max_wait_ms=0.0)
     )
-    lm = await start_lm_server(
-        _cfg(),
-        LmOptions(
-            model=lm_model,
-            config="small",
-            max_sessions=lm_slots,
-            inject_delay_ms=lm_delay_ms,
-            max_wait_ms=0.0,
-        ),
+    options = LmOptions(
+        model=lm_model,
+        config="small",
+        max_sessions=lm_slots,
+        inject_delay_ms=lm_delay_ms,
+        max_wait_ms=0.0,
     )
+    loader = _small_lm if lm_model == "real" else None
+    lm = await start_lm_server(_cfg(), options, load_model=loader)
     settings = settings or GatewaySettings(refresh_interval_s=0.1)
     gateway = await start_gateway(_cfg(metrics), codec.address, lm.address, settings)
     channel = grpc.aio.insecure_channel(gateway.address)
@@ -468,14 +474,21 @@ async def test_vanished_client_frees_backend_slots_quickly(repo_root) -> None:
         proc.kill()  # no goodbye: the socket just closes
         t0 = time.monotonic()
         freed = None
-        for _ in range(200):
+        # Poll (generously bounded: this is a hang detector, not a timing assertion; the
+        # measured time is printed, and the done-callback path frees slots in milliseconds).
+        while time.monotonic() - t0 < 15.0:
             if await _slots(stack) == (0, 0):
                 freed = time.monotonic() - t0
                 break
             await asyncio.sleep(0.01)
         assert freed is not None, "backend slots were not freed after the client vanished"
         print(f"backend slots freed {freed * 1000:.0f} ms after the client was killed")
-        metrics = scrape(stack.gateway.server.metrics_url)
+        # The handler's own bookkeeping may finish a moment after the slots are free.
+        for _ in range(300):
+            metrics = scrape(stack.gateway.server.metrics_url)
+            if metric_value(metrics, "moshi_gateway_sessions_ended_total", reason="cancelled"):
+                break
+            await asyncio.sleep(0.05)
         assert metric_value(metrics, "moshi_gateway_sessions_ended_total", reason="cancelled") == 1
         assert metric_value(metrics, "moshi_gateway_sessions_active") == 0
     finally:
@@ -512,3 +525,22 @@ async def test_metrics_are_valid_prometheus_exposition() -> None:
     assert metric_value(m, "moshi_gateway_backends_healthy", service="lm") == 1
     assert metric_value(m, "moshi_gateway_time_to_first_audio_seconds_count") == 1
     assert metric_value(m, "grpc_server_handled_total", grpc_method="Converse", grpc_code="OK") == 1
+
+
+async def test_silent_client_is_ended_by_the_idle_timeout() -> None:
+    """A client that keeps the stream open but sends nothing does not hold slots forever."""
+    stack = await start_stack(settings=GatewaySettings(refresh_interval_s=0.1, idle_timeout_s=0.3))
+    try:
+        call = stack.stub.Converse()
+        await call.write(config_msg(24000, FLOAT32))
+        await call.write(audio_msgs(np.zeros(1920, np.float32), FLOAT32, [1920])[0])
+        messages = []
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            while (msg := await call.read()) is not grpc.aio.EOF:
+                messages.append(msg)
+    finally:
+        await stack.close()
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "no audio from the client" in err.value.details()
+    summary = messages[-1].event.ended.summary
+    assert summary.reason == "idle_timeout" and summary.frames_in == summary.frames_out == 1

@@ -49,6 +49,16 @@ def test_missed_deadline_gives_silence_and_late_answers_are_discarded() -> None:
     assert seq.outstanding == 0
 
 
+def test_an_answer_sent_after_its_deadline_is_a_miss() -> None:
+    """An answer that is in but only leaves after the deadline would arrive late too."""
+    seq = FrameSequencer(budget_s=0.1, max_consecutive_misses=0, max_backlog=8)
+    seq.add_frame(now=0.0)
+    seq.resolve(0, PCM)
+    (e,) = seq.poll(now=0.15)
+    assert e.cause is Cause.LATE and e.pcm is None and e.late_ms == pytest.approx(50.0)
+    assert seq.frames_late == 1
+
+
 def test_consecutive_misses_exceed_the_limit() -> None:
     seq = FrameSequencer(budget_s=0.05, max_consecutive_misses=3, max_backlog=16)
     for i in range(6):

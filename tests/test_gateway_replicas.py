@@ -171,7 +171,12 @@ async def test_dns_name_expands_to_every_replica_and_sessions_spread() -> None:
             call, started = await _open_session(stub)
             calls.append(call)
             placed.append(started.codec_replica)
-            await asyncio.sleep(0.2)  # a few Info polls: the load figures settle
+            # Let the pool's Info view catch up with the sessions placed so far.
+            for _ in range(250):
+                seen = sum(r.info.slots_in_use for r in gateway.pool.codec.replicas.values())
+                if seen == len(calls):
+                    break
+                await asyncio.sleep(0.02)
         assert sorted(placed) == sorted(answer * 2)  # 2 + 2: least-loaded alternates
         answer[:] = [codecs[0].address]  # pod 1 leaves DNS
         for _ in range(100):
@@ -252,5 +257,32 @@ async def test_backend_auth_token_and_tls(tmp_path) -> None:
     finally:
         for g in gateways:
             await g.stop(0)
+        await codec.stop(0)
+        await lm.stop(0)
+
+
+async def test_gateway_requires_its_own_token_when_configured() -> None:
+    """The gateway gets the common server hygiene: bearer-token auth on Converse."""
+    codec = await start_codec_server(_cfg(), CodecOptions(model="echo", max_sessions=2))
+    lm = await start_lm_server(_cfg(), LmOptions(model="echo", max_sessions=2))
+    gateway = await start_gateway(_cfg(auth_token="gw-token"), codec.address, lm.address)
+    try:
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await _open_session(stub)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            call = stub.Converse(metadata=(("authorization", "Bearer gw-token"),))
+            await call.write(
+                gateway_pb2.ConverseRequest(
+                    config=gateway_pb2.SessionConfig(
+                        sample_rate=24000, encoding=gateway_pb2.AUDIO_ENCODING_PCM16
+                    )
+                )
+            )
+            assert (await call.read()).event.HasField("started")
+            call.cancel()
+    finally:
+        await gateway.stop(0)
         await codec.stop(0)
         await lm.stop(0)

@@ -9,6 +9,7 @@ tensor names, 2 x 1.2 s of synthetic speech-like audio. The tiny config's attent
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -331,3 +332,39 @@ def test_half_precision_runs(golden, dtype):
     assert step.shape == (2, 8) and bool(((step >= 0) & (step < 2048)).all())
     wav = m.streaming_decoder(2).step(golden["codes"][:, :, 0])
     assert wav.shape == (2, FRAME) and torch.isfinite(wav).all()
+
+
+def test_bench_codec_runs_on_tiny(capsys):
+    import argparse
+
+    from moshi_grpc.bench import codec
+
+    parser = argparse.ArgumentParser()
+    codec.add_arguments(parser)
+    args = parser.parse_args(
+        ["--config", "tiny", "--batch", "1,2", "--frames", "2", "--warmup", "1"]
+    )
+    assert codec.run(args) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[0] for r in rows] == ["1", "2", "1", "2"]  # wall table, then CPU table
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("MIMI_FULL_GOLDEN"),
+    reason="set MIMI_FULL_GOLDEN to a dir made by tools/make_mimi_golden.py --config mimi",
+)
+def test_full_config_against_reference_golden():
+    """The 79 M config against reference fixtures too large to commit (see the tool's doc)."""
+    d = Path(os.environ["MIMI_FULL_GOLDEN"])
+    g = load_file(str(d / "golden.safetensors"))
+    k = json.loads((d / "meta.json").read_text())["num_codebooks"]
+    audio = g["audio_int16"].float() / 32767
+    m = load_mimi(d / "weights.safetensors", config="mimi", num_codebooks=k)
+    codes = m.encode(audio)
+    assert torch.equal(codes, g["codes"])
+    assert (m.decode(g["codes"]) - g["pcm"]).abs().max().item() <= 1e-4
+    assert torch.equal(_stream_encode(m, audio), codes)
+    assert (_stream_decode(m, g["codes"]) - g["pcm"]).abs().max().item() <= 1e-4

@@ -537,11 +537,12 @@ async def test_idle_stream_is_ended_with_deadline_exceeded() -> None:
 
 @pytest.mark.slow
 def test_no_secrets_in_logs(tmp_path: Path, free_port_factory) -> None:
-    """A codec subprocess at DEBUG level, token given by env var; calls with the right and
-    with wrong tokens and a bad frame; neither the token nor the wrong guesses appear in its
-    logs (bearer headers are never logged)."""
+    """Codec and gateway subprocesses at DEBUG level, tokens given by env vars (never on the
+    command line, where `ps` shows them); calls with the right and with wrong tokens and a
+    bad frame; neither token nor the wrong guesses appear in any log."""
     guess = "guess-" + TOKEN[::-1]
-    proc = ServiceProcess(
+    client_token = "client-" + TOKEN
+    codec = ServiceProcess(
         "codec",
         free_port_factory(),
         free_port_factory(),
@@ -550,11 +551,26 @@ def test_no_secrets_in_logs(tmp_path: Path, free_port_factory) -> None:
         env={"MOSHI_GRPC_AUTH_TOKEN": TOKEN},
         log_level="DEBUG",
     )
+    gateway = None
     try:
-        proc.wait_serving()
+        codec.wait_serving()
+        # No LM replica listens on lm_port: sessions fail cleanly after auth.
+        gateway = ServiceProcess(
+            "gateway",
+            free_port_factory(),
+            free_port_factory(),
+            ["--codec-addr", codec.address, "--lm-addr", f"127.0.0.1:{free_port_factory()}"],
+            tmp_path / "gateway.log",
+            env={
+                "MOSHI_GRPC_AUTH_TOKEN": client_token,
+                "MOSHI_GRPC_BACKEND_AUTH_TOKEN": TOKEN,
+            },
+            log_level="DEBUG",
+        )
+        gateway.wait_serving()
 
         async def calls() -> None:
-            conn = _conn(proc.address)
+            conn = _conn(codec.address)
             assert len(await _encode(conn, _bearer(TOKEN))) == 2
             await _expect_unauthenticated(_encode(conn, _bearer(guess)))
             await _expect_unauthenticated(_codec_info(conn, (("authorization", guess),)))
@@ -565,14 +581,23 @@ def test_no_secrets_in_logs(tmp_path: Path, free_port_factory) -> None:
             with pytest.raises(StreamFailed) as err:
                 await conn.stream(codec_pb2_grpc.CodecStub, "Encode", bad, _bearer(TOKEN))
             assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            gw = _conn(gateway.address)
+            await _expect_unauthenticated(_converse(gw, _bearer(guess)))
+            with pytest.raises(StreamFailed) as err:
+                await _converse(gw, _bearer(client_token))
+            assert err.value.code == grpc.StatusCode.UNAVAILABLE, err.value
+            assert TOKEN not in err.value.details and client_token not in err.value.details
 
         asyncio.run(calls())
     finally:
-        proc.signal(signal.SIGTERM)
-        proc.stop()
-    logs = proc.logs()
-    # The capture worked: start-up lines and the refused/invalid calls were logged.
-    assert len(logs.splitlines()) >= 5, logs
-    assert "INVALID_ARGUMENT" in logs, logs
-    assert TOKEN not in logs
-    assert guess not in logs
+        for proc in (gateway, codec):
+            if proc is not None:
+                proc.signal(signal.SIGTERM)
+                proc.stop()
+    for proc in (codec, gateway):
+        logs = proc.logs()
+        # The capture worked: start-up lines and the refused/invalid calls were logged.
+        assert len(logs.splitlines()) >= 5, logs
+        for secret in (TOKEN, client_token, guess):
+            assert secret not in logs, f"{proc.service} logged a secret"
+    assert "INVALID_ARGUMENT" in codec.logs()

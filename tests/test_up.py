@@ -39,3 +39,29 @@ def test_up_demo_writes_reply_and_transcript(tmp_path, repo_root) -> None:
         log = (out / f"{name}.log").read_text()
         assert "Traceback" not in log, log
         assert f"{name} stopped" in log, log
+
+
+def test_up_ports_are_configurable_and_ephemeral_on_request() -> None:
+    """Fixed documented ports by default; explicit ports as given; 0 (or --demo, or a gRPC
+    port 0) picks free ports, so tests never collide on the metrics ports."""
+    import argparse
+
+    from moshi_grpc.services import up
+
+    def ports(*argv: str, demo: bool = False) -> dict:
+        parser = argparse.ArgumentParser()
+        up.add_arguments(parser)
+        args = parser.parse_args(list(argv))
+        return {name: up._choose_ports(args, name, demo) for name in up.DEFAULT_PORTS}
+
+    assert ports() == up.DEFAULT_PORTS
+    chosen = ports("--lm-port", "6000", "--lm-metrics-port", "7000", "--codec-metrics-port", "0")
+    assert chosen["lm"] == (6000, 7000) and chosen["gateway"] == (50051, 9091)
+    assert chosen["codec"][0] == 50052 and chosen["codec"][1] not in (0, 9092)
+    free = ports("--gateway-port", "0")["gateway"]
+    assert 0 not in free and free[1] != 9091  # gRPC port 0: metrics port free too
+    demo = ports(demo=True)
+    assert all(0 not in p and p[1] not in (9091, 9092, 9093) for p in demo.values())
+    assert ports("--gateway-metrics-port", "9999", demo=True)["gateway"][1] == 9999
+    with pytest.raises(ValueError, match="--lm-metrics-port"):
+        ports("--lm-metrics-port", "70000")

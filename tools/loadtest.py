@@ -70,17 +70,20 @@ class SessionResult:
 
     @property
     def unaccounted(self) -> int:
-        """Input frames with no output frame, or outputs that don't match the summary."""
+        """Input frames without exactly one output frame, in order, matching the summary."""
         if not self.admitted or self.code != "OK":
             return 0
+        missing = abs(self.frames_sent - self.audio_out) + self.out_of_order
         s = self.summary
-        missing = abs(self.frames_sent - self.audio_out)
-        if not s:
-            return max(missing, 1)
-        mismatch = abs(s.get("frames_in", 0) - self.frames_sent) + abs(
-            s.get("frames_out", 0) - self.audio_out
-        )
-        return missing + mismatch + self.out_of_order
+        if s:
+            missing += abs(s.get("frames_in", 0) - self.frames_sent)
+            missing += abs(s.get("frames_out", 0) - self.audio_out)
+        return missing
+
+    @property
+    def summary_missing(self) -> bool:
+        """Ended OK without the SessionEnded event the contract promises."""
+        return self.admitted and self.code == "OK" and not self.summary
 
 
 # ----------------------------------------------------------------------------- client
@@ -217,8 +220,12 @@ async def _client_main(
 
 
 def _client_process(args: tuple, out: mp.Queue) -> None:
+    import resource
+
     try:
-        out.put(asyncio.run(_client_main(*args)))
+        results = asyncio.run(_client_main(*args))
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        out.put({"results": results, "cpu_s": usage.ru_utime + usage.ru_stime})
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         out.put({"error": f"{type(exc).__name__}: {exc}"})
 
@@ -409,11 +416,14 @@ def run_phase(
 
     results: list[dict] = []
     errors: list[str] = []
+    client_cpu_s = 0.0
     for item in collected:
-        if isinstance(item, dict):
+        if "error" in item:
             errors.append(item["error"])
         else:
-            results.extend(item)
+            results.extend(item["results"])
+            client_cpu_s += item["cpu_s"]
+    cpu_cores["clients"] = round(client_cpu_s / wall, 2)
     if len(collected) < procs:
         errors.append(f"{procs - len(collected)} client process(es) did not report (hang?)")
     res = [SessionResult(**r) for r in results]
@@ -430,6 +440,7 @@ def run_phase(
     sent = sum(r.frames_sent for r in ok_sessions)
     out_frames = sum(r.audio_out for r in ok_sessions)
     unaccounted = sum(r.unaccounted for r in ok_sessions)
+    no_summary = [r for r in ok_sessions if r.summary_missing]
     refusal_codes: dict[str, int] = {}
     for r in refused + failed:
         refusal_codes[r.code] = refusal_codes.get(r.code, 0) + 1
@@ -448,6 +459,9 @@ def run_phase(
         "frames_dropped": dropped,
         "frames_silence_other": silence - late - dropped,
         "frames_unaccounted": unaccounted,
+        "summaries_missing": len(no_summary),
+        # Late/dropped of sessions without a summary are unknown: their silence is "other".
+        "silence_in_sessions_without_summary": sum(r.silence for r in no_summary),
         "failed_sessions_frames_sent": sum(r.frames_sent for r in failed),
         "failed_sessions_frames_out": sum(r.audio_out for r in failed),
         "latency_ms": {
@@ -462,6 +476,7 @@ def run_phase(
         "rss_growth_mib": {k: round(v, 1) for k, v in growth.items()},
         "rss_samples": {k: len(v) for k, v in rss.items()},
         "cpu_cores_used": cpu_cores,
+        "rss_mib_series": {k: [round(x, 1) for x in v] for k, v in rss.items()},
         "crashed": crashed,
         "errors": errors + sorted({f.details for f in failed if f.details})[:5],
         "unaccounted_sessions": [
@@ -472,7 +487,7 @@ def run_phase(
                 "summary": r.summary,
             }
             for r in admitted
-            if r.unaccounted
+            if r.unaccounted or r.summary_missing
         ][:10],
         "duration_s": duration_s,
         "ramp_s": ramp_s,
@@ -498,6 +513,11 @@ def _print_phase(r: dict) -> None:
         f"{r['frames_silence_other']} | UNACCOUNTED {r['frames_unaccounted']} "
         f"(sessions that ended OK)"
     )
+    if r["summaries_missing"]:
+        print(
+            f"   SessionEnded summary MISSING in {r['summaries_missing']} session(s) that ended "
+            f"OK ({r['silence_in_sessions_without_summary']} of the silent frames are theirs)"
+        )
     if r["failed_after_admission"]:
         print(
             f"   failed sessions: frames sent {r['failed_sessions_frames_sent']} "
@@ -513,6 +533,7 @@ def _print_phase(r: dict) -> None:
             f"{r['rss_mib_end'].get(name, 0):7.1f} MiB (growth {r['rss_growth_mib'][name]:+.1f}, "
             f"{r['rss_samples'][name]} samples), CPU {r['cpu_cores_used'].get(name, 0):.2f} cores"
         )
+    print(f"   load-test clients CPU {r['cpu_cores_used'].get('clients', 0):.2f} cores")
     if r["crashed"]:
         print(f"   CRASHED: {r['crashed']}")
     for e in r["errors"]:
@@ -524,6 +545,7 @@ def phase_ok(r: dict) -> bool:
         r["sessions_held"] > 0
         and r["failed_after_admission"] == 0
         and r["frames_unaccounted"] == 0
+        and r["summaries_missing"] == 0
         and not r["crashed"]
         and not r["errors"]
     )

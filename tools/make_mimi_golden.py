@@ -4,7 +4,9 @@ Run it with the reference venv's python (it imports `moshi`, not `moshi_grpc`):
 
     PY=$(../shared/tools/reference-venv)        # from /work/main; prints the venv's python
     $PY tools/make_mimi_golden.py               # -> tests/fixtures/mimi/ (tiny config, committed)
-    $PY tools/make_mimi_golden.py --config mimi --out /tmp/mimi_full --seconds 2.4 --batch 1
+    $PY tools/make_mimi_golden.py --config mimi --out /tmp/mimi_full --seconds 12 --batch 1 \
+        --min-gap 0                              # 79 M config, ~330 MB, not committed
+    MIMI_FULL_GOLDEN=/tmp/mimi_full .venv/bin/python -m pytest -q tests/test_mimi.py -k full_config
 
 The reference MimiModel is built with the config's hyper-parameters, given seeded random
 weights (scaled so every layer matters and codes spread over the codebooks), and saved with
@@ -13,7 +15,10 @@ reference model as a check). Synthetic speech-like audio (voiced harmonics with 
 pitch, syllable envelopes, noise bursts) goes through the reference:
 offline codes, offline decode and frame-by-frame streaming codes (`golden.safetensors`);
 `meta.json` records where the reference's own streaming departs from its offline output
-(its KV ring keeps 250 steps where a 2-step frame needs 251, see moshi_grpc/models/mimi.py). The reference is an oracle only; nothing of it is copied.
+(its KV ring keeps 250 steps where a 2-step frame needs 251, see moshi_grpc/models/mimi.py).
+Codebooks are re-drawn until no code sits on a near-tie (`--min-gap`), so the fixture tests
+the model rather than float rounding luck. The reference is an oracle only; nothing of it
+is copied.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ from safetensors.torch import save_file
 CONFIGS = {
     # must match moshi_grpc.models.mimi.PRESETS
     "tiny": dict(dimension=32, n_filters=4, heads=2, layers=2, ff=64, context=10, cb_dim=4, n_q=8),
-    "mimi": dict(dimension=512, n_filters=64, heads=8, layers=8, ff=2048, context=250, cb_dim=256, n_q=32),
+    "mimi": dict(
+        dimension=512, n_filters=64, heads=8, layers=8, ff=2048, context=250, cb_dim=256, n_q=32
+    ),
 }
 
 
@@ -48,9 +55,7 @@ def reference_config(name: str) -> dict:
         dim_feedforward=c["ff"], context=c["context"],
         input_dimension=c["dimension"], output_dimensions=[c["dimension"]],
     )  # fmt: skip
-    return dict(
-        loaders._mimi_config, seanet=seanet, quantizer=quantizer, transformer=transformer
-    )
+    return dict(loaders._mimi_config, seanet=seanet, quantizer=quantizer, transformer=transformer)
 
 
 def speech_like(batch: int, samples: int, seed: int, sr: int = 24000) -> torch.Tensor:
@@ -111,7 +116,7 @@ def min_relative_gap(model: torch.nn.Module, audio: torch.Tensor) -> float:
             for layer in rvq.vq.layers[: rvq.n_q]:
                 e = layer._codebook.embedding.double()
                 rd = r.double()
-                d2 = (rd.pow(2).sum(-1, keepdim=True) + e.pow(2).sum(-1) - 2 * rd @ e.T)
+                d2 = rd.pow(2).sum(-1, keepdim=True) + e.pow(2).sum(-1) - 2 * rd @ e.T
                 top = d2.topk(2, largest=False).values
                 # float32 error of |r|^2 + |e|^2 - 2 r.e scales with |r|^2 + |e|^2
                 scale = rd.pow(2).sum(-1) + e.pow(2).sum(-1).max()
@@ -200,7 +205,10 @@ def main() -> None:
     }
     (args.out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     print(json.dumps(meta, indent=1))
-    print("code spread per codebook:", [len(set(codes[:, k].flatten().tolist())) for k in range(codes.shape[1])])
+    print(
+        "code spread per codebook:",
+        [len(set(codes[:, k].flatten().tolist())) for k in range(codes.shape[1])],
+    )
 
 
 if __name__ == "__main__":

@@ -45,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--encoding", choices=["pcm16", "float32"], default="pcm16")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="alternating gateway/direct rounds per level (samples are pooled)",
+    )
+    parser.add_argument(
         "--no-direct", action="store_true", help="skip the direct-to-backends baseline"
     )
     parser.add_argument(
@@ -286,18 +292,24 @@ async def _direct_session(codec, lm, frames: int, phase: float, pcm: bytes, res)
 
 
 async def _level(
-    n: int, frames: int, make_session, timeout_s: float, gateway_pid: int | None = None
+    n: int,
+    frames: int,
+    make_session,
+    timeout_s: float,
+    gateway_pid: int | None = None,
+    res: LevelResult | None = None,
 ) -> LevelResult:
-    res = LevelResult()
-    rng = np.random.default_rng(n)
+    """Run n sessions at once (phases spread over a frame period); adds into `res`."""
+    res = res or LevelResult()
+    rng = np.random.default_rng(n + len(res.latencies_ms))
     phases = rng.uniform(0, FRAME_S, size=n)
     cpu0 = _cpu_seconds(gateway_pid) if gateway_pid else 0.0
     t0 = time.perf_counter()
     tasks = [asyncio.create_task(make_session(float(p), res)) for p in phases]
     done, pending = await asyncio.wait(tasks, timeout=timeout_s)
-    res.wall_s = time.perf_counter() - t0
+    res.wall_s += time.perf_counter() - t0
     if gateway_pid:
-        res.gateway_cpu_s = _cpu_seconds(gateway_pid) - cpu0
+        res.gateway_cpu_s += _cpu_seconds(gateway_pid) - cpu0
     for t in pending:
         t.cancel()
         res.errors.append("timeout")
@@ -349,23 +361,28 @@ async def _main(args: argparse.Namespace) -> int:
             cstub = codec_pb2_grpc.CodecStub(cch)
             lstub = lm_pb2_grpc.LMStub(lch)
             for n in levels:
-                via = await _level(
-                    n,
-                    frames,
-                    lambda p, r: _gateway_session(gstub, args, frames, p, chunk, r),
-                    args.timeout_s,
-                    gateway.proc.pid,
-                )
-                direct = None
-                if not args.no_direct:
-                    direct = await _level(
+                via = LevelResult()
+                direct = None if args.no_direct else LevelResult()
+                for _ in range(args.rounds):  # alternate: both paths see the same noise
+                    await _level(
                         n,
                         frames,
-                        lambda p, r: _direct_session(cstub, lstub, frames, p, pcm, r),
+                        lambda p, r: _gateway_session(gstub, args, frames, p, chunk, r),
                         args.timeout_s,
+                        gateway.proc.pid,
+                        via,
                     )
+                    await asyncio.sleep(1.0)  # the gateway re-polls Info (0.5 s) before reuse
+                    if direct is not None:
+                        await _level(
+                            n,
+                            frames,
+                            lambda p, r: _direct_session(cstub, lstub, frames, p, pcm, r),
+                            args.timeout_s,
+                            res=direct,
+                        )
+                        await asyncio.sleep(1.0)
                 rows.append((n, via, direct))
-                await asyncio.sleep(0.5)  # let the backends' slots settle between levels
     finally:
         _stop(procs)
     _print(args, frames, rows)
@@ -378,6 +395,7 @@ def _print(args, frames: int, rows) -> None:
     print(
         f"setup: codec + LM in --model echo (max-wait 0 ms), gateway, this load generator: "
         f"4 processes on {os.cpu_count()} CPU(s); {frames} frames per session at real time, "
+        f"{args.rounds} alternating round(s), "
         f"client {args.rate} Hz {args.encoding}"
         + (f"; gateway pinned to CPUs {args.gateway_cpus}" if args.gateway_cpus else "")
     )

@@ -337,6 +337,37 @@ def resolve_config(config: str | Path | dict | LMConfig) -> tuple[LMConfig, str]
 # --------------------------------------------------------------------------------------------
 
 
+def _can_pack(w: torch.Tensor) -> bool:
+    return (
+        w.device.type == "cpu"
+        and w.dtype in (torch.float32, torch.bfloat16)
+        and torch.backends.mkldnn.is_available()
+    )
+
+
+def pack_weight(w: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's blocked copy of a `[out, in]` weight for `linear`, or None where unsupported.
+
+    On CPU a matrix-vector product against the packed layout runs ~1.3x (float32, batch 1)
+    to ~2x (float32 batch 8, bfloat16 batch 1) faster than `F.linear` on the plain tensor,
+    for the same result up to float rounding. It costs one more copy of the weights.
+    """
+    if not _can_pack(w):
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), 1)
+    except (RuntimeError, AttributeError):  # build without the op: plain F.linear
+        return None
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None) -> torch.Tensor:
+    """`x @ w.T`, through the packed weight when there is one."""
+    if packed is None:
+        return F.linear(x, w)
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, None, "none", [], "")
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
 class RMSNorm(nn.Module):
     """RMSNorm with the checkpoint's `alpha[1, 1, dim]`; statistics in float32 if asked."""
 
@@ -359,11 +390,16 @@ class Gating(nn.Module):
         super().__init__()
         self.linear_in = nn.Linear(dim, 2 * hidden, bias=False)
         self.linear_out = nn.Linear(hidden, dim, bias=False)
+        self.packed: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+
+    def pack(self, enable: bool) -> None:
+        w_in, w_out = self.linear_in.weight, self.linear_out.weight
+        self.packed = (pack_weight(w_in), pack_weight(w_out)) if enable else (None, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.linear_in(x)  # (B, T, 2 * hidden)
+        h = linear(x, self.linear_in.weight, self.packed[0])  # (B, T, 2 * hidden)
         h = h.view(*h.shape[:-1], 2, -1)
-        return self.linear_out(F.silu(h[..., 0, :]) * h[..., 1, :])
+        return linear(F.silu(h[..., 0, :]) * h[..., 1, :], self.linear_out.weight, self.packed[1])
 
 
 class RingKVCache(nn.Module):
@@ -451,18 +487,30 @@ class Attention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(steps * 3 * dim, dim))
         self.out_proj = nn.Linear(dim, steps * dim, bias=False)
         # out_proj.weight is (steps * dim, dim): step s uses rows [s * dim, (s + 1) * dim).
+        self.steps = steps
+        self.packed_in: list[torch.Tensor | None] = [None] * steps
+        self.packed_out: list[torch.Tensor | None] = [None] * steps
+
+    def w_in(self, step: int) -> torch.Tensor:
+        return self.in_proj_weight[step * 3 * self.dim : (step + 1) * 3 * self.dim]
+
+    def w_out(self, step: int) -> torch.Tensor:
+        return self.out_proj.weight[step * self.dim : (step + 1) * self.dim]
+
+    def pack(self, enable: bool) -> None:
+        steps = range(self.steps)
+        self.packed_in = [pack_weight(self.w_in(s)) if enable else None for s in steps]
+        self.packed_out = [pack_weight(self.w_out(s)) if enable else None for s in steps]
 
     def qkv(self, x: torch.Tensor, step: int = 0) -> torch.Tensor:
-        w = self.in_proj_weight[step * 3 * self.dim : (step + 1) * 3 * self.dim]
         b, t, _ = x.shape
-        # (B, T, 3 * dim) -> (3, B, H, T, D)
-        return F.linear(x, w).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = linear(x, self.w_in(step), self.packed_in[step])  # (B, T, 3 * dim)
+        return qkv.view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
 
     def out(self, y: torch.Tensor, step: int = 0) -> torch.Tensor:
         b, h, t, d = y.shape
         y = y.transpose(1, 2).reshape(b, t, h * d)  # (B, T, dim)
-        w = self.out_proj.weight[step * self.dim : (step + 1) * self.dim]
-        return F.linear(y, w)
+        return linear(y, self.w_out(step), self.packed_out[step])
 
     def forward_temporal(self, x: torch.Tensor, cache: RingKVCache, plan: StepPlan) -> torch.Tensor:
         q, k, v = self.qkv(x)  # (B, H, 1, D) each
@@ -549,6 +597,7 @@ class LMModel(nn.Module):
         self.depformer = Transformer([DepformerLayer(cfg) for _ in range(cfg.depformer_num_layers)])
         self.linears = nn.ModuleList([nn.Linear(d, cfg.card, bias=False) for _ in range(cfg.dep_q)])
         self._dep_in_cat: torch.Tensor | None = None
+        self._packed: dict[str, torch.Tensor | None] = {}
 
     # ---- facts used by the generator -------------------------------------------------------
     @property
@@ -581,8 +630,33 @@ class LMModel(nn.Module):
         self.invalidate_caches()
 
     def invalidate_caches(self) -> None:
-        """Forget derived weights (call after changing parameters in place)."""
+        """Forget derived weights (call after changing parameters in place or moving)."""
         self._dep_in_cat = None
+        self.pack_weights(False)
+
+    def pack_weights(self, enable: bool = True) -> None:
+        """Keep oneDNN-packed copies of every matmul weight (CPU float32/bfloat16 only).
+
+        Faster single-step matmuls for one more copy of the weights in memory; a no-op on
+        other devices. `load_lm(..., pack=True)` (the default on CPU) calls it.
+        """
+        for module in self.modules():
+            if isinstance(module, (Attention, Gating)):
+                module.pack(enable)
+        self._packed = {}
+        if enable:
+            self._packed["text"] = pack_weight(self.text_linear.weight)
+            self._packed["dep_in"] = pack_weight(self._depformer_in_weight())
+            for i, lin in enumerate(self.linears):
+                self._packed[f"linears.{i}"] = pack_weight(lin.weight)
+
+    def _depformer_in_weight(self) -> torch.Tensor:
+        cat = self._dep_in_cat
+        w0 = self.depformer_in[0].weight
+        if cat is None or cat.device != w0.device or cat.dtype != w0.dtype:
+            cat = torch.cat([lin.weight for lin in self.depformer_in], 0).detach()
+            self._dep_in_cat = cat
+        return cat
 
     def new_kv_caches(self, slots: int) -> nn.ModuleList:
         """One RingKVCache per temporal layer for `slots` sessions (preallocated)."""
@@ -630,15 +704,13 @@ class LMModel(nn.Module):
         for layer, cache in zip(self.transformer.layers, caches):
             x = layer(x, cache, plan)
         x = self.out_norm(x)
-        return x, self.text_linear(x)[:, 0]
+        return x, linear(x, self.text_linear.weight, self._packed.get("text"))[:, 0]
 
     def depformer_inputs(self, hidden: torch.Tensor) -> torch.Tensor:
         """All dep_q input projections of the temporal output at once: `[B, dep_q, d]`."""
-        cat = self._dep_in_cat
-        if cat is None or cat.device != hidden.device or cat.dtype != hidden.dtype:
-            self._dep_in_cat = torch.cat([lin.weight for lin in self.depformer_in], 0).detach()
         b = hidden.shape[0]
-        return F.linear(hidden, self._dep_in_cat).view(b, self.config.dep_q, -1)
+        out = linear(hidden, self._depformer_in_weight(), self._packed.get("dep_in"))
+        return out.view(b, self.config.dep_q, -1)
 
     def depformer_step(
         self, step: int, dep_in: torch.Tensor, prev_token: torch.Tensor, kv: list[torch.Tensor]
@@ -651,7 +723,7 @@ class LMModel(nn.Module):
         x = (dep_in[:, step] + tok)[:, None]  # (B, 1, d)
         for layer, layer_kv in zip(self.depformer.layers, kv):
             x = layer(x, step, layer_kv)
-        return self.linears[step](x)[:, 0]
+        return linear(x, self.linears[step].weight, self._packed.get(f"linears.{step}"))[:, 0]
 
     def new_depformer_scratch(self, batch: int) -> list[torch.Tensor]:
         cfg = self.config
@@ -700,11 +772,13 @@ def load_lm(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    pack: bool = True,
 ) -> LMModel:
     """Build the Moshi LM from a preset/config.json and load official weights strictly.
 
     `weights=None` gives seeded random weights (announced with a warning): the whole pipeline
-    then runs anywhere, but it says nothing meaningful.
+    then runs anywhere, but it says nothing meaningful. `pack` keeps oneDNN-packed copies of
+    the matmul weights on CPU (faster steps, twice the weight memory).
     """
     cfg, name = resolve_config(config)
     device = torch.device(device)
@@ -725,4 +799,6 @@ def load_lm(
         model.invalidate_caches()
     model.eval()
     model.requires_grad_(False)
+    if pack:
+        model.pack_weights()
     return model

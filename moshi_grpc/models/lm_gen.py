@@ -21,6 +21,7 @@ its KV cache, token ring, step counter and random-generator state.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -126,7 +127,7 @@ class LMGen:
         if not isinstance(sampling, SamplingConfig):
             raise LMGenError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
         if seed is None:
-            seed = int(torch.seed()) & ((1 << 63) - 1)
+            seed = int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)  # global RNG untouched
         elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise LMGenError(f"seed must be a non-negative integer or None, got {seed!r}")
         self.steps[slot] = 0

@@ -52,9 +52,12 @@ class GatewayServicer:
         resampling) maps to output frame t. When the client closes its side, the gateway
         flushes and ends with a SessionEnded event, then OK.
         Errors: INVALID_ARGUMENT (bad config, odd-sized or NaN audio), FAILED_PRECONDITION
-        (audio before config), RESOURCE_EXHAUSTED (no free slot or budget cannot be met; retry
-        later as hinted), UNAVAILABLE (a backend failed), DEADLINE_EXCEEDED (too many
-        consecutive budget misses), UNAUTHENTICATED.
+        (audio before config), RESOURCE_EXHAUSTED (no free slot, budget cannot be met, or too
+        many live sessions for this client; retry later as hinted), UNAVAILABLE (a backend failed
+        and the session could not move: a failed LM replica is replaced by another one with a
+        free slot, see Failover; a failed codec replica ends the session), DEADLINE_EXCEEDED
+        (too many consecutive budget misses, or the gateway's maximum session length, reason
+        "max_session_length"), UNAUTHENTICATED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -13,6 +13,7 @@ status with the exception's message, so every service answers the same error the
 | `IdleTimeout`, `BudgetExceeded` | DEADLINE_EXCEEDED |
 | `Unauthenticated` | UNAUTHENTICATED |
 | `NotImplementedFeature` | UNIMPLEMENTED |
+| protobuf `DecodeError` (bytes that are not the request message) | INVALID_ARGUMENT |
 | anything else | INTERNAL (the message names only the exception type) |
 
 `asyncio.CancelledError` is never mapped: it must propagate (grpc/grpc#43360).
@@ -21,6 +22,7 @@ status with the exception's message, so every service answers the same error the
 from __future__ import annotations
 
 import grpc
+from google.protobuf.message import DecodeError
 
 
 class ServiceError(Exception):
@@ -95,6 +97,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return exc.code, str(exc) or type(exc).__name__
     if isinstance(exc, ValueError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc) or "invalid argument"
+    if isinstance(exc, DecodeError):
+        return grpc.StatusCode.INVALID_ARGUMENT, f"malformed protobuf message: {exc}"
     if isinstance(exc, NotImplementedError):
         return grpc.StatusCode.UNIMPLEMENTED, str(exc) or "not implemented"
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})"

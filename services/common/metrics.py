@@ -39,8 +39,8 @@ prometheus.io: `moshi_` prefix, base units (`_seconds`), `_total` on counters, h
 | `moshi_lm_replayed_steps_total` | counter | | history steps replayed on open (failover) |
 | `moshi_gateway_sessions_active` | gauge | | live Converse sessions |
 | `moshi_gateway_sessions_started_total` | counter | | sessions admitted |
-| `moshi_gateway_sessions_refused_total` | counter | reason | sessions refused (capacity, budget, draining, invalid, backend_unavailable) |
-| `moshi_gateway_sessions_ended_total` | counter | reason | sessions ended (completed, cancelled, budget_exceeded, backend_error, idle_timeout, error, draining) |
+| `moshi_gateway_sessions_refused_total` | counter | reason | sessions refused (capacity, budget, draining, invalid, backend_unavailable, per_client) |
+| `moshi_gateway_sessions_ended_total` | counter | reason | sessions ended (completed, cancelled, budget_exceeded, backend_error, idle_timeout, error, draining, max_session_length) |
 | `moshi_gateway_frames_total` | counter | | output frames sent to clients (silence replacements included) |
 | `moshi_gateway_frame_latency_seconds` | histogram | | per frame end to end: input frame complete -> output frame sent |
 | `moshi_gateway_stage_seconds` | histogram | stage | per-frame time in one backend call as the gateway sees it (encode, step, decode) |
@@ -355,14 +355,14 @@ class GatewayMetrics:
             sessions_refused=Counter(
                 "moshi_gateway_sessions_refused_total",
                 "Sessions refused at admission "
-                "(reason = capacity, budget, draining, invalid, backend_unavailable).",
+                "(reason = capacity, budget, draining, invalid, backend_unavailable, per_client).",
                 ["reason"],
                 registry=r,
             ),
             sessions_ended=Counter(
                 "moshi_gateway_sessions_ended_total",
                 "Sessions ended (reason = completed, cancelled, budget_exceeded, "
-                "backend_error, idle_timeout, error, draining).",
+                "backend_error, idle_timeout, error, draining, max_session_length).",
                 ["reason"],
                 registry=r,
             ),

@@ -170,11 +170,37 @@ _FACTORIES = {
 }
 
 
+class _Malformed:
+    """A unary request whose bytes did not parse. grpc answers UNKNOWN when a unary
+    deserializer raises, before any interceptor runs; parsing leniently and raising inside
+    the handler lets the error mapping answer INVALID_ARGUMENT like it does for streams."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(deserializer: Callable[[bytes], object] | None) -> Callable[[bytes], object] | None:
+    if deserializer is None or getattr(deserializer, "_lenient", False):
+        return deserializer
+
+    def parse(data: bytes) -> object:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - re-raised inside the handler
+            return _Malformed(exc)
+
+    parse._lenient = True  # type: ignore[attr-defined]
+    return parse
+
+
 def _replace_behavior(handler: grpc.RpcMethodHandler, behavior: Callable) -> grpc.RpcMethodHandler:
     attr, factory = _FACTORIES[_rpc_type(handler)]
+    deserializer = handler.request_deserializer
+    if not handler.request_streaming:
+        deserializer = _lenient(deserializer)
     return factory(
         behavior,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=deserializer,
         response_serializer=handler.response_serializer,
     )
 
@@ -294,6 +320,8 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                     if refusal is not None:
                         code = "UNAVAILABLE"
                         await context.abort(grpc.StatusCode.UNAVAILABLE, refusal)
+                    if isinstance(request, _Malformed):
+                        raise request.error
                     async for response in behavior(request, context):
                         yield response
                     code = _code_name(context.code()) if context.code() is not None else "OK"
@@ -320,6 +348,8 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                 if refusal is not None:
                     code = "UNAVAILABLE"
                     await context.abort(grpc.StatusCode.UNAVAILABLE, refusal)
+                if isinstance(request, _Malformed):
+                    raise request.error
                 result = await behavior(request, context)
                 code = _code_name(context.code()) if context.code() is not None else "OK"
                 return result

@@ -153,8 +153,8 @@ class FrameSequencer:
         slots = self._slots
         while slots:
             slot = slots[0]
-            if slot.done:
-                cause = slot.cause
+            cause = slot.cause
+            if slot.done and (cause is not Cause.AUDIO or now < slot.deadline):
                 latency = None if cause is Cause.DROPPED else now - slot.complete
                 if cause is Cause.AUDIO:
                     self.consecutive_misses = 0
@@ -162,6 +162,8 @@ class FrameSequencer:
                     self.frames_initial_delay += 1
                 emission = Emission(slot.index, cause, slot.pcm, latency)
             elif now >= slot.deadline:
+                # Not answered in time, or answered but not sent in time: either way the
+                # output would reach the client after its deadline, so it is a miss.
                 self.consecutive_misses += 1
                 self.frames_late += 1
                 emission = Emission(

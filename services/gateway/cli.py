@@ -194,6 +194,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="soxr resampler quality (LQ: ~20 ms filter delay; HQ: ~38 ms)",
     )
     b.add_argument(
+        "--max-session-s",
+        type=float,
+        default=d.max_session_s,
+        help="end a session after this many seconds with its summary, reason "
+        '"max_session_length", status DEADLINE_EXCEEDED (0 = unlimited)',
+    )
+    b.add_argument(
+        "--max-sessions-per-client",
+        type=int,
+        default=d.max_sessions_per_client,
+        help="live sessions allowed per client (its SessionConfig.client_id, else its IP "
+        "address); more are refused with RESOURCE_EXHAUSTED (0 = no limit)",
+    )
+    b.add_argument(
+        "--lm-failover",
+        action=argparse.BooleanOptionalAction,
+        default=d.lm_failover,
+        help="when a session's LM replica fails, replay its history onto another LM replica "
+        "with a free slot and carry on (codec failures still end the session)",
+    )
+    b.add_argument(
+        "--lm-history-steps",
+        type=int,
+        default=d.lm_history_steps,
+        help="LM steps of history kept per session for failover replay (the LM's context is "
+        "3000 steps = 240 s; older steps are forgotten)",
+    )
+    b.add_argument(
         "--retry-after-ms",
         type=int,
         default=d.retry_after_ms,
@@ -206,6 +234,12 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         raise ValueError("--budget-ms must be >= 1")
     if args.max_backlog_frames < 1:
         raise ValueError("--max-backlog-frames must be >= 1")
+    if args.max_session_s < 0:
+        raise ValueError("--max-session-s must be >= 0 (0 = unlimited)")
+    if args.max_sessions_per_client < 0:
+        raise ValueError("--max-sessions-per-client must be >= 0 (0 = no limit)")
+    if args.lm_history_steps < 1:
+        raise ValueError("--lm-history-steps must be >= 1")
     return GatewaySettings(
         default_budget_ms=args.budget_ms,
         default_max_consecutive_misses=max(0, args.max_consecutive_misses),
@@ -214,6 +248,10 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         idle_timeout_s=args.idle_timeout_s,
         retry_after_ms=args.retry_after_ms,
         refresh_interval_s=args.refresh_interval_s,
+        max_session_s=args.max_session_s,
+        max_sessions_per_client=args.max_sessions_per_client,
+        lm_failover=args.lm_failover,
+        lm_history_steps=args.lm_history_steps,
     )
 
 

@@ -31,7 +31,16 @@ class GatewaySettings:
     max_pending_frames: int = 64
     resample_quality: str = "LQ"  # soxr quality: LQ keeps ~20 ms hold-back, HQ ~38 ms
     idle_timeout_s: float = 30.0  # no client message for this long ends the session
-    max_session_s: float = 0.0  # 0 = unlimited
+    # A session that reaches this length ends with DEADLINE_EXCEEDED, reason
+    # "max_session_length" (after its summary). 0 = unlimited.
+    max_session_s: float = 0.0
+    # Live sessions per client (keyed on SessionConfig.client_id, else the peer's IP address);
+    # more are refused with RESOURCE_EXHAUSTED. 0 = no limit.
+    max_sessions_per_client: int = 0
+    # LM failover: move a session to another LM replica when its replica fails, replaying at
+    # most this many steps of history (the LM's context: 3000 steps = 240 s).
+    lm_failover: bool = True
+    lm_history_steps: int = 3000
     retry_after_ms: int = 1000  # hint for refused sessions
     refresh_interval_s: float = 0.5  # replica discovery, health and Info polling
     probe_timeout_s: float = 1.0

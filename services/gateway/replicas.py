@@ -183,7 +183,12 @@ class Replica:
         self.recent_leases.append(time.monotonic())
 
     def released(self) -> None:
+        """Count a session gone. A session placed after the last Info answer and gone before
+        the next one was never in the backend's count: forget its lease too, or a burst of
+        short sessions would look like a full replica until the next poll."""
         self.local_sessions -= 1
+        if self.recent_leases and self.recent_leases[-1] > self.info_at:
+            self.recent_leases.pop()
 
     @property
     def free_slots(self) -> int:
@@ -222,6 +227,13 @@ class Lease:
             self._released = True
             self.codec.released()
             self.lm.released()
+
+    def move_lm(self, replica: Replica) -> None:
+        """LM failover: the session's LM slot is now on `replica`."""
+        if not self._released:
+            self.lm.released()
+            replica.placed()
+        self.lm = replica
 
 
 async def resolve_addresses(host: str, port: int) -> list[str]:
@@ -410,6 +422,14 @@ class ReplicaPool:
             self._task = None
         await self.codec.close()
         await self.lm.close()
+
+    def failover_lm(self, failed: Replica) -> Replica | None:
+        """Least-loaded other LM replica with a free slot for a session moving off `failed`,
+        or None. No budget check: the session is already running; moving beats ending it."""
+        candidates = [r for r in self.lm.replicas.values() if r is not failed and r.available]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda r: (r.load, r.step_p99_ms, r.address))
 
     def lease(self, budget_ms: float) -> Lease:
         """Pin a new session to the least-loaded codec and LM replicas, or raise NoCapacity.

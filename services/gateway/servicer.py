@@ -17,6 +17,7 @@ import grpc
 from moshi_grpc.services.common import logs
 from moshi_grpc.services.common.errors import (
     BackendUnavailable,
+    CapacityExhausted,
     InvalidInput,
     OutOfOrder,
     ServiceError,
@@ -34,6 +35,17 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_KEY = "retry-after-ms"
 
 
+def client_key(client_id: str, peer: str | None) -> str:
+    """Who a session belongs to, for the per-client session limit: its `client_id` when set,
+    else the peer's address without the port (e.g. "ipv4:127.0.0.1")."""
+    if client_id:
+        return f"id:{client_id}"
+    peer = peer or "unknown"
+    if peer.startswith(("ipv4:", "ipv6:")):
+        peer = peer.rsplit(":", 1)[0]
+    return peer
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     """Converse: one conversation per stream, pinned to one codec and one LM replica."""
 
@@ -49,6 +61,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.metrics = metrics
         self.state = state
         self.sessions: dict[str, Session] = {}
+        self._client_sessions: dict[str, int] = {}
 
     async def _refuse(
         self, context: grpc.aio.ServicerContext, reason: str, exc: BaseException, retry_ms: int
@@ -77,6 +90,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if self.state is not None and self.state.draining:
             self.metrics.sessions_refused.labels("draining").inc()
             raise BackendUnavailable("gateway is draining; retry on another replica")
+        client = client_key(params.client_id, context.peer())
+        limit = self.settings.max_sessions_per_client
+        if limit > 0 and self._client_sessions.get(client, 0) >= limit:
+            retry_ms = self.settings.retry_after_ms
+            exc = CapacityExhausted(
+                f"client {client!r} already has {limit} live session(s), the most allowed per "
+                "client; end one first"
+            )
+            await self._refuse(context, "per_client", exc, retry_ms)
+            return
         try:
             lease = self.pool.lease(params.budget_ms)
         except NoCapacity as exc:
@@ -92,7 +115,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             metrics=self.metrics,
             context=context,
             metadata=self.pool.channels.metadata(),
+            pool=self.pool,
         )
+        self._client_sessions[client] = self._client_sessions.get(client, 0) + 1
         # A vanished client cancels this handler; free the backend slots right away even if
         # the handler's `finally` runs late (grpc/grpc#37239).
         context.add_done_callback(lambda _ctx: session.cancel_backends())
@@ -137,16 +162,33 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             await session.finish()
         finally:
             self.sessions.pop(session_id, None)
+            left = self._client_sessions.get(client, 1) - 1
+            if left > 0:
+                self._client_sessions[client] = left
+            else:
+                self._client_sessions.pop(client, None)
             await session.close()
             lease.release()
             if started:
                 self.metrics.sessions_active.dec()
                 self.metrics.sessions_ended.labels(ENDED_LABEL.get(session.reason, "error")).inc()
+                summary = session.summary()
                 if session.audio_duration_s() > 0:
                     self.metrics.real_time_factor.observe(
-                        session.summary().duration_s / session.audio_duration_s()
+                        summary.duration_s / session.audio_duration_s()
                     )
-                log.info("session ended: %s", session.reason)
+                log.info(
+                    "session ended (%s): frames in %d out %d late %d dropped %d, "
+                    "latency p50 %.1f p99 %.1f ms, %.1f s",
+                    summary.reason,
+                    summary.frames_in,
+                    summary.frames_out,
+                    summary.frames_late,
+                    summary.frames_dropped,
+                    summary.latency_p50_ms,
+                    summary.latency_p99_ms,
+                    summary.duration_s,
+                )
 
     @staticmethod
     def _started_event(session: Session) -> gateway_pb2.ConverseResponse:

@@ -8,10 +8,23 @@ t+1 goes out before frame t's output is back):
     lm reader     : text pieces      -> client (at once);  ready codes -> Decode,
                     not-ready steps  -> silence (initial acoustic delay, not a miss)
     decode reader : 24 kHz PCM       -> sequencer
-    pump (handler): the only writer to the client: text, events, and audio frames in order,
-                    silence for frames past their deadline (`FrameSequencer`)
+    pump (handler): deadline timer, idle timeout, end of the session
 
-Each backend stream is opened by `_open_*` so that a later failover can re-open the LM stream
+Replies (text, events, audio frames in order, silence for frames past their deadline, see
+`FrameSequencer`) are written by `_flush()`, called inline by whichever task made output
+possible, one writer at a time: no extra task wake-up per frame.
+
+LM failover: the gateway keeps the session's LM history (per step: the user codes sent and
+the output received; at most `GatewaySettings.lm_history_steps` steps, the LM's context). When
+the LM stream fails (UNAVAILABLE, connection lost, stream closed early) or its replica fails
+its health probe, the Step stream is re-opened on another LM replica with a free slot, with
+`LmOpen.replay` = that history (teacher-forced), and the frames that were sent but not
+answered are sent again; the session carries on. Frames whose deadline passed while moving
+are sent as silence (counted as late, and as `Failover.frames_lost`). The codec streams are
+not moved: Mimi's streaming state is not cheaply replayable, so a codec failure still ends
+the session with UNAVAILABLE.
+
+Each backend stream is opened by `_open_*` so that a failover can re-open the LM stream
 on another replica without touching the rest. Every stage remembers which gateway frame each
 backend message belongs to (FIFO queues: streams answer in order), because backend frame
 indices skip dropped frames.
@@ -35,11 +48,13 @@ from moshi_grpc.services.common.errors import (
     IdleTimeout,
     InvalidInput,
     OutOfOrder,
+    ServiceError,
 )
 from moshi_grpc.services.common.metrics import GatewayMetrics
 from moshi_grpc.services.gateway.budget import Cause, Emission, FrameSequencer
 from moshi_grpc.services.gateway.config import GatewaySettings, SessionParams
-from moshi_grpc.services.gateway.replicas import Lease, Replica
+from moshi_grpc.services.gateway.history import LmHistory
+from moshi_grpc.services.gateway.replicas import Lease, Replica, ReplicaPool
 from moshi_grpc.v1 import codec_pb2, gateway_pb2, lm_pb2
 
 log = logging.getLogger(__name__)
@@ -55,7 +70,28 @@ ENDED_LABEL = {
     "idle_timeout": "idle_timeout",
     "draining": "draining",
     "error": "error",
+    "max_session_length": "max_session_length",
 }
+
+# LM stream failures that move the session to another LM replica (when one has a free slot):
+# the replica or the connection is gone. Anything else (bad input, refusals) ends the session.
+FAILOVER_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.ABORTED,
+    }
+)
+# Tries per session: a session that keeps failing over is better ended.
+MAX_FAILOVERS = 4
+
+
+class MaxSessionLength(ServiceError):
+    """The session reached the gateway's maximum session length."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class RetryableCapacity(CapacityExhausted):
@@ -88,8 +124,10 @@ class Session:
         metrics: GatewayMetrics,
         context: grpc.aio.ServicerContext,
         metadata: tuple[tuple[str, str], ...] = (),
+        pool: ReplicaPool | None = None,
     ) -> None:
         self.session_id = session_id
+        self.pool = pool
         self.params = params
         self.lease = lease
         self.settings = settings
@@ -117,7 +155,22 @@ class Session:
         self._input_done = False
         # FIFO of (gateway frame index, time sent) per backend stage.
         self._enc_q: deque[tuple[int, float]] = deque()
-        self._lm_q: deque[tuple[int, float]] = deque()
+        # LM steps sent and not answered yet: (gateway frame, time sent, user codes).
+        self._lm_q: deque[tuple[int, float, object]] = deque()
+        # Answered LM steps, for replay on failover.
+        lm_info = lease.lm.info
+        self._lm_history = LmHistory(
+            max(1, settings.lm_history_steps),
+            lm_info.num_codebooks if lm_info is not None and lm_info.num_codebooks else None,
+        )
+        self._lm_index = 0  # next frame index on the current LM stream
+        self._lm_moving = False
+        self._lm_writes_done = False
+        self._lm_abandoned = None  # an LM call we cancelled because its replica is unhealthy
+        self._closing = False
+        self.failovers = 0
+        self._failover_note: tuple[str, str, int] | None = None  # from, to, late at the move
+        self._health_timer: asyncio.TimerHandle | None = None
         self._dec_q: deque[tuple[int, float]] = deque()
         self._enc_index = 0
         self._dec_index = 0
@@ -184,6 +237,7 @@ class Session:
 
     def cancel_backends(self) -> None:
         """Cancel every backend stream (frees their slots); safe to call more than once."""
+        self._closing = True
         for call in (self._enc_call, self._dec_call, self._lm_call):
             if call is not None and not call.done():
                 call.cancel()
@@ -272,13 +326,14 @@ class Session:
                 gw, sent = self._enc_q.popleft()
                 now = self.loop.time()
                 stage.observe(now - sent)
-                self._lm_q.append((gw, now))
-                request = lm_pb2.StepRequest(
-                    frame=lm_pb2.UserCodes(index=msg.index, codes=msg.codes)
-                )
-                await self._guarded_write(self.lease.lm, "step", self._lm_call, request)
+                entry = (gw, now, msg.codes)
+                self._lm_q.append(entry)
+                if not self._lm_moving:
+                    await self._write_lm(entry[2])
             self._check_clean_end(call, "encode", self.lease.codec)
-            await self._guarded_done_writing(self._lm_call)
+            self._lm_writes_done = True
+            if not self._lm_moving:
+                await self._lm_done_writing()
         except asyncio.CancelledError:
             raise
         except grpc.aio.AioRpcError as exc:
@@ -286,45 +341,193 @@ class Session:
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
 
-    async def _read_lm(self) -> None:
+    async def _write_lm(self, codes) -> None:
+        """Send one frame of user codes on the current LM stream. A failed write is left to
+        the LM reader, which sees the stream's error and fails over (or ends the session)."""
+        request = lm_pb2.StepRequest(frame=lm_pb2.UserCodes(index=self._lm_index, codes=codes))
+        self._lm_index += 1
         call = self._lm_call
-        stage = self.metrics.stage_seconds.labels("step")
-        outbox = self._outbox
+        try:
+            await call.write(request)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass
+        except asyncio.CancelledError:
+            # grpc.aio raises CancelledError from a write on a call that was cancelled (by a
+            # failover) under it; only a cancellation of this task itself goes on.
+            task = asyncio.current_task()
+            if not call.cancelled() or (task is not None and task.cancelling()):
+                raise
+
+    async def _lm_done_writing(self) -> None:
+        call = self._lm_call
+        try:
+            await call.done_writing()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass
+        except asyncio.CancelledError:  # see _write_lm
+            task = asyncio.current_task()
+            if not call.cancelled() or (task is not None and task.cancelling()):
+                raise
+
+    async def _read_lm(self) -> None:
         try:
             while True:
-                msg = await call.read()
-                if msg is _EOF:
+                call = self._lm_call
+                replica = self.lease.lm
+                try:
+                    await self._read_lm_stream(call)
+                    self._check_clean_end(call, "step", replica)
                     break
-                gw, sent = self._lm_q.popleft()
-                now = self.loop.time()
-                stage.observe(now - sent)
-                if msg.text_piece:
-                    text = msg.text_piece.replace("\u2581", " ")
-                    outbox.append(
-                        gateway_pb2.ConverseResponse(
-                            text=gateway_pb2.TextPiece(frame_index=gw, text=text)
-                        )
+                except grpc.aio.AioRpcError as exc:
+                    error = backend_error(replica, "step", exc, self.settings.retry_after_ms)
+                    if exc.code() not in FAILOVER_CODES and self._failover_note is None:
+                        raise error from None
+                except BackendUnavailable as exc:  # closed early
+                    error = exc
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if self._lm_abandoned is not call or (task and task.cancelling()):
+                        raise
+                    error = BackendUnavailable(
+                        f"lm replica {replica.address} (step) stopped answering health checks"
                     )
-                    await self._flush()
-                if msg.ready:
-                    self._dec_q.append((gw, now))
-                    index = self._dec_index
-                    self._dec_index += 1
-                    request = codec_pb2.DecodeRequest(
-                        frame=codec_pb2.CodesFrame(index=index, codes=msg.moshi_codes)
-                    )
-                    await self._guarded_write(self.lease.codec, "decode", self._dec_call, request)
-                else:
-                    self.seq.resolve(gw, None)
-                    await self._flush()
-            self._check_clean_end(call, "step", self.lease.lm)
+                if not await self._failover(replica):
+                    raise error
+            if self._failover_note is not None:  # moved, but nothing was left to answer
+                self._announce_failover()
+                await self._flush()
             await self._guarded_done_writing(self._dec_call)
         except asyncio.CancelledError:
             raise
-        except grpc.aio.AioRpcError as exc:
-            self._fail(backend_error(self.lease.lm, "step", exc, self.settings.retry_after_ms))
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
+
+    async def _read_lm_stream(self, call) -> None:
+        stage = self.metrics.stage_seconds.labels("step")
+        outbox = self._outbox
+        history = self._lm_history
+        while True:
+            msg = await call.read()
+            if msg is _EOF:
+                break
+            gw, sent, codes = self._lm_q.popleft()
+            now = self.loop.time()
+            stage.observe(now - sent)
+            if self._failover_note is not None:
+                self._announce_failover()
+            if msg.text_piece:
+                text = msg.text_piece.replace("\u2581", " ")
+                outbox.append(
+                    gateway_pb2.ConverseResponse(
+                        text=gateway_pb2.TextPiece(frame_index=gw, text=text)
+                    )
+                )
+                await self._flush()
+            if msg.ready:
+                history.append(codes, msg.text_token, msg.moshi_codes)
+                self._dec_q.append((gw, now))
+                index = self._dec_index
+                self._dec_index += 1
+                request = codec_pb2.DecodeRequest(
+                    frame=codec_pb2.CodesFrame(index=index, codes=msg.moshi_codes)
+                )
+                await self._guarded_write(self.lease.codec, "decode", self._dec_call, request)
+            else:
+                history.append(codes, None, ())
+                self.seq.resolve(gw, None)
+                await self._flush()
+
+    # ----------------------------------------------------------------- LM failover
+
+    def _watch_lm_health(self) -> None:
+        """Periodic: an LM replica that fails its health probe (e.g. frozen: the stream just
+        stops answering) is abandoned; cancelling its call makes the LM reader fail over."""
+        self._health_timer = None
+        if self._closing:
+            return
+        call = self._lm_call
+        replica = self.lease.lm
+        if (
+            not self._lm_moving
+            and replica.failures > 0
+            and not replica.healthy
+            and call is not None
+            and not call.done()
+            and self._lm_abandoned is not call
+        ):
+            log.warning("lm replica %s failed its health probe; failing over", replica.address)
+            self._lm_abandoned = call
+            call.cancel()
+        self._health_timer = self.loop.call_later(
+            max(0.05, self.settings.refresh_interval_s), self._watch_lm_health
+        )
+
+    async def _failover(self, failed: Replica) -> bool:
+        """Move the LM stream to another replica with a free slot; False if none (or too many
+        moves already, or the session is ending)."""
+        if self._closing or self.pool is None or not self.settings.lm_failover:
+            return False
+        if self.failovers >= MAX_FAILOVERS:
+            self.metrics.failovers.labels("lm", "failed").inc()
+            return False
+        target = self.pool.failover_lm(failed)
+        if target is None:
+            log.warning(
+                "lm replica %s failed and no other LM replica has a free slot", failed.address
+            )
+            self.metrics.failovers.labels("lm", "failed").inc()
+            return False
+        self.failovers += 1
+        self._lm_moving = True
+        try:
+            old = self._lm_call
+            if old is not None and not old.done():
+                old.cancel()
+            self.lease.move_lm(target)
+            replay = self._lm_history.replay()
+            late = self.seq.frames_late
+            if self._failover_note is not None:  # a second move before the first answered
+                late = self._failover_note[2]
+            self._failover_note = (failed.address, target.address, late)
+            self._open_lm(replay)
+            self._lm_index = len(replay)
+            try:
+                await self._lm_call.write(self._lm_open)
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                return True  # the reader sees this stream's error and tries again
+            i = 0
+            while i < len(self._lm_q):  # frames sent to the failed replica, and newer ones
+                await self._write_lm(self._lm_q[i][2])
+                i += 1
+            if self._lm_writes_done:
+                await self._lm_done_writing()
+        finally:
+            self._lm_moving = False
+        self.metrics.failovers.labels("lm", "ok").inc()
+        log.warning(
+            "lm failover %s -> %s: replayed %d steps, resent %d frames",
+            failed.address,
+            target.address,
+            len(self._lm_history),
+            len(self._lm_q),
+        )
+        return True
+
+    def _announce_failover(self) -> None:
+        """First answer from the new replica: tell the client how many frames were lost."""
+        source, target, late = self._failover_note
+        self._failover_note = None
+        self._outbox.append(
+            gateway_pb2.ConverseResponse(
+                event=gateway_pb2.Event(
+                    failover=gateway_pb2.Failover(
+                        from_replica=source,
+                        to_replica=target,
+                        frames_lost=max(0, self.seq.frames_late - late),
+                    )
+                )
+            )
+        )
 
     async def _read_decode(self) -> None:
         call = self._dec_call
@@ -472,10 +675,27 @@ class Session:
         idle_s = settings.idle_timeout_s
         idle_timer = None
         idle_at = 0.0
+        if self.pool is not None and settings.lm_failover:
+            self._watch_lm_health()
+        too_long = asyncio.Event()
+        limit_timer = None
+        if settings.max_session_s > 0:
+
+            def _limit() -> None:
+                too_long.set()
+                self._wake.set()
+
+            limit_timer = self.loop.call_later(settings.max_session_s, _limit)
         try:
             while True:
                 self._wake.clear()
                 await self._flush()
+                if too_long.is_set() and not (self._input_done and seq.pending == 0):
+                    self.reason = "max_session_length"
+                    raise MaxSessionLength(
+                        f"the session reached the maximum session length of "
+                        f"{settings.max_session_s:g} s"
+                    )
                 if seq.exceeded:
                     self.reason = "deadline_exceeded"
                     raise BudgetExceeded(
@@ -504,6 +724,8 @@ class Session:
         finally:
             if idle_timer is not None:
                 idle_timer.cancel()
+            if limit_timer is not None:
+                limit_timer.cancel()
 
     # ----------------------------------------------------------------- end
 
@@ -537,6 +759,9 @@ class Session:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._health_timer is not None:
+            self._health_timer.cancel()
+            self._health_timer = None
         self.cancel_backends()
         for task in self._tasks:
             task.cancel()
