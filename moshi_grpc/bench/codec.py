@@ -7,6 +7,10 @@ the whole batch, and the real-time factor is N x 80 ms / that time.
 `--reference` also runs the public reference package (PyPI `moshi`, in its own venv, so in a
 subprocess with that venv's python) on the same weights file, in the same run, one
 configuration after the other (never concurrently), and prints ours / reference.
+
+On a shared machine, prefer `--threads 1` for comparisons: with 2 OpenMP threads and other
+processes on the cores, every parallel region can wait a scheduler slice (~10 ms) for its
+second thread, which swamps per-frame work of a few ms on either side.
 """
 
 from __future__ import annotations

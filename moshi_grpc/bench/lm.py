@@ -10,6 +10,12 @@ file in a subprocess during the same run, prints its figures beside ours with th
 checks that greedy tokens from a fresh session are identical. The reference attends over its
 whole ring at every step, so its cost does not depend on the fill and it is timed from a fresh
 state. CUDA is untested here (no GPU on the development machine).
+
+Reading the figures: ours and the reference alternate in rounds so both see the same machine
+load. On a machine whose cores are busy with other work, every thread-pool region waits for
+a descheduled thread, so with `--threads 2` wall times there measure scheduling more than
+compute (and process CPU time then includes spin-waiting); `--threads 1` gives the
+load-robust comparison of the work each implementation does.
 """
 
 from __future__ import annotations
@@ -268,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
     has_ref = bool(refs.get(batches[0]))
     print(
         "wall = median wall-clock ms per step; cpu = median process CPU ms per step (all "
-        "threads; robust to other load on the machine)"
+        "threads, spin-waits included)"
     )
     header = f"{'batch':>5} {'ours wall':>10} {'ours cpu':>9} {'wall/session':>13}"
     if has_ref:

@@ -162,6 +162,8 @@ class LMConfig:
         if problems:
             raise LMConfigError("invalid LM config; " + "; ".join(problems))
         for key, neutral in _NEUTRAL_KEYS.items():
+            if key == "extra_heads_dim":  # meaningless without extra heads
+                continue
             if key in raw and raw[key] != neutral and raw[key] not in (None, [], {}):
                 raise LMConfigError(f"unsupported LM config value {key}={raw[key]!r}")
         kwargs = {k: raw[k] for k in names if k in raw}

@@ -30,7 +30,8 @@ stream is longer than 10 s (its streaming output drifts from its own offline out
 We follow the offline definition, so our streaming equals our offline path at any length.
 
 Speed (CPU): convolutions run as unfold + one matmul against a pre-laid-out weight, in a
-time-major (N, T, C) layout; transposed convolutions as one matmul + overlap-add. That
+time-major (N, T, C) layout; transposed convolutions as one matmul + overlap-add; weights
+that see only a couple of rows per frame are stored column-major (`_transposed_layout`). That
 avoids oneDNN's per-call weight re-layout and PyTorch's slow transposed-conv fallback, which
 dominate the reference at one frame per call. RoPE, masks and ring indices are computed once
 per transformer call, not per layer. Offline `encode`/`decode` use the same code on the whole
@@ -168,14 +169,12 @@ def _resolve_config(config: str | MimiConfig) -> MimiConfig:
 # --------------------------------------------------------------------------------------------
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T. With a few rows (one streaming frame) it is computed as w @ x.T: on CPU BLAS
-    that streams the weight about twice as fast, and at batch 1 the weights are the cost."""
-    m = x.numel() // x.shape[-1]
-    if m > 4 or x.device.type != "cpu":
-        return F.linear(x, w, bias)
-    y = torch.mm(w, x.reshape(m, -1).t()).t().reshape(*x.shape[:-1], w.shape[0])
-    return y if bias is None else y + bias
+def _transposed_layout(w: torch.Tensor) -> torch.Tensor:
+    """The same (out, in) matrix stored column-major. `F.linear(x, w)` computes x @ w.T, and
+    with w.T contiguous CPU BLAS streams the weight faster when x has few rows (one frame at
+    25 Hz or 12.5 Hz), where batch-1 streaming spends its time; layers that see many rows
+    per frame keep the row-major layout, faster there."""
+    return w.t().contiguous().t()
 
 
 class _States:
@@ -218,11 +217,13 @@ class StreamingConv1d(nn.Module):
         dilation: int = 1,
         bias: bool = True,
         replicate: bool = False,
+        few_rows: bool = False,
     ):
         super().__init__()
         self.conv = _Holder(
             "conv", nn.Conv1d(cin, cout, kernel, stride, dilation=dilation, bias=bias)
         )
+        self.few_rows = few_rows  # a streaming frame gives it ~2 rows per slot (25 Hz side)
         self.kernel, self.stride, self.dilation = kernel, stride, dilation
         self.span = (kernel - 1) * dilation + 1
         self.context = self.span - stride
@@ -232,7 +233,8 @@ class StreamingConv1d(nn.Module):
 
     def refresh(self) -> None:
         w = self.conv.conv.weight  # (Cout, Cin, K)
-        self.w_kc = w.permute(0, 2, 1).reshape(w.shape[0], -1).contiguous()
+        w = w.permute(0, 2, 1).reshape(w.shape[0], -1)
+        self.w_kc = _transposed_layout(w) if self.few_rows else w.contiguous()
 
     def init_state(self, n: int, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
         if not self.context:
@@ -255,13 +257,13 @@ class StreamingConv1d(nn.Module):
             if self.replicate:
                 states.give(torch.zeros_like(first))
         if self.kernel == 1:
-            return _linear(x[:, :: self.stride], conv.weight[:, :, 0], conv.bias)
+            return F.linear(x[:, :: self.stride], self.w_kc, conv.bias)
         cols = x.unfold(1, self.span, self.stride).transpose(2, 3)  # (N, Tout, span, Cin)
         if self.dilation > 1:
             cols = cols[:, :, :: self.dilation]
         n, t = cols.shape[:2]
         # rows copied with contiguous channel runs, against a (Cout, K * Cin) weight
-        return _linear(cols.reshape(n, t, -1), self.w_kc, conv.bias)
+        return F.linear(cols.reshape(n, t, -1), self.w_kc, conv.bias)
 
 
 class StreamingConvTranspose1d(nn.Module):
@@ -272,8 +274,12 @@ class StreamingConvTranspose1d(nn.Module):
     reference. Depthwise (groups == channels) is an elementwise product instead.
     """
 
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int, groups: int = 1, bias=True):
+    def __init__(
+        self, cin: int, cout: int, kernel: int, stride: int, groups: int = 1, bias=True,
+        few_rows: bool = False,
+    ):  # fmt: skip
         super().__init__()
+        self.few_rows = few_rows
         if kernel % stride:
             raise ValueError("transposed conv kernel must be a multiple of its stride")
         if groups not in (1, cin) or (groups > 1 and cout != cin):
@@ -289,7 +295,8 @@ class StreamingConvTranspose1d(nn.Module):
     def refresh(self) -> None:
         w = self.convtr.convtr.weight  # (Cin, Cout / groups, K)
         if self.groups == 1:  # (K * Cout, Cin): a linear layer from Cin to (K, Cout)
-            self.w_kc = w.permute(2, 1, 0).reshape(-1, w.shape[0]).contiguous()
+            w = w.permute(2, 1, 0).reshape(-1, w.shape[0])
+            self.w_kc = _transposed_layout(w) if self.few_rows else w.contiguous()
         else:  # depthwise: (K, C)
             self.w_kc = w[:, 0].t().contiguous()
 
@@ -303,7 +310,7 @@ class StreamingConvTranspose1d(nn.Module):
         s, m = self.stride, self.kernel // self.stride
         cout = conv.out_channels
         if self.groups == 1:
-            z = _linear(x, self.w_kc)  # (N, T, K * Cout)
+            z = F.linear(x, self.w_kc)  # (N, T, K * Cout)
         else:  # depthwise: z[n, t, k, c] = x[n, t, c] * w[c, 0, k]
             z = x.unsqueeze(2) * self.w_kc  # (N, T, K, C)
         z = z.reshape(n, t, m, s * cout)  # contribution of step t to output block t + j
@@ -359,15 +366,17 @@ class SEANetEncoder(nn.Module):
         super().__init__()
         mult = 1
         layers: list[nn.Module] = [StreamingConv1d(1, c.n_filters, c.kernel_size)]
-        for ratio in reversed(c.ratios):
+        for i, ratio in enumerate(reversed(c.ratios)):
             ch = mult * c.n_filters
             for j in range(c.n_residual_layers):
                 layers.append(
                     SEANetResnetBlock(ch, c.residual_kernel_size, c.dilation_base**j, c.compress)
                 )
-            layers += [nn.ELU(), StreamingConv1d(ch, ch * 2, ratio * 2, stride=ratio)]
+            last = i == len(c.ratios) - 1  # its output is at 25 Hz: 2 rows per frame
+            layers += [nn.ELU(), StreamingConv1d(ch, ch * 2, ratio * 2, ratio, few_rows=last)]
             mult *= 2
-        layers += [nn.ELU(), StreamingConv1d(mult * c.n_filters, c.dimension, c.last_kernel_size)]
+        out = StreamingConv1d(mult * c.n_filters, c.dimension, c.last_kernel_size, few_rows=True)
+        layers += [nn.ELU(), out]
         self.model = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor, states: _States) -> torch.Tensor:
@@ -380,10 +389,12 @@ class SEANetDecoder(nn.Module):
     def __init__(self, c: MimiConfig):
         super().__init__()
         mult = 2 ** len(c.ratios)
-        layers: list[nn.Module] = [StreamingConv1d(c.dimension, mult * c.n_filters, c.kernel_size)]
-        for ratio in c.ratios:
+        first = StreamingConv1d(c.dimension, mult * c.n_filters, c.kernel_size, few_rows=True)
+        layers: list[nn.Module] = [first]
+        for i, ratio in enumerate(c.ratios):
             ch = mult * c.n_filters
-            layers += [nn.ELU(), StreamingConvTranspose1d(ch, ch // 2, ratio * 2, ratio)]
+            tr = StreamingConvTranspose1d(ch, ch // 2, ratio * 2, ratio, few_rows=i == 0)
+            layers += [nn.ELU(), tr]
             for j in range(c.n_residual_layers):
                 layers.append(
                     SEANetResnetBlock(
@@ -462,7 +473,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, plan: _StepPlan, layer: int) -> torch.Tensor:
         b, t, d = x.shape
         h = self.heads
-        qkv = _linear(x, self.in_proj_weight).view(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        qkv = F.linear(x, self.in_proj_weight).view(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
         qk = _rotate(qkv[:2], plan.cos, plan.sin)  # (2, B, H, T, hd)
         q, k, v = qk[0], qk[1], qkv[2]
         cache = plan.cache
@@ -476,7 +487,7 @@ class Attention(nn.Module):
             vc.scatter_(2, plan.write, v)
             k, v = kc, vc
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask)
-        return _linear(y.transpose(1, 2).reshape(b, t, d), self.out_proj.weight)
+        return F.linear(y.transpose(1, 2).reshape(b, t, d), self.out_proj.weight)
 
 
 class TransformerLayer(nn.Module):
@@ -493,7 +504,7 @@ class TransformerLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, plan: _StepPlan, i: int) -> torch.Tensor:
         x = x + self.layer_scale_1.scale * self.self_attn(self.norm1(x), plan, i)
-        y = _linear(F.gelu(_linear(self.norm2(x), self.linear1.weight)), self.linear2.weight)
+        y = F.linear(F.gelu(F.linear(self.norm2(x), self.linear1.weight)), self.linear2.weight)
         return x + self.layer_scale_2.scale * y
 
 
@@ -566,7 +577,9 @@ class Downsample(nn.Module):
 
     def __init__(self, dim: int, stride: int):
         super().__init__()
-        self.conv = StreamingConv1d(dim, dim, 2 * stride, stride, bias=False, replicate=True)
+        self.conv = StreamingConv1d(
+            dim, dim, 2 * stride, stride, bias=False, replicate=True, few_rows=True
+        )
 
     def forward(self, x: torch.Tensor, states: _States) -> torch.Tensor:
         return self.conv(x, states)
@@ -618,6 +631,8 @@ class ResidualVQ(nn.Module):
         self.vq = _VQLayers(n_q, bins, dim)
         self.register_buffer("codebooks", torch.zeros(n_q, bins, dim), persistent=False)
         self.register_buffer("padded", torch.zeros(n_q, bins, dim + 2), persistent=False)
+        self.register_buffer("w_in", torch.zeros(0), persistent=False)
+        self.register_buffer("w_out", torch.zeros(0), persistent=False)
 
     def refresh(self) -> None:
         """Recompute the float32 centroids after the EMA buffers changed (load)."""
@@ -625,10 +640,12 @@ class ResidualVQ(nn.Module):
         norms = cb.pow(2).sum(-1, keepdim=True)
         self.codebooks = cb.to(self.codebooks.device)
         self.padded = torch.cat([cb, torch.ones_like(norms), norms], -1).to(self.codebooks.device)
+        self.w_in = _transposed_layout(self.input_proj.weight[:, :, 0])
+        self.w_out = _transposed_layout(self.output_proj.weight[:, :, 0])
 
     def encode(self, x: torch.Tensor, n_q: int) -> torch.Tensor:
         """x (B, T, io_dim) -> codes (B, T, n_q): nearest centroid of the running residual."""
-        r = _linear(x, self.input_proj.weight[:, :, 0]).float()  # (B, T, dim)
+        r = F.linear(x, self.w_in).float()  # (B, T, dim)
         codes = []
         for i in range(n_q):
             cb = self.codebooks[i]
@@ -650,8 +667,7 @@ class ResidualVQ(nn.Module):
         q = self.codebooks[0][codes[..., 0]]
         for i in range(1, codes.shape[-1]):
             q = q + self.codebooks[i][codes[..., i]]
-        w = self.output_proj.weight[:, :, 0]
-        return _linear(q.to(w.dtype), w)
+        return F.linear(q.to(self.w_out.dtype), self.w_out)
 
 
 class SplitRVQ(nn.Module):
@@ -743,6 +759,13 @@ class Mimi(nn.Module):
         for m in self.modules():
             if isinstance(m, (StreamingConv1d, StreamingConvTranspose1d)):
                 m.refresh()
+        with torch.no_grad():  # same values and names, column-major storage (see above)
+            for name, p in self.named_parameters():
+                if (
+                    name.startswith(("encoder_transformer.", "decoder_transformer."))
+                    and p.dim() == 2
+                ):
+                    p.data = _transposed_layout(p.data)
 
     # -- state ---------------------------------------------------------------------------------
     def _encoder_state(self, n: int) -> list[torch.Tensor]:

@@ -150,9 +150,12 @@ class Session:
         self._room.set()
         self._outbox: list[gateway_pb2.ConverseResponse] = []
         self._flushing = False
+        self._flush_idle = asyncio.Event()  # set while no `_flush()` is writing
+        self._flush_idle.set()
         self._dirty = False
         self._failure: BaseException | None = None
         self._input_done = False
+        self._stop_input = False  # set at the maximum session length
         # FIFO of (gateway frame index, time sent) per backend stage.
         self._enc_q: deque[tuple[int, float]] = deque()
         # LM steps sent and not answered yet: (gateway frame, time sent, user codes).
@@ -275,12 +278,15 @@ class Session:
                     raise InvalidInput(str(exc)) from None
                 for frame in self._reframer.push(self._in_resampler.process(samples)):
                     await self._frame_in(frame)
-            # End of the client stream: flush the resampler, pad the last partial frame.
-            for frame in self._reframer.push(self._in_resampler.flush()):
-                await self._frame_in(frame)
-            last = self._reframer.flush()
-            if last is not None:
-                await self._frame_in(last)
+                if self._stop_input:  # maximum session length: take no more input
+                    break
+            if not self._stop_input:
+                # End of the client stream: flush the resampler, pad the last partial frame.
+                for frame in self._reframer.push(self._in_resampler.flush()):
+                    await self._frame_in(frame)
+                last = self._reframer.flush()
+                if last is not None:
+                    await self._frame_in(last)
             self._input_done = True
             await self._guarded_done_writing(self._enc_call)
         except asyncio.CancelledError:
@@ -642,6 +648,7 @@ class Session:
             self._dirty = True
             return
         self._flushing = True
+        self._flush_idle.clear()
         seq = self.seq
         try:
             while True:
@@ -657,6 +664,7 @@ class Session:
                     break
         finally:
             self._flushing = False
+            self._flush_idle.set()
         if seq.pending < self.settings.max_pending_frames:
             self._room.set()
         if seq.exceeded or (self._input_done and seq.pending == 0):
@@ -677,12 +685,14 @@ class Session:
         idle_at = 0.0
         if self.pool is not None and settings.lm_failover:
             self._watch_lm_health()
-        too_long = asyncio.Event()
+        # Maximum session length: stop taking input, let the frames in flight come back (for
+        # at most the per-frame budget plus a margin), then end with DEADLINE_EXCEEDED.
         limit_timer = None
+        give_up_at = None
         if settings.max_session_s > 0:
 
             def _limit() -> None:
-                too_long.set()
+                self._stop_input = True
                 self._wake.set()
 
             limit_timer = self.loop.call_later(settings.max_session_s, _limit)
@@ -690,12 +700,21 @@ class Session:
             while True:
                 self._wake.clear()
                 await self._flush()
-                if too_long.is_set() and not (self._input_done and seq.pending == 0):
-                    self.reason = "max_session_length"
-                    raise MaxSessionLength(
-                        f"the session reached the maximum session length of "
-                        f"{settings.max_session_s:g} s"
-                    )
+                if self._stop_input:
+                    now = self.loop.time()
+                    if give_up_at is None:
+                        give_up_at = now + self.params.budget_ms / 1000.0 + 0.5
+                        limit_timer = self.loop.call_at(give_up_at, self._wake.set)
+                    drained = self._input_done and seq.pending == 0 and not self._outbox
+                    if drained and self._flushing:
+                        await self._flush_idle.wait()  # see the clean end below
+                        continue
+                    if drained or now >= give_up_at:
+                        self.reason = "max_session_length"
+                        raise MaxSessionLength(
+                            f"the session reached the maximum session length of "
+                            f"{settings.max_session_s:g} s"
+                        )
                 if seq.exceeded:
                     self.reason = "deadline_exceeded"
                     raise BudgetExceeded(
@@ -710,6 +729,11 @@ class Session:
                         self.reason = "error"
                     raise exc
                 if self._input_done and seq.pending == 0 and not self._outbox:
+                    if self._flushing:
+                        # Another task is still writing the last replies (its flush took
+                        # them from the sequencer): the summary must come after them.
+                        await self._flush_idle.wait()
+                        continue
                     self.reason = "client_closed"
                     return
                 if not self._input_done and idle_s > 0:
