@@ -398,6 +398,8 @@ class Session:
                         f"lm replica {replica.address} (step) stopped answering health checks"
                     )
                 if not await self._failover(replica):
+                    if isinstance(error, RetryableCapacity):  # the replica moved to was full
+                        error = BackendUnavailable(f"{error}; no LM replica left to move to")
                     raise error
             if self._failover_note is not None:  # moved, but nothing was left to answer
                 self._announce_failover()
