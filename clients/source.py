@@ -136,7 +136,52 @@ def _audio_request(data: bytes) -> gateway_pb2.ConverseRequest:
     return gateway_pb2.ConverseRequest(audio=gateway_pb2.AudioChunk(data=data))
 
 
-class ReplaySource:
+class _ReplayBuffer:
+    """What both replay sources share: chunks pulled from the caller, kept from absolute
+    index `_base` on until the session has started, so a refused attempt's retry resends
+    them; the current attempt's `generation` (an older attempt's stream stops)."""
+
+    def __init__(self, encoding: str, on_sent, before_send) -> None:
+        self._encoding = encoding
+        self._on_sent = on_sent
+        self._before_send = before_send
+        self._pending: list[tuple[bytes, int]] = []  # chunks from absolute index `_base` on
+        self._base = 0
+        self._exhausted = False
+        self._started = False
+        self._generation = 0
+        self.error: BaseException | None = None
+
+    def _first_index(self) -> int:
+        """Where an attempt's audio starts: the oldest chunk not yet known to be delivered."""
+        return self._base if self._started else 0
+
+    def _store(self, entry: tuple[bytes, int] | None) -> tuple[bytes, int] | None:
+        """Keep a freshly pulled chunk (None: the caller's chunks ended)."""
+        if entry is None:
+            self._exhausted = True
+            return None
+        self._pending.append(entry)
+        return entry
+
+    def _drop_sent(self, i: int) -> None:
+        """Once started, chunks up to `i` are never resent: forget them."""
+        if self._started and i + 1 > self._base:
+            drop = i + 1 - self._base
+            del self._pending[:drop]
+            self._base += drop
+
+    def _request(self, entry: tuple[bytes, int]) -> gateway_pb2.ConverseRequest | None:
+        """The audio request of a chunk (None for an empty one), counted as sent."""
+        data, n = entry
+        if not n:
+            return None
+        if self._on_sent is not None:
+            self._on_sent(n)
+        return _audio_request(data)
+
+
+class ReplaySource(_ReplayBuffer):
     """The caller's chunks, pulled once, replayable until the session has started.
 
     gRPC's sync client consumes request iterators on its own thread, so pulls are serialised
@@ -147,18 +192,10 @@ class ReplaySource:
     def __init__(
         self, chunks: Iterable[Chunk], encoding: str, on_sent=None, before_send=None
     ) -> None:
+        super().__init__(encoding, on_sent, before_send)
         self._it = iter(chunks)
-        self._encoding = encoding
-        self._on_sent = on_sent
-        self._before_send = before_send
         self._pull_lock = threading.Lock()
         self._lock = threading.Lock()
-        self._pending: list[tuple[bytes, int]] = []  # chunks from absolute index `_base` on
-        self._base = 0
-        self._exhausted = False
-        self._started = False
-        self._generation = 0
-        self.error: BaseException | None = None
 
     def new_attempt(self) -> int:
         with self._lock:
@@ -183,41 +220,32 @@ class ReplaySource:
                 self.error = exc
                 entry = None
             with self._lock:
-                if entry is None:
-                    self._exhausted = True
-                    return None
-                self._pending.append(entry)
-                return entry
+                return self._store(entry)
 
     def _sent(self, i: int) -> None:
         with self._lock:
-            if self._started and i + 1 > self._base:
-                drop = i + 1 - self._base
-                del self._pending[:drop]
-                self._base += drop
+            self._drop_sent(i)
 
     def requests(
         self, first: gateway_pb2.ConverseRequest, generation: int
     ) -> Iterator[gateway_pb2.ConverseRequest]:
         """The request stream of one attempt: the config, then every chunk from the start."""
         yield first
-        i = self._base if self._started else 0
+        i = self._first_index()
         while True:
             if self._before_send is not None:
                 self._before_send()
             entry = self._get(i)
             if entry is None or generation != self._generation:
                 return
-            data, n = entry
-            if n:
-                if self._on_sent is not None:
-                    self._on_sent(n)
-                yield _audio_request(data)
+            request = self._request(entry)
+            if request is not None:
+                yield request
             self._sent(i)
             i += 1
 
 
-class AsyncReplaySource:
+class AsyncReplaySource(_ReplayBuffer):
     """`ReplaySource` for asyncio: one event loop, so only the pull needs serialising.
 
     It also holds audio back until the session has started (first reply) or `start_gate_s`
@@ -235,19 +263,11 @@ class AsyncReplaySource:
         start_gate_s: float = 2.0,
         before_send=None,
     ) -> None:
+        super().__init__(encoding, on_sent, before_send)
         self._it = _aiter(chunks).__aiter__()
-        self._encoding = encoding
-        self._on_sent = on_sent
-        self._before_send = before_send
         self._gate_s = start_gate_s
         self._started_evt = asyncio.Event()
         self._pull_lock = asyncio.Lock()
-        self._pending: list[tuple[bytes, int]] = []
-        self._base = 0
-        self._exhausted = False
-        self._started = False
-        self._generation = 0
-        self.error: BaseException | None = None
 
     def new_attempt(self) -> int:
         self._generation += 1
@@ -278,17 +298,7 @@ class AsyncReplaySource:
             except Exception as exc:
                 self.error = exc
                 entry = None
-            if entry is None:
-                self._exhausted = True
-                return None
-            self._pending.append(entry)
-            return entry
-
-    def _sent(self, i: int) -> None:
-        if self._started and i + 1 > self._base:
-            drop = i + 1 - self._base
-            del self._pending[:drop]
-            self._base += drop
+            return self._store(entry)
 
     async def requests(
         self, first: gateway_pb2.ConverseRequest, generation: int
@@ -299,17 +309,15 @@ class AsyncReplaySource:
                 await asyncio.wait_for(self._started_evt.wait(), self._gate_s)
             except asyncio.TimeoutError:
                 pass  # a gateway that waits for audio before answering: send it anyway
-        i = self._base if self._started else 0
+        i = self._first_index()
         while True:
             if self._before_send is not None:
                 await self._before_send()
             entry = await self._get(i)
             if entry is None or generation != self._generation:
                 return
-            data, n = entry
-            if n:
-                if self._on_sent is not None:
-                    self._on_sent(n)
-                yield _audio_request(data)
-            self._sent(i)
+            request = self._request(entry)
+            if request is not None:
+                yield request
+            self._drop_sent(i)
             i += 1

@@ -12,7 +12,6 @@ RESOURCE_EXHAUSTED/UNAVAILABLE with exponential backoff and jitter (honouring th
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -20,33 +19,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from moshi_grpc.v1 import gateway_pb2_grpc
-
-from .events import (
-    AudioFrame,
-    ReplyEvent,
-    SessionEnded,
-    SessionStarted,
-    SessionSummary,
-    from_response,
-)
-from .latency import LatencyStats, LatencyTracker, SendWindow
-from .options import (
-    RETRYABLE_CODES,
-    ChannelOptions,
-    ConverseError,
-    RetryPolicy,
-    SessionOptions,
-    TlsOptions,
-    retry_after_ms,
-)
+from .core import ClientCore, ConversationCore, session_from
+from .events import ReplyEvent
+from .options import RetryPolicy, SessionOptions
 from .result import ConverseResult, EventCallback
 from .source import Chunk, ReplaySource, chunk_array, paced, read_wav_chunks
 
-log = logging.getLogger(__name__)
 
-
-class Conversation:
+class Conversation(ConversationCore):
     """One Converse session: iterate over it for its reply events, once.
 
     After iteration: `started` (the SessionStarted event), `summary` (the server's totals, when
@@ -54,37 +34,13 @@ class Conversation:
     `attempts` (session starts tried).
     """
 
-    def __init__(
-        self,
-        stub: gateway_pb2_grpc.GatewayStub,
-        chunks: Iterable[Chunk],
-        session: SessionOptions,
-        *,
-        metadata: tuple[tuple[str, str], ...],
-        retry: RetryPolicy,
-        timeout: float | None,
-        window_frames: int | None = None,
-    ) -> None:
-        self._stub = stub
-        self._session = session
-        self._metadata = metadata
-        self._retry = retry
-        self._timeout = timeout
-        self._tracker = LatencyTracker(session.sample_rate)
-        self._window = SendWindow(self._tracker, window_frames) if window_frames else None
-        self._source = ReplaySource(
+    def _make_source(self, chunks: Iterable[Chunk]) -> ReplaySource:
+        return ReplaySource(
             chunks,
-            session.encoding,
+            self._session.encoding,
             on_sent=self._tracker.on_sent,
             before_send=self._window.wait if self._window else None,
         )
-        self._call: grpc.Call | None = None
-        self._cancelled = False
-        self._consumed = False
-        self.started: SessionStarted | None = None
-        self.summary: SessionSummary | None = None
-        self.attempts = 0
-        self.retry_delays: list[float] = []  # seconds waited before each retry
 
     def __iter__(self) -> Iterator[ReplyEvent]:
         if self._consumed:
@@ -92,101 +48,32 @@ class Conversation:
         self._consumed = True
         return self._events()
 
-    def cancel(self) -> None:
-        """End the session from the client side (the gateway frees its slots)."""
-        self._cancelled = True
-        if self._call is not None:
-            self._call.cancel()
-
-    def latency(self) -> LatencyStats:
-        return self._tracker.stats()
-
     def collect(self, on_event: EventCallback | None = None) -> ConverseResult:
         """Run the whole session and gather its reply audio, transcript and events."""
         return ConverseResult.gather(self, on_event=on_event)
 
-    @property
-    def session(self) -> SessionOptions:
-        return self._session
-
     def _events(self) -> Iterator[ReplyEvent]:
-        deadline = None if self._timeout is None else time.monotonic() + self._timeout
+        deadline = self._deadline()
         first = self._session.to_proto()
         while True:
-            if self._cancelled:  # cancelled while waiting to retry
-                raise ConverseError(
-                    grpc.StatusCode.CANCELLED, "cancelled by the client", attempts=self.attempts
-                )
-            self.attempts += 1
-            generation = self._source.new_attempt()
-            self._tracker.reset()
-            if self._window is not None:
-                self._window.reset()
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            call = self._stub.Converse(
-                self._source.requests(first, generation),
-                timeout=remaining,
-                metadata=self._metadata,
-            )
-            self._call = call
-            got_reply = False
+            call = self._open_call(first, deadline)
             try:
                 for resp in call:
-                    if not got_reply:
-                        got_reply = True
-                        self._source.mark_started()
-                    event = from_response(resp, self._session.encoding, self._session.sample_rate)
-                    if isinstance(event, AudioFrame):
-                        self._tracker.on_frame(event.frame_index)
-                        if self._window is not None:
-                            self._window.on_frame(event.frame_index)
-                    elif isinstance(event, SessionStarted):
-                        self.started = event
-                    elif isinstance(event, SessionEnded):
-                        self.summary = event.summary
+                    event = self._on_reply(resp)
                     if event is not None:
                         yield event
-                if self._source.error is not None:
-                    raise self._source.error
+                self._raise_source_error()
                 return
             except grpc.RpcError as err:
-                if self._source.error is not None:
-                    raise self._source.error from None
-                code = err.code()
-                details = err.details() or ""
-                hint = retry_after_ms(err.trailing_metadata())
-                if (
-                    not got_reply
-                    and not self._cancelled
-                    and code in RETRYABLE_CODES
-                    and self.attempts < self._retry.max_attempts
-                ):
-                    delay = self._retry.delay_s(self.attempts, hint)
-                    if deadline is None or time.monotonic() + delay < deadline:
-                        self.retry_delays.append(delay)
-                        log.info(
-                            "session start refused (%s: %s); retry %d in %.2fs",
-                            code.name,
-                            details,
-                            self.attempts + 1,
-                            delay,
-                        )
-                        time.sleep(delay)
-                        continue
-                raise ConverseError(
-                    code,
-                    details,
-                    retry_after_ms=hint,
-                    attempts=self.attempts,
-                    started=got_reply,
-                ) from None
+                time.sleep(self._retry_delay(err, deadline))
+                continue
             finally:
                 # Leaving early (break, exception in the caller's loop) must end the RPC so
                 # the gateway frees the session's slots at once.
                 call.cancel()
 
 
-class ConverseClient:
+class ConverseClient(ClientCore):
     """Blocking client of the gateway's Converse API.
 
     `addr` is host:port (any gRPC target, e.g. `dns:///gateway:50051`). `tls` enables TLS
@@ -195,21 +82,8 @@ class ConverseClient:
     default deadline of a whole session in seconds (None = none).
     """
 
-    def __init__(
-        self,
-        addr: str,
-        *,
-        tls: TlsOptions | None = None,
-        token: str | None = None,
-        retry: RetryPolicy | None = None,
-        timeout: float | None = None,
-        channel_options: Iterable[tuple[str, object]] = (),
-    ) -> None:
-        self._opts = ChannelOptions(addr, tls=tls, token=token, extra=tuple(channel_options))
-        self._retry = retry or RetryPolicy()
-        self._timeout = timeout
-        self._channel = self._opts.sync_channel()
-        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+    def _open_channel(self) -> grpc.Channel:
+        return self._opts.sync_channel()
 
     def __enter__(self) -> ConverseClient:
         return self
@@ -239,18 +113,11 @@ class ConverseClient:
         Session settings come as a `SessionOptions` or as its fields by keyword
         (`sample_rate=16000, seed=1, budget_ms=200, ...`). Nothing is sent until iteration.
         """
-        if session is None:
-            session = SessionOptions(**session_fields)
-        elif session_fields:
-            raise TypeError("pass either a SessionOptions or its fields, not both")
         return Conversation(
             self._stub,
             chunks,
-            session,
-            metadata=self._opts.metadata(),
-            retry=retry or self._retry,
-            timeout=self._timeout if timeout is None else timeout,
-            window_frames=window_frames,
+            session_from(session, session_fields),
+            **self._call_settings(timeout, retry, window_frames),
         )
 
     def converse_array(

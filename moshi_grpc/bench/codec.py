@@ -74,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference", action="store_true", help="also time PyPI moshi")
     parser.add_argument(
         "--reference-python",
-        default=os.environ.get("MOSHI_REFERENCE_PYTHON", "/work/.venv-reference/bin/python"),
+        default=os.environ.get("MOSHI_REFERENCE_PYTHON", ".venv-reference/bin/python"),
         help="python of a venv with PyPI moshi (../shared/tools/reference-venv makes one)",
     )
 

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_REFERENCE = os.environ.get("MOSHI_REFERENCE_PYTHON", "/work/.venv-reference/bin/python")
+DEFAULT_REFERENCE = os.environ.get("MOSHI_REFERENCE_PYTHON", ".venv-reference/bin/python")
 
 _REFERENCE_SCRIPT = r"""
 import json, os, sys, time

@@ -26,6 +26,7 @@ import logging
 import statistics
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 DEFAULT_SESSIONS = "1,2,4,8,16"
@@ -79,46 +80,32 @@ def _direct_ms(make_runner, n: int, payloads: list, calls: int, warmup: int) -> 
     return statistics.median(times)
 
 
-async def _codec_run(
-    mimi, options_kw: dict, stage: str, n: int, frames: int, warmup: int
+async def _timed_sessions(
+    running: Any,
+    n: int,
+    frames: int,
+    warmup: int,
+    *,
+    stub_type: Callable[[Any], Any],
+    open_call: Callable[[Any, int], Awaitable[Any]],
+    request: Callable[[int, int], Any],
+    scheduler_of: Callable[[Any], Any],
 ) -> dict[str, Any]:
-    """N concurrent Encode (stage "encode") or Decode ("decode") streams."""
+    """N concurrent streams against `running`, one request/reply round per frame; stops it.
+
+    `open_call(stub, i)` opens session i's stream (open message sent), `request(t, i)` is
+    its frame t, `scheduler_of(engine)` the scheduler whose busy time is the model time.
+    The timed part starts once every session finished its warm-up frames."""
     import grpc
-    import numpy as np
 
-    from moshi_grpc.services.codec.engine import CodecOptions
-    from moshi_grpc.services.codec.service import start_codec_server
-    from moshi_grpc.services.common.server import ServerConfig
-    from moshi_grpc.v1 import codec_pb2, codec_pb2_grpc
-
-    options = CodecOptions(max_sessions=n, **options_kw)
-    running = await start_codec_server(
-        ServerConfig(metrics_port=None), options, load_model=lambda: mimi
-    )
-    rng = np.random.default_rng(0)
-    pcm = [(0.1 * rng.standard_normal(1920)).astype("<f4").tobytes() for _ in range(8)]
-    k, card = mimi.num_codebooks, mimi.cardinality
-    codes = [rng.integers(0, card, k).tolist() for _ in range(8)]
     latencies: list[float] = []
     batches: list[int] = []
     start_gate = asyncio.Event()
     ready = 0
 
-    def request(t: int, i: int):
-        if stage == "encode":
-            frame = codec_pb2.PcmFrame(index=t, pcm_f32le=pcm[(i + t) % len(pcm)])
-            return codec_pb2.EncodeRequest(frame=frame)
-        frame = codec_pb2.CodesFrame(index=t, codes=codes[(i + t) % len(codes)])
-        return codec_pb2.DecodeRequest(frame=frame)
-
-    async def session(i: int, stub) -> None:
+    async def session(i: int, stub: Any) -> None:
         nonlocal ready
-        if stage == "encode":
-            call = stub.Encode()
-            await call.write(codec_pb2.EncodeRequest(open=codec_pb2.CodecOpen(session_id=f"b{i}")))
-        else:
-            call = stub.Decode()
-            await call.write(codec_pb2.DecodeRequest(open=codec_pb2.CodecOpen(session_id=f"b{i}")))
+        call = await open_call(stub, i)
         for t in range(warmup + frames):
             if t == warmup:
                 ready += 1
@@ -136,11 +123,10 @@ async def _codec_run(
 
     try:
         async with grpc.aio.insecure_channel(running.address) as ch:
-            stub = codec_pb2_grpc.CodecStub(ch)
+            stub = stub_type(ch)
             tasks = [asyncio.ensure_future(session(i, stub)) for i in range(n)]
             await start_gate.wait()
-            engine = running.servicer.engine
-            scheduler = engine.encoder if stage == "encode" else engine.decoder
+            scheduler = scheduler_of(running.servicer.engine)
             busy0 = scheduler.busy_s
             t0 = time.perf_counter()
             await asyncio.gather(*tasks)
@@ -151,9 +137,55 @@ async def _codec_run(
     return {"wall": wall, "busy": busy, "latencies": latencies, "batches": batches}
 
 
-async def _lm_run(lm_tok, options_kw: dict, n: int, frames: int, warmup: int) -> dict[str, Any]:
-    import grpc
+async def _codec_run(
+    mimi, options_kw: dict, stage: str, n: int, frames: int, warmup: int
+) -> dict[str, Any]:
+    """N concurrent Encode (stage "encode") or Decode ("decode") streams."""
+    import numpy as np
 
+    from moshi_grpc.services.codec.engine import CodecOptions
+    from moshi_grpc.services.codec.service import start_codec_server
+    from moshi_grpc.services.common.server import ServerConfig
+    from moshi_grpc.v1 import codec_pb2, codec_pb2_grpc
+
+    options = CodecOptions(max_sessions=n, **options_kw)
+    running = await start_codec_server(
+        ServerConfig(metrics_port=None), options, load_model=lambda: mimi
+    )
+    rng = np.random.default_rng(0)
+    pcm = [(0.1 * rng.standard_normal(1920)).astype("<f4").tobytes() for _ in range(8)]
+    k, card = mimi.num_codebooks, mimi.cardinality
+    codes = [rng.integers(0, card, k).tolist() for _ in range(8)]
+
+    def request(t: int, i: int):
+        if stage == "encode":
+            frame = codec_pb2.PcmFrame(index=t, pcm_f32le=pcm[(i + t) % len(pcm)])
+            return codec_pb2.EncodeRequest(frame=frame)
+        frame = codec_pb2.CodesFrame(index=t, codes=codes[(i + t) % len(codes)])
+        return codec_pb2.DecodeRequest(frame=frame)
+
+    async def open_call(stub, i: int):
+        if stage == "encode":
+            call = stub.Encode()
+            await call.write(codec_pb2.EncodeRequest(open=codec_pb2.CodecOpen(session_id=f"b{i}")))
+        else:
+            call = stub.Decode()
+            await call.write(codec_pb2.DecodeRequest(open=codec_pb2.CodecOpen(session_id=f"b{i}")))
+        return call
+
+    return await _timed_sessions(
+        running,
+        n,
+        frames,
+        warmup,
+        stub_type=codec_pb2_grpc.CodecStub,
+        open_call=open_call,
+        request=request,
+        scheduler_of=lambda engine: engine.encoder if stage == "encode" else engine.decoder,
+    )
+
+
+async def _lm_run(lm_tok, options_kw: dict, n: int, frames: int, warmup: int) -> dict[str, Any]:
     from moshi_grpc.services.common.server import ServerConfig
     from moshi_grpc.services.lm.engine import LmOptions
     from moshi_grpc.services.lm.service import start_lm_server
@@ -165,45 +197,26 @@ async def _lm_run(lm_tok, options_kw: dict, n: int, frames: int, warmup: int) ->
         ServerConfig(metrics_port=None), options, load_model=lambda: lm_tok
     )
     card = int(lm.config.card)
-    latencies: list[float] = []
-    batches: list[int] = []
-    start_gate = asyncio.Event()
-    ready = 0
 
-    async def session(i: int, stub) -> None:
-        nonlocal ready
+    async def open_call(stub, i: int):
         call = stub.Step()
         await call.write(lm_pb2.StepRequest(open=lm_pb2.LmOpen(session_id=f"b{i}", seed=i)))
-        for t in range(warmup + frames):
-            if t == warmup:
-                ready += 1
-                if ready == n:
-                    start_gate.set()
-                await start_gate.wait()
-            t0 = time.perf_counter()
-            codes = [(i * 31 + t * 7 + k) % card for k in range(8)]
-            await call.write(lm_pb2.StepRequest(frame=lm_pb2.UserCodes(index=t, codes=codes)))
-            out = await call.read()
-            if t >= warmup:
-                latencies.append((time.perf_counter() - t0) * 1000.0)
-                batches.append(out.timing.batch_size)
-        await call.done_writing()
-        await call.code()
+        return call
 
-    try:
-        async with grpc.aio.insecure_channel(running.address) as ch:
-            stub = lm_pb2_grpc.LMStub(ch)
-            tasks = [asyncio.ensure_future(session(i, stub)) for i in range(n)]
-            await start_gate.wait()
-            scheduler = running.servicer.engine.scheduler
-            busy0 = scheduler.busy_s
-            t0 = time.perf_counter()
-            await asyncio.gather(*tasks)
-            wall = time.perf_counter() - t0
-            busy = scheduler.busy_s - busy0
-    finally:
-        await running.stop(0)
-    return {"wall": wall, "busy": busy, "latencies": latencies, "batches": batches}
+    def request(t: int, i: int):
+        codes = [(i * 31 + t * 7 + k) % card for k in range(8)]
+        return lm_pb2.StepRequest(frame=lm_pb2.UserCodes(index=t, codes=codes))
+
+    return await _timed_sessions(
+        running,
+        n,
+        frames,
+        warmup,
+        stub_type=lm_pb2_grpc.LMStub,
+        open_call=open_call,
+        request=request,
+        scheduler_of=lambda engine: engine.scheduler,
+    )
 
 
 def _report(service: str, n: int, frames: int, run: dict[str, Any], direct_ms: float) -> str:

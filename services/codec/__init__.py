@@ -1,1 +1,1 @@
-"""TODO"""
+"""`moshi-grpc codec`: Mimi as a batched streaming gRPC service (Encode, Decode, Info)."""

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
+from typing import Any
 
-from moshi_grpc.services.common import flags, logs
-
-log = logging.getLogger(__name__)
+from moshi_grpc.services.common import flags
+from moshi_grpc.services.common.backend import run_backend_cli
+from moshi_grpc.services.common.server import RunningServer, ServerConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,30 +32,12 @@ def options_from_args(args: argparse.Namespace):
     )
 
 
-async def _main(args: argparse.Namespace) -> int:
+async def _start(config: ServerConfig, options: Any, **kwargs: Any) -> RunningServer:
+    # Imported here: the service pulls in torch, and `--help` should stay fast.
     from moshi_grpc.services.codec.service import start_codec_server
 
-    config = flags.server_config_from_args(args)
-    running = await start_codec_server(config, options_from_args(args), wait_ready=False)
-    running.install_signal_handlers()
-    log.info("codec listening on %s", running.address)
-    try:
-        await running.ready
-    except Exception as exc:  # noqa: BLE001 - reported, exit code 1
-        log.error("codec: could not load the model: %s", exc)
-        return 1
-    await running.wait_closed()
-    return 0
+    return await start_codec_server(config, options, **kwargs)
 
 
 def run(args: argparse.Namespace) -> int:
-    logs.install(json_logs=args.json_logs)
-    try:
-        if args.model == "real":
-            flags.resolve_weights(args, "codec")
-        if args.max_sessions < 1:
-            raise ValueError(f"--max-sessions must be >= 1, got {args.max_sessions}")
-        return asyncio.run(_main(args))
-    except ValueError as exc:
-        log.error("codec: %s", exc)
-        return 2
+    return run_backend_cli(args, "codec", _start, options_from_args)

@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from moshi_grpc import __version__
 from moshi_grpc.services.codec.engine import CodecEngine, CodecOptions, load_codec_model
 from moshi_grpc.services.codec.servicer import SERVICE_NAME, CodecServicer
-from moshi_grpc.services.common.backend import start_backend
-from moshi_grpc.services.common.metrics import CodecMetrics, new_registry
-from moshi_grpc.services.common.server import RunningServer, ServerConfig, ServerState, Service
+from moshi_grpc.services.common.backend import start_model_server
+from moshi_grpc.services.common.metrics import CodecMetrics
+from moshi_grpc.services.common.server import RunningServer, ServerConfig
 from moshi_grpc.v1 import codec_pb2_grpc
 
 
@@ -26,40 +25,20 @@ async def start_codec_server(
     `load_model` overrides how the Mimi model is built (tests pass a prebuilt model, or a
     loader that blocks to observe NOT_SERVING while loading). With `wait_ready=False` it
     returns while loading; await `running.ready` for the model."""
-    registry = new_registry()
-    metrics = CodecMetrics.create(registry)
-    state = ServerState()
-    servicer = CodecServicer(state, config.idle_timeout_s, metrics=metrics)
 
-    def load() -> CodecEngine:
+    def make_engine(metrics: CodecMetrics) -> CodecEngine:
         mimi = load_model() if load_model is not None else load_codec_model(options)
         return CodecEngine(mimi, options, metrics)
 
-    def attach(engine: CodecEngine, running: RunningServer) -> None:
-        servicer.attach(engine)
-        mimi = engine.mimi
-        running.server_metrics.set_build_info(
-            version=__version__,
-            model=engine.model_name,
-            config=str(getattr(mimi, "config_name", options.config)),
-            device=str(getattr(mimi, "device", options.device)),
-            dtype=str(getattr(mimi, "dtype", options.dtype)).replace("torch.", ""),
-        )
-
-    service = Service(
-        SERVICE_NAME, lambda server: codec_pb2_grpc.add_CodecServicer_to_server(servicer, server)
-    )
-    running = await start_backend(
+    return await start_model_server(
         config,
-        service,
+        options,
         "codec",
-        load=load,
-        attach=attach,
-        registry=registry,
-        state=state,
-        wait_ready=False,
+        grpc_service=SERVICE_NAME,
+        metrics_type=CodecMetrics,
+        servicer_type=CodecServicer,
+        register=codec_pb2_grpc.add_CodecServicer_to_server,
+        make_engine=make_engine,
+        model_of=lambda engine: engine.mimi,
+        wait_ready=wait_ready,
     )
-    running.servicer = servicer
-    if wait_ready and running.ready is not None:
-        await running.ready
-    return running

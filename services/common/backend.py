@@ -7,14 +7,18 @@ loading runs in a worker thread so health checks are answered meanwhile.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from moshi_grpc import __version__
+from moshi_grpc.services.common import flags, logs
+from moshi_grpc.services.common.metrics import new_registry
 from moshi_grpc.services.common.server import (
     RunningServer,
     ServerConfig,
@@ -77,3 +81,103 @@ async def start_backend(
     if wait_ready:
         await running.ready
     return running
+
+
+async def start_model_server(
+    config: ServerConfig,
+    options: Any,
+    service_name: str,
+    *,
+    grpc_service: str,
+    metrics_type: Any,
+    servicer_type: Callable[..., Any],
+    register: Callable[[Any, Any], None],
+    make_engine: Callable[[Any], Any],
+    model_of: Callable[[Any], Any],
+    wait_ready: bool = True,
+) -> RunningServer:
+    """The body of `start_codec_server` / `start_lm_server`: one per-server metrics
+    registry, a servicer that answers UNAVAILABLE until the engine is attached, the model
+    loaded by `make_engine(metrics)` in a worker thread, then build info and SERVING.
+
+    `metrics_type.create(registry)` builds the service's metrics; `servicer_type(state,
+    idle_timeout_s, metrics=...)` the servicer; `register(servicer, server)` is the
+    generated `add_*Servicer_to_server`; `model_of(engine)` is the network whose
+    `config_name`/`device`/`dtype` (falling back to `options`) go into build info.
+    `running.servicer` is set; with `wait_ready=False` it returns while loading."""
+    registry = new_registry()
+    metrics = metrics_type.create(registry)
+    state = ServerState()
+    servicer = servicer_type(state, config.idle_timeout_s, metrics=metrics)
+
+    def attach(engine: Any, running: RunningServer) -> None:
+        servicer.attach(engine)
+        model = model_of(engine)
+        running.server_metrics.set_build_info(
+            version=__version__,
+            model=engine.model_name,
+            config=str(getattr(model, "config_name", options.config)),
+            device=str(getattr(model, "device", options.device)),
+            dtype=str(getattr(model, "dtype", options.dtype)).replace("torch.", ""),
+        )
+
+    service = Service(grpc_service, lambda server: register(servicer, server))
+    running = await start_backend(
+        config,
+        service,
+        service_name,
+        load=lambda: make_engine(metrics),
+        attach=attach,
+        registry=registry,
+        state=state,
+        wait_ready=False,
+    )
+    running.servicer = servicer
+    if wait_ready and running.ready is not None:
+        await running.ready
+    return running
+
+
+# `start(config, options, wait_ready=False)`: a service's `start_*_server`.
+StartServer = Callable[..., Awaitable[RunningServer]]
+
+
+async def _serve_backend(
+    args: argparse.Namespace,
+    service_name: str,
+    start: StartServer,
+    options_from_args: Callable[[argparse.Namespace], Any],
+) -> int:
+    config = flags.server_config_from_args(args)
+    running = await start(config, options_from_args(args), wait_ready=False)
+    running.install_signal_handlers()
+    log.info("%s listening on %s", service_name, running.address)
+    try:
+        await running.ready
+    except Exception as exc:  # noqa: BLE001 - reported, exit code 1
+        log.error("%s: could not load the model: %s", service_name, exc)
+        return 1
+    await running.wait_closed()
+    return 0
+
+
+def run_backend_cli(
+    args: argparse.Namespace,
+    service_name: str,
+    start: StartServer,
+    options_from_args: Callable[[argparse.Namespace], Any],
+) -> int:
+    """The `run(args)` of a backend subcommand (`codec`, `lm`): one flow for both, so
+    their exit codes agree (0 clean stop, 1 model failed to load, 2 bad flags/weights).
+
+    The port opens before the model loads (health says NOT_SERVING meanwhile)."""
+    logs.install(json_logs=args.json_logs)
+    try:
+        if args.model == "real":
+            flags.resolve_weights(args, service_name)
+        if args.max_sessions < 1:
+            raise ValueError(f"--max-sessions must be >= 1, got {args.max_sessions}")
+        return asyncio.run(_serve_backend(args, service_name, start, options_from_args))
+    except ValueError as exc:
+        log.error("%s: %s", service_name, exc)
+        return 2

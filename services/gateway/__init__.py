@@ -1,1 +1,1 @@
-"""TODO"""
+"""`moshi-grpc gateway`: the public Converse API; routing, admission, budgets, failover."""
