@@ -30,12 +30,17 @@ stream is longer than 10 s (its streaming output drifts from its own offline out
 We follow the offline definition, so our streaming equals our offline path at any length.
 
 Speed (CPU): convolutions run as unfold + one matmul against a pre-laid-out weight, in a
-time-major (N, T, C) layout; transposed convolutions as one matmul + overlap-add; weights
-that see only a couple of rows per frame are stored column-major (`_transposed_layout`). That
+time-major (N, T, C) layout; transposed convolutions as one matmul + overlap-add. That
 avoids oneDNN's per-call weight re-layout and PyTorch's slow transposed-conv fallback, which
-dominate the reference at one frame per call. RoPE, masks and ring indices are computed once
-per transformer call, not per layer. Offline `encode`/`decode` use the same code on the whole
-signal, so their memory grows linearly with its length.
+dominate the reference at one frame per call. At batch 1 a frame is memory-bound (~170 MB of
+weights read for a few rows of activations), so in float32 on CPU every conv, transformer
+and projection weight is also blocked once for oneDNN's inner product (`_pack`, rebuilt by
+`refresh()`; ~+330 MB resident for the "mimi" config), which streams it at close to memory
+bandwidth; elsewhere (other dtypes or devices, builds without oneDNN) `_rows_linear` takes
+over. The RVQ distances keep their plain matmul: its rounding is the one torch.cdist (the
+reference) gets, which other kernels do not reproduce bit for bit. RoPE, masks and ring
+indices are computed once per transformer call, not per layer. Offline `encode`/`decode` use
+the same code on the whole signal, so their memory grows linearly with its length.
 
 Precision: float32 is the exact path (codes identical to the reference, pcm within 1e-4).
 bfloat16/float16 run end to end, with codebooks, distances and RoPE in float32; their codes
@@ -169,12 +174,48 @@ def _resolve_config(config: str | MimiConfig) -> MimiConfig:
 # --------------------------------------------------------------------------------------------
 
 
-def _transposed_layout(w: torch.Tensor) -> torch.Tensor:
-    """The same (out, in) matrix stored column-major. `F.linear(x, w)` computes x @ w.T, and
-    with w.T contiguous CPU BLAS streams the weight faster when x has few rows (one frame at
-    25 Hz or 12.5 Hz), where batch-1 streaming spends its time; layers that see many rows
-    per frame keep the row-major layout, faster there."""
-    return w.t().contiguous().t()
+def _rows_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None):
+    """`F.linear(x, w, bias)` computed as w @ x.T with w (out, in) row-major.
+
+    At one frame per call a layer sees one or two rows per slot; CPU BLAS then streams the
+    weight once without packing it, about twice as fast as x @ w.T (which packs the large
+    operand on every call). The fallback of `_linear` where oneDNN is not available.
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).t()
+    y = torch.mm(w, x2) if bias is None else torch.addmm(bias.unsqueeze(1), w, x2)
+    return y.t().reshape(*lead, w.shape[0])
+
+
+def _pack(w: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's pre-blocked copy of a float32 CPU weight (out, in), or None where unavailable.
+
+    At batch 1 a streaming frame is memory-bound: ~170 MB of weights are read for a few rows
+    of activations. A weight blocked once for oneDNN's inner-product kernel streams at close
+    to memory bandwidth (about 2x MKL's sgemm on two rows, which re-packs every call).
+    """
+    if w.device.type != "cpu" or w.dtype != torch.float32 or not torch.backends.mkldnn.enabled:
+        return None
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), 2)
+        torch.ops.mkldnn._linear_pointwise(w.new_zeros(1, w.shape[1]), packed, None, "none", [], "")
+    except (AttributeError, RuntimeError, NotImplementedError):  # build without oneDNN
+        return None
+    return packed
+
+
+def _linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    packed: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+    few_rows: bool = True,
+) -> torch.Tensor:
+    """`F.linear(x, w, bias)` through the packed weight when there is one (see `_pack`);
+    otherwise as `_rows_linear` for layers that see few rows per frame, else plain."""
+    if packed is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return _rows_linear(x, w, bias) if few_rows else F.linear(x, w, bias)
 
 
 class _States:
@@ -230,11 +271,13 @@ class StreamingConv1d(nn.Module):
         self.replicate = replicate
         # (Cout, K * Cin) copy of the weight, rebuilt by `refresh()` after loading
         self.register_buffer("w_kc", torch.zeros(0), persistent=False)
+        self.packed: torch.Tensor | None = None
 
     def refresh(self) -> None:
         w = self.conv.conv.weight  # (Cout, Cin, K)
         w = w.permute(0, 2, 1).reshape(w.shape[0], -1)
-        self.w_kc = _transposed_layout(w) if self.few_rows else w.contiguous()
+        self.w_kc = w.contiguous()
+        self.packed = _pack(self.w_kc)
 
     def init_state(self, n: int, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
         if not self.context:
@@ -257,13 +300,16 @@ class StreamingConv1d(nn.Module):
             if self.replicate:
                 states.give(torch.zeros_like(first))
         if self.kernel == 1:
-            return F.linear(x[:, :: self.stride], self.w_kc, conv.bias)
+            return self._linear(x[:, :: self.stride], conv.bias)
         cols = x.unfold(1, self.span, self.stride).transpose(2, 3)  # (N, Tout, span, Cin)
         if self.dilation > 1:
             cols = cols[:, :, :: self.dilation]
         n, t = cols.shape[:2]
         # rows copied with contiguous channel runs, against a (Cout, K * Cin) weight
-        return F.linear(cols.reshape(n, t, -1), self.w_kc, conv.bias)
+        return self._linear(cols.reshape(n, t, -1), conv.bias)
+
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return _linear(x, self.w_kc, self.packed, bias, self.few_rows)
 
 
 class StreamingConvTranspose1d(nn.Module):
@@ -291,12 +337,14 @@ class StreamingConvTranspose1d(nn.Module):
         self.overlap = kernel - stride
         # re-laid-out copy of the weight, rebuilt by `refresh()` after loading
         self.register_buffer("w_kc", torch.zeros(0), persistent=False)
+        self.packed: torch.Tensor | None = None
 
     def refresh(self) -> None:
         w = self.convtr.convtr.weight  # (Cin, Cout / groups, K)
         if self.groups == 1:  # (K * Cout, Cin): a linear layer from Cin to (K, Cout)
             w = w.permute(2, 1, 0).reshape(-1, w.shape[0])
-            self.w_kc = _transposed_layout(w) if self.few_rows else w.contiguous()
+            self.w_kc = w.contiguous()
+            self.packed = _pack(self.w_kc)
         else:  # depthwise: (K, C)
             self.w_kc = w[:, 0].t().contiguous()
 
@@ -310,7 +358,7 @@ class StreamingConvTranspose1d(nn.Module):
         s, m = self.stride, self.kernel // self.stride
         cout = conv.out_channels
         if self.groups == 1:
-            z = F.linear(x, self.w_kc)  # (N, T, K * Cout)
+            z = _linear(x, self.w_kc, self.packed, few_rows=self.few_rows)
         else:  # depthwise: z[n, t, k, c] = x[n, t, c] * w[c, 0, k]
             z = x.unsqueeze(2) * self.w_kc  # (N, T, K, C)
         z = z.reshape(n, t, m, s * cout)  # contribution of step t to output block t + j
@@ -469,11 +517,21 @@ class Attention(nn.Module):
         nn.init.kaiming_uniform_(self.in_proj_weight, a=math.sqrt(5))
         self.out_proj = nn.Linear(dim, dim, bias=False)
         self.heads = heads
+        self.packed_in: torch.Tensor | None = None  # see `_pack`; set by `refresh()`
+        self.packed_out: torch.Tensor | None = None
+
+    def refresh(self) -> None:
+        self.packed_in = _pack(self.in_proj_weight)
+        self.packed_out = _pack(self.out_proj.weight)
 
     def forward(self, x: torch.Tensor, plan: _StepPlan, layer: int) -> torch.Tensor:
         b, t, d = x.shape
         h = self.heads
-        qkv = F.linear(x, self.in_proj_weight).view(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        qkv = (
+            _linear(x, self.in_proj_weight, self.packed_in)
+            .view(b, t, 3, h, d // h)
+            .permute(2, 0, 3, 1, 4)
+        )
         qk = _rotate(qkv[:2], plan.cos, plan.sin)  # (2, B, H, T, hd)
         q, k, v = qk[0], qk[1], qkv[2]
         cache = plan.cache
@@ -487,7 +545,7 @@ class Attention(nn.Module):
             vc.scatter_(2, plan.write, v)
             k, v = kc, vc
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask)
-        return F.linear(y.transpose(1, 2).reshape(b, t, d), self.out_proj.weight)
+        return _linear(y.transpose(1, 2).reshape(b, t, d), self.out_proj.weight, self.packed_out)
 
 
 class TransformerLayer(nn.Module):
@@ -501,10 +559,23 @@ class TransformerLayer(nn.Module):
         self.linear2 = nn.Linear(c.dim_feedforward, d, bias=False)
         self.layer_scale_1 = LayerScale(d, c.layer_scale)
         self.layer_scale_2 = LayerScale(d, c.layer_scale)
+        self.packed_1: torch.Tensor | None = None  # see `_pack`; set by `refresh()`
+        self.packed_2: torch.Tensor | None = None
+
+    def refresh(self) -> None:
+        self.self_attn.refresh()
+        self.packed_1 = _pack(self.linear1.weight)
+        self.packed_2 = _pack(self.linear2.weight)
 
     def forward(self, x: torch.Tensor, plan: _StepPlan, i: int) -> torch.Tensor:
         x = x + self.layer_scale_1.scale * self.self_attn(self.norm1(x), plan, i)
-        y = F.linear(F.gelu(F.linear(self.norm2(x), self.linear1.weight)), self.linear2.weight)
+        y = self.norm2(x)
+        if self.packed_1 is not None and y.device.type == "cpu" and y.dtype == torch.float32:
+            # oneDNN applies the (exact, erf) GELU as it writes the output: same bits, one pass
+            y = torch.ops.mkldnn._linear_pointwise(y, self.packed_1, None, "gelu", [], "none")
+        else:
+            y = F.gelu(_linear(y, self.linear1.weight, self.packed_1))
+        y = _linear(y, self.linear2.weight, self.packed_2)
         return x + self.layer_scale_2.scale * y
 
 
@@ -633,6 +704,8 @@ class ResidualVQ(nn.Module):
         self.register_buffer("padded", torch.zeros(n_q, bins, dim + 2), persistent=False)
         self.register_buffer("w_in", torch.zeros(0), persistent=False)
         self.register_buffer("w_out", torch.zeros(0), persistent=False)
+        self.packed_in: torch.Tensor | None = None
+        self.packed_out: torch.Tensor | None = None
 
     def refresh(self) -> None:
         """Recompute the float32 centroids after the EMA buffers changed (load)."""
@@ -640,12 +713,14 @@ class ResidualVQ(nn.Module):
         norms = cb.pow(2).sum(-1, keepdim=True)
         self.codebooks = cb.to(self.codebooks.device)
         self.padded = torch.cat([cb, torch.ones_like(norms), norms], -1).to(self.codebooks.device)
-        self.w_in = _transposed_layout(self.input_proj.weight[:, :, 0])
-        self.w_out = _transposed_layout(self.output_proj.weight[:, :, 0])
+        self.w_in = self.input_proj.weight[:, :, 0].contiguous()
+        self.w_out = self.output_proj.weight[:, :, 0].contiguous()
+        self.packed_in = _pack(self.w_in)
+        self.packed_out = _pack(self.w_out)
 
     def encode(self, x: torch.Tensor, n_q: int) -> torch.Tensor:
         """x (B, T, io_dim) -> codes (B, T, n_q): nearest centroid of the running residual."""
-        r = F.linear(x, self.w_in).float()  # (B, T, dim)
+        r = _linear(x, self.w_in, self.packed_in).float()  # (B, T, dim)
         codes = []
         for i in range(n_q):
             cb = self.codebooks[i]
@@ -667,7 +742,7 @@ class ResidualVQ(nn.Module):
         q = self.codebooks[0][codes[..., 0]]
         for i in range(1, codes.shape[-1]):
             q = q + self.codebooks[i][codes[..., i]]
-        return F.linear(q.to(self.w_out.dtype), self.w_out)
+        return _linear(q.to(self.w_out.dtype), self.w_out, self.packed_out)
 
 
 class SplitRVQ(nn.Module):
@@ -759,13 +834,16 @@ class Mimi(nn.Module):
         for m in self.modules():
             if isinstance(m, (StreamingConv1d, StreamingConvTranspose1d)):
                 m.refresh()
-        with torch.no_grad():  # same values and names, column-major storage (see above)
+        with torch.no_grad():  # same values and names, row-major storage (`_rows_linear`)
             for name, p in self.named_parameters():
                 if (
                     name.startswith(("encoder_transformer.", "decoder_transformer."))
                     and p.dim() == 2
                 ):
-                    p.data = _transposed_layout(p.data)
+                    p.data = p.data.contiguous()
+        for t in (self.encoder_transformer, self.decoder_transformer):
+            for layer in t.transformer.layers:
+                layer.refresh()
 
     # -- state ---------------------------------------------------------------------------------
     def _encoder_state(self, n: int) -> list[torch.Tensor]:
