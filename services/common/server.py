@@ -310,37 +310,10 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                 log.info("%s -> %s: %s", method, code.name, message)
             return code, message
 
-        if inspect.isasyncgenfunction(behavior):
-
-            async def wrapped_gen(request, context: grpc.aio.ServicerContext):
-                t0 = begin()
-                code = "OK"
-                try:
-                    refusal = admit()
-                    if refusal is not None:
-                        code = "UNAVAILABLE"
-                        await context.abort(grpc.StatusCode.UNAVAILABLE, refusal)
-                    if isinstance(request, _Malformed):
-                        raise request.error
-                    async for response in behavior(request, context):
-                        yield response
-                    code = _code_name(context.code()) if context.code() is not None else "OK"
-                except asyncio.CancelledError:
-                    code = "CANCELLED"
-                    raise
-                except grpc.aio.AbortError:
-                    code = _code_name(context.code())
-                    raise
-                except Exception as exc:  # noqa: BLE001 - mapped to a status in one place
-                    status, message = await fail(context, exc)
-                    code = status.name
-                    await context.abort(status, message)
-                finally:
-                    end(t0, code)
-
-            return _replace_behavior(handler, wrapped_gen)
-
-        async def wrapped(request, context: grpc.aio.ServicerContext):
+        @contextlib.asynccontextmanager
+        async def accounted(request, context: grpc.aio.ServicerContext):
+            """Admission, error mapping and RPC metrics around one call: one body for the
+            unary and the streaming wrappers, so a rule added here holds for both."""
             t0 = begin()
             code = "OK"
             try:
@@ -350,9 +323,8 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                     await context.abort(grpc.StatusCode.UNAVAILABLE, refusal)
                 if isinstance(request, _Malformed):
                     raise request.error
-                result = await behavior(request, context)
+                yield
                 code = _code_name(context.code()) if context.code() is not None else "OK"
-                return result
             except asyncio.CancelledError:
                 code = "CANCELLED"
                 raise
@@ -365,6 +337,19 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(status, message)
             finally:
                 end(t0, code)
+
+        if inspect.isasyncgenfunction(behavior):
+
+            async def wrapped_gen(request, context: grpc.aio.ServicerContext):
+                async with accounted(request, context):
+                    async for response in behavior(request, context):
+                        yield response
+
+            return _replace_behavior(handler, wrapped_gen)
+
+        async def wrapped(request, context: grpc.aio.ServicerContext):
+            async with accounted(request, context):
+                return await behavior(request, context)
 
         return _replace_behavior(handler, wrapped)
 
