@@ -53,6 +53,18 @@ class Stack:
             await s.stop(0)
 
 
+# Every test here runs with both backend stream modes (gateway/streams.py): the shared
+# multiplexed streams (the default) and one stream per session and stage.
+_MODE = {"backend_streams": "mux"}
+
+
+@pytest.fixture(autouse=True, params=["mux", "per-session"])
+def backend_streams(request):
+    _MODE["backend_streams"] = request.param
+    yield request.param
+    _MODE["backend_streams"] = "mux"
+
+
 @functools.cache
 def _small_lm():
     """The small random LM and its bundled tokenizer, built once for the whole module."""
@@ -81,6 +93,7 @@ async def start_stack(
     loader = _small_lm if lm_model == "real" else None
     lm = await start_lm_server(_cfg(), options, load_model=loader)
     settings = settings or GatewaySettings(refresh_interval_s=0.1)
+    settings.backend_streams = _MODE["backend_streams"]
     gateway = await start_gateway(_cfg(metrics), codec.address, lm.address, settings)
     channel = grpc.aio.insecure_channel(gateway.address)
     return Stack(codec, lm, gateway, channel, gateway_pb2_grpc.GatewayStub(channel))

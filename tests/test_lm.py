@@ -333,3 +333,61 @@ def test_reset_without_seed_draws_one_and_reports_it(lm) -> None:
     assert torch.equal(torch.random.get_rng_state(), before)  # global RNG untouched
     s0, s1 = gen.seed_of(0), gen.seed_of(1)
     assert isinstance(s0, int) and s0 >= 0 and s0 != s1
+
+
+def test_rope_on_queries_and_keys_at_once_equals_the_shared_helper() -> None:
+    """The temporal step rotates q and k in one go; it must be the shared RoPE, bit for bit."""
+    from moshi_grpc.models.lm import rope_pair
+    from moshi_grpc.models.rope import apply_rope, rope_angles
+
+    g = torch.Generator().manual_seed(0)
+    qk = torch.randn(3, 2, 4, 16, generator=g)
+    angles = rope_angles(torch.tensor([0, 7, 2999]), 1, 16, 10_000)  # (B, 1, D/2)
+    out = rope_pair(qk, torch.cos(angles)[:, None], torch.sin(angles)[:, None])
+    for i in range(2):
+        expected = apply_rope(qk[:, i, :, None], angles)[:, :, 0]  # (B, H, D)
+        assert torch.equal(out[:, i], expected)
+
+
+def test_half_gemv_mode_matches_packed_matmuls_and_restores_onednn(golden) -> None:
+    """Batch-1 bf16 steps take PyTorch's GEMV with oneDNN matmul switched off process-wide:
+    same logits as the packed oneDNN path up to bf16 rounding, and the switch is restored
+    only when the last thread inside leaves."""
+    import threading
+
+    from moshi_grpc.models.lm import half_gemv
+
+    lm16 = load_lm(golden["weights"], golden["config"], dtype=torch.bfloat16)
+    tokens = torch.tensor([[5] + [3] * 16])
+    rows, steps = torch.tensor([0]), torch.tensor([0])
+    outs = []
+    for enable in (False, True):
+        caches = lm16.new_kv_caches(1)
+        with half_gemv(enable):
+            assert torch._C._get_mkldnn_enabled() is not enable
+            plan = lm16.plan_step(rows, steps, 1)
+            hidden, logits = lm16.temporal_step(tokens, caches, plan)
+            dep = lm16.depformer_inputs(hidden)
+            scratch = lm16.new_depformer_scratch(1).views(1)
+            dep_logits = lm16.depformer_step(0, dep, torch.tensor([7]), scratch[0])
+        outs.append(torch.cat([logits.float(), dep_logits.float()], -1))
+    assert torch._C._get_mkldnn_enabled()
+    scale = outs[0].abs().max()
+    assert (outs[0] - outs[1]).abs().max() <= 0.05 * scale
+
+    inside, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with half_gemv(True):
+            inside.set()
+            release.wait(10)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    assert inside.wait(10)
+    with half_gemv(True):
+        pass
+    assert not torch._C._get_mkldnn_enabled()  # the other thread is still inside
+    release.set()
+    t.join(10)
+    assert torch._C._get_mkldnn_enabled()

@@ -193,6 +193,45 @@ def test_inactive_step_leaves_state_untouched(tiny):
     assert e2.positions.tolist() == [6, 5]
 
 
+def test_single_stream_equals_offline(tiny):
+    """Batch 1 takes other kernels (two-row matmuls, one-row codebook search)."""
+    audio = _audio(1, 13, seed=8)
+    codes = tiny.encode(audio)
+    assert torch.equal(_stream_encode(tiny, audio), codes)
+    assert torch.allclose(_stream_decode(tiny, codes), tiny.decode(codes), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_fast_codebook_search_equals_exact_path_and_reruns_ties(rows):
+    """The certified fast search gives the exact path's codes; on a tie it defers to it."""
+    m = load_mimi(None, config="tiny", num_codebooks=8, seed=11)
+    rvq = m.quantizer.rvq_rest
+    x = torch.randn(rows, 1, m.config.dimension, generator=torch.Generator().manual_seed(0))
+
+    def exact(x: torch.Tensor) -> torch.Tensor:
+        search, rvq.search = rvq.search, None
+        try:
+            return rvq.encode(x, 7)
+        finally:
+            rvq.search = search
+
+    assert rvq.search is not None and rvq.search.applies(x.reshape(rows, -1), 7)
+    assert torch.equal(rvq.encode(x, 7), exact(x))
+    # an exact tie at level 0: a copy of row 0's nearest centroid at another index; the
+    # exact path (like torch.cdist + argmin) picks the lower of the two
+    best = int(exact(x)[0, 0, 0])
+    twin = 0 if best > 0 else 1
+    cb = rvq.vq.layers[0]._codebook
+    cb.embedding_sum[twin] = cb.embedding_sum[best]
+    cb.cluster_usage[twin] = cb.cluster_usage[best]
+    m.refresh()
+    before = rvq.exact_reruns
+    got = rvq.encode(x, 7)
+    assert int(got[0, 0, 0]) == min(best, twin)
+    assert torch.equal(got, exact(x))
+    assert rvq.exact_reruns > before
+
+
 # --- loading -----------------------------------------------------------------------------------
 
 

@@ -8,6 +8,9 @@ the whole batch, and the real-time factor is N x 80 ms / that time.
 subprocess with that venv's python) on the same weights file, in the same run, one
 configuration after the other (never concurrently), and prints ours / reference.
 
+It also prints how many codebook levels the fast nearest-centroid search handed back to the
+exact path (near-ties; see `_FastSearch` in moshi_grpc/models/mimi.py).
+
 On a shared machine, prefer `--threads 1` for comparisons: with 2 OpenMP threads and other
 processes on the cores, every parallel region can wait a scheduler slice (~10 ms) for its
 second thread, which swamps per-frame work of a few ms on either side.
@@ -113,6 +116,10 @@ def _ours(args, weights: Path | None, batches: list[int]) -> dict[int, tuple[flo
             dec_c.append(time.process_time() - c0)
         w = args.warmup
         out[b] = tuple(statistics.median(v[w:]) * 1e3 for v in (enc_t, dec_t, enc_c, dec_c))
+    q = mimi.quantizer
+    reruns = q.rvq_first.exact_reruns + q.rvq_rest.exact_reruns
+    levels = len(batches) * (args.warmup + args.frames) * args.num_codebooks
+    print(f"codebook search: {reruns} of {levels} levels (batched calls) rerun exactly (near-ties)")
     return out
 
 

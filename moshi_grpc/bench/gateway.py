@@ -1,19 +1,28 @@
 """`moshi-grpc bench gateway`: latency the gateway adds per frame, at 1..N concurrent sessions.
 
 Setup (all on loopback, each service its own process, as deployed): codec and LM services in
-`--model echo` mode (zero model cost, `--max-wait-ms 0`), and the gateway in front of them.
-This process is the load: N sessions, each sending one 80 ms frame every 80 ms (real time,
-phases spread over the frame period), measuring per frame
+`--model echo` mode (zero model cost, `--max-wait-ms 0`), and one gateway per
+`--backend-streams` mode in front of them (`mux`: shared multiplexed backend streams, the
+default; `per-session`: three backend streams per session). This process is the load: N
+sessions, each sending one 80 ms frame every 80 ms (real time, phases spread over the frame
+period), measuring per frame
 
 - gateway path: send of input frame t -> arrival of output frame t from the gateway;
 - direct path (the baseline, same run, same N): the same frame driven by this process
-  straight through the backends' Encode -> Step -> Decode streams, pipelined like the gateway
-  does it.
+  straight through the backends, Encode -> Step -> Decode pipelined like the gateway does
+  it, over the `--direct` RPCs: by default the multiplexed ones (one shared stream per stage,
+  the cheapest client there is: with per-session streams the load generator itself
+  saturates a core at a few hundred sessions, and "added" then measures its queueing).
 
-Gateway-added latency = gateway path - direct path (p50 and p99 of each, subtracted: the
-backend time, the echo cost and the client's own stack are in both). Every frame must come
-back (`lost` = sent - received, and the gateway's summaries must show no late or dropped
-frame). Bounded: `--seconds` of audio per session, a timeout per level.
+Gateway-added latency = gateway path - direct path (p50 and p99 of each, subtracted): the
+backend time (queueing, batching, the echo model), the loopback hops to the backends and
+this client's own stack are in both, so what is left is what the gateway's own work and its
+extra hop cost. Every frame must come back (`lost` = sent - received, and the gateway's
+summaries must show no late or dropped frame). `gw CPU/frame` is the gateway process's
+user + system CPU time over the level divided by the frames it returned: the least noisy
+figure on a shared machine (dropped frames, `drop`, cost the gateway less: compare it only
+between rows without drops). The codec + LM CPU per frame is printed too (the backend
+streams' cost on the backends: per-session streams cost them more than mux ones). Bounded: `--seconds` of audio per session, a timeout per level.
 """
 
 from __future__ import annotations
@@ -52,6 +61,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--no-direct", action="store_true", help="skip the direct-to-backends baseline"
+    )
+    parser.add_argument(
+        "--backend-streams",
+        default="mux",
+        help="gateway backend stream modes to measure, comma-separated: mux, per-session "
+        "(one gateway process per mode, measured in the same run)",
+    )
+    parser.add_argument(
+        "--direct",
+        choices=["mux", "per-session"],
+        default="mux",
+        help="backend RPCs of the direct baseline (mux: shared streams, a cheap client)",
     )
     parser.add_argument(
         "--gateway-cpus",
@@ -153,6 +174,7 @@ class LevelResult:
     dropped: int = 0
     errors: list[str] = field(default_factory=list)
     gateway_cpu_s: float = 0.0
+    backend_cpu_s: float = 0.0  # codec + LM processes
     wall_s: float = 0.0
 
     def pct(self, q: float) -> float:
@@ -226,18 +248,21 @@ async def _gateway_session(stub, args, frames: int, phase: float, chunk: bytes, 
         reader.cancel()
 
 
-async def _direct_session(codec, lm, frames: int, phase: float, pcm: bytes, res) -> None:
-    """The gateway's job done by hand, minimal: Encode -> Step -> Decode, pipelined."""
+async def _direct_session(replicas, mode: str, frames: int, phase: float, pcm: bytes, res) -> None:
+    """The gateway's job done by hand, minimal: Encode -> Step -> Decode, pipelined, over
+    per-session or shared multiplexed backend streams (the gateway's own stream classes)."""
     import grpc
 
+    from moshi_grpc.services.gateway.streams import DECODE, ENCODE, STEP, open_stream
     from moshi_grpc.v1 import codec_pb2, lm_pb2
 
-    enc = codec.Encode()
-    dec = codec.Decode()
-    step = lm.Step()
-    await enc.write(codec_pb2.EncodeRequest(open=codec_pb2.CodecOpen(session_id="bench")))
-    await dec.write(codec_pb2.DecodeRequest(open=codec_pb2.CodecOpen(session_id="bench")))
-    await step.write(lm_pb2.StepRequest(open=lm_pb2.LmOpen(session_id="bench")))
+    codec, lm = replicas
+    enc = open_stream(codec, ENCODE, (), mode)
+    dec = open_stream(codec, DECODE, (), mode)
+    step = open_stream(lm, STEP, (), mode)
+    await enc.open(codec_pb2.CodecOpen(session_id="bench"))
+    await dec.open(codec_pb2.CodecOpen(session_id="bench"))
+    await step.open(lm_pb2.LmOpen(session_id="bench"))
     sent_at: dict[int, float] = {}
 
     def done(t: int) -> None:
@@ -246,14 +271,12 @@ async def _direct_session(codec, lm, frames: int, phase: float, pcm: bytes, res)
 
     async def send(t: int) -> None:
         sent_at[t] = time.perf_counter()
-        await enc.write(codec_pb2.EncodeRequest(frame=codec_pb2.PcmFrame(index=t, pcm_f32le=pcm)))
+        await enc.send(codec_pb2.PcmFrame(index=t, pcm_f32le=pcm))
         res.sent += 1
 
     async def codes_to_lm() -> None:
         while (msg := await enc.read()) is not grpc.aio.EOF:
-            await step.write(
-                lm_pb2.StepRequest(frame=lm_pb2.UserCodes(index=msg.index, codes=msg.codes))
-            )
+            await step.send(lm_pb2.UserCodes(index=msg.index, codes=msg.codes))
         await step.done_writing()
 
     decode_order: list[int] = []
@@ -263,11 +286,7 @@ async def _direct_session(codec, lm, frames: int, phase: float, pcm: bytes, res)
         while (msg := await step.read()) is not grpc.aio.EOF:
             if msg.ready:
                 decode_order.append(msg.index)
-                await dec.write(
-                    codec_pb2.DecodeRequest(
-                        frame=codec_pb2.CodesFrame(index=d, codes=msg.moshi_codes)
-                    )
-                )
+                await dec.send(codec_pb2.CodesFrame(index=d, codes=msg.moshi_codes))
                 d += 1
             else:
                 done(msg.index)
@@ -285,10 +304,28 @@ async def _direct_session(codec, lm, frames: int, phase: float, pcm: bytes, res)
         await enc.done_writing()
         await asyncio.gather(*tasks)
     except Exception as exc:  # noqa: BLE001 - reported in the table
-        res.errors.append(f"direct: {exc}")
+        res.errors.append(f"direct: {exc!r}")
     finally:
         for t in tasks:
             t.cancel()
+        for stream in (enc, dec, step):
+            if not stream.done():
+                stream.cancel()
+
+
+class _Target:
+    """What the gateway's stream classes need of a replica: a stub, an address, and the
+    place for its shared mux streams (fresh per level, so levels do not share state)."""
+
+    def __init__(self, stub, address: str) -> None:
+        self.stub = stub
+        self.address = address
+        self.mux: dict = {}
+
+    def close(self) -> None:
+        for stream in self.mux.values():
+            stream.close()
+        self.mux.clear()
 
 
 async def _level(
@@ -298,18 +335,21 @@ async def _level(
     timeout_s: float,
     gateway_pid: int | None = None,
     res: LevelResult | None = None,
+    backend_pids: tuple[int, ...] = (),
 ) -> LevelResult:
     """Run n sessions at once (phases spread over a frame period); adds into `res`."""
     res = res or LevelResult()
     rng = np.random.default_rng(n + len(res.latencies_ms))
     phases = rng.uniform(0, FRAME_S, size=n)
     cpu0 = _cpu_seconds(gateway_pid) if gateway_pid else 0.0
+    backend0 = sum(_cpu_seconds(pid) for pid in backend_pids)
     t0 = time.perf_counter()
     tasks = [asyncio.create_task(make_session(float(p), res)) for p in phases]
     done, pending = await asyncio.wait(tasks, timeout=timeout_s)
     res.wall_s += time.perf_counter() - t0
     if gateway_pid:
         res.gateway_cpu_s += _cpu_seconds(gateway_pid) - cpu0
+    res.backend_cpu_s += sum(_cpu_seconds(pid) for pid in backend_pids) - backend0
     for t in pending:
         t.cancel()
         res.errors.append("timeout")
@@ -326,6 +366,11 @@ async def _main(args: argparse.Namespace) -> int:
     from moshi_grpc.v1 import codec_pb2_grpc, gateway_pb2_grpc, lm_pb2_grpc
 
     levels = [int(x) for x in args.sessions.split(",") if x.strip()]
+    modes = [m.strip() for m in args.backend_streams.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in ("mux", "per-session")]
+    if unknown or not modes:
+        print(f"--backend-streams: expected mux and/or per-session, got {args.backend_streams!r}")
+        return 2
     slots = max(levels)
     frames = max(1, int(round(args.seconds / FRAME_S)))
     backend = ["--model", "echo", "--max-sessions", str(slots), "--max-wait-ms", "0"]
@@ -334,16 +379,18 @@ async def _main(args: argparse.Namespace) -> int:
     procs = [codec, lm]
     try:
         await asyncio.gather(_wait_serving(codec), _wait_serving(lm))
-        gw_extra = ["--codec-addr", codec.address, "--lm-addr", lm.address, "--grace", "5"]
-        gw_extra += ["--max-concurrent-rpcs", "0"]
-        prefix = ["taskset", "-c", args.gateway_cpus] if args.gateway_cpus else None
-        name = "gateway"
-        if args.profile:
-            name = "gateway-profiled"
-            gw_extra.insert(0, args.profile)
-        gateway = _spawn(name, gw_extra, prefix)
-        procs.insert(0, gateway)
-        await _wait_serving(gateway)
+        gateways = {}
+        for mode in modes:
+            gw_extra = ["--codec-addr", codec.address, "--lm-addr", lm.address, "--grace", "5"]
+            gw_extra += ["--max-concurrent-rpcs", "0", "--backend-streams", mode]
+            prefix = ["taskset", "-c", args.gateway_cpus] if args.gateway_cpus else None
+            name = "gateway"
+            if args.profile:
+                name = "gateway-profiled"
+                gw_extra.insert(0, f"{args.profile}.{mode}" if len(modes) > 1 else args.profile)
+            gateways[mode] = _spawn(name, gw_extra, prefix)
+            procs.insert(0, gateways[mode])
+        await asyncio.gather(*(_wait_serving(g) for g in gateways.values()))
         n_samples = int(round(FRAME_S * args.rate))
         signal_24k = audio.speech_like(FRAME_S, 24000, seed=0)
         chunk = audio.encode_samples(
@@ -353,78 +400,116 @@ async def _main(args: argparse.Namespace) -> int:
         options = [("grpc.max_receive_message_length", 4 << 20)]
         rows = []
         async with (
-            grpc.aio.insecure_channel(gateway.address, options=options) as gch,
             grpc.aio.insecure_channel(codec.address, options=options) as cch,
             grpc.aio.insecure_channel(lm.address, options=options) as lch,
         ):
-            gstub = gateway_pb2_grpc.GatewayStub(gch)
             cstub = codec_pb2_grpc.CodecStub(cch)
             lstub = lm_pb2_grpc.LMStub(lch)
+            backend_pids = (codec.proc.pid, lm.proc.pid)
             for n in levels:
-                via = LevelResult()
                 direct = None if args.no_direct else LevelResult()
-                for _ in range(args.rounds):  # alternate: both paths see the same noise
-                    await _level(
-                        n,
-                        frames,
-                        lambda p, r: _gateway_session(gstub, args, frames, p, chunk, r),
-                        args.timeout_s,
-                        gateway.proc.pid,
-                        via,
-                    )
-                    await asyncio.sleep(1.0)  # the gateway re-polls Info (0.5 s) before reuse
+                vias = {mode: LevelResult() for mode in modes}
+                for _ in range(args.rounds):  # alternate: every path sees the same noise
+                    for mode, gateway in gateways.items():
+                        async with grpc.aio.insecure_channel(
+                            gateway.address, options=options
+                        ) as gch:
+                            gstub = gateway_pb2_grpc.GatewayStub(gch)
+                            await _level(
+                                n,
+                                frames,
+                                lambda p, r, g=gstub: _gateway_session(
+                                    g, args, frames, p, chunk, r
+                                ),
+                                args.timeout_s,
+                                gateway.proc.pid,
+                                vias[mode],
+                                backend_pids,
+                            )
+                        await asyncio.sleep(1.0)  # the gateway re-polls Info before reuse
                     if direct is not None:
-                        await _level(
-                            n,
-                            frames,
-                            lambda p, r: _direct_session(cstub, lstub, frames, p, pcm, r),
-                            args.timeout_s,
-                            res=direct,
+                        targets = (
+                            _Target(cstub, codec.address),
+                            _Target(lstub, lm.address),
                         )
+                        try:
+                            await _level(
+                                n,
+                                frames,
+                                lambda p, r, t=targets: _direct_session(
+                                    t, args.direct, frames, p, pcm, r
+                                ),
+                                args.timeout_s,
+                                res=direct,
+                                backend_pids=backend_pids,
+                            )
+                        finally:
+                            for t in targets:
+                                t.close()
                         await asyncio.sleep(1.0)
-                rows.append((n, via, direct))
+                for mode in modes:
+                    rows.append((n, mode, vias[mode], direct))
     finally:
         _stop(procs)
     _print(args, frames, rows)
-    bad = any(via.errors or via.sent != via.received for _, via, _ in rows)
+    bad = any(via.errors or via.sent != via.received for _, _, via, _ in rows)
     return 1 if bad else 0
 
 
 def _print(args, frames: int, rows) -> None:
     print(f"command: {' '.join(shlex.quote(a) for a in sys.argv)}")
     print(
-        f"setup: codec + LM in --model echo (max-wait 0 ms), gateway, this load generator: "
-        f"4 processes on {os.cpu_count()} CPU(s); {frames} frames per session at real time, "
-        f"{args.rounds} alternating round(s), "
-        f"client {args.rate} Hz {args.encoding}"
+        f"setup: codec + LM in --model echo (max-wait 0 ms), gateway(s), this load generator: "
+        f"separate processes on {os.cpu_count()} CPU(s); {frames} frames per session at real "
+        f"time, {args.rounds} alternating round(s), client {args.rate} Hz {args.encoding}; "
+        f"direct baseline over {args.direct} backend streams"
         + (f"; gateway pinned to CPUs {args.gateway_cpus}" if args.gateway_cpus else "")
     )
     head = (
-        f"{'sessions':>8} | {'gateway p50':>11} {'p99':>7} | {'direct p50':>10} {'p99':>7} | "
-        f"{'added p50':>9} {'p99':>7} | {'sent':>6} {'recv':>6} {'lost':>5} {'late':>5} "
-        f"{'drop':>5}"
+        f"{'sessions':>8} {'backend streams':>15} | {'gateway p50':>11} {'p99':>8} | "
+        f"{'direct p50':>10} {'p99':>8} | {'added p50':>9} {'p99':>8} | {'gw CPU/frame':>12} | "
+        f"{'sent':>6} {'recv':>6} {'lost':>5} {'late':>5} {'drop':>5}"
     )
     print(head)
     print("-" * len(head))
-    for n, via, direct in rows:
+    for n, mode, via, direct in rows:
         d50 = direct.pct(50) if direct else float("nan")
         d99 = direct.pct(99) if direct else float("nan")
+        cpu = via.gateway_cpu_s * 1e3 / via.received if via.received else float("nan")
         print(
-            f"{n:>8} | {via.pct(50):>9.2f}ms {via.pct(99):>5.2f}ms | {d50:>8.2f}ms "
-            f"{d99:>5.2f}ms | {via.pct(50) - d50:>7.2f}ms {via.pct(99) - d99:>5.2f}ms | "
-            f"{via.sent:>6} {via.received:>6} {via.sent - via.received:>5} {via.late:>5} "
-            f"{via.dropped:>5}"
+            f"{n:>8} {mode:>15} | {via.pct(50):>9.2f}ms {via.pct(99):>6.2f}ms | {d50:>8.2f}ms "
+            f"{d99:>6.2f}ms | {via.pct(50) - d50:>7.2f}ms {via.pct(99) - d99:>6.2f}ms | "
+            f"{cpu:>10.3f}ms | {via.sent:>6} {via.received:>6} {via.sent - via.received:>5} "
+            f"{via.late:>5} {via.dropped:>5}"
         )
-        if via.received:
+        if via.wall_s:
+            backends = via.backend_cpu_s * 1e3 / via.received if via.received else float("nan")
+            direct_backends = (
+                direct.backend_cpu_s * 1e3 / direct.received
+                if direct and direct.received
+                else float("nan")
+            )
             print(
-                f"         gateway CPU: {via.gateway_cpu_s * 1e3 / via.received:.2f} ms per frame, "
-                f"{100 * via.gateway_cpu_s / via.wall_s:.0f}% of one core over {via.wall_s:.1f} s"
+                f"{'':>26} gateway at {100 * via.gateway_cpu_s / via.wall_s:.0f}% of one core "
+                f"over {via.wall_s:.1f} s; codec + LM CPU/frame {backends:.3f} ms "
+                f"(direct: {direct_backends:.3f} ms)"
+                + (
+                    f"; direct lost {direct.sent - direct.received}"
+                    if direct and direct.sent != direct.received
+                    else ""
+                )
             )
         for err in (via.errors + (direct.errors if direct else []))[:3]:
             print(f"         error: {err}")
     print(
-        "added = gateway path - direct path, per percentile (backend and client costs are in "
-        "both). Target: added p99 <= 2 ms at 200 sessions on 2 CPU cores."
+        "added = gateway path - direct path, per percentile. The direct path drives the same "
+        "Encode -> Step -> Decode chain from this process straight to the backends "
+        f"({args.direct} streams), so backend time (queueing, batching, echo model), the "
+        "backend hops and the client's own cost are in both; what is left is the gateway's "
+        "work and its extra hop. gw CPU/frame = gateway process CPU time / frames returned; "
+        "codec + LM CPU/frame likewise for the two backend processes (their cost for the "
+        "gateway's backend streams vs for the direct path's). "
+        "Target: added p99 <= 2 ms at 200 sessions on 2 CPU cores."
     )
 
 

@@ -15,9 +15,12 @@ attention over the codebooks of the same step) to predict Moshi's audio codes on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
+import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moshi_grpc.models.checkpoint import CheckpointError, load_state_strict, read_safetensors
-from moshi_grpc.models.rope import apply_rope, rope_angles
+from moshi_grpc.models.rope import rope_angles
 
 logger = logging.getLogger(__name__)
 
@@ -362,12 +365,76 @@ def pack_weight(w: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None) -> torch.Tensor:
-    """`x @ w.T`, through the packed weight when there is one."""
-    if packed is None:
-        return F.linear(x, w)
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, None, "none", [], "")
-    return y.view(*x.shape[:-1], y.shape[-1])
+def linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    packed: torch.Tensor | None,
+    residual: torch.Tensor | None = None,
+    rows: slice | None = None,
+) -> torch.Tensor:
+    """`x @ w[rows].T`, plus `residual` if given, through the packed weight when there is one
+    (`packed` is then the packed `w[rows]`, and the slice is never taken).
+
+    With a packed weight the residual add is a oneDNN post-op of the matmul: one dispatched
+    op fewer per layer (the depformer runs dep_q x layers of them per step), and in bfloat16
+    one rounding fewer. In float32 the sum is the same as `residual + x @ w.T`.
+    """
+    if packed is None or (_gemv.active and x.numel() == x.shape[-1]):
+        y = F.linear(x, w if rows is None else w[rows])
+        return y if residual is None else residual + y
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if residual is None:
+        y = torch.ops.mkldnn._linear_pointwise(x2, packed, None, "none", [], "")
+    else:
+        r2 = residual if residual.dim() == 2 else residual.reshape(-1, residual.shape[-1])
+        y = torch.ops.mkldnn._linear_pointwise.binary(x2, r2, packed, None, "add")
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+
+
+class _GemvState(threading.local):
+    active = False  # this thread is inside `half_gemv()`
+
+
+_gemv = _GemvState()
+_gemv_lock = threading.Lock()
+_gemv_users = 0
+_gemv_saved_mkldnn = True
+
+
+@contextlib.contextmanager
+def half_gemv(enable: bool = True) -> Iterator[None]:
+    """Run single-row half-precision matmuls through PyTorch's own matrix-vector kernel.
+
+    For one row (batch 1), PyTorch's reduced-precision GEMV (float32 accumulation) reads
+    bfloat16 weights at ~30 GB/s with 2 threads on this project's CPU (AVX-512 BF16, no AMX),
+    where oneDNN's bfloat16 kernel, even on pre-packed weights, reaches ~20 GB/s. ATen only
+    takes that kernel while oneDNN matmul is switched off, and that switch is process-wide:
+    while any thread is inside this context it is off (ref-counted; restored when the last
+    one leaves), and `linear` uses the plain weights for single rows in the threads inside
+    it. Other threads of the process meanwhile run their half-precision matmuls and their
+    convolutions (any dtype) without oneDNN: slower, same results up to rounding (float32
+    matmuls go to MKL either way). The services run the LM in its own process; `LMGen`
+    enables this only for batch-1 steps of a bfloat16/float16 model on CPU
+    (`LMGen.half_gemv = False` turns it off).
+    """
+    global _gemv_users, _gemv_saved_mkldnn
+    if not enable or _gemv.active:
+        yield
+        return
+    with _gemv_lock:
+        if _gemv_users == 0:
+            _gemv_saved_mkldnn = torch._C._get_mkldnn_enabled()
+            torch._C._set_mkldnn_enabled(False)
+        _gemv_users += 1
+    _gemv.active = True
+    try:
+        yield
+    finally:
+        _gemv.active = False
+        with _gemv_lock:
+            _gemv_users -= 1
+            if _gemv_users == 0:
+                torch._C._set_mkldnn_enabled(_gemv_saved_mkldnn)
 
 
 class RMSNorm(nn.Module):
@@ -378,11 +445,22 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.f32 = f32
         self.alpha = nn.Parameter(torch.ones(1, 1, dim))
+        self._alpha: torch.Tensor | None = None  # `[dim]`, in the statistics dtype
+
+    def refresh(self) -> None:
+        """Cache alpha as `[dim]` in the statistics dtype (a bf16 model would otherwise
+        convert it at every call)."""
+        a = self.alpha.detach().view(-1)
+        self._alpha = a.float() if self.f32 else a
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise `x [..., dim]` (any number of leading dimensions)."""
         xf = x.float() if self.f32 else x
+        alpha = self._alpha
+        if alpha is None or alpha.device != x.device or alpha.dtype != xf.dtype:
+            alpha = self.alpha.view(-1).to(xf.dtype)
         var = self.eps + torch.mean(xf * xf, dim=-1, keepdim=True)
-        return (xf * (self.alpha.to(var.dtype) * torch.rsqrt(var))).to(x.dtype)
+        return (xf * (alpha * torch.rsqrt(var))).to(x.dtype)
 
 
 class Gating(nn.Module):
@@ -398,10 +476,31 @@ class Gating(nn.Module):
         w_in, w_out = self.linear_in.weight, self.linear_out.weight
         self.packed = (pack_weight(w_in), pack_weight(w_out)) if enable else (None, None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The FFN of `x`, plus `residual` if given."""
         h = linear(x, self.linear_in.weight, self.packed[0])  # (B, T, 2 * hidden)
         h = h.view(*h.shape[:-1], 2, -1)
-        return linear(F.silu(h[..., 0, :]) * h[..., 1, :], self.linear_out.weight, self.packed[1])
+        gated = F.silu(h[..., 0, :]) * h[..., 1, :]
+        return linear(gated, self.linear_out.weight, self.packed[1], residual)
+
+
+def kv_cache_dtypes(dtype: torch.dtype, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """Storage dtypes (keys, values) of the temporal KV cache for a model of `dtype` on `device`.
+
+    Elsewhere than on CPU, and for float32 models, both are the model's dtype. On CPU a
+    bfloat16 (or float16) model attends in full precision: oneDNN's bfloat16 matmul with one
+    query column runs at a third of its float32 speed per byte here (it wastes 15 of 16
+    vector lanes), so keys are kept in float32 (same speed as any half type for the
+    query-key products, whose rows are only head_dim long) and values in float16, which
+    PyTorch's reduced-precision matrix-vector kernel reads at full bandwidth with float32
+    accumulation (twice as fast as float32; float16 keeps 3 more mantissa bits than
+    bfloat16, and the values are projections of normalised activations, far from its range
+    limit). The cost is 1.5x the memory of a bfloat16 cache (mid config: 221 MB per slot at
+    3000 steps).
+    """
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        return torch.float32, torch.float16
+    return dtype, dtype
 
 
 class RingKVCache(nn.Module):
@@ -416,19 +515,31 @@ class RingKVCache(nn.Module):
     """
 
     def __init__(
-        self, slots: int, heads: int, capacity: int, head_dim: int, dtype: torch.dtype, device
+        self,
+        slots: int,
+        heads: int,
+        capacity: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device,
+        value_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.capacity = capacity
+        value_dtype = value_dtype or dtype
         k = torch.zeros(slots, heads, capacity, head_dim, dtype=dtype, device=device)
-        v_t = torch.zeros(slots, heads, head_dim, capacity, dtype=dtype, device=device)
+        v_t = torch.zeros(slots, heads, head_dim, capacity, dtype=value_dtype, device=device)
         self.register_buffer("k", k, persistent=False)
         self.register_buffer("v_t", v_t, persistent=False)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
     def write(self, rows: torch.Tensor, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Store `k, v [B, H, D]` at ring `index[B]` of cache `rows[B]`."""
-        self.k[rows, :, index] = k
-        self.v_t[rows, :, :, index] = v
+        self.k[rows, :, index] = k.to(self.k.dtype)
+        self.v_t[rows, :, :, index] = v.to(self.v_t.dtype)
 
     def read(self, rows: torch.Tensor | None, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Filled prefix of `rows` (None = every slot, no copy): keys `[B, H, length, D]`,
@@ -459,11 +570,16 @@ def _softmax_f32(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
     return e / e.sum(dim=-1, keepdim=True)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention of one query step `q [B, H, 1, D]` over a few keys `k, v [B, H, L, D]`
-    (the depformer's codebooks), without scaled_dot_product_attention's thread-pool cost."""
-    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)  # (B, H, 1, L)
-    return torch.matmul(_softmax_f32(scores, None).to(v.dtype), v)  # (B, H, 1, D)
+def rope_pair(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE of queries and keys at once: `qk [B, 2, H, D]` -> float32, same shape.
+
+    `cos, sin [B, 1, 1, D // 2]` are computed once per step (`StepPlan`); (even, odd)
+    channel pairs are (real, imaginary) parts, as in `rope.apply_rope`, with the same
+    float32 arithmetic, so the result equals applying that to q and k separately.
+    """
+    pairs = qk.float().unflatten(-1, (-1, 2))
+    re, im = pairs[..., 0], pairs[..., 1]
+    return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2)
 
 
 @dataclass
@@ -473,7 +589,8 @@ class StepPlan:
     rows: torch.Tensor  # (B,) cache rows being stepped
     all_rows: bool  # rows == arange(num_slots): read the cache without a gather
     ring_index: torch.Tensor  # (B,) where this step's key goes
-    angles: torch.Tensor  # (B, 1, head_dim // 2) RoPE angles of this step
+    cos: torch.Tensor  # (B, 1, 1, head_dim // 2) float32 RoPE rotation of this step
+    sin: torch.Tensor
     length: int  # filled ring prefix to attend over (max over rows)
     mask: torch.Tensor | None  # (B, 1, 1, length) valid keys, None when all are valid
 
@@ -493,11 +610,17 @@ class Attention(nn.Module):
         self.packed_in: list[torch.Tensor | None] = [None] * steps
         self.packed_out: list[torch.Tensor | None] = [None] * steps
 
+    def rows_in(self, step: int) -> slice:
+        return slice(step * 3 * self.dim, (step + 1) * 3 * self.dim)
+
+    def rows_out(self, step: int) -> slice:
+        return slice(step * self.dim, (step + 1) * self.dim)
+
     def w_in(self, step: int) -> torch.Tensor:
-        return self.in_proj_weight[step * 3 * self.dim : (step + 1) * 3 * self.dim]
+        return self.in_proj_weight[self.rows_in(step)]
 
     def w_out(self, step: int) -> torch.Tensor:
-        return self.out_proj.weight[step * self.dim : (step + 1) * self.dim]
+        return self.out_proj.weight[self.rows_out(step)]
 
     def pack(self, enable: bool) -> None:
         steps = range(self.steps)
@@ -505,23 +628,28 @@ class Attention(nn.Module):
         self.packed_out = [pack_weight(self.w_out(s)) if enable else None for s in steps]
 
     def qkv(self, x: torch.Tensor, step: int = 0) -> torch.Tensor:
-        b, t, _ = x.shape
-        qkv = linear(x, self.w_in(step), self.packed_in[step])  # (B, T, 3 * dim)
-        return qkv.view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        """Projections of one step `x [B, 1, dim]`: `[B, 3, H, D]` (q, k, v)."""
+        w, packed = self.in_proj_weight, self.packed_in[step]
+        qkv = linear(x, w, packed, rows=self.rows_in(step))  # (B, 1, 3 * dim)
+        return qkv.view(x.shape[0], 3, self.num_heads, self.head_dim)
 
-    def out(self, y: torch.Tensor, step: int = 0) -> torch.Tensor:
-        b, h, t, d = y.shape
-        y = y.transpose(1, 2).reshape(b, t, h * d)  # (B, T, dim)
-        return linear(y, self.w_out(step), self.packed_out[step])
+    def out(self, y: torch.Tensor, residual: torch.Tensor, step: int = 0) -> torch.Tensor:
+        """`residual` plus the output projection of heads `y [B, H, 1, D]`."""
+        y = y.reshape(y.shape[0], 1, self.dim).to(residual.dtype)  # T = 1: heads are contiguous
+        w, packed = self.out_proj.weight, self.packed_out[step]
+        return linear(y, w, packed, residual, rows=self.rows_out(step))
 
-    def forward_temporal(self, x: torch.Tensor, cache: RingKVCache, plan: StepPlan) -> torch.Tensor:
-        q, k, v = self.qkv(x)  # (B, H, 1, D) each
-        q = apply_rope(q, plan.angles)
-        k = apply_rope(k, plan.angles)
-        cache.write(plan.rows, plan.ring_index, k[:, :, 0], v[:, :, 0])
+    def forward_temporal(
+        self, x: torch.Tensor, residual: torch.Tensor, cache: RingKVCache, plan: StepPlan
+    ) -> torch.Tensor:
+        """`residual` plus attention of one step `x [B, 1, dim]` over the ring cache."""
+        qkv = self.qkv(x)
+        qk = rope_pair(qkv[:, :2], plan.cos, plan.sin).to(cache.dtype)  # (B, 2, H, D)
+        cache.write(plan.rows, plan.ring_index, qk[:, 1], qkv[:, 2])
         keys, values = cache.read(None if plan.all_rows else plan.rows, plan.length)
-        y = attend_ring(q, keys, values, plan.mask)
-        return self.out(y)
+        q = qk[:, 0, :, None].contiguous()  # a strided query costs 5x in the batched matmul
+        y = attend_ring(q, keys, values, plan.mask)  # (B, H, 1, D)
+        return self.out(y, residual)
 
 
 class TemporalLayer(nn.Module):
@@ -534,8 +662,8 @@ class TemporalLayer(nn.Module):
         self.gating = Gating(cfg.dim, cfg.hidden)
 
     def forward(self, x: torch.Tensor, cache: RingKVCache, plan: StepPlan) -> torch.Tensor:
-        x = x + self.self_attn.forward_temporal(self.norm1(x), cache, plan)
-        return x + self.gating(self.norm2(x))
+        x = self.self_attn.forward_temporal(self.norm1(x), x, cache, plan)
+        return self.gating(self.norm2(x), residual=x)
 
 
 class Transformer(nn.Module):
@@ -558,15 +686,62 @@ class DepformerLayer(nn.Module):
         self.norm2 = RMSNorm(d, cfg.norm_eps, f32)
         self.gating = nn.ModuleList([Gating(d, cfg.depformer_hidden) for _ in range(cfg.dep_q)])
 
-    def forward(self, x: torch.Tensor, step: int, kv: torch.Tensor) -> torch.Tensor:
-        """`x [B, 1, d]` for codebook `step`; `kv [2, B, H, dep_q, D]` is this layer's scratch."""
+    def forward(self, x: torch.Tensor, step: int, kv: DepformerViews) -> torch.Tensor:
+        """`x [B, d]` for codebook `step`; `kv` are this layer's scratch views for the step.
+
+        Two dimensions all along (the depformer has one position per call), and at most
+        dep_q keys: one fused scaled_dot_product_attention call costs a quarter of the
+        spelled-out matmul/softmax ops. The depformer runs this dep_q x layers times per
+        step, so every dispatched op saved here counts.
+        """
         attn = self.self_attn
-        q, k, v = attn.qkv(self.norm1(x), step)  # (B, H, 1, D)
-        kv[0, :, :, step] = k[:, :, 0]
-        kv[1, :, :, step] = v[:, :, 0]
-        y = attend(q, kv[0, :, :, : step + 1], kv[1, :, :, : step + 1])
-        x = x + attn.out(y, step)
-        return x + self.gating[step](self.norm2(x))
+        b = x.shape[0]
+        h = self.norm1(x)
+        qkv = linear(h, attn.in_proj_weight, attn.packed_in[step], rows=attn.rows_in(step))
+        qkv = qkv.view(b, 3, attn.num_heads, attn.head_dim)
+        kv.write.copy_(qkv[:, 1:])
+        y = F.scaled_dot_product_attention(qkv[:, 0, :, None], kv.keys, kv.values)
+        out_w, out_packed = attn.out_proj.weight, attn.packed_out[step]
+        x = linear(y.view(b, -1), out_w, out_packed, x, rows=attn.rows_out(step))
+        return self.gating[step](self.norm2(x), residual=x)
+
+
+@dataclass
+class DepformerViews:
+    """One layer's scratch at one codebook step: where this step's key/value go
+    (`write [B, 2, H, D]`) and the keys/values of the steps so far (`[B, H, step + 1, D]`)."""
+
+    write: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+class DepformerScratch:
+    """Per-layer key/value scratch `[slots, 2, H, dep_q, D]` of the depformer, with its views
+    for every batch size, layer and step made once (indexing ops add up at 32 per step)."""
+
+    def __init__(self, buffers: list[torch.Tensor]) -> None:
+        self.buffers = buffers
+        self._views: dict[int, list[list[DepformerViews]]] = {}
+
+    def views(self, batch: int) -> list[list[DepformerViews]]:
+        """`[step][layer]` views over the first `batch` rows."""
+        out = self._views.get(batch)
+        if out is None:
+            steps = self.buffers[0].shape[3]
+            out = [
+                [
+                    DepformerViews(
+                        buf[:batch, :, :, step],
+                        buf[:batch, 0, :, : step + 1],
+                        buf[:batch, 1, :, : step + 1],
+                    )
+                    for buf in self.buffers
+                ]
+                for step in range(steps)
+            ]
+            self._views[batch] = out
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -645,6 +820,8 @@ class LMModel(nn.Module):
         for module in self.modules():
             if isinstance(module, (Attention, Gating)):
                 module.pack(enable)
+            elif isinstance(module, RMSNorm):
+                module.refresh()
         self._packed = {}
         if enable:
             self._packed["text"] = pack_weight(self.text_linear.weight)
@@ -664,9 +841,10 @@ class LMModel(nn.Module):
         """One RingKVCache per temporal layer for `slots` sessions (preallocated)."""
         cfg = self.config
         hd = cfg.dim // cfg.num_heads
+        kd, vd = kv_cache_dtypes(self.dtype, self.device)
         return nn.ModuleList(
             [
-                RingKVCache(slots, cfg.num_heads, cfg.context, hd, self.dtype, self.device)
+                RingKVCache(slots, cfg.num_heads, cfg.context, hd, kd, self.device, vd)
                 for _ in range(cfg.num_layers)
             ]
         )
@@ -681,11 +859,13 @@ class LMModel(nn.Module):
         if shortest < longest:
             span = torch.arange(longest, device=steps.device)
             mask = (span[None, :] < count[:, None])[:, None, None, :]  # (B, 1, 1, L)
+        angles = rope_angles(steps, 1, cfg.dim // cfg.num_heads, cfg.max_period)[:, None]
         return StepPlan(
             rows=rows,
             all_rows=rows.numel() == num_slots,
             ring_index=steps % cfg.context,
-            angles=rope_angles(steps, 1, cfg.dim // cfg.num_heads, cfg.max_period),
+            cos=torch.cos(angles),  # (B, 1, 1, head_dim // 2)
+            sin=torch.sin(angles),
             length=longest,
             mask=mask,
         )
@@ -715,26 +895,30 @@ class LMModel(nn.Module):
         return out.view(b, self.config.dep_q, -1)
 
     def depformer_step(
-        self, step: int, dep_in: torch.Tensor, prev_token: torch.Tensor, kv: list[torch.Tensor]
+        self, step: int, dep_in: torch.Tensor, prev_token: torch.Tensor, kv: list[DepformerViews]
     ) -> torch.Tensor:
         """Logits `[B, card]` of codebook `step` given the previous token (text for step 0)."""
         if step == 0:
             tok = self.depformer_text_emb(prev_token)
         else:
             tok = self.depformer_emb[step - 1](prev_token)
-        x = (dep_in[:, step] + tok)[:, None]  # (B, 1, d)
+        x = dep_in[:, step] + tok  # (B, d)
         for layer, layer_kv in zip(self.depformer.layers, kv):
             x = layer(x, step, layer_kv)
-        return linear(x, self.linears[step].weight, self._packed.get(f"linears.{step}"))[:, 0]
+        return linear(x, self.linears[step].weight, self._packed.get(f"linears.{step}"))
 
-    def new_depformer_scratch(self, batch: int) -> list[torch.Tensor]:
+    def new_depformer_scratch(self, batch: int) -> DepformerScratch:
+        """Key/value scratch of the depformer for up to `batch` rows (`kv` of depformer_step:
+        `scratch.views(b)[step]`)."""
         cfg = self.config
         hd = cfg.depformer_dim // cfg.depformer_num_heads
-        shape = (2, batch, cfg.depformer_num_heads, cfg.dep_q, hd)
-        return [
-            torch.zeros(shape, dtype=self.dtype, device=self.device)
-            for _ in range(cfg.depformer_num_layers)
-        ]
+        shape = (batch, 2, cfg.depformer_num_heads, cfg.dep_q, hd)
+        return DepformerScratch(
+            [
+                torch.zeros(shape, dtype=self.dtype, device=self.device)
+                for _ in range(cfg.depformer_num_layers)
+            ]
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moshi_grpc.models.lm import LMModel
+from moshi_grpc.models.lm import LMModel, half_gemv
 
 __all__ = ["LMGen", "SamplingConfig", "StepResult", "LMGenError"]
 
@@ -82,6 +82,18 @@ class StepResult:
     steps: torch.Tensor  # (N,)
 
 
+@dataclass
+class _DrawPlan:
+    """The sampled rows of one batch: row indices (None = all), generators, temperatures
+    `[S, 1]` and top-k draws per row."""
+
+    rows: torch.Tensor | None
+    generators: list[torch.Generator]
+    temps: torch.Tensor
+    ks: list[int]
+    kmax: int
+
+
 def _draws(top_k: int, vocab: int) -> int:
     return vocab if top_k <= 0 or top_k > vocab else top_k
 
@@ -109,10 +121,17 @@ class LMGen:
             [cfg.text_card] + [cfg.card] * cfg.n_q, dtype=torch.long, device=dev
         )
         self.user_streams = torch.arange(cfg.dep_q + 1, k, device=dev)
+        # Per-step index constants, made once.
+        self._user_delays = self.delays[self.user_streams][None, :]  # (1, U)
+        self._gen_streams = torch.arange(1, cfg.dep_q + 1, device=dev)[None, :]  # (1, dep_q)
+        self._out_streams = torch.arange(cfg.dep_q + 1, device=dev)  # text + Moshi's audio
+        self._out_delays = self.delays[None, : cfg.dep_q + 1] - self.max_delay
         self.in_use = torch.zeros(n, dtype=torch.bool)
         self.sampling: list[SamplingConfig] = [SamplingConfig.greedy()] * n
         self.seeds: list[int | None] = [None] * n
         self.generators: list[torch.Generator | None] = [None] * n
+        # Batch-1 steps of a half-precision CPU model take PyTorch's GEMV (see lm.half_gemv).
+        self.half_gemv = dev.type == "cpu" and lm.dtype in (torch.bfloat16, torch.float16)
 
     # ---- slot management -----------------------------------------------------------------
     def _check_slot(self, slot: int) -> int:
@@ -175,40 +194,55 @@ class LMGen:
             raise LMGenError(f"{name} out of range [0, {high}) for slot(s) {bad}")
 
     # ---- sampling ------------------------------------------------------------------------
-    def _sample(self, logits: torch.Tensor, slots: list[int], text: bool) -> torch.Tensor:
-        """One token per row of `logits [B, V]`, each row with its own slot's parameters.
+    def _draw_plan(self, slots: list[int], text: bool, vocab: int) -> _DrawPlan | None:
+        """Which rows of a batch over `slots` sample (and how); None when all are greedy.
 
-        Greedy rows take the argmax. Sampled rows draw exactly top_k exponentials from their
-        own generator (the exponential race: argmax p / q is a sample from p), so the number
-        of draws, and thus the generator state, never depends on the other rows.
+        Built once per step for the text token and once for all dep_q audio codebooks.
         """
-        out = logits.argmax(-1)
-        vocab = logits.shape[-1]
         picked = []
         for j, slot in enumerate(slots):
             sc = self.sampling[slot]
             temp = sc.text_temperature if text else sc.audio_temperature
             if temp > 0:
-                picked.append(
-                    (j, slot, temp, _draws(sc.text_top_k if text else sc.audio_top_k, vocab))
-                )
+                k = _draws(sc.text_top_k if text else sc.audio_top_k, vocab)
+                picked.append((j, self.generators[slot], temp, k))
         if not picked:
-            return out
-        rows = torch.tensor([p[0] for p in picked], device=logits.device)
-        temps = torch.tensor([p[2] for p in picked], device=logits.device, dtype=logits.dtype)
+            return None
         ks = [p[3] for p in picked]
-        kmax = max(ks)
-        vals, ids = (logits[rows] / temps[:, None]).topk(kmax, dim=-1)  # (S, kmax), descending
-        q = torch.full_like(vals, math.inf)
-        for i, (_, slot, _, k) in enumerate(picked):
-            vals[i, k:] = -math.inf
-            q[i, :k] = torch.empty(k, device=logits.device, dtype=logits.dtype).exponential_(
-                generator=self.generators[slot]
-            )
+        every = len(picked) == len(slots)
+        return _DrawPlan(
+            rows=None if every else torch.tensor([p[0] for p in picked], device=self.device),
+            generators=[p[1] for p in picked],
+            temps=torch.tensor([[p[2]] for p in picked], device=self.device),
+            ks=ks,
+            kmax=max(ks),
+        )
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, plan: _DrawPlan | None) -> torch.Tensor:
+        """One token per row of `logits [B, V]` (float32), each row with its own parameters.
+
+        Greedy rows take the argmax. Sampled rows draw exactly top_k exponentials from their
+        own generator (the exponential race: argmax p / q is a sample from p), so the number
+        of draws, and thus the generator state, never depends on the other rows.
+        """
+        if plan is None:
+            return logits.argmax(-1)
+        x = logits if plan.rows is None else logits[plan.rows]
+        vals, ids = (x / plan.temps).topk(plan.kmax, dim=-1)  # (S, kmax), descending
+        q = torch.empty_like(vals)
+        for i, (gen, k) in enumerate(zip(plan.generators, plan.ks)):
+            if k < plan.kmax:
+                vals[i, k:] = -math.inf
+                q[i, k:] = math.inf
+            q[i, :k].exponential_(generator=gen)
         # argmax(p / q) needs p only up to a per-row factor: exp(v - max) is enough.
-        probs = torch.exp(vals - vals[:, :1])
-        choice = (probs / q).argmax(-1, keepdim=True)
-        out[rows] = ids.gather(-1, choice)[:, 0]
+        choice = (torch.exp(vals - vals[:, :1]) / q).argmax(-1, keepdim=True)
+        picked = ids.gather(-1, choice)[:, 0]
+        if plan.rows is None:
+            return picked
+        out = logits.argmax(-1)
+        out[plan.rows] = picked
         return out
 
     def _burn_audio_draws(self, slot: int) -> None:
@@ -245,6 +279,7 @@ class LMGen:
         if not_reset:
             raise LMGenError(f"slot(s) {not_reset} are active but were never reset")
         forced = self._as_mask("force", force)
+        f_text = f_audio = None
         if forced is not None:
             if force_text is None or force_audio is None:
                 raise LMGenError("force needs both force_text and force_audio")
@@ -267,10 +302,27 @@ class LMGen:
             self._check_range("force_text", f_text, frows, cfg.text_card)
             self._check_range("force_audio", f_audio, frows, cfg.card)
 
+        with half_gemv(self.half_gemv and len(slot_list) == 1):
+            return self._advance(rows, slots, slot_list, codes, forced, f_text, f_audio, result)
+
+    def _advance(
+        self,
+        rows: torch.Tensor,
+        slots: torch.Tensor,
+        slot_list: list[int],
+        codes: torch.Tensor,
+        forced: torch.Tensor | None,
+        f_text: torch.Tensor | None,
+        f_audio: torch.Tensor | None,
+        result: StepResult,
+    ) -> StepResult:
+        """The model part of `step` for the (validated) active rows."""
+        cfg = self.lm.config
+        n = self.num_slots
         t = self.steps[rows]  # (B,)
         # 1. store the user's codes at t + delay.
         us = self.user_streams
-        pos = (t[:, None] + self.delays[us][None, :]) % self.ring  # (B, U)
+        pos = (t[:, None] + self._user_delays) % self.ring  # (B, U)
         self.tokens[rows[:, None], us[None, :], pos] = codes[rows]
         # 2. read this step's input tokens.
         inp = self.tokens[rows, :, t % self.ring]  # (B, K)
@@ -279,7 +331,7 @@ class LMGen:
         # 3. temporal transformer + text token.
         plan = self.lm.plan_step(rows, t, n)
         hidden, text_logits = self.lm.temporal_step(inp, self.caches, plan)
-        text = self._sample(text_logits.float(), slot_list, text=True)
+        text = self._sample(text_logits.float(), self._draw_plan(slot_list, True, cfg.text_card))
         audio = torch.empty(len(slot_list), cfg.dep_q, dtype=torch.long, device=self.device)
         # 4. depformer for the slots that are not replaying recorded tokens.
         if forced is not None:
@@ -305,13 +357,12 @@ class LMGen:
         # 5. store the sampled tokens at t + 1 and advance the slots.
         t1 = t + 1
         self.tokens[rows, 0, t1 % self.ring] = text
-        gen_streams = torch.arange(1, cfg.dep_q + 1, device=self.device)
-        self.tokens[rows[:, None], gen_streams[None, :], (t1 % self.ring)[:, None]] = audio
+        self.tokens[rows[:, None], self._gen_streams, (t1 % self.ring)[:, None]] = audio
         self.steps[rows] = t1
         # 6. the delay-aligned frame of each ready slot.
         ready = t1 > self.max_delay
-        idx = (t1[:, None] - self.max_delay + self.delays[None, : cfg.dep_q + 1]) % self.ring
-        frame = self.tokens[rows[:, None], torch.arange(cfg.dep_q + 1, device=self.device), idx]
+        idx = (t1[:, None] + self._out_delays) % self.ring
+        frame = self.tokens[rows[:, None], self._out_streams, idx]
         frame = torch.where(ready[:, None], frame, torch.full_like(frame, NOT_READY))
         result.text[slots] = frame[:, 0].cpu()
         result.audio[slots] = frame[:, 1:].cpu()
@@ -328,12 +379,13 @@ class LMGen:
         lm = self.lm
         b = hidden.shape[0]
         dep_in = lm.depformer_inputs(hidden)  # (B, dep_q, d)
-        scratch = [kv[:, :b] for kv in self.dep_scratch]
+        scratch = self.dep_scratch.views(b)
+        plan = self._draw_plan(slots, False, lm.config.card)
         prev = text
         out = []
         for step in range(lm.config.dep_q):
-            logits = lm.depformer_step(step, dep_in, prev, scratch)
-            prev = self._sample(logits.float(), slots, text=False)
+            logits = lm.depformer_step(step, dep_in, prev, scratch[step])
+            prev = self._sample(logits.float(), plan)
             out.append(prev)
         return torch.stack(out, dim=1)
 

@@ -21,7 +21,8 @@ the Hugging Face `MimiModel` layout is converted to those names first.
 Streaming state: every tensor has the slot as its first dimension. Conv caches are replaced
 functionally each step (`torch.where(active, new, old)`); the transformer KV caches are ring
 buffers written in place at per-slot positions, keeping the old entry for inactive slots. No
-Python branch looks at per-row values.
+Python branch looks at per-row values, except the RVQ's choice between two searches that
+give the same codes (`_FastSearch`).
 
 Exactness note: the attention of a query at step p sees steps p-249..p (context 250). A
 streaming frame brings two 25 Hz steps at once, so the ring holds context + 1 steps; the
@@ -29,18 +30,23 @@ public reference keeps only 250 and its first query of a frame then misses one s
 stream is longer than 10 s (its streaming output drifts from its own offline output there).
 We follow the offline definition, so our streaming equals our offline path at any length.
 
-Speed (CPU): convolutions run as unfold + one matmul against a pre-laid-out weight, in a
-time-major (N, T, C) layout; transposed convolutions as one matmul + overlap-add. That
-avoids oneDNN's per-call weight re-layout and PyTorch's slow transposed-conv fallback, which
-dominate the reference at one frame per call. At batch 1 a frame is memory-bound (~170 MB of
-weights read for a few rows of activations), so in float32 on CPU every conv, transformer
-and projection weight is also blocked once for oneDNN's inner product (`_pack`, rebuilt by
-`refresh()`; ~+330 MB resident for the "mimi" config), which streams it at close to memory
-bandwidth; elsewhere (other dtypes or devices, builds without oneDNN) `_rows_linear` takes
-over. The RVQ distances keep their plain matmul: its rounding is the one torch.cdist (the
-reference) gets, which other kernels do not reproduce bit for bit. RoPE, masks and ring
-indices are computed once per transformer call, not per layer. Offline `encode`/`decode` use
-the same code on the whole signal, so their memory grows linearly with its length.
+Speed (CPU): convolutions run as im2col (one strided view) + one matmul against a
+pre-laid-out weight, in a time-major (N, T, C) layout; transposed convolutions as one matmul
++ overlap-add. That avoids oneDNN's per-call weight re-layout and PyTorch's slow
+transposed-conv fallback, which dominate the reference at one frame per call. At batch 1 a
+frame is memory-bound (~170 MB of weights read for a few rows of activations), so in
+float32 on CPU every conv, transformer and projection weight is also blocked once for
+oneDNN's inner product (`_pack`, rebuilt by `refresh()`; ~+330 MB resident for the "mimi"
+config), which streams it faster than MKL's sgemm, except for two rows against a tall
+weight (the batch-1 transformer), where `_rows_linear` is faster (`_prefers_rows`);
+elsewhere (other dtypes or devices, builds without oneDNN) `_rows_linear` takes over.
+The RVQ search must round like torch.cdist (the reference); its slow matrix-vector kernel
+is replaced by a faster one wherever a float error bound proves that the reference's
+rounding picks the same centroid, and rerun exactly elsewhere (`_FastSearch`; +4 MB per
+codebook used). Streaming attention (two queries per slot against the ring) is written out
+in a few small ops; RoPE, masks and ring indices are computed once per transformer call,
+not per layer. Offline `encode`/`decode` use the same code on the whole signal, so their
+memory grows linearly with its length.
 
 Precision: float32 is the exact path (codes identical to the reference, pcm within 1e-4).
 bfloat16/float16 run end to end, with codebooks, distances and RoPE in float32; their codes
@@ -204,6 +210,15 @@ def _pack(w: torch.Tensor) -> torch.Tensor | None:
     return packed
 
 
+def _prefers_rows(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Two rows against a weight with at least as many outputs as inputs (the batch-1
+    transformer's qkv, output and first feed-forward projections, the decoder's first
+    transposed conv): MKL's sgemm as w @ x.T streams these 1.3-1.5x faster than oneDNN's
+    packed kernel (2 threads, measured here); one row or more than two, or wider weights,
+    and the packed kernel is as fast or up to 2x faster."""
+    return x.numel() == 2 * x.shape[-1] and w.shape[0] >= w.shape[1]
+
+
 def _linear(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -212,8 +227,11 @@ def _linear(
     few_rows: bool = True,
 ) -> torch.Tensor:
     """`F.linear(x, w, bias)` through the packed weight when there is one (see `_pack`);
-    otherwise as `_rows_linear` for layers that see few rows per frame, else plain."""
+    otherwise as `_rows_linear` for layers that see few rows per frame, else plain.
+    One exception, see `_prefers_rows`."""
     if packed is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+        if _prefers_rows(x, w):
+            return _rows_linear(x, w, bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return _rows_linear(x, w, bias) if few_rows else F.linear(x, w, bias)
 
@@ -301,12 +319,15 @@ class StreamingConv1d(nn.Module):
                 states.give(torch.zeros_like(first))
         if self.kernel == 1:
             return self._linear(x[:, :: self.stride], conv.bias)
-        cols = x.unfold(1, self.span, self.stride).transpose(2, 3)  # (N, Tout, span, Cin)
-        if self.dilation > 1:
-            cols = cols[:, :, :: self.dilation]
-        n, t = cols.shape[:2]
-        # rows copied with contiguous channel runs, against a (Cout, K * Cin) weight
-        return self._linear(cols.reshape(n, t, -1), conv.bias)
+        # im2col as one strided view (N, Tout, K, Cin) of the contiguous (N, T, Cin) input;
+        # the matmul copies its rows with contiguous channel runs, against (Cout, K * Cin)
+        x = x.contiguous()
+        n, length, cin = x.shape
+        t = (length - self.span) // self.stride + 1
+        cols = x.as_strided(
+            (n, t, self.kernel, cin), (length * cin, self.stride * cin, self.dilation * cin, 1)
+        )
+        return self._linear(cols.flatten(2), conv.bias)
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return _linear(x, self.w_kc, self.packed, bias, self.few_rows)
@@ -326,8 +347,8 @@ class StreamingConvTranspose1d(nn.Module):
     ):  # fmt: skip
         super().__init__()
         self.few_rows = few_rows
-        if kernel % stride:
-            raise ValueError("transposed conv kernel must be a multiple of its stride")
+        if kernel % stride or kernel > 2 * stride:
+            raise ValueError("transposed conv kernel must be stride or 2 x stride")
         if groups not in (1, cin) or (groups > 1 and cout != cin):
             raise ValueError("only plain or depthwise transposed convolutions are supported")
         self.convtr = _Holder(
@@ -362,15 +383,18 @@ class StreamingConvTranspose1d(nn.Module):
         else:  # depthwise: z[n, t, k, c] = x[n, t, c] * w[c, 0, k]
             z = x.unsqueeze(2) * self.w_kc  # (N, T, K, C)
         z = z.reshape(n, t, m, s * cout)  # contribution of step t to output block t + j
-        out = F.pad(z[:, :, 0], (0, 0, 0, m - 1))  # (N, T + m - 1, S * Cout)
-        for j in range(1, m):
-            out = out + F.pad(z[:, :, j], (0, 0, j, m - 1 - j))
+        out = z.new_empty(n, t + m - 1, s * cout)
+        out[:, :t] = z[:, :, 0]
+        if m == 2:  # block t + 1 gets the second half of step t's contribution
+            out[:, t:] = 0
+            out[:, 1:].add_(z[:, :, 1])
         out = out.view(n, (t + m - 1) * s, cout)
         prev = states.take()  # (N, K - S, Cout)
-        states.give(out[:, t * s :])
-        y = torch.cat([out[:, : self.overlap] + prev, out[:, self.overlap : t * s]], dim=1)
+        states.give(out[:, t * s :])  # incomplete: the next call adds to it
+        y = out[:, : t * s]  # in place below: disjoint from the state just given
+        y[:, : self.overlap].add_(prev)
         if conv.bias is not None:
-            y = y + conv.bias
+            y.add_(conv.bias)
         return y
 
 
@@ -463,17 +487,20 @@ class SEANetDecoder(nn.Module):
 
 
 class KVCache:
-    """Per-slot ring buffers for every layer of one transformer, plus per-slot positions."""
+    """Per-slot ring buffers for every layer of one transformer, plus per-slot positions.
+
+    Keys and values of a layer share one tensor `kv[layer]` of shape (2, N, H, capacity, hd),
+    so one scatter writes both.
+    """
 
     def __init__(
         self, layers: int, n: int, heads: int, capacity: int, head_dim: int, device, dtype
     ):
         self.capacity = capacity
-        self.k = [
-            torch.zeros(n, heads, capacity, head_dim, device=device, dtype=dtype)
+        self.kv = [
+            torch.zeros(2, n, heads, capacity, head_dim, device=device, dtype=dtype)
             for _ in range(layers)
         ]
-        self.v = [torch.zeros_like(k) for k in self.k]
         self.pos = torch.zeros(n, device=device, dtype=torch.long)  # steps seen by each slot
 
     def reset(self, mask: torch.Tensor) -> None:
@@ -492,20 +519,27 @@ class LayerScale(nn.Module):
 class _StepPlan:
     """What every layer of one transformer call shares: RoPE, mask, ring write indices."""
 
-    cos: torch.Tensor  # (B, 1, T, hd/2) float32
+    cos: torch.Tensor  # (3, B, 1, T, hd) float32, see `_rotate` (rows for q, k, v)
     sin: torch.Tensor
     mask: torch.Tensor  # (B, 1, T, S) bool: query t may see key s
+    bias: torch.Tensor | None  # streaming float32: the mask as 0 / -inf to add to scores
     cache: KVCache | None
-    write: torch.Tensor | None  # (B, H, T, hd) ring indices written this call
+    write: torch.Tensor | None  # (2, B, H, T, hd) ring indices of k and v written this call
     active: torch.Tensor | None
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on interleaved (real, imaginary) pairs of the last dim, computed in float32."""
-    pairs = x.unflatten(-1, (-1, 2))
-    re, im = pairs[..., 0].float(), pairs[..., 1].float()
-    out = torch.stack([(re * cos - im * sin).to(x.dtype), (re * sin + im * cos).to(x.dtype)], -1)
-    return out.flatten(-2)
+    """RoPE on interleaved (real, imaginary) pairs of the last dim, computed in float32.
+
+    With `cos` = (c, c) and `sin` = (-s, s) per pair, x * cos + swap(x) * sin is
+    (re c - im s, im c + re s): the same products and sums, so the same bits, as the
+    rotation written per component, in 4 ops instead of ~15. The plan gives the v rows
+    cos = 1, sin = 0 (identity) so that q, k and v come out of one call, k and v adjacent.
+    """
+    xf = x if x.dtype == torch.float32 else x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    out = xf * cos + swapped * sin
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -532,19 +566,24 @@ class Attention(nn.Module):
             .view(b, t, 3, h, d // h)
             .permute(2, 0, 3, 1, 4)
         )
-        qk = _rotate(qkv[:2], plan.cos, plan.sin)  # (2, B, H, T, hd)
-        q, k, v = qk[0], qk[1], qkv[2]
+        qkv = _rotate(qkv, plan.cos, plan.sin)  # (3, B, H, T, hd); v unchanged
+        q, k, v = qkv[0], qkv[1], qkv[2]
         cache = plan.cache
         if cache is not None:
-            kc, vc = cache.k[layer], cache.v[layer]
+            kv = cache.kv[layer]
+            new = qkv[1:]
             if plan.active is not None:  # inactive slots write back what was there
-                keep = ~plan.active.view(-1, 1, 1, 1)
-                k = torch.where(keep, kc.gather(2, plan.write), k)
-                v = torch.where(keep, vc.gather(2, plan.write), v)
-            kc.scatter_(2, plan.write, k)
-            vc.scatter_(2, plan.write, v)
-            k, v = kc, vc
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask)
+                keep = ~plan.active.view(1, -1, 1, 1, 1)
+                new = torch.where(keep, kv.gather(3, plan.write), new)
+            kv.scatter_(3, plan.write, new)
+            k, v = kv[0], kv[1]
+        if plan.bias is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask)
+        else:
+            # Streaming float32: two queries per slot against the ring. Written out, this is
+            # a handful of small ops, several times cheaper than the fused kernel's setup.
+            att = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
+            y = torch.matmul(att.add_(plan.bias).softmax(-1), v)
         return _linear(y.transpose(1, 2).reshape(b, t, d), self.out_proj.weight, self.packed_out)
 
 
@@ -570,7 +609,12 @@ class TransformerLayer(nn.Module):
     def forward(self, x: torch.Tensor, plan: _StepPlan, i: int) -> torch.Tensor:
         x = x + self.layer_scale_1.scale * self.self_attn(self.norm1(x), plan, i)
         y = self.norm2(x)
-        if self.packed_1 is not None and y.device.type == "cpu" and y.dtype == torch.float32:
+        if (
+            self.packed_1 is not None
+            and y.device.type == "cpu"
+            and y.dtype == torch.float32
+            and not _prefers_rows(y, self.linear1.weight)
+        ):
             # oneDNN applies the (exact, erf) GELU as it writes the output: same bits, one pass
             y = torch.ops.mkldnn._linear_pointwise(y, self.packed_1, None, "gelu", [], "none")
         else:
@@ -607,6 +651,12 @@ class Transformer(nn.Module):
             cache.pos if cache is not None else torch.zeros(b, dtype=torch.long, device=device)
         )
         angles = rope_angles(positions, t, hd, c.max_period).unsqueeze(1)  # (B, 1, T, hd/2)
+        cos, sin = angles.cos(), angles.sin()
+        # per (re, im) pair: cos (c, c), sin (-s, s); identity rows for v (see `_rotate`)
+        cos2 = torch.stack([cos, cos], -1).flatten(-2)
+        sin2 = torch.stack([-sin, sin], -1).flatten(-2)
+        cos3 = torch.stack([cos2, cos2, torch.ones_like(cos2)])
+        sin3 = torch.stack([sin2, sin2, torch.zeros_like(sin2)])
         qpos = positions.view(-1, 1) + torch.arange(t, device=device)  # (B, T)
         write = None
         if cache is None:  # offline: the whole signal at once, from position 0
@@ -615,13 +665,16 @@ class Transformer(nn.Module):
             cap = cache.capacity
             if t > cap - c.context + 1:
                 raise MimiInputError(f"a streaming call brings at most {cap - c.context + 1} steps")
-            write = (qpos % cap).view(b, 1, t, 1).expand(b, c.num_heads, t, hd)
+            write = (qpos % cap).view(1, b, 1, t, 1).expand(2, b, c.num_heads, t, hd)
             last = qpos[:, -1:]  # (B, 1)
             j = torch.arange(cap, device=device)
             kpos = last - torch.remainder(last - j, cap)  # newest step held in ring slot j
         delta = qpos.unsqueeze(-1) - kpos.unsqueeze(1)  # (B, T, S)
-        mask = (kpos.unsqueeze(1) >= 0) & (delta >= 0) & (delta < c.context)
-        return _StepPlan(angles.cos(), angles.sin(), mask.unsqueeze(1), cache, write, active)
+        mask = ((kpos.unsqueeze(1) >= 0) & (delta >= 0) & (delta < c.context)).unsqueeze(1)
+        bias = None
+        if cache is not None and self.transformer.layers[0].norm1.weight.dtype == torch.float32:
+            bias = torch.zeros(mask.shape, device=device).masked_fill_(~mask, float("-inf"))
+        return _StepPlan(cos3, sin3, mask, bias, cache, write, active)
 
     def forward(
         self, x: torch.Tensor, cache: KVCache | None = None, active: torch.Tensor | None = None
@@ -692,6 +745,71 @@ class _VQLayers(nn.Module):
         self.layers = nn.ModuleList(_VQ(bins, dim) for _ in range(n))
 
 
+class _FastSearch:
+    """Nearest-centroid search that returns the exact path's codes, ~2x cheaper per frame.
+
+    The exact path must round like the reference's torch.cdist (MKL, a matrix-vector
+    kernel that streams each 2 MB codebook slowly). Here scores s_j = r.e_j - |e_j|^2 / 2
+    (ranked like the distances) come from a faster kernel: a row-major (dim, bins) copy
+    for one row per call, oneDNN's packed copy for more. Rounding differs, but any float32
+    dot product of n terms lies within n 2^-24 sum|terms| of its exact value whatever the
+    summation order, and here sum|terms| <= (|r| + max|e|)^2 on both sides. So where the
+    best score leads the runner-up by more than 2.5x that bound (2x for the worst case of
+    both sides, plus room for the float32 norms and for the square root not to tie), the
+    reference's kernel picks the same centroid. Levels are certified at the end of the
+    call; from the first level where some row is closer than that, the caller reruns the
+    exact path (its residual there is the same, bit for bit). With random weights that
+    happened for ~1% of rows per level.
+    """
+
+    MAX_ROWS = 16  # streaming batches; offline calls have many rows, hence many reruns
+
+    def __init__(self, books_t: list[torch.Tensor], packed: list, half_norms, max_norm):
+        self.books_t, self.packed = books_t, packed
+        self.neg_half_norms, self.max_norm = half_norms, max_norm
+
+    @classmethod
+    def build(cls, codebooks: torch.Tensor, levels: int | None) -> _FastSearch | None:
+        cb = codebooks[: codebooks.shape[0] if levels is None else levels]
+        if cb.device.type != "cpu" or cb.shape[0] == 0 or cb.shape[1] < 2:
+            return None
+        packed = [_pack(b) for b in cb]
+        if any(p is None for p in packed):
+            return None
+        norms = cb.pow(2).sum(-1)
+        return cls([b.t().contiguous() for b in cb], packed, -0.5 * norms, norms.amax(1).sqrt())
+
+    def applies(self, rows: torch.Tensor, n_q: int) -> bool:
+        return (
+            rows.device.type == "cpu" and rows.shape[0] <= self.MAX_ROWS and n_q <= len(self.packed)
+        )
+
+    def levels(self, r: torch.Tensor, start: int, n_q: int, codebooks: torch.Tensor):
+        """Levels start.. of residual rows r (M, dim) -> (their codes as far as certified,
+        the residual at the first uncertified level, or at the end)."""
+        codes, tops, residuals = [], [], []
+        for i in range(start, n_q):
+            if r.shape[0] == 1:
+                s = torch.addmm(self.neg_half_norms[i], r, self.books_t[i])
+            else:
+                s = torch.ops.mkldnn._linear_pointwise(
+                    r, self.packed[i], self.neg_half_norms[i], "none", [], ""
+                )
+            top = s.topk(2, dim=-1)  # (M, 2): best and runner-up
+            codes.append(top.indices[:, 0])
+            tops.append(top.values)
+            residuals.append(r)
+            if i + 1 < n_q:
+                r = r - codebooks[i][codes[-1]]
+        top2 = torch.stack(tops)  # (levels, M, 2)
+        norm = torch.stack(residuals).pow(2).sum(-1).sqrt_()  # (levels, M)
+        bound = (norm + self.max_norm[start:n_q, None]).square_()
+        bound = bound.mul_(5 * (r.shape[1] + 2) * 2.0**-24)
+        sure = (2 * (top2[..., 0] - top2[..., 1]) > bound).all(dim=1)
+        good = len(codes) if bool(sure.all()) else int(sure.long().argmin())
+        return codes[:good], residuals[good] if good < len(codes) else r
+
+
 class ResidualVQ(nn.Module):
     """Projection in (1x1 conv) -> residual VQ -> projection out."""
 
@@ -706,36 +824,50 @@ class ResidualVQ(nn.Module):
         self.register_buffer("w_out", torch.zeros(0), persistent=False)
         self.packed_in: torch.Tensor | None = None
         self.packed_out: torch.Tensor | None = None
+        self.search: _FastSearch | None = None
+        self.exact_reruns = 0  # levels recomputed by the exact path after a near-tie
 
-    def refresh(self) -> None:
-        """Recompute the float32 centroids after the EMA buffers changed (load)."""
+    def refresh(self, levels: int | None = None) -> None:
+        """Recompute the float32 centroids after the EMA buffers changed (load).
+
+        `levels`: how many codebooks encoding will use (the fast search is built for those).
+        """
         cb = torch.stack([layer._codebook.centroids() for layer in self.vq.layers])
         norms = cb.pow(2).sum(-1, keepdim=True)
-        self.codebooks = cb.to(self.codebooks.device)
-        self.padded = torch.cat([cb, torch.ones_like(norms), norms], -1).to(self.codebooks.device)
+        device = self.codebooks.device
+        self.codebooks = cb.to(device)
+        self.padded = torch.cat([cb, torch.ones_like(norms), norms], -1).to(device)
         self.w_in = self.input_proj.weight[:, :, 0].contiguous()
         self.w_out = self.output_proj.weight[:, :, 0].contiguous()
         self.packed_in = _pack(self.w_in)
         self.packed_out = _pack(self.w_out)
+        self.search = _FastSearch.build(self.codebooks, levels)
 
     def encode(self, x: torch.Tensor, n_q: int) -> torch.Tensor:
         """x (B, T, io_dim) -> codes (B, T, n_q): nearest centroid of the running residual."""
         r = _linear(x, self.w_in, self.packed_in).float()  # (B, T, dim)
-        codes = []
-        for i in range(n_q):
-            cb = self.codebooks[i]
+        r = r.reshape(-1, r.shape[-1])
+        fast = self.search is not None and self.search.applies(r, n_q)
+        codes: list[torch.Tensor] = []
+        while len(codes) < n_q:
+            if fast:  # as many levels as it can vouch for, then one exact level
+                got, r = self.search.levels(r, len(codes), n_q, self.codebooks)
+                codes += got
+                if len(codes) == n_q:
+                    break
+                self.exact_reruns += 1
+            i = len(codes)
             # Euclidean distance as torch.cdist computes it (what the reference calls):
             # [-2r, |r|^2, 1] . [e, 1, |e|^2] in one matmul, clamped, square-rooted; same
             # rounding, so near-ties in deep residual levels resolve the same way.
-            rf = r.reshape(1, -1, r.shape[-1])
+            rf = r.unsqueeze(0)
             rn = rf.pow(2).sum(-1, keepdim=True)
             lhs = torch.cat([rf.mul(-2), rn, torch.ones_like(rn)], dim=-1)
             dist = lhs.matmul(self.padded[i].unsqueeze(0).mT).clamp_min_(0).sqrt_()
-            idx = dist[0].argmin(-1).view(r.shape[:-1])
-            codes.append(idx)
+            codes.append(dist[0].argmin(-1))
             if i + 1 < n_q:
-                r = r - cb[idx]
-        return torch.stack(codes, dim=-1)
+                r = r - self.codebooks[i][codes[-1]]
+        return torch.stack(codes, dim=-1).view(*x.shape[:-1], n_q)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, T, n_q) -> (B, T, io_dim)."""
@@ -829,8 +961,9 @@ class Mimi(nn.Module):
 
         `load_mimi` calls it; call it again after editing parameters or buffers by hand.
         """
-        self.quantizer.rvq_first.refresh()
-        self.quantizer.rvq_rest.refresh()
+        n_sem = self.config.semantic_codebooks
+        self.quantizer.rvq_first.refresh(min(self.num_codebooks, n_sem))
+        self.quantizer.rvq_rest.refresh(max(self.num_codebooks - n_sem, 0))
         for m in self.modules():
             if isinstance(m, (StreamingConv1d, StreamingConvTranspose1d)):
                 m.refresh()

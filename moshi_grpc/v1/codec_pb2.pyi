@@ -48,3 +48,75 @@ class DecodeRequest(_message.Message):
     open: CodecOpen
     frame: CodesFrame
     def __init__(self, open: _Optional[_Union[CodecOpen, _Mapping]] = ..., frame: _Optional[_Union[CodesFrame, _Mapping]] = ...) -> None: ...
+
+class EncodeMuxEntry(_message.Message):
+    __slots__ = ("session", "open", "frame", "close", "cancel")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    session: int
+    open: CodecOpen
+    frame: PcmFrame
+    close: bool
+    cancel: bool
+    def __init__(self, session: _Optional[int] = ..., open: _Optional[_Union[CodecOpen, _Mapping]] = ..., frame: _Optional[_Union[PcmFrame, _Mapping]] = ..., close: _Optional[bool] = ..., cancel: _Optional[bool] = ...) -> None: ...
+
+class EncodeMuxRequest(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[EncodeMuxEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[EncodeMuxEntry, _Mapping]]] = ...) -> None: ...
+
+class EncodeMuxResult(_message.Message):
+    __slots__ = ("session", "frame", "end")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    session: int
+    frame: CodesFrame
+    end: _common_pb2.MuxEnd
+    def __init__(self, session: _Optional[int] = ..., frame: _Optional[_Union[CodesFrame, _Mapping]] = ..., end: _Optional[_Union[_common_pb2.MuxEnd, _Mapping]] = ...) -> None: ...
+
+class EncodeMuxResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[EncodeMuxResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[EncodeMuxResult, _Mapping]]] = ...) -> None: ...
+
+class DecodeMuxEntry(_message.Message):
+    __slots__ = ("session", "open", "frame", "close", "cancel")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    session: int
+    open: CodecOpen
+    frame: CodesFrame
+    close: bool
+    cancel: bool
+    def __init__(self, session: _Optional[int] = ..., open: _Optional[_Union[CodecOpen, _Mapping]] = ..., frame: _Optional[_Union[CodesFrame, _Mapping]] = ..., close: _Optional[bool] = ..., cancel: _Optional[bool] = ...) -> None: ...
+
+class DecodeMuxRequest(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[DecodeMuxEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[DecodeMuxEntry, _Mapping]]] = ...) -> None: ...
+
+class DecodeMuxResult(_message.Message):
+    __slots__ = ("session", "frame", "end")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    session: int
+    frame: PcmFrame
+    end: _common_pb2.MuxEnd
+    def __init__(self, session: _Optional[int] = ..., frame: _Optional[_Union[PcmFrame, _Mapping]] = ..., end: _Optional[_Union[_common_pb2.MuxEnd, _Mapping]] = ...) -> None: ...
+
+class DecodeMuxResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[DecodeMuxResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[DecodeMuxResult, _Mapping]]] = ...) -> None: ...

@@ -51,6 +51,16 @@ class CodecStub:
                 request_serializer=moshi__grpc_dot_v1_dot_common__pb2.InfoRequest.SerializeToString,
                 response_deserializer=moshi__grpc_dot_v1_dot_common__pb2.BackendInfo.FromString,
                 _registered_method=True)
+        self.EncodeMux = channel.stream_stream(
+                '/moshi_grpc.v1.Codec/EncodeMux',
+                request_serializer=moshi__grpc_dot_v1_dot_codec__pb2.EncodeMuxRequest.SerializeToString,
+                response_deserializer=moshi__grpc_dot_v1_dot_codec__pb2.EncodeMuxResponse.FromString,
+                _registered_method=True)
+        self.DecodeMux = channel.stream_stream(
+                '/moshi_grpc.v1.Codec/DecodeMux',
+                request_serializer=moshi__grpc_dot_v1_dot_codec__pb2.DecodeMuxRequest.SerializeToString,
+                response_deserializer=moshi__grpc_dot_v1_dot_codec__pb2.DecodeMuxResponse.FromString,
+                _registered_method=True)
 
 
 class CodecServicer:
@@ -83,6 +93,27 @@ class CodecServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EncodeMux(self, request_iterator, context):
+        """Encode for many sessions over one stream (the gateway's multiplexed path: one stream
+        per gateway and replica instead of one per session). Each message carries entries of
+        any number of sessions; each session follows the Encode protocol (open, then frames,
+        then close) and holds one slot from its open to its end. Results come back in
+        messages of their own, in frame order per session. A session's error (the statuses of
+        Encode) ends only that session, as a `MuxEnd` with the status; the stream goes
+        on. When the stream ends (either side, or it fails) every session on it ends and frees
+        its slot.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DecodeMux(self, request_iterator, context):
+        """Decode for many sessions over one stream; the same rules as EncodeMux.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CodecServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -100,6 +131,16 @@ def add_CodecServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=moshi__grpc_dot_v1_dot_common__pb2.InfoRequest.FromString,
                     response_serializer=moshi__grpc_dot_v1_dot_common__pb2.BackendInfo.SerializeToString,
+            ),
+            'EncodeMux': grpc.stream_stream_rpc_method_handler(
+                    servicer.EncodeMux,
+                    request_deserializer=moshi__grpc_dot_v1_dot_codec__pb2.EncodeMuxRequest.FromString,
+                    response_serializer=moshi__grpc_dot_v1_dot_codec__pb2.EncodeMuxResponse.SerializeToString,
+            ),
+            'DecodeMux': grpc.stream_stream_rpc_method_handler(
+                    servicer.DecodeMux,
+                    request_deserializer=moshi__grpc_dot_v1_dot_codec__pb2.DecodeMuxRequest.FromString,
+                    response_serializer=moshi__grpc_dot_v1_dot_codec__pb2.DecodeMuxResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -184,6 +225,60 @@ class Codec:
             '/moshi_grpc.v1.Codec/Info',
             moshi__grpc_dot_v1_dot_common__pb2.InfoRequest.SerializeToString,
             moshi__grpc_dot_v1_dot_common__pb2.BackendInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EncodeMux(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/moshi_grpc.v1.Codec/EncodeMux',
+            moshi__grpc_dot_v1_dot_codec__pb2.EncodeMuxRequest.SerializeToString,
+            moshi__grpc_dot_v1_dot_codec__pb2.EncodeMuxResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecodeMux(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/moshi_grpc.v1.Codec/DecodeMux',
+            moshi__grpc_dot_v1_dot_codec__pb2.DecodeMuxRequest.SerializeToString,
+            moshi__grpc_dot_v1_dot_codec__pb2.DecodeMuxResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,3 +63,11 @@ class BackendInfo(_message.Message):
     codebook_size: int
     text_vocab_size: int
     def __init__(self, model_name: _Optional[str] = ..., config_name: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., slots_total: _Optional[int] = ..., slots_in_use: _Optional[int] = ..., step_p50_ms: _Optional[float] = ..., step_p99_ms: _Optional[float] = ..., version: _Optional[str] = ..., draining: _Optional[bool] = ..., num_codebooks: _Optional[int] = ..., sample_rate: _Optional[int] = ..., frame_size: _Optional[int] = ..., codebook_size: _Optional[int] = ..., text_vocab_size: _Optional[int] = ...) -> None: ...
+
+class MuxEnd(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...

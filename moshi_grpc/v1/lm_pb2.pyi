@@ -60,3 +60,39 @@ class StepOutput(_message.Message):
     moshi_codes: _containers.RepeatedScalarFieldContainer[int]
     timing: _common_pb2.ServerTiming
     def __init__(self, index: _Optional[int] = ..., ready: _Optional[bool] = ..., text_token: _Optional[int] = ..., text_piece: _Optional[str] = ..., moshi_codes: _Optional[_Iterable[int]] = ..., timing: _Optional[_Union[_common_pb2.ServerTiming, _Mapping]] = ...) -> None: ...
+
+class StepMuxEntry(_message.Message):
+    __slots__ = ("session", "open", "frame", "close", "cancel")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    session: int
+    open: LmOpen
+    frame: UserCodes
+    close: bool
+    cancel: bool
+    def __init__(self, session: _Optional[int] = ..., open: _Optional[_Union[LmOpen, _Mapping]] = ..., frame: _Optional[_Union[UserCodes, _Mapping]] = ..., close: _Optional[bool] = ..., cancel: _Optional[bool] = ...) -> None: ...
+
+class StepMuxRequest(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[StepMuxEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[StepMuxEntry, _Mapping]]] = ...) -> None: ...
+
+class StepMuxResult(_message.Message):
+    __slots__ = ("session", "frame", "end")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    session: int
+    frame: StepOutput
+    end: _common_pb2.MuxEnd
+    def __init__(self, session: _Optional[int] = ..., frame: _Optional[_Union[StepOutput, _Mapping]] = ..., end: _Optional[_Union[_common_pb2.MuxEnd, _Mapping]] = ...) -> None: ...
+
+class StepMuxResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[StepMuxResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[StepMuxResult, _Mapping]]] = ...) -> None: ...

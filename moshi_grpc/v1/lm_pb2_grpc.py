@@ -46,6 +46,11 @@ class LMStub:
                 request_serializer=moshi__grpc_dot_v1_dot_common__pb2.InfoRequest.SerializeToString,
                 response_deserializer=moshi__grpc_dot_v1_dot_common__pb2.BackendInfo.FromString,
                 _registered_method=True)
+        self.StepMux = channel.stream_stream(
+                '/moshi_grpc.v1.LM/StepMux',
+                request_serializer=moshi__grpc_dot_v1_dot_lm__pb2.StepMuxRequest.SerializeToString,
+                response_deserializer=moshi__grpc_dot_v1_dot_lm__pb2.StepMuxResponse.FromString,
+                _registered_method=True)
 
 
 class LMServicer:
@@ -71,6 +76,19 @@ class LMServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StepMux(self, request_iterator, context):
+        """Step for many sessions over one stream (the gateway's multiplexed path: one stream per
+        gateway and replica instead of one per session). Each message carries entries of any
+        number of sessions; each session follows the Step protocol (open, with its sampling,
+        seed and replay, then frames, then close) and holds one slot from its open to its end.
+        Results come back in frame order per session. A session's error (the statuses of Step)
+        ends only that session, as a `MuxEnd` with the status; the stream goes on. When
+        the stream ends (either side, or it fails) every session on it ends and frees its slot.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LMServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -83,6 +101,11 @@ def add_LMServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=moshi__grpc_dot_v1_dot_common__pb2.InfoRequest.FromString,
                     response_serializer=moshi__grpc_dot_v1_dot_common__pb2.BackendInfo.SerializeToString,
+            ),
+            'StepMux': grpc.stream_stream_rpc_method_handler(
+                    servicer.StepMux,
+                    request_deserializer=moshi__grpc_dot_v1_dot_lm__pb2.StepMuxRequest.FromString,
+                    response_serializer=moshi__grpc_dot_v1_dot_lm__pb2.StepMuxResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -140,6 +163,33 @@ class LM:
             '/moshi_grpc.v1.LM/Info',
             moshi__grpc_dot_v1_dot_common__pb2.InfoRequest.SerializeToString,
             moshi__grpc_dot_v1_dot_common__pb2.BackendInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StepMux(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/moshi_grpc.v1.LM/StepMux',
+            moshi__grpc_dot_v1_dot_lm__pb2.StepMuxRequest.SerializeToString,
+            moshi__grpc_dot_v1_dot_lm__pb2.StepMuxResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,34 +1,59 @@
 """Codec servicer: proto <-> engine. Validates every message before it reaches a batch
-(one bad frame must never fail the batched call of other streams)."""
+(one bad frame must never fail the batched call of other streams).
+
+Each of Encode and Decode is a `Stage` (services/common/mux.py) served two ways: per session
+(`Encode`, `Decode`) and multiplexed (`EncodeMux`, `DecodeMux`), with the same validation."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
-import grpc
 import torch
 
 from moshi_grpc import __version__
 from moshi_grpc.services.codec.engine import CodecEngine
-from moshi_grpc.services.common import logs
 from moshi_grpc.services.common.batching import BatchScheduler
 from moshi_grpc.services.common.errors import NotReady
 from moshi_grpc.services.common.metrics import BatcherMetrics
+from moshi_grpc.services.common.mux import Opened, serve_mux, serve_stream
 from moshi_grpc.services.common.server import ServerState
-from moshi_grpc.services.common.streams import (
-    expect_frame,
-    next_message,
-    read_open,
-    stream_closer,
-)
+from moshi_grpc.services.common.streams import stream_closer
 from moshi_grpc.services.common.wire import parse_codes, parse_pcm, pcm_bytes
 from moshi_grpc.v1 import codec_pb2, codec_pb2_grpc, common_pb2
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "moshi_grpc.v1.Codec"
+
+
+class CodecStage:
+    """One codec stage (encode or decode) of an attached engine: see `mux.Stage`."""
+
+    def __init__(
+        self,
+        what: str,
+        scheduler: BatchScheduler,
+        metrics: BatcherMetrics | None,
+        parse: Callable[[Any], torch.Tensor],
+        respond: Callable[[int, torch.Tensor, Any], Any],
+    ) -> None:
+        self.what = what
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self.parse = parse
+        self._respond = respond
+
+    def open(self, opened: codec_pb2.CodecOpen) -> Opened:
+        slot = self.scheduler.acquire(None, opened.session_id)
+        return Opened(slot, stream_closer(slot, self.metrics))
+
+    def respond(self, index: int, result: torch.Tensor, timing: Any) -> Any:
+        return self._respond(index, result, timing.to_proto())
+
+    def replayed(self) -> None:
+        """Codec streams have no replay."""
 
 
 class CodecServicer(codec_pb2_grpc.CodecServicer):
@@ -41,8 +66,35 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         self.idle_timeout_s = idle_timeout_s
         self.metrics = metrics
         self.engine: CodecEngine | None = None
+        self._stages: tuple[CodecStage, CodecStage] | None = None
 
     def attach(self, engine: CodecEngine) -> None:
+        mimi = engine.mimi
+        frame_size = mimi.frame_size
+        k, card = mimi.num_codebooks, mimi.cardinality
+
+        def codes_out(index: int, codes: torch.Tensor, timing) -> codec_pb2.CodesFrame:
+            return codec_pb2.CodesFrame(index=index, codes=codes.tolist(), timing=timing)
+
+        def pcm_out(index: int, pcm: torch.Tensor, timing) -> codec_pb2.PcmFrame:
+            return codec_pb2.PcmFrame(index=index, pcm_f32le=pcm_bytes(pcm), timing=timing)
+
+        m = self.metrics
+        encode = CodecStage(
+            "Encode",
+            engine.encoder,
+            m.encode if m else None,
+            lambda frame: parse_pcm(frame.pcm_f32le, frame_size),
+            codes_out,
+        )
+        decode = CodecStage(
+            "Decode",
+            engine.decoder,
+            m.decode if m else None,
+            lambda frame: parse_codes(frame.codes, k, card, "codes"),
+            pcm_out,
+        )
+        self._stages = (encode, decode)
         self.engine = engine
 
     def _engine(self) -> CodecEngine:
@@ -50,74 +102,41 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
             raise NotReady("codec model is still loading; retry shortly")
         return self.engine
 
-    async def _stream(
-        self,
-        requests: AsyncIterator[Any],
-        context: grpc.aio.ServicerContext,
-        what: str,
-        scheduler: BatchScheduler,
-        metrics: BatcherMetrics | None,
-        parse: Callable[[Any], torch.Tensor],
-        respond: Callable[[int, torch.Tensor, common_pb2.ServerTiming], Any],
-    ):
-        opened = await read_open(requests, self.idle_timeout_s, what)
-        if opened is None:
-            return
-        logs.bind_session(opened.session_id)
-        slot = scheduler.acquire(None, opened.session_id)
-        close = stream_closer(slot, metrics)
-        context.add_done_callback(lambda _ctx: close())
-        log.info("%s stream opened (slot %d)", what, slot.slot)
-        index = 0
-        try:
-            while True:
-                message = await next_message(requests, self.idle_timeout_s)
-                if message is None:
-                    break
-                frame = expect_frame(message, index, what)
-                payload = parse(frame)
-                result, timing = await slot.submit(payload)
-                yield respond(frame.index, result, timing.to_proto())
-                index += 1
-        finally:
-            close()
-            log.info("%s stream closed after %d frame(s)", what, index)
+    def _stage(self, i: int) -> CodecStage:
+        self._engine()
+        return self._stages[i]
 
     async def Encode(self, request_iterator, context):
-        engine = self._engine()
-        mimi = engine.mimi
-        frame_size = mimi.frame_size
-
-        def respond(index: int, codes: torch.Tensor, timing) -> codec_pb2.CodesFrame:
-            return codec_pb2.CodesFrame(index=index, codes=codes.tolist(), timing=timing)
-
-        async for out in self._stream(
-            request_iterator,
-            context,
-            "Encode",
-            engine.encoder,
-            self.metrics.encode if self.metrics else None,
-            lambda frame: parse_pcm(frame.pcm_f32le, frame_size),
-            respond,
-        ):
+        stage = self._stage(0)
+        async for out in serve_stream(stage, request_iterator, context, self.idle_timeout_s):
             yield out
 
     async def Decode(self, request_iterator, context):
-        engine = self._engine()
-        mimi = engine.mimi
-        k, card = mimi.num_codebooks, mimi.cardinality
+        stage = self._stage(1)
+        async for out in serve_stream(stage, request_iterator, context, self.idle_timeout_s):
+            yield out
 
-        def respond(index: int, pcm: torch.Tensor, timing) -> codec_pb2.PcmFrame:
-            return codec_pb2.PcmFrame(index=index, pcm_f32le=pcm_bytes(pcm), timing=timing)
-
-        async for out in self._stream(
+    async def EncodeMux(self, request_iterator, context):
+        stage = self._stage(0)
+        async for out in serve_mux(
+            stage,
+            codec_pb2.EncodeMuxResponse,
+            self.state,
             request_iterator,
             context,
-            "Decode",
-            engine.decoder,
-            self.metrics.decode if self.metrics else None,
-            lambda frame: parse_codes(frame.codes, k, card, "codes"),
-            respond,
+            self.idle_timeout_s,
+        ):
+            yield out
+
+    async def DecodeMux(self, request_iterator, context):
+        stage = self._stage(1)
+        async for out in serve_mux(
+            stage,
+            codec_pb2.DecodeMuxResponse,
+            self.state,
+            request_iterator,
+            context,
+            self.idle_timeout_s,
         ):
             yield out
 

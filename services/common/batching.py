@@ -89,6 +89,14 @@ class SlotHandle:
         future = self._scheduler._submit(self, payload)
         return await future
 
+    def submit_nowait(self, payload: Any) -> asyncio.Future:
+        """Queue one frame; the future resolves to `(result, Timing)` on the event loop.
+
+        For callers that serve many slots from one task (the multiplexed streams): a done
+        callback on the future costs no task wake-up per frame. It is cancelled when the slot
+        is released (or the scheduler closes) before the frame's result is delivered."""
+        return self._scheduler._submit(self, payload)
+
     def release(self) -> None:
         self._scheduler._release(self)
 

@@ -72,12 +72,17 @@ def expect_frame(message: Any, expected_index: int, what: str) -> Any:
     if kind == "open":
         raise OutOfOrder(f"second `open` on the {what} stream (only the first message opens)")
     frame = message.frame
-    if frame.index != expected_index:
+    check_index(frame.index, expected_index)
+    return frame
+
+
+def check_index(index: int, expected_index: int) -> None:
+    """OutOfOrder unless a frame's index is the expected one (no gap, no repeat)."""
+    if index != expected_index:
         raise OutOfOrder(
-            f"frame index {frame.index} out of order: expected {expected_index} "
+            f"frame index {index} out of order: expected {expected_index} "
             "(indices start at 0 and increase by one)"
         )
-    return frame
 
 
 def stream_closer(slot: Any, metrics: Any | None) -> Callable[[], None]:

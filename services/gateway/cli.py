@@ -30,6 +30,7 @@ from moshi_grpc.services.gateway.replicas import (
     parse_specs,
 )
 from moshi_grpc.services.gateway.servicer import GatewayServicer
+from moshi_grpc.services.gateway.streams import MODES
 from moshi_grpc.v1 import gateway_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,10 @@ async def start_gateway(
 ) -> GatewayServer:
     """Start a gateway in this event loop; backends are probed once before it serves."""
     settings = settings or GatewaySettings()
+    if settings.backend_streams not in MODES:
+        raise ValueError(
+            f"backend_streams must be one of {', '.join(MODES)}, got {settings.backend_streams!r}"
+        )
     channels = channels or ChannelSettings(options=BACKEND_CHANNEL_OPTIONS)
     codec_specs = codec if codec and isinstance(codec[0], Spec) else parse_specs(codec)
     lm_specs = lm if lm and isinstance(lm[0], Spec) else parse_specs(lm)
@@ -158,6 +163,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--backend-tls-server-name",
         default=None,
         help="expected server name in the backends' certificates (when dialing by IP)",
+    )
+    g.add_argument(
+        "--backend-streams",
+        choices=["mux", "per-session"],
+        default=d.backend_streams,
+        help="mux: all sessions on a backend replica share one multiplexed stream per stage "
+        "(EncodeMux/StepMux/DecodeMux, many sessions per message: far less gateway CPU per "
+        "frame); per-session: each session opens its own Encode/Step/Decode streams",
     )
     g.add_argument(
         "--refresh-interval-s",
@@ -252,6 +265,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         max_sessions_per_client=args.max_sessions_per_client,
         lm_failover=args.lm_failover,
         lm_history_steps=args.lm_history_steps,
+        backend_streams=args.backend_streams,
     )
 
 

@@ -42,6 +42,10 @@ class GatewaySettings:
     lm_failover: bool = True
     lm_history_steps: int = 3000
     retry_after_ms: int = 1000  # hint for refused sessions
+    # How sessions reach the backends: "mux" (one shared EncodeMux/StepMux/DecodeMux stream
+    # per replica, many sessions per message) or "per-session" (Encode/Step/Decode streams
+    # of their own). See gateway/streams.py.
+    backend_streams: str = "mux"
     refresh_interval_s: float = 0.5  # replica discovery, health and Info polling
     probe_timeout_s: float = 1.0
 

@@ -12,7 +12,8 @@ placed itself, so a burst of new sessions does not pile onto the replica that lo
 at the last poll.
 
 The pool is transport-light on purpose: `Replica` holds one shared channel per address;
-sessions open their own streams on it.
+sessions open their own streams on it, or share its multiplexed streams (`Replica.mux`,
+see gateway/streams.py).
 """
 
 from __future__ import annotations
@@ -150,6 +151,14 @@ class Replica:
     listed: bool = True  # False once DNS stopped returning it
     failures: int = 0
     stub: object = field(default=None, repr=False)
+    # The shared multiplexed streams to this replica, by stage name (gateway/streams.py).
+    mux: dict = field(default_factory=dict, repr=False)
+
+    def close_streams(self) -> None:
+        """Cancel this replica's multiplexed streams (it is being forgotten)."""
+        for stream in self.mux.values():
+            stream.close()
+        self.mux.clear()
 
     def __post_init__(self) -> None:
         if self.stub is None:
@@ -296,6 +305,7 @@ class ReplicaSet:
                 replica.listed = False
                 if replica.local_sessions <= 0:
                     del self.replicas[address]
+                    replica.close_streams()
                     await replica.channel.close()
         await asyncio.gather(*(self._probe(r) for r in self.replicas.values()))
 
@@ -363,6 +373,7 @@ class ReplicaSet:
 
     async def close(self) -> None:
         for replica in self.replicas.values():
+            replica.close_streams()
             await replica.channel.close()
         self.replicas.clear()
 

@@ -24,7 +24,9 @@ are sent as silence (counted as late, and as `Failover.frames_lost`). The codec 
 not moved: Mimi's streaming state is not cheaply replayable, so a codec failure still ends
 the session with UNAVAILABLE.
 
-Each backend stream is opened by `_open_*` so that a failover can re-open the LM stream
+Backend streams are per session or shared multiplexed streams (`--backend-streams`, see
+gateway/streams.py: the same interface and failure semantics either way). Each backend
+stream is opened by `_open_*` so that a failover can re-open the LM stream
 on another replica without touching the rest. Every stage remembers which gateway frame each
 backend message belongs to (FIFO queues: streams answer in order), because backend frame
 indices skip dropped frames.
@@ -55,6 +57,7 @@ from moshi_grpc.services.gateway.budget import Cause, Emission, FrameSequencer
 from moshi_grpc.services.gateway.config import GatewaySettings, SessionParams
 from moshi_grpc.services.gateway.history import LmHistory
 from moshi_grpc.services.gateway.replicas import Lease, Replica, ReplicaPool
+from moshi_grpc.services.gateway.streams import DECODE, ENCODE, STEP, open_stream
 from moshi_grpc.v1 import codec_pb2, gateway_pb2, lm_pb2
 
 log = logging.getLogger(__name__)
@@ -193,18 +196,19 @@ class Session:
 
     def _open_codec(self) -> None:
         codec = self.lease.codec
-        self._enc_call = codec.stub.Encode(metadata=self.metadata)
-        self._dec_call = codec.stub.Decode(metadata=self.metadata)
+        mode = self.settings.backend_streams
+        self._enc_call = open_stream(codec, ENCODE, self.metadata, mode)
+        self._dec_call = open_stream(codec, DECODE, self.metadata, mode)
 
     def _open_lm(self, replay: list[lm_pb2.ReplayStep] | None = None) -> None:
-        self._lm_call = self.lease.lm.stub.Step(metadata=self.metadata)
-        self._lm_open = lm_pb2.StepRequest(
-            open=lm_pb2.LmOpen(
-                session_id=self.session_id,
-                sampling=self.params.sampling,
-                seed=self.params.seed,
-                replay=replay or [],
-            )
+        self._lm_call = open_stream(
+            self.lease.lm, STEP, self.metadata, self.settings.backend_streams
+        )
+        self._lm_open = lm_pb2.LmOpen(
+            session_id=self.session_id,
+            sampling=self.params.sampling,
+            seed=self.params.seed,
+            replay=replay or [],
         )
 
     async def open_backends(self) -> None:
@@ -213,18 +217,20 @@ class Session:
         self._open_lm()
         codec_open = codec_pb2.CodecOpen(session_id=self.session_id)
         await asyncio.gather(
-            self._guarded_write(
-                self.lease.codec, "encode", self._enc_call, codec_pb2.EncodeRequest(open=codec_open)
-            ),
-            self._guarded_write(
-                self.lease.codec, "decode", self._dec_call, codec_pb2.DecodeRequest(open=codec_open)
-            ),
-            self._guarded_write(self.lease.lm, "step", self._lm_call, self._lm_open),
+            self._guarded_write(self.lease.codec, "encode", self._enc_call, codec_open, True),
+            self._guarded_write(self.lease.codec, "decode", self._dec_call, codec_open, True),
+            self._guarded_write(self.lease.lm, "step", self._lm_call, self._lm_open, True),
         )
 
-    async def _guarded_write(self, replica: Replica, stage: str, call, message) -> None:
+    async def _guarded_write(
+        self, replica: Replica, stage: str, call, message, is_open: bool = False
+    ) -> None:
+        """Send a frame (or the `open`) on a backend stream; its failure -> the session's."""
         try:
-            await call.write(message)
+            if is_open:
+                await call.open(message)
+            else:
+                await call.send(message)
         except grpc.aio.AioRpcError as exc:
             raise backend_error(replica, stage, exc, self.settings.retry_after_ms) from None
         except asyncio.InvalidStateError:
@@ -316,9 +322,7 @@ class Session:
         self._enc_q.append((ticket.index, now))
         index = self._enc_index
         self._enc_index += 1
-        request = codec_pb2.EncodeRequest(
-            frame=codec_pb2.PcmFrame(index=index, pcm_f32le=audio.array_to_f32le(frame))
-        )
+        request = codec_pb2.PcmFrame(index=index, pcm_f32le=audio.array_to_f32le(frame))
         await self._guarded_write(self.lease.codec, "encode", self._enc_call, request)
 
     async def _read_encode(self) -> None:
@@ -350,11 +354,11 @@ class Session:
     async def _write_lm(self, codes) -> None:
         """Send one frame of user codes on the current LM stream. A failed write is left to
         the LM reader, which sees the stream's error and fails over (or ends the session)."""
-        request = lm_pb2.StepRequest(frame=lm_pb2.UserCodes(index=self._lm_index, codes=codes))
+        request = lm_pb2.UserCodes(index=self._lm_index, codes=codes)
         self._lm_index += 1
         call = self._lm_call
         try:
-            await call.write(request)
+            await call.send(request)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             pass
         except asyncio.CancelledError:
@@ -436,9 +440,7 @@ class Session:
                 self._dec_q.append((gw, now))
                 index = self._dec_index
                 self._dec_index += 1
-                request = codec_pb2.DecodeRequest(
-                    frame=codec_pb2.CodesFrame(index=index, codes=msg.moshi_codes)
-                )
+                request = codec_pb2.CodesFrame(index=index, codes=msg.moshi_codes)
                 await self._guarded_write(self.lease.codec, "decode", self._dec_call, request)
             else:
                 history.append(codes, None, ())
@@ -500,7 +502,7 @@ class Session:
             self._open_lm(replay)
             self._lm_index = len(replay)
             try:
-                await self._lm_call.write(self._lm_open)
+                await self._lm_call.open(self._lm_open)
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
                 return True  # the reader sees this stream's error and tries again
             i = 0

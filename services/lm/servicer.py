@@ -1,5 +1,8 @@
 """LM servicer: proto <-> engine. Every message is validated before it reaches a batch
-(one bad frame must never fail the batched step of the other sessions)."""
+(one bad frame must never fail the batched step of the other sessions).
+
+Step is a `Stage` (services/common/mux.py) served two ways: per session (`Step`) and
+multiplexed (`StepMux`), with the same validation, replay and accounting."""
 
 from __future__ import annotations
 
@@ -9,16 +12,11 @@ from typing import Any
 import torch
 
 from moshi_grpc import __version__
-from moshi_grpc.services.common import logs
 from moshi_grpc.services.common.errors import InvalidInput, NotReady
 from moshi_grpc.services.common.metrics import LmMetrics
+from moshi_grpc.services.common.mux import Opened, serve_mux, serve_stream
 from moshi_grpc.services.common.server import ServerState
-from moshi_grpc.services.common.streams import (
-    expect_frame,
-    next_message,
-    read_open,
-    stream_closer,
-)
+from moshi_grpc.services.common.streams import stream_closer
 from moshi_grpc.services.common.wire import parse_codes
 from moshi_grpc.services.lm.engine import JoinPayload, LmEngine, StepInput
 from moshi_grpc.v1 import common_pb2, lm_pb2, lm_pb2_grpc
@@ -95,6 +93,45 @@ def parse_replay(replay: Any, engine: LmEngine) -> list[StepInput]:
     return out
 
 
+class LmStage:
+    """The Step stage of an attached engine: see `mux.Stage`."""
+
+    what = "Step"
+
+    def __init__(self, engine: LmEngine, metrics: LmMetrics | None) -> None:
+        self.engine = engine
+        self.metrics = metrics
+
+    def open(self, opened: lm_pb2.LmOpen) -> Opened:
+        engine = self.engine
+        sampling = sampling_from_proto(opened.sampling)
+        seed = int(opened.seed) if opened.HasField("seed") else None
+        replay = parse_replay(opened.replay, engine)
+        slot = engine.scheduler.acquire(JoinPayload(sampling, seed), opened.session_id)
+        step_metrics = self.metrics.step if self.metrics else None
+        return Opened(slot, stream_closer(slot, step_metrics), replay)
+
+    def parse(self, frame: lm_pb2.UserCodes) -> StepInput:
+        engine = self.engine
+        return StepInput(parse_codes(frame.codes, engine.n_user, engine.card, "codes"))
+
+    def respond(self, index: int, out: Any, timing: Any) -> lm_pb2.StepOutput:
+        if out.ready:
+            return lm_pb2.StepOutput(
+                index=index,
+                ready=True,
+                text_token=out.text,
+                text_piece=self.engine.piece(out.text),
+                moshi_codes=out.audio,
+                timing=timing.to_proto(),
+            )
+        return lm_pb2.StepOutput(index=index, ready=False, timing=timing.to_proto())
+
+    def replayed(self) -> None:
+        if self.metrics is not None:
+            self.metrics.replayed_steps.inc()
+
+
 class LmServicer(lm_pb2_grpc.LMServicer):
     """Step streams over an engine that is attached once the model is loaded."""
 
@@ -105,8 +142,10 @@ class LmServicer(lm_pb2_grpc.LMServicer):
         self.idle_timeout_s = idle_timeout_s
         self.metrics = metrics
         self.engine: LmEngine | None = None
+        self._stage: LmStage | None = None
 
     def attach(self, engine: LmEngine) -> None:
+        self._stage = LmStage(engine, self.metrics)
         self.engine = engine
 
     def _engine(self) -> LmEngine:
@@ -115,50 +154,21 @@ class LmServicer(lm_pb2_grpc.LMServicer):
         return self.engine
 
     async def Step(self, request_iterator, context):
-        engine = self._engine()
-        opened = await read_open(request_iterator, self.idle_timeout_s, "Step")
-        if opened is None:
-            return
-        logs.bind_session(opened.session_id)
-        sampling = sampling_from_proto(opened.sampling)
-        seed = int(opened.seed) if opened.HasField("seed") else None
-        replay = parse_replay(opened.replay, engine)
-        slot = engine.scheduler.acquire(JoinPayload(sampling, seed), opened.session_id)
-        step_metrics = self.metrics.step if self.metrics else None
-        close = stream_closer(slot, step_metrics)
-        context.add_done_callback(lambda _ctx: close())
-        log.info("Step stream opened (slot %d, replay %d)", slot.slot, len(replay))
-        index = 0
-        try:
-            for item in replay:
-                await slot.submit(item)
-                if self.metrics is not None:
-                    self.metrics.replayed_steps.inc()
-            index = len(replay)
-            while True:
-                message = await next_message(request_iterator, self.idle_timeout_s)
-                if message is None:
-                    break
-                frame = expect_frame(message, index, "Step")
-                codes = parse_codes(frame.codes, engine.n_user, engine.card, "codes")
-                out, timing = await slot.submit(StepInput(codes))
-                if out.ready:
-                    yield lm_pb2.StepOutput(
-                        index=frame.index,
-                        ready=True,
-                        text_token=out.text,
-                        text_piece=engine.piece(out.text),
-                        moshi_codes=out.audio,
-                        timing=timing.to_proto(),
-                    )
-                else:
-                    yield lm_pb2.StepOutput(
-                        index=frame.index, ready=False, timing=timing.to_proto()
-                    )
-                index += 1
-        finally:
-            close()
-            log.info("Step stream closed at frame %d", index)
+        self._engine()
+        async for out in serve_stream(self._stage, request_iterator, context, self.idle_timeout_s):
+            yield out
+
+    async def StepMux(self, request_iterator, context):
+        self._engine()
+        async for out in serve_mux(
+            self._stage,
+            lm_pb2.StepMuxResponse,
+            self.state,
+            request_iterator,
+            context,
+            self.idle_timeout_s,
+        ):
+            yield out
 
     async def Info(self, request, context) -> common_pb2.BackendInfo:
         engine = self._engine()
