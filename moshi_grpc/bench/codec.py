@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
             tmp.cleanup()
     head = f"{'batch':>5} {'enc ms':>8} {'dec ms':>8} {'RTF':>6} {'x RT':>6}"
     if ref:
-        head += f" | {'ref enc':>8} {'ref dec':>8} {'ref RTF':>7} | {'enc ours/ref':>12} {'dec ours/ref':>12}"
+        head += f" | {'ref enc':>8} {'ref dec':>8} {'ref RTF':>7} | {'enc ours/ref':>12} {'dec ours/ref':>12} {'frame ours/ref':>14}"
     print("wall clock (median ms per batched call):")
     print(head)
     for b in batches:
@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         if ref:
             re_, rd = ref[b][:2]
             rrtf = (re_ + rd) / (b * FRAME_MS)
-            row += f" | {re_:8.2f} {rd:8.2f} {rrtf:7.3f} | {e / re_:12.3f} {d / rd:12.3f}"
+            row += f" | {re_:8.2f} {rd:8.2f} {rrtf:7.3f} | {e / re_:12.3f} {d / rd:12.3f} {rtf / rrtf:14.3f}"
         print(row)
     print(f"process CPU time (median ms per call, all {args.threads} threads summed):")
     for b in batches:
@@ -190,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
         print(row)
     print(
         "ms = median over frames after warm-up of one batched call (one 80 ms frame for every "
-        "stream); RTF = (enc + dec) / (batch x 80 ms), lower is better; x RT = 1 / RTF. "
+        "stream); RTF = (enc + dec) / (batch x 80 ms), lower is better; x RT = 1 / RTF; frame ours/ref = RTF / ref RTF, the whole "
+        "frame (encode + decode) against the reference's. "
         "CPU time is less distorted than wall time when other processes share the cores."
     )
     sys.stdout.flush()
