@@ -193,6 +193,23 @@ def test_inactive_step_leaves_state_untouched(tiny):
     assert e2.positions.tolist() == [6, 5]
 
 
+def test_all_true_mask_steps_like_no_mask(tiny):
+    """An all-True mask takes the unmasked path; it must advance every slot the same way."""
+    a = _audio(2, 4, seed=6)
+    e1, e2 = tiny.streaming_encoder(2), tiny.streaming_encoder(2)
+    d1, d2 = tiny.streaming_decoder(2), tiny.streaming_decoder(2)
+    every = torch.tensor([True, True])
+    for i in range(4):
+        frame = a[:, 0, i * FRAME : (i + 1) * FRAME]
+        c1, c2 = e1.step(frame), e2.step(frame, every)
+        assert torch.equal(c1, c2)
+        assert torch.equal(d1.step(c1), d2.step(c2, every))
+    assert e2.positions.tolist() == [4, 4]
+    # a partial mask after all-True ticks still holds the masked slot back
+    e2.step(torch.randn(2, FRAME), torch.tensor([False, True]))
+    assert e2.positions.tolist() == [4, 5]
+
+
 def test_single_stream_equals_offline(tiny):
     """Batch 1 takes other kernels (two-row matmuls, one-row codebook search)."""
     audio = _audio(1, 13, seed=8)

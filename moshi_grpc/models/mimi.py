@@ -1053,6 +1053,8 @@ class _Streamer:
             raise MimiInputError(
                 f"active must have shape ({self.num_slots},), got {tuple(active.shape)}"
             )
+        if bool(active.all()):  # every slot advances: the same as no mask, minus the masking
+            return None
         return active.to(self.mimi.device)
 
     def _commit(self, new: list[torch.Tensor], active: torch.Tensor | None) -> None:
