@@ -521,6 +521,91 @@ def test_fuzz_lm_step(stack: Stack) -> None:
     assert stack.lm_info().slots_in_use == 0
 
 
+# ----------------------------------------------------------------------------- mux
+
+
+def mux_requests(entry_type: type, request_type: type, per_session: st.SearchStrategy):
+    """Mux messages: entries of a few session ids, each what a per-session message carries
+    (open / frame / nothing) or a close / cancel, so ids collide, frames come for sessions
+    that are not open, opens repeat, and so on."""
+
+    def entry(sid: int, choice: str, msg: Any) -> Any:
+        e = entry_type(session=sid)
+        if choice == "close":
+            e.close = True
+        elif choice == "cancel":
+            e.cancel = True
+        else:
+            kind = msg.WhichOneof("kind")
+            if kind is not None:
+                getattr(e, kind).CopyFrom(getattr(msg, kind))
+        return e
+
+    entries = st.builds(
+        entry,
+        st.sampled_from([0, 1, 2, 2**64 - 1]),
+        st.sampled_from(["msg", "msg", "msg", "close", "cancel"]),
+        per_session,
+    )
+    return st.lists(
+        st.lists(entries, max_size=6).map(lambda es: request_type(entries=es)), max_size=4
+    )
+
+
+_CODE_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def _fuzz_mux(method: Any, messages: list, what: str) -> None:
+    code, details, replies = run_stream(method, messages)
+    _check(code, details, BACKEND_CODES, what)
+    for reply in replies:
+        for result in reply.results:
+            if result.WhichOneof("kind") == "end":  # a session's own status, with a reason
+                status = _CODE_BY_NUMBER[result.end.code]
+                _check(status, result.end.message, BACKEND_CODES, f"{what} session")
+                if status != OK:
+                    FUZZ_STATS[f"{what} session error"] += 1
+
+
+def test_fuzz_codec_encode_mux(stack: Stack) -> None:
+    """Any EncodeMux traffic: statuses from the documented set, slots all freed, and a
+    per-session witness stream beside it unaffected."""
+    witness = _codec_witness(stack)
+    method = codec_pb2_grpc.CodecStub(stack.ch("codec")).EncodeMux
+    count = [0]
+
+    @FUZZ_SETTINGS
+    @given(
+        messages=mux_requests(
+            codec_pb2.EncodeMuxEntry, codec_pb2.EncodeMuxRequest, encode_requests()
+        )
+    )
+    def fuzz(messages: list) -> None:
+        _fuzz_mux(method, messages, "codec.EncodeMux")
+        _witness_step_encode(witness, count[0])
+        count[0] += 1
+
+    fuzz()
+    assert FUZZ_STATS["codec.EncodeMux session error"] > 0  # the error paths were reached
+    assert len(witness.finish()) == count[0]
+    _after(stack, "codec")
+    assert stack.codec_info().slots_in_use == 0
+
+
+def test_fuzz_lm_step_mux(stack: Stack) -> None:
+    method = lm_pb2_grpc.LMStub(stack.ch("lm")).StepMux
+
+    @FUZZ_SETTINGS
+    @given(messages=mux_requests(lm_pb2.StepMuxEntry, lm_pb2.StepMuxRequest, step_requests()))
+    def fuzz(messages: list) -> None:
+        _fuzz_mux(method, messages, "lm.StepMux")
+
+    fuzz()
+    assert FUZZ_STATS["lm.StepMux session error"] > 0  # the error paths were reached
+    _after(stack, "lm")
+    assert stack.lm_info().slots_in_use == 0
+
+
 WITNESS_CONFIG = gateway_pb2.ConverseRequest(
     config=gateway_pb2.SessionConfig(
         sample_rate=24000,
