@@ -36,6 +36,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from svc_harness import SERVING, LoopThread, channel, health_status_sync, run_stream
 
+from moshi_grpc.services.common.errors import status_code
 from moshi_grpc.services.common.server import ServerConfig
 from moshi_grpc.v1 import (
     codec_pb2,
@@ -552,16 +553,13 @@ def mux_requests(entry_type: type, request_type: type, per_session: st.SearchStr
     )
 
 
-_CODE_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
-
-
 def _fuzz_mux(method: Any, messages: list, what: str) -> None:
     code, details, replies = run_stream(method, messages)
     _check(code, details, BACKEND_CODES, what)
     for reply in replies:
         for result in reply.results:
             if result.WhichOneof("kind") == "end":  # a session's own status, with a reason
-                status = _CODE_BY_NUMBER[result.end.code]
+                status = status_code(result.end.code)
                 _check(status, result.end.message, BACKEND_CODES, f"{what} session")
                 if status != OK:
                     FUZZ_STATS[f"{what} session error"] += 1

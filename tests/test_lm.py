@@ -337,13 +337,12 @@ def test_reset_without_seed_draws_one_and_reports_it(lm) -> None:
 
 def test_rope_on_queries_and_keys_at_once_equals_the_shared_helper() -> None:
     """The temporal step rotates q and k in one go; it must be the shared RoPE, bit for bit."""
-    from moshi_grpc.models.lm import rope_pair
-    from moshi_grpc.models.rope import apply_rope, rope_angles
+    from moshi_grpc.models.rope import apply_rope, rope_angles, rotate
 
     g = torch.Generator().manual_seed(0)
     qk = torch.randn(3, 2, 4, 16, generator=g)
     angles = rope_angles(torch.tensor([0, 7, 2999]), 1, 16, 10_000)  # (B, 1, D/2)
-    out = rope_pair(qk, torch.cos(angles)[:, None], torch.sin(angles)[:, None])
+    out = rotate(qk, torch.cos(angles)[:, None], torch.sin(angles)[:, None])
     for i in range(2):
         expected = apply_rope(qk[:, i, :, None], angles)[:, :, 0]  # (B, H, D)
         assert torch.equal(out[:, i], expected)

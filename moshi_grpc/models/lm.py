@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moshi_grpc.models.checkpoint import CheckpointError, load_state_strict, read_safetensors
-from moshi_grpc.models.rope import rope_angles
+from moshi_grpc.models.rope import rope_angles, rotate
 
 logger = logging.getLogger(__name__)
 
@@ -570,18 +570,6 @@ def _softmax_f32(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
     return e / e.sum(dim=-1, keepdim=True)
 
 
-def rope_pair(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE of queries and keys at once: `qk [B, 2, H, D]` -> float32, same shape.
-
-    `cos, sin [B, 1, 1, D // 2]` are computed once per step (`StepPlan`); (even, odd)
-    channel pairs are (real, imaginary) parts, as in `rope.apply_rope`, with the same
-    float32 arithmetic, so the result equals applying that to q and k separately.
-    """
-    pairs = qk.float().unflatten(-1, (-1, 2))
-    re, im = pairs[..., 0], pairs[..., 1]
-    return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2)
-
-
 @dataclass
 class StepPlan:
     """What every temporal layer needs for one step, computed once per step."""
@@ -644,7 +632,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """`residual` plus attention of one step `x [B, 1, dim]` over the ring cache."""
         qkv = self.qkv(x)
-        qk = rope_pair(qkv[:, :2], plan.cos, plan.sin).to(cache.dtype)  # (B, 2, H, D)
+        qk = rotate(qkv[:, :2], plan.cos, plan.sin).to(cache.dtype)  # (B, 2, H, D), q and k
         cache.write(plan.rows, plan.ring_index, qk[:, 1], qkv[:, 2])
         keys, values = cache.read(None if plan.all_rows else plan.rows, plan.length)
         q = qk[:, 0, :, None].contiguous()  # a strided query costs 5x in the batched matmul

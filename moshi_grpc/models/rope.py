@@ -25,16 +25,18 @@ def rope_angles(
     return t.unsqueeze(-1) * inv_freq  # (B, T, half)
 
 
-def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate `x[B, H, T, D]` whose (even, odd) channel pairs are (real, imaginary) parts.
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x[..., D]` whose (even, odd) channel pairs are (real, imaginary) parts, by
+    `cos, sin` (float32, broadcastable to `[..., D // 2]`); the result is float32.
 
-    `angles[B, T, D // 2]` comes from `rope_angles`; the result has x's dtype.
+    Callers that rotate several tensors at one position (the LM's queries and keys in one
+    call) compute `cos, sin` once per step.
     """
-    b, h, t, d = x.shape
-    pairs = x.reshape(b, h, t, d // 2, 2)
-    re, im = pairs[..., 0].float(), pairs[..., 1].float()  # (B, H, T, D/2)
-    cos = torch.cos(angles).unsqueeze(1)  # (B, 1, T, D/2)
-    sin = torch.sin(angles).unsqueeze(1)
-    out_re = re * cos - im * sin
-    out_im = re * sin + im * cos
-    return torch.stack([out_re.to(x.dtype), out_im.to(x.dtype)], dim=-1).view(b, h, t, d)
+    pairs = x.float().unflatten(-1, (-1, 2))
+    re, im = pairs[..., 0], pairs[..., 1]
+    return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2)
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate `x[B, H, T, D]` by `angles[B, T, D // 2]` from `rope_angles`; x's dtype out."""
+    return rotate(x, torch.cos(angles).unsqueeze(1), torch.sin(angles).unsqueeze(1)).to(x.dtype)

@@ -86,8 +86,7 @@ class SlotHandle:
 
     async def submit(self, payload: Any) -> tuple[Any, Timing]:
         """Queue one frame for the next batched call and wait for its result."""
-        future = self._scheduler._submit(self, payload)
-        return await future
+        return await self.submit_nowait(payload)
 
     def submit_nowait(self, payload: Any) -> asyncio.Future:
         """Queue one frame; the future resolves to `(result, Timing)` on the event loop.

@@ -24,6 +24,14 @@ from __future__ import annotations
 import grpc
 from google.protobuf.message import DecodeError
 
+_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def status_code(number: int) -> grpc.StatusCode:
+    """The StatusCode for a status number carried in a message (e.g. `MuxEnd.code`);
+    UNKNOWN for a number gRPC does not define."""
+    return _BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+
 
 class ServiceError(Exception):
     """Base of the domain errors; `code` is the gRPC status it maps to."""

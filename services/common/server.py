@@ -45,7 +45,7 @@ from prometheus_client import CollectorRegistry
 
 from moshi_grpc import __version__
 from moshi_grpc.services.common import logs
-from moshi_grpc.services.common.errors import status_for
+from moshi_grpc.services.common.errors import status_code, status_for
 from moshi_grpc.services.common.metrics import (
     MetricsHttpServer,
     RpcMetrics,
@@ -209,9 +209,7 @@ def _code_name(code: object) -> str:
     if isinstance(code, grpc.StatusCode):
         return code.name
     if isinstance(code, int):
-        for c in grpc.StatusCode:
-            if c.value[0] == code:
-                return c.name
+        return status_code(code).name
     return "UNKNOWN"
 
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import grpc
 
+from moshi_grpc.services.common.errors import status_code
 from moshi_grpc.v1 import codec_pb2, lm_pb2
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,6 @@ PER_SESSION = "per-session"
 MODES = (MUX, PER_SESSION)
 
 _EOF = grpc.aio.EOF
-_CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 # Entries per mux message at most (backends answer with the same cap): 256 PCM frames are
 # ~2 MB, well under the 4 MiB message limit of the channels, however far a slow replica
@@ -310,7 +310,7 @@ class MuxStream:
                     if end.code == 0:
                         session._finish(_EOF)
                     else:
-                        code = _CODES.get(end.code, grpc.StatusCode.UNKNOWN)
+                        code = status_code(end.code)
                         session._finish(rpc_error(code, end.message))
         except asyncio.CancelledError:
             raise
