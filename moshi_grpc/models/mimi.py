@@ -259,12 +259,22 @@ class _Holder(nn.Module):
 
 
 class StreamingConv1d(nn.Module):
-    """Causal Conv1d on time-major activations (N, T, C), as unfold + one matmul.
+    """Causal Conv1d on time-major activations (N, T, C), as matmuls on the input as it lies.
 
     The `context` input steps before each call come from the state: zeros at the start
     (constant padding), or the first sample repeated when `replicate` (the downsampler's
-    padding). A matmul against the (Cout, Cin * K) weight view avoids the per-call weight
-    re-layout that oneDNN convolutions pay on CPU, which dominates at one frame per call.
+    padding). Matmuls against re-laid-out weights avoid the per-call weight re-layout that
+    oneDNN convolutions pay on CPU, which dominates at one frame per call. Two forms:
+
+    - shift-add, for the long 24 kHz-side layers: the input read as blocks of `stride` steps
+      (a view) times the weight of every kernel block at once gives each block's partial
+      sums; output t adds those of blocks t, t + 1, ... . No input is copied: unfolding a
+      1920-step frame into (T, K * Cin) columns wrote 3-4x the input (12 MB per layer at
+      batch 8), which cost as much as the matmul itself once the caches were cold.
+    - unfold + one matmul (one strided view into (T, K * Cin) columns), where the partial
+      sums would be larger than the columns (few input channels) or the layer sees only a
+      couple of rows per frame (the 25 Hz side, where the copy is small and one matmul
+      with fewer rows reads the large weight once).
     """
 
     def __init__(
@@ -287,14 +297,28 @@ class StreamingConv1d(nn.Module):
         self.span = (kernel - 1) * dilation + 1
         self.context = self.span - stride
         self.replicate = replicate
-        # (Cout, K * Cin) copy of the weight, rebuilt by `refresh()` after loading
+        # shift-add: kernel blocks of `stride` taps; 0 = unfold form (see the class doc)
+        m = kernel // stride
+        shiftable = kernel > 1 and kernel % stride == 0 and (stride == 1 or dilation == 1)
+        self.blocks = m if shiftable and not few_rows and m * cout <= kernel * cin else 0
+        # re-laid-out copy of the weight (and bias), rebuilt by `refresh()` after loading
         self.register_buffer("w_kc", torch.zeros(0), persistent=False)
+        self.register_buffer("b_kc", None, persistent=False)
         self.packed: torch.Tensor | None = None
 
     def refresh(self) -> None:
         w = self.conv.conv.weight  # (Cout, Cin, K)
-        w = w.permute(0, 2, 1).reshape(w.shape[0], -1)
+        b = self.conv.conv.bias
+        cout, cin, k = w.shape
+        if self.blocks:  # (m * Cout, stride * Cin): rows (block, cout), columns (tap, cin)
+            m, s = self.blocks, self.stride
+            w = w.view(cout, cin, m, s).permute(2, 0, 3, 1).reshape(m * cout, s * cin)
+            if b is not None:  # the bias goes with block 0; + 0.0 leaves the others exact
+                b = torch.cat([b, b.new_zeros((m - 1) * cout)])
+        else:  # (Cout, K * Cin): columns (tap, cin), as the unfolded input
+            w = w.permute(0, 2, 1).reshape(cout, k * cin)
         self.w_kc = w.contiguous()
+        self.b_kc = None if b is None else b.detach().contiguous()
         self.packed = _pack(self.w_kc)
 
     def init_state(self, n: int, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -307,7 +331,6 @@ class StreamingConv1d(nn.Module):
         return state
 
     def forward(self, x: torch.Tensor, states: _States) -> torch.Tensor:
-        conv = self.conv.conv
         if self.context:
             prev = states.take()  # (N, context, Cin)
             if self.replicate:
@@ -318,19 +341,33 @@ class StreamingConv1d(nn.Module):
             if self.replicate:
                 states.give(torch.zeros_like(first))
         if self.kernel == 1:
-            return self._linear(x[:, :: self.stride], conv.bias)
+            return self._linear(x[:, :: self.stride])
+        n, length, cin = x.shape
+        s = self.stride
+        if self.blocks:
+            # z[:, b, j] = block b of the input times kernel block j; output t sums
+            # z[:, t + j * shift, j] (shift: blocks between kernel blocks), from j = 0 up
+            m, shift, nb = self.blocks, self.dilation if s == 1 else 1, length // s
+            t = nb - (m - 1) * shift
+            z = self._linear(x[:, : nb * s].reshape(n, nb, s * cin))
+            if m == 1:  # kernel == stride: no overlap
+                return z
+            cout = z.shape[-1] // m
+            y = z[:, :t, :cout] + z[:, shift : shift + t, cout : 2 * cout]
+            for j in range(2, m):
+                y += z[:, j * shift : j * shift + t, j * cout : (j + 1) * cout]
+            return y
         # im2col as one strided view (N, Tout, K, Cin) of the contiguous (N, T, Cin) input;
         # the matmul copies its rows with contiguous channel runs, against (Cout, K * Cin)
         x = x.contiguous()
-        n, length, cin = x.shape
-        t = (length - self.span) // self.stride + 1
+        t = (length - self.span) // s + 1
         cols = x.as_strided(
-            (n, t, self.kernel, cin), (length * cin, self.stride * cin, self.dilation * cin, 1)
+            (n, t, self.kernel, cin), (length * cin, s * cin, self.dilation * cin, 1)
         )
-        return self._linear(cols.flatten(2), conv.bias)
+        return self._linear(cols.flatten(2))
 
-    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return _linear(x, self.w_kc, self.packed, bias, self.few_rows)
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        return _linear(x, self.w_kc, self.packed, self.b_kc, self.few_rows)
 
 
 class StreamingConvTranspose1d(nn.Module):
