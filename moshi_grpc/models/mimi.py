@@ -188,7 +188,9 @@ def _rows_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
     operand on every call). The fallback of `_linear` where oneDNN is not available.
     """
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).t()
+    # x^T must be the transposed view of row-major rows: MKL's kernel for a row-major
+    # (in, 2) right operand is several times slower (the attention output arrives so)
+    x2 = x.reshape(-1, x.shape[-1]).contiguous().t()
     y = torch.mm(w, x2) if bias is None else torch.addmm(bias.unsqueeze(1), w, x2)
     return y.t().reshape(*lead, w.shape[0])
 
@@ -526,18 +528,19 @@ class SEANetDecoder(nn.Module):
 class KVCache:
     """Per-slot ring buffers for every layer of one transformer, plus per-slot positions.
 
-    Keys and values of a layer share one tensor `kv[layer]` of shape (2, N, H, capacity, hd),
-    so one scatter writes both.
+    Keys are held as (N, H, capacity, hd) and values transposed, (N, H, hd, capacity): the
+    values' product of a streaming step is then v^T @ p^T with the ring as the left
+    operand, which CPU BLAS streams about twice as fast as p @ v for two queries per slot
+    (that product was the slowest op of a batch-8 step).
     """
 
     def __init__(
         self, layers: int, n: int, heads: int, capacity: int, head_dim: int, device, dtype
     ):
         self.capacity = capacity
-        self.kv = [
-            torch.zeros(2, n, heads, capacity, head_dim, device=device, dtype=dtype)
-            for _ in range(layers)
-        ]
+        k_shape, vt_shape = (n, heads, capacity, head_dim), (n, heads, head_dim, capacity)
+        self.k = [torch.zeros(k_shape, device=device, dtype=dtype) for _ in range(layers)]
+        self.vt = [torch.zeros(vt_shape, device=device, dtype=dtype) for _ in range(layers)]
         self.pos = torch.zeros(n, device=device, dtype=torch.long)  # steps seen by each slot
 
     def reset(self, mask: torch.Tensor) -> None:
@@ -556,12 +559,13 @@ class LayerScale(nn.Module):
 class _StepPlan:
     """What every layer of one transformer call shares: RoPE, mask, ring write indices."""
 
-    cos: torch.Tensor  # (3, B, 1, T, hd) float32, see `_rotate` (rows for q, k, v)
+    cos: torch.Tensor  # (2, B, 1, T, hd) float32, see `_rotate` (rows for q and k)
     sin: torch.Tensor
     mask: torch.Tensor  # (B, 1, T, S) bool: query t may see key s
-    bias: torch.Tensor | None  # streaming float32: the mask as 0 / -inf to add to scores
+    bias: torch.Tensor | None  # streaming float32: (B * H, T, S), the mask as 0 / -inf
     cache: KVCache | None
-    write: torch.Tensor | None  # (2, B, H, T, hd) ring indices of k and v written this call
+    write_k: torch.Tensor | None  # (B, H, T, hd) ring indices of the keys written this call
+    write_v: torch.Tensor | None  # (B, H, hd, T) the same for the transposed values
     active: torch.Tensor | None
 
 
@@ -570,8 +574,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
     With `cos` = (c, c) and `sin` = (-s, s) per pair, x * cos + swap(x) * sin is
     (re c - im s, im c + re s): the same products and sums, so the same bits, as the
-    rotation written per component, in 4 ops instead of ~15. The plan gives the v rows
-    cos = 1, sin = 0 (identity) so that q, k and v come out of one call, k and v adjacent.
+    rotation written per component, in 4 ops instead of ~15. q and k come out of one call.
     """
     xf = x if x.dtype == torch.float32 else x.float()
     swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
@@ -598,30 +601,39 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, plan: _StepPlan, layer: int) -> torch.Tensor:
         b, t, d = x.shape
         h = self.heads
+        hd = d // h
         qkv = (
             _linear(x, self.in_proj_weight, self.packed_in)
-            .view(b, t, 3, h, d // h)
+            .view(b, t, 3, h, hd)
             .permute(2, 0, 3, 1, 4)
-        )
-        qkv = _rotate(qkv, plan.cos, plan.sin)  # (3, B, H, T, hd); v unchanged
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        )  # (3, B, H, T, hd)
+        qk = _rotate(qkv[:2], plan.cos, plan.sin)
+        q, k, v = qk[0], qk[1], qkv[2]
         cache = plan.cache
-        if cache is not None:
-            kv = cache.kv[layer]
-            new = qkv[1:]
-            if plan.active is not None:  # inactive slots write back what was there
-                keep = ~plan.active.view(1, -1, 1, 1, 1)
-                new = torch.where(keep, kv.gather(3, plan.write), new)
-            kv.scatter_(3, plan.write, new)
-            k, v = kv[0], kv[1]
-        if plan.bias is None:
+        if cache is None:  # offline
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask)
-        else:
-            # Streaming float32: two queries per slot against the ring. Written out, this is
-            # a handful of small ops, several times cheaper than the fused kernel's setup.
-            att = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
-            y = torch.matmul(att.add_(plan.bias).softmax(-1), v)
-        return _linear(y.transpose(1, 2).reshape(b, t, d), self.out_proj.weight, self.packed_out)
+            return self._out(y.transpose(1, 2))
+        keys, values_t, vt = cache.k[layer], cache.vt[layer], v.mT
+        if plan.active is not None:  # inactive slots write back what was there
+            keep = ~plan.active.view(-1, 1, 1, 1)
+            k = torch.where(keep, keys.gather(2, plan.write_k), k)
+            vt = torch.where(keep, values_t.gather(3, plan.write_v), vt)
+        keys.scatter_(2, plan.write_k, k)
+        values_t.scatter_(3, plan.write_v, vt)
+        if plan.bias is None:  # half precision: the fused kernel
+            y = F.scaled_dot_product_attention(q, keys, values_t.mT, attn_mask=plan.mask)
+            return self._out(y.transpose(1, 2))
+        # Streaming float32: a few queries per slot against the ring, written out: scores =
+        # bias + q k^T (q carries 1/sqrt(hd), see `_plan`), then y^T = v^T p^T with the
+        # probabilities passed transposed (as a row-major (T, S) block, the fast layout).
+        cap = keys.shape[2]
+        s = torch.baddbmm(plan.bias, q.reshape(b * h, t, hd), keys.view(b * h, cap, hd).mT)
+        yt = torch.bmm(values_t.view(b * h, hd, cap), s.softmax(-1).mT)  # (B * H, hd, T)
+        return self._out(yt.view(b, d, t).mT)
+
+    def _out(self, y: torch.Tensor) -> torch.Tensor:
+        """Output projection of (B, T, H, hd) or (B, T, d) head outputs, any strides."""
+        return _linear(y.reshape(*y.shape[:2], -1), self.out_proj.weight, self.packed_out)
 
 
 class TransformerLayer(nn.Module):
@@ -683,35 +695,42 @@ class Transformer(nn.Module):
 
     def _plan(self, b: int, t: int, device, cache: KVCache | None, active) -> _StepPlan:
         c = self.c
-        hd = c.dimension // c.num_heads
+        h, hd = c.num_heads, c.dimension // c.num_heads
         positions = (
             cache.pos if cache is not None else torch.zeros(b, dtype=torch.long, device=device)
         )
         angles = rope_angles(positions, t, hd, c.max_period).unsqueeze(1)  # (B, 1, T, hd/2)
         cos, sin = angles.cos(), angles.sin()
-        # per (re, im) pair: cos (c, c), sin (-s, s); identity rows for v (see `_rotate`)
+        # per (re, im) pair: cos (c, c), sin (-s, s) (see `_rotate`); rows for q and k
         cos2 = torch.stack([cos, cos], -1).flatten(-2)
         sin2 = torch.stack([-sin, sin], -1).flatten(-2)
-        cos3 = torch.stack([cos2, cos2, torch.ones_like(cos2)])
-        sin3 = torch.stack([sin2, sin2, torch.zeros_like(sin2)])
         qpos = positions.view(-1, 1) + torch.arange(t, device=device)  # (B, T)
-        write = None
+        write_k = write_v = None
         if cache is None:  # offline: the whole signal at once, from position 0
             kpos = qpos
         else:
             cap = cache.capacity
             if t > cap - c.context + 1:
                 raise MimiInputError(f"a streaming call brings at most {cap - c.context + 1} steps")
-            write = (qpos % cap).view(1, b, 1, t, 1).expand(2, b, c.num_heads, t, hd)
+            ring = (qpos % cap).view(b, 1, t, 1)
+            write_k = ring.expand(b, h, t, hd)
+            write_v = ring.view(b, 1, 1, t).expand(b, h, hd, t)
             last = qpos[:, -1:]  # (B, 1)
             j = torch.arange(cap, device=device)
             kpos = last - torch.remainder(last - j, cap)  # newest step held in ring slot j
         delta = qpos.unsqueeze(-1) - kpos.unsqueeze(1)  # (B, T, S)
         mask = ((kpos.unsqueeze(1) >= 0) & (delta >= 0) & (delta < c.context)).unsqueeze(1)
         bias = None
+        q_scale = 1.0
         if cache is not None and self.transformer.layers[0].norm1.weight.dtype == torch.float32:
+            # written-out attention (see `Attention.forward`): scores^T per head, and q
+            # pre-scaled through its RoPE rows; hd = 64 makes the scale 1/8, exact in binary
             bias = torch.zeros(mask.shape, device=device).masked_fill_(~mask, float("-inf"))
-        return _StepPlan(cos3, sin3, mask, bias, cache, write, active)
+            bias = bias.expand(b, h, t, -1).reshape(b * h, t, -1)
+            q_scale = hd**-0.5
+        cos2 = torch.stack([cos2 * q_scale, cos2])
+        sin2 = torch.stack([sin2 * q_scale, sin2])
+        return _StepPlan(cos2, sin2, mask, bias, cache, write_k, write_v, active)
 
     def forward(
         self, x: torch.Tensor, cache: KVCache | None = None, active: torch.Tensor | None = None
