@@ -375,9 +375,12 @@ class StreamingConv1d(nn.Module):
 class StreamingConvTranspose1d(nn.Module):
     """Causal ConvTranspose1d (kernel = m * stride) on (N, T, C): one matmul + overlap-add.
 
-    The last `kernel - stride` outputs of a call are incomplete: they are kept (without bias)
-    and added to the first outputs of the next call. Offline they are dropped, as in the
-    reference. Depthwise (groups == channels) is an elementwise product instead.
+    Step t contributes block j of its kernel to output block t + j. The last `kernel -
+    stride` outputs of a call are incomplete: they are kept (without bias) and added to the
+    first outputs of the next call. Offline they are dropped, as in the reference.
+    Depthwise (groups == channels) is an elementwise product instead of the matmul. The
+    bias rides with block 0 (in the matmul's epilogue), and each output block is written
+    once, by the add of its two contributions.
     """
 
     def __init__(
@@ -395,12 +398,17 @@ class StreamingConvTranspose1d(nn.Module):
         )
         self.stride, self.kernel, self.groups = stride, kernel, groups
         self.overlap = kernel - stride
-        # re-laid-out copy of the weight, rebuilt by `refresh()` after loading
+        # re-laid-out copies of the weight and bias, rebuilt by `refresh()` after loading
         self.register_buffer("w_kc", torch.zeros(0), persistent=False)
+        self.register_buffer("b_kc", None, persistent=False)
         self.packed: torch.Tensor | None = None
 
     def refresh(self) -> None:
         w = self.convtr.convtr.weight  # (Cin, Cout / groups, K)
+        b = self.convtr.convtr.bias
+        if b is not None:  # (K * Cout,): the bias under block 0's taps, + 0.0 elsewhere
+            b = torch.cat([b.repeat(self.stride), b.new_zeros(self.overlap * b.shape[0])])
+            self.b_kc = b.detach().contiguous()
         if self.groups == 1:  # (K * Cout, Cin): a linear layer from Cin to (K, Cout)
             w = w.permute(2, 1, 0).reshape(-1, w.shape[0])
             self.w_kc = w.contiguous()
@@ -413,28 +421,25 @@ class StreamingConvTranspose1d(nn.Module):
         return [torch.zeros(n, self.overlap, cout, device=device, dtype=dtype)]
 
     def forward(self, x: torch.Tensor, states: _States) -> torch.Tensor:
-        conv = self.convtr.convtr
-        n, t, cin = x.shape
+        n, t, _ = x.shape
         s, m = self.stride, self.kernel // self.stride
-        cout = conv.out_channels
+        cout = self.convtr.convtr.out_channels
         if self.groups == 1:
-            z = _linear(x, self.w_kc, self.packed, few_rows=self.few_rows)
+            z = _linear(x, self.w_kc, self.packed, self.b_kc, few_rows=self.few_rows)
         else:  # depthwise: z[n, t, k, c] = x[n, t, c] * w[c, 0, k]
             z = x.unsqueeze(2) * self.w_kc  # (N, T, K, C)
+            if self.b_kc is not None:
+                z = z + self.b_kc.view(self.kernel, cout)
         z = z.reshape(n, t, m, s * cout)  # contribution of step t to output block t + j
-        out = z.new_empty(n, t + m - 1, s * cout)
-        out[:, :t] = z[:, :, 0]
-        if m == 2:  # block t + 1 gets the second half of step t's contribution
-            out[:, t:] = 0
-            out[:, 1:].add_(z[:, :, 1])
-        out = out.view(n, (t + m - 1) * s, cout)
-        prev = states.take()  # (N, K - S, Cout)
-        states.give(out[:, t * s :])  # incomplete: the next call adds to it
-        y = out[:, : t * s]  # in place below: disjoint from the state just given
-        y[:, : self.overlap].add_(prev)
-        if conv.bias is not None:
-            y.add_(conv.bias)
-        return y
+        prev = states.take()  # (N, K - S, Cout): the previous call's incomplete outputs
+        if m == 1:
+            states.give(prev)
+            return z.view(n, t * s, cout)
+        y = z.new_empty(n, t, s * cout)
+        torch.add(z[:, 0, 0], prev.view(n, s * cout), out=y[:, 0])
+        torch.add(z[:, 1:, 0], z[:, :-1, 1], out=y[:, 1:])
+        states.give(z[:, -1, 1].reshape(n, s, cout).clone())  # incomplete: for the next call
+        return y.view(n, t * s, cout)
 
 
 class SEANetResnetBlock(nn.Module):
@@ -451,14 +456,17 @@ class SEANetResnetBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, states: _States) -> torch.Tensor:
-        y = self.block[1](F.elu(x), states)
-        y = self.block[3](F.elu(y), states)
-        return x + y
+        y = self.block[1](F.elu(x), states)  # x is still needed: out of place
+        y = self.block[3](F.elu(y, inplace=True), states)
+        return y.add_(x)
 
 
 def _run_seq(model: nn.Sequential, x: torch.Tensor, states: _States) -> torch.Tensor:
+    """In place where it can: every layer's output is a fresh tensor (or, for a transposed
+    conv, a region disjoint from the state it keeps), read by nothing but the next layer;
+    at batch 8 the activations are megabytes, and a fresh one per ELU costs bandwidth."""
     for layer in model:
-        x = F.elu(x) if isinstance(layer, nn.ELU) else layer(x, states)
+        x = F.elu(x, inplace=True) if isinstance(layer, nn.ELU) else layer(x, states)
     return x
 
 
