@@ -21,6 +21,9 @@ from moshi_grpc.models.mimi import (
     Mimi,
     MimiConfig,
     MimiInputError,
+    StreamingConv1d,
+    StreamingConvTranspose1d,
+    _States,
     load_mimi,
     official_to_hf,
     save_mimi,
@@ -216,6 +219,67 @@ def test_single_stream_equals_offline(tiny):
     codes = tiny.encode(audio)
     assert torch.equal(_stream_encode(tiny, audio), codes)
     assert torch.allclose(_stream_decode(tiny, codes), tiny.decode(codes), atol=1e-5, rtol=0)
+
+
+def _stream_layer(layer, x: torch.Tensor, chunks: list[int]) -> torch.Tensor:
+    """Feed (N, T, C) through a streaming conv layer in chunks of the given lengths."""
+    state = layer.init_state(x.shape[0], x.device, x.dtype)
+    outs, t = [], 0
+    for c in chunks:
+        states = _States(state)
+        outs.append(layer(x[:, t : t + c], states))
+        state, t = states.new, t + c
+    return torch.cat(outs, 1)
+
+
+@pytest.mark.parametrize(
+    "cin, cout, kernel, stride, dilation, few_rows",
+    [
+        (6, 4, 3, 1, 1, False),  # shift-add, stride 1 (the residual convs)
+        (6, 4, 3, 1, 2, False),  # shift-add with dilation
+        (4, 6, 8, 4, 1, False),  # shift-add over blocks of 4 (the downsampling convs)
+        (4, 5, 4, 4, 1, False),  # kernel == stride: no context
+        (1, 8, 7, 1, 1, False),  # unfold: partial sums would be larger than the columns
+        (6, 4, 3, 1, 2, True),  # unfold: the 25 Hz side
+        (4, 6, 8, 4, 1, True),
+    ],
+)
+def test_streaming_conv_forms_equal_torch_conv(cin, cout, kernel, stride, dilation, few_rows):
+    """Both matmul forms of the causal conv equal nn.Conv1d on the left-zero-padded input,
+    whole or fed in uneven chunks (multiples of the stride)."""
+    torch.manual_seed(0)
+    layer = StreamingConv1d(cin, cout, kernel, stride, dilation, few_rows=few_rows)
+    assert bool(layer.blocks) == (not few_rows and cout * (kernel // stride) <= kernel * cin)
+    layer.refresh()
+    x = torch.randn(2, 24 * stride, cin)
+    conv = layer.conv.conv
+    pad = (kernel - 1) * dilation + 1 - stride
+    want = conv(torch.nn.functional.pad(x.transpose(1, 2), (pad, 0))).transpose(1, 2)
+    with torch.inference_mode():
+        whole = _stream_layer(layer, x, [24 * stride])
+        parts = _stream_layer(layer, x, [5 * stride, stride, 18 * stride])
+    assert whole.shape == want.shape
+    torch.testing.assert_close(whole, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(parts, whole, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", [4, 8])
+@pytest.mark.parametrize("groups", [1, 6])
+@pytest.mark.parametrize("bias", [True, False])
+def test_streaming_transposed_conv_equals_torch(kernel, groups, bias):
+    """The matmul (or depthwise product) + overlap-add equals nn.ConvTranspose1d with its
+    incomplete tail dropped, whole or fed in chunks (the tail carries over between calls)."""
+    torch.manual_seed(1)
+    layer = StreamingConvTranspose1d(6, 6, kernel, 4, groups=groups, bias=bias)
+    layer.refresh()
+    x = torch.randn(3, 20, 6)
+    conv = layer.convtr.convtr
+    want = conv(x.transpose(1, 2))[..., : 20 * 4].transpose(1, 2)
+    with torch.inference_mode():
+        whole = _stream_layer(layer, x, [20])
+        parts = _stream_layer(layer, x, [1, 7, 12])
+    torch.testing.assert_close(whole, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(parts, whole, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("rows", [1, 5])
