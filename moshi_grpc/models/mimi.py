@@ -30,23 +30,26 @@ public reference keeps only 250 and its first query of a frame then misses one s
 stream is longer than 10 s (its streaming output drifts from its own offline output there).
 We follow the offline definition, so our streaming equals our offline path at any length.
 
-Speed (CPU): convolutions run as im2col (one strided view) + one matmul against a
-pre-laid-out weight, in a time-major (N, T, C) layout; transposed convolutions as one matmul
-+ overlap-add. That avoids oneDNN's per-call weight re-layout and PyTorch's slow
-transposed-conv fallback, which dominate the reference at one frame per call. At batch 1 a
+Speed (CPU): convolutions run as matmuls against pre-laid-out weights, in a time-major
+(N, T, C) layout: on the long 24 kHz side the input read as blocks of `stride` steps times
+every kernel block's weight at once, summed shifted (no copy of the input); on the 25 Hz
+side im2col (one strided view) + one matmul. Transposed convolutions are one matmul +
+overlap-add. That avoids oneDNN's per-call weight re-layout and PyTorch's slow
+transposed-conv fallback, which dominate the reference at one frame per call. Activations
+that only the next layer reads are overwritten in place (ELU, residual adds). At batch 1 a
 frame is memory-bound (~170 MB of weights read for a few rows of activations), so in
 float32 on CPU every conv, transformer and projection weight is also blocked once for
 oneDNN's inner product (`_pack`, rebuilt by `refresh()`; ~+330 MB resident for the "mimi"
-config), which streams it faster than MKL's sgemm, except for two rows against a tall
-weight (the batch-1 transformer), where `_rows_linear` is faster (`_prefers_rows`);
-elsewhere (other dtypes or devices, builds without oneDNN) `_rows_linear` takes over.
+config), which streams it faster than MKL's sgemm, except for two rows against the
+transformer's weights, where `_rows_linear` is faster (`_prefers_rows`); elsewhere (other
+dtypes or devices, builds without oneDNN) `_rows_linear` takes over.
 The RVQ search must round like torch.cdist (the reference); its slow matrix-vector kernel
 is replaced by a faster one wherever a float error bound proves that the reference's
 rounding picks the same centroid, and rerun exactly elsewhere (`_FastSearch`; +4 MB per
 codebook used). Streaming attention (two queries per slot against the ring) is written out
-in a few small ops; RoPE, masks and ring indices are computed once per transformer call,
-not per layer. Offline `encode`/`decode` use the same code on the whole signal, so their
-memory grows linearly with its length.
+in a few small ops, with the values held transposed (`KVCache`); RoPE, masks and ring
+indices are computed once per transformer call, not per layer. Offline `encode`/`decode`
+use the same code on the whole signal, so their memory grows linearly with its length.
 
 Precision: float32 is the exact path (codes identical to the reference, pcm within 1e-4).
 bfloat16/float16 run end to end, with codebooks, distances and RoPE in float32; their codes
@@ -213,12 +216,14 @@ def _pack(w: torch.Tensor) -> torch.Tensor | None:
 
 
 def _prefers_rows(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Two rows against a weight with at least as many outputs as inputs (the batch-1
-    transformer's qkv, output and first feed-forward projections, the decoder's first
-    transposed conv): MKL's sgemm as w @ x.T streams these 1.3-1.5x faster than oneDNN's
-    packed kernel (2 threads, measured here); one row or more than two, or wider weights,
-    and the packed kernel is as fast or up to 2x faster."""
-    return x.numel() == 2 * x.shape[-1] and w.shape[0] >= w.shape[1]
+    """Two rows against a weight with at least as many outputs as inputs, or at most 2048
+    inputs (all four batch-1 transformer projections, the decoder's first transposed conv):
+    MKL's sgemm as w @ x.T streams these faster than oneDNN's packed kernel, 1.3-1.5x alone
+    and still ~2% of a whole batch-1 frame for the 2048-input feed-forward output, where the
+    packed kernel wins in isolation but not between the other ops of a step (2 threads,
+    measured here). One row or more than two, or the 3072-8192-input convs of the 25 Hz
+    side: the packed kernel is as fast or up to 2x faster."""
+    return x.numel() == 2 * x.shape[-1] and (w.shape[0] >= w.shape[1] or w.shape[1] <= 2048)
 
 
 def _linear(
