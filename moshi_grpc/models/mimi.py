@@ -596,7 +596,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention with RoPE and a finite context."""
+    """Parameters of the causal multi-head self-attention (names as published); the
+    computation is `TransformerLayer.forward` + `_attend`."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -604,49 +605,52 @@ class Attention(nn.Module):
         nn.init.kaiming_uniform_(self.in_proj_weight, a=math.sqrt(5))
         self.out_proj = nn.Linear(dim, dim, bias=False)
         self.heads = heads
-        self.packed_in: torch.Tensor | None = None  # see `_pack`; set by `refresh()`
-        self.packed_out: torch.Tensor | None = None
 
-    def refresh(self) -> None:
-        self.packed_in = _pack(self.in_proj_weight)
-        self.packed_out = _pack(self.out_proj.weight)
 
-    def forward(self, x: torch.Tensor, plan: _StepPlan, layer: int) -> torch.Tensor:
-        b, t, d = x.shape
-        h = self.heads
-        hd = d // h
-        qkv = (
-            _linear(x, self.in_proj_weight, self.packed_in)
-            .view(b, t, 3, h, hd)
-            .permute(2, 0, 3, 1, 4)
-        )  # (3, B, H, T, hd)
-        qk = _rotate(qkv[:2], plan.cos, plan.sin)
-        q, k, v = qk[0], qk[1], qkv[2]
-        cache = plan.cache
-        if cache is None:  # offline
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask)
-            return self._out(y.transpose(1, 2))
-        keys, values_t, vt = cache.k[layer], cache.vt[layer], v.mT
-        if plan.active is not None:  # inactive slots write back what was there
-            keep = ~plan.active.view(-1, 1, 1, 1)
-            k = torch.where(keep, keys.gather(2, plan.write_k), k)
-            vt = torch.where(keep, values_t.gather(3, plan.write_v), vt)
-        keys.scatter_(2, plan.write_k, k)
-        values_t.scatter_(3, plan.write_v, vt)
-        if plan.bias is None:  # half precision: the fused kernel
-            y = F.scaled_dot_product_attention(q, keys, values_t.mT, attn_mask=plan.mask)
-            return self._out(y.transpose(1, 2))
-        # Streaming float32: a few queries per slot against the ring, written out: scores =
-        # bias + q k^T (q carries 1/sqrt(hd), see `_plan`), then y^T = v^T p^T with the
-        # probabilities passed transposed (as a row-major (T, S) block, the fast layout).
-        cap = keys.shape[2]
-        s = torch.baddbmm(plan.bias, q.reshape(b * h, t, hd), keys.view(b * h, cap, hd).mT)
-        yt = torch.bmm(values_t.view(b * h, hd, cap), s.softmax(-1).mT)  # (B * H, hd, T)
-        return self._out(yt.view(b, d, t).mT)
+def _attend(qkv: torch.Tensor, plan: _StepPlan, layer: int) -> torch.Tensor:
+    """Projected (3, B, H, T, hd) q, k, v -> (B, T, H * hd) head outputs (any strides)."""
+    _, b, h, t, hd = qkv.shape
+    qk = _rotate(qkv[:2], plan.cos, plan.sin)
+    q, k, v = qk[0], qk[1], qkv[2]
+    cache = plan.cache
+    if cache is None:  # offline
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask)
+        return y.transpose(1, 2).flatten(2)
+    keys, values_t, vt = cache.k[layer], cache.vt[layer], v.mT
+    if plan.active is not None:  # inactive slots write back what was there
+        keep = ~plan.active.view(-1, 1, 1, 1)
+        k = torch.where(keep, keys.gather(2, plan.write_k), k)
+        vt = torch.where(keep, values_t.gather(3, plan.write_v), vt)
+    keys.scatter_(2, plan.write_k, k)
+    values_t.scatter_(3, plan.write_v, vt)
+    if plan.bias is None:  # half precision: the fused kernel
+        y = F.scaled_dot_product_attention(q, keys, values_t.mT, attn_mask=plan.mask)
+        return y.transpose(1, 2).flatten(2)
+    # Streaming float32: a few queries per slot against the ring, written out: scores =
+    # bias + q k^T (q carries 1/sqrt(hd), see `_plan`), then y^T = v^T p^T with the
+    # probabilities passed transposed (as a row-major (T, S) block, the fast layout).
+    cap = keys.shape[2]
+    s = torch.baddbmm(plan.bias, q.reshape(b * h, t, hd), keys.view(b * h, cap, hd).mT)
+    yt = torch.bmm(values_t.view(b * h, hd, cap), s.softmax(-1).mT)  # (B * H, hd, T)
+    return yt.view(b, h * hd, t).mT
 
-    def _out(self, y: torch.Tensor) -> torch.Tensor:
-        """Output projection of (B, T, H, hd) or (B, T, d) head outputs, any strides."""
-        return _linear(y.reshape(*y.shape[:2], -1), self.out_proj.weight, self.packed_out)
+
+@dataclass(frozen=True)
+class _LayerWeights:
+    """One layer's tensors as plain references, gathered by `refresh()`: a streaming step
+    reads them through one attribute instead of ~25 nn.Module lookups and 3 submodule
+    calls per layer, which cost ~4% of a batch-1 frame."""
+
+    norm1: tuple[torch.Tensor, torch.Tensor]
+    norm2: tuple[torch.Tensor, torch.Tensor]
+    scale1: torch.Tensor
+    scale2: torch.Tensor
+    w_in: torch.Tensor
+    w_out: torch.Tensor
+    w1: torch.Tensor
+    w2: torch.Tensor
+    packed: tuple[torch.Tensor | None, ...]  # see `_pack`: in, out, 1, 2
+    heads: int
 
 
 class TransformerLayer(nn.Module):
@@ -660,29 +664,34 @@ class TransformerLayer(nn.Module):
         self.linear2 = nn.Linear(c.dim_feedforward, d, bias=False)
         self.layer_scale_1 = LayerScale(d, c.layer_scale)
         self.layer_scale_2 = LayerScale(d, c.layer_scale)
-        self.packed_1: torch.Tensor | None = None  # see `_pack`; set by `refresh()`
-        self.packed_2: torch.Tensor | None = None
+        self.w: _LayerWeights | None = None  # set by `refresh()`
 
     def refresh(self) -> None:
-        self.self_attn.refresh()
-        self.packed_1 = _pack(self.linear1.weight)
-        self.packed_2 = _pack(self.linear2.weight)
+        a = self.self_attn
+        ws = (a.in_proj_weight, a.out_proj.weight, self.linear1.weight, self.linear2.weight)
+        self.w = _LayerWeights(
+            (self.norm1.weight, self.norm1.bias), (self.norm2.weight, self.norm2.bias),
+            self.layer_scale_1.scale, self.layer_scale_2.scale, *ws,
+            tuple(_pack(w) for w in ws), a.heads,
+        )  # fmt: skip
 
     def forward(self, x: torch.Tensor, plan: _StepPlan, i: int) -> torch.Tensor:
-        x = x + self.layer_scale_1.scale * self.self_attn(self.norm1(x), plan, i)
-        y = self.norm2(x)
-        if (
-            self.packed_1 is not None
-            and y.device.type == "cpu"
-            and y.dtype == torch.float32
-            and not _prefers_rows(y, self.linear1.weight)
-        ):
+        w = self.w
+        if w is None:
+            raise RuntimeError("call refresh() after building or loading the model")
+        b, t, d = x.shape
+        p_in, p_out, p_1, p_2 = w.packed
+        qkv = _linear(F.layer_norm(x, (d,), *w.norm1, 1e-5), w.w_in, p_in)
+        qkv = qkv.view(b, t, 3, w.heads, d // w.heads).permute(2, 0, 3, 1, 4)
+        x = x + w.scale1 * _linear(_attend(qkv, plan, i), w.w_out, p_out)
+        y = F.layer_norm(x, (d,), *w.norm2, 1e-5)
+        fused = p_1 is not None and y.device.type == "cpu" and y.dtype == torch.float32
+        if fused and not _prefers_rows(y, w.w1):
             # oneDNN applies the (exact, erf) GELU as it writes the output: same bits, one pass
-            y = torch.ops.mkldnn._linear_pointwise(y, self.packed_1, None, "gelu", [], "none")
+            y = torch.ops.mkldnn._linear_pointwise(y, p_1, None, "gelu", [], "none")
         else:
-            y = F.gelu(_linear(y, self.linear1.weight, self.packed_1))
-        y = _linear(y, self.linear2.weight, self.packed_2)
-        return x + self.layer_scale_2.scale * y
+            y = F.gelu(_linear(y, w.w1, p_1))
+        return x + w.scale2 * _linear(y, w.w2, p_2)
 
 
 class _Layers(nn.Module):
