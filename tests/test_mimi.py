@@ -454,7 +454,8 @@ def test_half_precision_runs(golden, dtype):
     assert wav.shape == (2, FRAME) and torch.isfinite(wav).all()
 
 
-def test_bench_codec_runs_on_tiny(capsys):
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_bench_codec_runs_on_tiny(capsys, rounds):
     import argparse
 
     from moshi_grpc.bench import codec
@@ -463,12 +464,24 @@ def test_bench_codec_runs_on_tiny(capsys):
     codec.add_arguments(parser)
     args = parser.parse_args(
         ["--config", "tiny", "--batch", "1,2", "--frames", "2", "--warmup", "1"]
+        + ["--rounds", str(rounds)]
     )
     assert codec.run(args) == 0
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert [r[0] for r in rows] == ["1", "2", "1", "2"]  # wall table, then CPU table
     assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
+    per_round = [line for line in out.splitlines() if line.startswith("round ")]
+    assert len(per_round) == (rounds if rounds > 1 else 0)
+    assert ("medians over 2 rounds" in out) == (rounds == 2)
+
+
+def test_bench_codec_rounds_take_medians_per_column():
+    from moshi_grpc.bench.codec import _frame_ratio, _median_rounds
+
+    rounds = [{1: (10.0, 20.0, 1.0, 2.0)}, {1: (30.0, 10.0, 3.0, 1.0)}, {1: (20.0, 30.0, 2.0, 3.0)}]
+    assert _median_rounds(rounds) == {1: (20.0, 20.0, 2.0, 2.0)}
+    assert _frame_ratio((10.0, 20.0), (40.0, 80.0)) == 0.25
 
 
 @pytest.mark.slow

@@ -13,7 +13,10 @@ exact path (near-ties; see `_FastSearch` in moshi_grpc/models/mimi.py).
 
 On a shared machine, prefer `--threads 1` for comparisons: with 2 OpenMP threads and other
 processes on the cores, every parallel region can wait a scheduler slice (~10 ms) for its
-second thread, which swamps per-frame work of a few ms on either side.
+second thread, which swamps per-frame work of a few ms on either side. Where the speed of
+the whole machine drifts from minute to minute (a VM sharing memory bandwidth), `--rounds R`
+alternates ours and the reference R times and prints the medians over the rounds and each
+round's frame ratio, so that one slow minute does not decide the ratio.
 """
 
 from __future__ import annotations
@@ -75,6 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--reference", action="store_true", help="also time PyPI moshi")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="repeat ours (then the reference) R times"
+    )
     parser.add_argument(
         "--reference-python",
         default=os.environ.get("MOSHI_REFERENCE_PYTHON", ".venv-reference/bin/python"),
@@ -138,11 +144,53 @@ def _reference(args, weights: Path, batches: list[int]) -> dict[int, tuple[float
     return {int(k): tuple(v) for k, v in json.loads(line[0][7:]).items()}
 
 
+def _median_rounds(rounds: list[dict[int, tuple[float, ...]]]) -> dict[int, tuple[float, ...]]:
+    """Per batch size and column, the median over rounds."""
+    return {
+        b: tuple(statistics.median(r[b][i] for r in rounds) for i in range(len(rounds[0][b])))
+        for b in rounds[0]
+    }
+
+
+def _frame_ratio(ours: tuple[float, ...], ref: tuple[float, ...]) -> float:
+    return (ours[0] + ours[1]) / (ref[0] + ref[1])
+
+
+def _print_tables(
+    ours: dict[int, tuple[float, ...]], ref: dict[int, tuple[float, ...]], threads: int
+) -> None:
+    head = f"{'batch':>5} {'enc ms':>8} {'dec ms':>8} {'RTF':>6} {'x RT':>6}"
+    if ref:
+        head += f" | {'ref enc':>8} {'ref dec':>8} {'ref RTF':>7} | {'enc ours/ref':>12} {'dec ours/ref':>12} {'frame ours/ref':>14}"
+    print("wall clock (median ms per batched call):")
+    print(head)
+    for b in ours:
+        e, d = ours[b][:2]
+        rtf = (e + d) / (b * FRAME_MS)  # compute time per second of audio (enc + dec)
+        row = f"{b:>5} {e:8.2f} {d:8.2f} {rtf:6.3f} {1 / rtf:6.2f}"
+        if ref:
+            re_, rd = ref[b][:2]
+            rrtf = (re_ + rd) / (b * FRAME_MS)
+            row += f" | {re_:8.2f} {rd:8.2f} {rrtf:7.3f} | {e / re_:12.3f} {d / rd:12.3f} {rtf / rrtf:14.3f}"
+        print(row)
+    print(f"process CPU time (median ms per call, all {threads} threads summed):")
+    for b in ours:
+        e, d = ours[b][2:]
+        row = f"{b:>5} {e:8.2f} {d:8.2f}"
+        if ref:
+            re_, rd = ref[b][2:]
+            row += f" | ref {re_:8.2f} {rd:8.2f} | ours/ref {e / re_:6.3f} {d / rd:6.3f}"
+        print(row)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from moshi_grpc.models.mimi import load_mimi, save_mimi
 
+    if args.rounds < 1:
+        print("--rounds must be >= 1")
+        return 2
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batch.split(",") if b]
     tmp = None
@@ -155,39 +203,36 @@ def run(args: argparse.Namespace) -> int:
         tmp = tempfile.TemporaryDirectory()
         weights = Path(tmp.name) / "mimi-random.safetensors"
         save_mimi(load_mimi(None, config=args.config), weights)
+    ours_rounds, ref_rounds = [], []
     try:
         print(
             f"Mimi streaming bench: config={args.config} dtype={args.dtype} device={args.device} "
             f"threads={args.threads} codebooks={args.num_codebooks} frames={args.frames} "
             f"(+{args.warmup} warm-up), weights={'random' if args.weights is None else weights}"
+            + (f", {args.rounds} rounds" if args.rounds > 1 else "")
         )
-        ours = _ours(args, weights, batches)
-        ref = _reference(args, weights, batches) if args.reference else {}
+        for r in range(args.rounds):
+            ours_rounds.append(_ours(args, weights, batches))
+            if args.reference:
+                ref_rounds.append(_reference(args, weights, batches))
+            if args.rounds > 1:
+                line = f"round {r + 1}: ours enc+dec " + ", ".join(
+                    f"B{b} {sum(ours_rounds[-1][b][:2]):.1f} ms" for b in batches
+                )
+                if ref_rounds:
+                    line += " | frame ours/ref " + ", ".join(
+                        f"B{b} {_frame_ratio(ours_rounds[-1][b], ref_rounds[-1][b]):.3f}"
+                        for b in batches
+                    )
+                print(line, flush=True)
     finally:
         if tmp is not None:
             tmp.cleanup()
-    head = f"{'batch':>5} {'enc ms':>8} {'dec ms':>8} {'RTF':>6} {'x RT':>6}"
-    if ref:
-        head += f" | {'ref enc':>8} {'ref dec':>8} {'ref RTF':>7} | {'enc ours/ref':>12} {'dec ours/ref':>12} {'frame ours/ref':>14}"
-    print("wall clock (median ms per batched call):")
-    print(head)
-    for b in batches:
-        e, d = ours[b][:2]
-        rtf = (e + d) / (b * FRAME_MS)  # compute time per second of audio (enc + dec)
-        row = f"{b:>5} {e:8.2f} {d:8.2f} {rtf:6.3f} {1 / rtf:6.2f}"
-        if ref:
-            re_, rd = ref[b][:2]
-            rrtf = (re_ + rd) / (b * FRAME_MS)
-            row += f" | {re_:8.2f} {rd:8.2f} {rrtf:7.3f} | {e / re_:12.3f} {d / rd:12.3f} {rtf / rrtf:14.3f}"
-        print(row)
-    print(f"process CPU time (median ms per call, all {args.threads} threads summed):")
-    for b in batches:
-        e, d = ours[b][2:]
-        row = f"{b:>5} {e:8.2f} {d:8.2f}"
-        if ref:
-            re_, rd = ref[b][2:]
-            row += f" | ref {re_:8.2f} {rd:8.2f} | ours/ref {e / re_:6.3f} {d / rd:6.3f}"
-        print(row)
+    ours = _median_rounds(ours_rounds)
+    ref = _median_rounds(ref_rounds) if ref_rounds else {}
+    if args.rounds > 1:
+        print(f"medians over {args.rounds} rounds (each column on its own):")
+    _print_tables(ours, ref, args.threads)
     print(
         "ms = median over frames after warm-up of one batched call (one 80 ms frame for every "
         "stream); RTF = (enc + dec) / (batch x 80 ms), lower is better; x RT = 1 / RTF; frame ours/ref = RTF / ref RTF, the whole "
