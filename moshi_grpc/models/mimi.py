@@ -41,8 +41,9 @@ frame is memory-bound (~170 MB of weights read for a few rows of activations), s
 float32 on CPU every conv, transformer and projection weight is also blocked once for
 oneDNN's inner product (`_pack`, rebuilt by `refresh()`; ~+330 MB resident for the "mimi"
 config), which streams it faster than MKL's sgemm, except for two rows against the
-transformer's weights, where `_rows_linear` is faster (`_prefers_rows`); elsewhere (other
-dtypes or devices, builds without oneDNN) `_rows_linear` takes over.
+transformer's weights, where `_rows_linear` is faster (`_prefers_rows`; the 2048-input
+feed-forward output also kept as two 1024-column blocks, `_rows_linear_blocks`, +67 MB);
+elsewhere (other dtypes or devices, builds without oneDNN) `_rows_linear` takes over.
 The RVQ search must round like torch.cdist (the reference); its slow matrix-vector kernel
 is replaced by a faster one wherever a float error bound proves that the reference's
 rounding picks the same centroid, and rerun exactly elsewhere (`_FastSearch`; +4 MB per
@@ -196,6 +197,29 @@ def _rows_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
     x2 = x.reshape(-1, x.shape[-1]).contiguous().t()
     y = torch.mm(w, x2) if bias is None else torch.addmm(bias.unsqueeze(1), w, x2)
     return y.t().reshape(*lead, w.shape[0])
+
+
+def _column_blocks(w: torch.Tensor, width: int = 1024) -> tuple[torch.Tensor, ...]:
+    """Contiguous copies of w's column blocks, for `_rows_linear_blocks`; () when w is not
+    wider than `width` or is not a float32 CPU weight."""
+    if w.shape[1] <= width or w.device.type != "cpu" or w.dtype != torch.float32:
+        return ()
+    return tuple(w[:, i : i + width].detach().contiguous() for i in range(0, w.shape[1], width))
+
+
+def _rows_linear_blocks(x: torch.Tensor, blocks: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """`_rows_linear` against a weight held as column blocks, partial products summed.
+
+    MKL streams a (512, 2048) weight against two rows at ~18 GB/s between the other ops of
+    a step, but two (512, 1024) halves at ~24 GB/s (batch-1 feed-forward output; +4 MB per
+    layer for the copies). Views of the columns instead of copies are slower than either.
+    """
+    lead, k = x.shape[:-1], blocks[0].shape[1]
+    x2 = x.reshape(-1, x.shape[-1]).contiguous().t()  # see `_rows_linear`
+    y = torch.mm(blocks[0], x2[:k])
+    for i, b in enumerate(blocks[1:], 1):
+        y = torch.addmm(y, b, x2[i * k : (i + 1) * k])
+    return y.t().reshape(*lead, blocks[0].shape[0])
 
 
 def _pack(w: torch.Tensor) -> torch.Tensor | None:
@@ -653,6 +677,7 @@ class _LayerWeights:
     w2: torch.Tensor
     packed: tuple[torch.Tensor | None, ...]  # see `_pack`: in, out, 1, 2
     heads: int
+    w2_blocks: tuple[torch.Tensor, ...]  # see `_rows_linear_blocks`; () where not used
 
 
 class TransformerLayer(nn.Module):
@@ -674,7 +699,7 @@ class TransformerLayer(nn.Module):
         self.w = _LayerWeights(
             (self.norm1.weight, self.norm1.bias), (self.norm2.weight, self.norm2.bias),
             self.layer_scale_1.scale, self.layer_scale_2.scale, *ws,
-            tuple(_pack(w) for w in ws), a.heads,
+            tuple(_pack(w) for w in ws), a.heads, _column_blocks(self.linear2.weight),
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor, plan: _StepPlan, i: int) -> torch.Tensor:
@@ -693,6 +718,8 @@ class TransformerLayer(nn.Module):
             y = torch.ops.mkldnn._linear_pointwise(y, p_1, None, "gelu", [], "none")
         else:
             y = F.gelu(_linear(y, w.w1, p_1))
+        if w.w2_blocks and _prefers_rows(y, w.w2):
+            return x + w.scale2 * _rows_linear_blocks(y, w.w2_blocks)
         return x + w.scale2 * _linear(y, w.w2, p_2)
 
 
