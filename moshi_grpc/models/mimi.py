@@ -40,9 +40,9 @@ that only the next layer reads are overwritten in place (ELU, residual adds). At
 frame is memory-bound (~170 MB of weights read for a few rows of activations), so in
 float32 on CPU every conv, transformer and projection weight is also blocked once for
 oneDNN's inner product (`_pack`, rebuilt by `refresh()`; ~+330 MB resident for the "mimi"
-config), which streams it faster than MKL's sgemm, except for two rows against the
-transformer's weights, where `_rows_linear` is faster (`_prefers_rows`; the 2048-input
-feed-forward output also kept as two 1024-column blocks, `_rows_linear_blocks`, +67 MB);
+config), which streams it faster than MKL's sgemm, except for two rows (batch 1 on the 25
+Hz side), where MKL's w @ x.T is faster (`_rows_linear`, `_prefers_rows`), for weights wider
+than 1024 inputs in 1024-column blocks (`_rows_linear_blocks`; +126 MB of copies);
 elsewhere (other dtypes or devices, builds without oneDNN) `_rows_linear` takes over.
 The RVQ search must round like torch.cdist (the reference); its slow matrix-vector kernel
 is replaced by a faster one wherever a float error bound proves that the reference's
@@ -207,18 +207,26 @@ def _column_blocks(w: torch.Tensor, width: int = 1024) -> tuple[torch.Tensor, ..
     return tuple(w[:, i : i + width].detach().contiguous() for i in range(0, w.shape[1], width))
 
 
-def _rows_linear_blocks(x: torch.Tensor, blocks: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def _rows_linear_blocks(
+    x: torch.Tensor, blocks: tuple[torch.Tensor, ...], bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """`_rows_linear` against a weight held as column blocks, partial products summed.
 
-    MKL streams a (512, 2048) weight against two rows at ~18 GB/s between the other ops of
-    a step, but two (512, 1024) halves at ~24 GB/s (batch-1 feed-forward output; +4 MB per
-    layer for the copies). Views of the columns instead of copies are slower than either.
+    MKL streams wide weights against two rows faster in blocks of 1024 columns than whole
+    (the batch-1 feed-forward output and the 25 Hz side's 2048-8192-input convs: 1.2-1.4x
+    between the other ops of a step, and faster than oneDNN's packed kernel there). Views of
+    the columns instead of copies are slower than either.
     """
     lead, k = x.shape[:-1], blocks[0].shape[1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous().t()  # see `_rows_linear`
-    y = torch.mm(blocks[0], x2[:k])
+    first = x2[:k]
+    y = (
+        torch.mm(blocks[0], first)
+        if bias is None
+        else torch.addmm(bias.unsqueeze(1), blocks[0], first)
+    )
     for i, b in enumerate(blocks[1:], 1):
-        y = torch.addmm(y, b, x2[i * k : (i + 1) * k])
+        y = torch.addmm(y, b, x2[i * k : i * k + b.shape[1]])
     return y.t().reshape(*lead, blocks[0].shape[0])
 
 
@@ -239,15 +247,16 @@ def _pack(w: torch.Tensor) -> torch.Tensor | None:
     return packed
 
 
-def _prefers_rows(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Two rows against a weight with at least as many outputs as inputs, or at most 2048
-    inputs (all four batch-1 transformer projections, the decoder's first transposed conv):
-    MKL's sgemm as w @ x.T streams these faster than oneDNN's packed kernel, 1.3-1.5x alone
-    and still ~2% of a whole batch-1 frame for the 2048-input feed-forward output, where the
-    packed kernel wins in isolation but not between the other ops of a step (2 threads,
-    measured here). One row or more than two, or the 3072-8192-input convs of the 25 Hz
-    side: the packed kernel is as fast or up to 2x faster."""
-    return x.numel() == 2 * x.shape[-1] and (w.shape[0] >= w.shape[1] or w.shape[1] <= 2048)
+def _prefers_rows(x: torch.Tensor, w: torch.Tensor, blocks: tuple = ()) -> bool:
+    """Two rows (a batch-1 streaming frame on the 25 Hz side) against a weight with at most
+    1024 inputs or at least as many outputs as inputs, or held as column blocks: MKL's sgemm
+    as w @ x.T (in blocks) streams these 1.2-1.5x faster than oneDNN's packed kernel between
+    the other ops of a step (2 threads, measured here; in isolation the packed kernel wins
+    for the wide ones). One row or more than two: the packed kernel is as fast or up to 2x
+    faster."""
+    return x.numel() == 2 * x.shape[-1] and (
+        bool(blocks) or w.shape[1] <= 1024 or w.shape[0] >= w.shape[1]
+    )
 
 
 def _linear(
@@ -256,13 +265,14 @@ def _linear(
     packed: torch.Tensor | None,
     bias: torch.Tensor | None = None,
     few_rows: bool = True,
+    blocks: tuple[torch.Tensor, ...] = (),
 ) -> torch.Tensor:
     """`F.linear(x, w, bias)` through the packed weight when there is one (see `_pack`);
     otherwise as `_rows_linear` for layers that see few rows per frame, else plain.
-    One exception, see `_prefers_rows`."""
+    One exception, see `_prefers_rows` (`blocks`: w's `_column_blocks`, if kept)."""
     if packed is not None and x.device.type == "cpu" and x.dtype == torch.float32:
-        if _prefers_rows(x, w):
-            return _rows_linear(x, w, bias)
+        if _prefers_rows(x, w, blocks):
+            return _rows_linear_blocks(x, blocks, bias) if blocks else _rows_linear(x, w, bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return _rows_linear(x, w, bias) if few_rows else F.linear(x, w, bias)
 
@@ -336,6 +346,7 @@ class StreamingConv1d(nn.Module):
         self.register_buffer("w_kc", torch.zeros(0), persistent=False)
         self.register_buffer("b_kc", None, persistent=False)
         self.packed: torch.Tensor | None = None
+        self.w_blocks: tuple[torch.Tensor, ...] = ()  # see `_column_blocks` (25 Hz side)
 
     def refresh(self) -> None:
         w = self.conv.conv.weight  # (Cout, Cin, K)
@@ -351,6 +362,7 @@ class StreamingConv1d(nn.Module):
         self.w_kc = w.contiguous()
         self.b_kc = None if b is None else b.detach().contiguous()
         self.packed = _pack(self.w_kc)
+        self.w_blocks = _column_blocks(self.w_kc) if self.few_rows else ()
 
     def init_state(self, n: int, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
         if not self.context:
@@ -398,7 +410,7 @@ class StreamingConv1d(nn.Module):
         return self._linear(cols.flatten(2))
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(x, self.w_kc, self.packed, self.b_kc, self.few_rows)
+        return _linear(x, self.w_kc, self.packed, self.b_kc, self.few_rows, self.w_blocks)
 
 
 class StreamingConvTranspose1d(nn.Module):
@@ -718,9 +730,7 @@ class TransformerLayer(nn.Module):
             y = torch.ops.mkldnn._linear_pointwise(y, p_1, None, "gelu", [], "none")
         else:
             y = F.gelu(_linear(y, w.w1, p_1))
-        if w.w2_blocks and _prefers_rows(y, w.w2):
-            return x + w.scale2 * _rows_linear_blocks(y, w.w2_blocks)
-        return x + w.scale2 * _linear(y, w.w2, p_2)
+        return x + w.scale2 * _linear(y, w.w2, p_2, blocks=w.w2_blocks)
 
 
 class _Layers(nn.Module):
