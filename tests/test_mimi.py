@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from moshi_grpc.models.checkpoint import CheckpointError
 from moshi_grpc.models.mimi import (
+    PRESETS,
     Mimi,
     MimiConfig,
     MimiInputError,
@@ -353,6 +354,19 @@ def test_transformers_layout_loads_to_the_same_model(golden, ref_mimi, tmp_path)
     save_file(hf, str(path))
     m = load_mimi(path, config="tiny")
     assert torch.equal(m.encode(golden["audio"]), golden["codes"])
+
+
+def test_built_directly_needs_refresh_and_says_so():
+    m = Mimi(PRESETS["tiny"]).eval()
+    for call in (
+        lambda: m.encode(torch.zeros(1, 1, FRAME)),
+        lambda: m.decode(torch.zeros(1, 8, 1, dtype=torch.long)),
+        lambda: m.streaming_encoder(1),
+    ):
+        with pytest.raises(RuntimeError, match=r"call \.refresh\(\)"):
+            call()
+    m.refresh()
+    assert m.encode(torch.zeros(1, 1, FRAME)).shape == (1, 8, 1)
 
 
 def test_random_weights_warn_and_facts(caplog):

@@ -93,6 +93,12 @@ __all__ = [
 ]
 
 
+_NOT_REFRESHED = (
+    "this Mimi was built directly and its derived weight layouts are missing: call "
+    ".refresh() after setting its weights (load_mimi does both)"
+)
+
+
 class MimiInputError(ValueError):
     """Audio or codes given to the codec have the wrong shape, dtype, length or values."""
 
@@ -717,7 +723,7 @@ class TransformerLayer(nn.Module):
     def forward(self, x: torch.Tensor, plan: _StepPlan, i: int) -> torch.Tensor:
         w = self.w
         if w is None:
-            raise RuntimeError("call refresh() after building or loading the model")
+            raise RuntimeError(_NOT_REFRESHED)
         b, t, d = x.shape
         p_in, p_out, p_1, p_2 = w.packed
         qkv = _linear(F.layer_norm(x, (d,), *w.norm1, 1e-5), w.w_in, p_in)
@@ -1095,6 +1101,10 @@ class Mimi(nn.Module):
             for layer in t.transformer.layers:
                 layer.refresh()
 
+    def _check_refreshed(self) -> None:
+        if self.decoder_transformer.transformer.layers[0].w is None:
+            raise RuntimeError(_NOT_REFRESHED)
+
     # -- state ---------------------------------------------------------------------------------
     def _encoder_state(self, n: int) -> list[torch.Tensor]:
         d, t = self.device, self.dtype
@@ -1128,6 +1138,7 @@ class Mimi(nn.Module):
         reference does.
         """
         _check_pcm(pcm, self.frame_size, offline=True)
+        self._check_refreshed()
         pad = (-pcm.shape[-1]) % self.frame_size
         x = F.pad(pcm.to(self.device, self.dtype), (0, pad))
         return self._encode_frames(x, _States(self._encoder_state(x.shape[0])), None, None)
@@ -1136,6 +1147,7 @@ class Mimi(nn.Module):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes int (B, K, F) -> pcm (B, 1, F * 1920) in the model dtype."""
         _check_codes(codes, self.num_codebooks, self.cardinality, ndim=3)
+        self._check_refreshed()
         codes = codes.to(self.device, torch.long)
         return self._decode_frames(codes, _States(self._decoder_state(codes.shape[0])), None, None)
 
@@ -1151,6 +1163,7 @@ class _Streamer:
     """Common slot bookkeeping of the streaming encoder and decoder."""
 
     def __init__(self, mimi: Mimi, num_slots: int, transformer: Transformer, states):
+        mimi._check_refreshed()
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
         self.mimi, self.num_slots = mimi, num_slots
