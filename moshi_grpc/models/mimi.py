@@ -33,8 +33,9 @@ We follow the offline definition, so our streaming equals our offline path at an
 Speed (CPU): convolutions run as matmuls against pre-laid-out weights, in a time-major
 (N, T, C) layout: on the long 24 kHz side the input read as blocks of `stride` steps times
 every kernel block's weight at once, summed shifted (no copy of the input); on the 25 Hz
-side im2col (one strided view) + one matmul. Transposed convolutions are one matmul +
-overlap-add. That avoids oneDNN's per-call weight re-layout and PyTorch's slow
+side im2col (one strided view) + one matmul. Transposed convolutions are causal convs over
+pairs of input steps with `stride x Cout` outputs per step (one matmul, no overlap-add).
+That avoids oneDNN's per-call weight re-layout and PyTorch's slow
 transposed-conv fallback, which dominate the reference at one frame per call. Activations
 that only the next layer reads are overwritten in place (ELU, residual adds). At batch 1 a
 frame is memory-bound (~170 MB of weights read for a few rows of activations), so in
@@ -420,14 +421,14 @@ class StreamingConv1d(nn.Module):
 
 
 class StreamingConvTranspose1d(nn.Module):
-    """Causal ConvTranspose1d (kernel = m * stride) on (N, T, C): one matmul + overlap-add.
+    """Causal ConvTranspose1d (kernel = m * stride, m = 1 or 2) on (N, T, C).
 
-    Step t contributes block j of its kernel to output block t + j. The last `kernel -
-    stride` outputs of a call are incomplete: they are kept (without bias) and added to the
-    first outputs of the next call. Offline they are dropped, as in the reference.
-    Depthwise (groups == channels) is an elementwise product instead of the matmul. The
-    bias rides with block 0 (in the matmul's epilogue), and each output block is written
-    once, by the add of its two contributions.
+    Output block b (`stride` samples) is input step b times the kernel's first `stride`
+    taps plus step b - 1 times the rest. So it is computed as a causal conv over input
+    steps (kernel m, one step of context kept as the state) with `stride * Cout` outputs
+    per step: one matmul on (step b - 1, step b) pairs, an unfolded strided view, that
+    writes every output once. Offline this is the reference's output with its incomplete
+    tail dropped. Depthwise (groups == channels) is two elementwise products instead.
     """
 
     def __init__(
@@ -444,49 +445,51 @@ class StreamingConvTranspose1d(nn.Module):
             "convtr", nn.ConvTranspose1d(cin, cout, kernel, stride, groups=groups, bias=bias)
         )
         self.stride, self.kernel, self.groups = stride, kernel, groups
-        self.overlap = kernel - stride
+        self.steps = kernel // stride  # input steps per output block: 1 or 2
         # re-laid-out copies of the weight and bias, rebuilt by `refresh()` after loading
         self.register_buffer("w_kc", torch.zeros(0), persistent=False)
         self.register_buffer("b_kc", None, persistent=False)
         self.packed: torch.Tensor | None = None
+        self.w_blocks: tuple[torch.Tensor, ...] = ()  # see `_column_blocks` (25 Hz side)
 
     def refresh(self) -> None:
-        w = self.convtr.convtr.weight  # (Cin, Cout / groups, K)
+        w = self.convtr.convtr.weight  # (Cin, Cout / groups, K), tap k = j * stride + p
         b = self.convtr.convtr.bias
-        if b is not None:  # (K * Cout,): the bias under block 0's taps, + 0.0 elsewhere
-            b = torch.cat([b.repeat(self.stride), b.new_zeros(self.overlap * b.shape[0])])
-            self.b_kc = b.detach().contiguous()
-        if self.groups == 1:  # (K * Cout, Cin): a linear layer from Cin to (K, Cout)
-            w = w.permute(2, 1, 0).reshape(-1, w.shape[0])
-            self.w_kc = w.contiguous()
+        cin, s, m = w.shape[0], self.stride, self.steps
+        # (Cin, Cout', m, S) -> taps of the older step first, as a causal conv sees them
+        w = w.view(cin, w.shape[1], m, s).flip(2)
+        if self.groups == 1:  # (S * Cout, m * Cin): rows (p, cout), columns (step, cin)
+            self.w_kc = w.permute(3, 1, 2, 0).reshape(s * w.shape[1], m * cin).contiguous()
             self.packed = _pack(self.w_kc)
-        else:  # depthwise: (K, C)
-            self.w_kc = w[:, 0].t().contiguous()
+            self.w_blocks = _column_blocks(self.w_kc) if self.few_rows else ()
+        else:  # depthwise: (m, S, C)
+            self.w_kc = w[:, 0].permute(1, 2, 0).contiguous()
+        self.b_kc = None if b is None else b.detach().repeat(s).contiguous()  # (S * Cout,)
 
     def init_state(self, n: int, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
-        cout = self.convtr.convtr.out_channels
-        return [torch.zeros(n, self.overlap, cout, device=device, dtype=dtype)]
+        cin = self.convtr.convtr.in_channels
+        return [torch.zeros(n, self.steps - 1, cin, device=device, dtype=dtype)]
 
     def forward(self, x: torch.Tensor, states: _States) -> torch.Tensor:
-        n, t, _ = x.shape
-        s, m = self.stride, self.kernel // self.stride
+        n, t, cin = x.shape
+        s, m = self.stride, self.steps
         cout = self.convtr.convtr.out_channels
-        if self.groups == 1:
-            z = _linear(x, self.w_kc, self.packed, self.b_kc, few_rows=self.few_rows)
-        else:  # depthwise: z[n, t, k, c] = x[n, t, c] * w[c, 0, k]
-            z = x.unsqueeze(2) * self.w_kc  # (N, T, K, C)
+        if m == 2:  # (step b - 1, step b) for every b, the first from the previous call
+            x = torch.cat([states.take(), x], dim=1)
+            states.give(x[:, -1:])
+        else:
+            states.give(states.take())  # (N, 0, Cin): nothing to carry
+        if self.groups == 1:  # x is the contiguous cat result where m == 2
+            pairs = x if m == 1 else x.as_strided((n, t, m * cin), ((t + 1) * cin, cin, 1))
+            y = _linear(pairs, self.w_kc, self.packed, self.b_kc, self.few_rows, self.w_blocks)
+        else:  # y[n, b, p, c] = sum_j x[n, b - (m - 1) + j, c] * w[c, 0, (m - 1 - j) * S + p]
+            y = x[:, :t, None] * self.w_kc[0]
+            for j in range(1, m):
+                y = y + x[:, j : j + t, None] * self.w_kc[j]
+            y = y.flatten(2)
             if self.b_kc is not None:
-                z = z + self.b_kc.view(self.kernel, cout)
-        z = z.reshape(n, t, m, s * cout)  # contribution of step t to output block t + j
-        prev = states.take()  # (N, K - S, Cout): the previous call's incomplete outputs
-        if m == 1:
-            states.give(prev)
-            return z.view(n, t * s, cout)
-        y = z.new_empty(n, t, s * cout)
-        torch.add(z[:, 0, 0], prev.view(n, s * cout), out=y[:, 0])
-        torch.add(z[:, 1:, 0], z[:, :-1, 1], out=y[:, 1:])
-        states.give(z[:, -1, 1].reshape(n, s, cout).clone())  # incomplete: for the next call
-        return y.view(n, t * s, cout)
+                y = y + self.b_kc
+        return y.reshape(n, t * s, cout)
 
 
 class SEANetResnetBlock(nn.Module):
