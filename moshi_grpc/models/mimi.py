@@ -876,8 +876,10 @@ class _FastSearch:
 
     The exact path must round like the reference's torch.cdist (MKL, a matrix-vector
     kernel that streams each 2 MB codebook slowly). Here scores s_j = r.e_j - |e_j|^2 / 2
-    (ranked like the distances) come from a faster kernel: a row-major (dim, bins) copy
-    for one row per call, oneDNN's packed copy for more. Rounding differs, but any float32
+    (ranked like the distances) come from a faster kernel: for one or two rows, the
+    codebook as the left operand of MKL's sgemm (e @ r^T, one row doubled: MKL streams
+    that form faster than any one-row kernel here), oneDNN's packed copy for more.
+    Rounding differs, but any float32
     dot product of n terms lies within n 2^-24 sum|terms| of its exact value whatever the
     summation order, and here sum|terms| <= (|r| + max|e|)^2 on both sides. So where the
     best score leads the runner-up by more than 2.5x that bound (2x for the worst case of
@@ -890,9 +892,9 @@ class _FastSearch:
 
     MAX_ROWS = 16  # streaming batches; offline calls have many rows, hence many reruns
 
-    def __init__(self, books_t: list[torch.Tensor], packed: list, half_norms, max_norm):
-        self.books_t, self.packed = books_t, packed
-        self.neg_half_norms, self.max_norm = half_norms, max_norm
+    def __init__(self, packed: list, half_norms: torch.Tensor, max_norm: torch.Tensor):
+        self.packed = packed
+        self.neg_half_norms, self.max_norm = half_norms, max_norm  # (levels, bins), (levels,)
 
     @classmethod
     def build(cls, codebooks: torch.Tensor, levels: int | None) -> _FastSearch | None:
@@ -903,7 +905,7 @@ class _FastSearch:
         if any(p is None for p in packed):
             return None
         norms = cb.pow(2).sum(-1)
-        return cls([b.t().contiguous() for b in cb], packed, -0.5 * norms, norms.amax(1).sqrt())
+        return cls(packed, -0.5 * norms, norms.amax(1).sqrt())
 
     def applies(self, rows: torch.Tensor, n_q: int) -> bool:
         return (
@@ -914,9 +916,11 @@ class _FastSearch:
         """Levels start.. of residual rows r (M, dim) -> (their codes as far as certified,
         the residual at the first uncertified level, or at the end)."""
         codes, tops, residuals = [], [], []
+        rows = r.shape[0]
         for i in range(start, n_q):
-            if r.shape[0] == 1:
-                s = torch.addmm(self.neg_half_norms[i], r, self.books_t[i])
+            if rows <= 2:
+                r2 = r if rows == 2 else torch.cat([r, r])
+                s = torch.addmm(self.neg_half_norms[i, :, None], codebooks[i], r2.t()).t()[:rows]
             else:
                 s = torch.ops.mkldnn._linear_pointwise(
                     r, self.packed[i], self.neg_half_norms[i], "none", [], ""
