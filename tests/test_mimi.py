@@ -167,6 +167,34 @@ def test_batched_slots_with_joins_masks_and_resets_equal_solo_runs(tiny):
         assert torch.allclose(torch.cat(got_pcm[k]), want_pcm[k][0, 0], atol=1e-5, rtol=0), k
 
 
+def test_idle_ticks_after_the_ring_wrapped_leave_the_slot_exact(tiny):
+    """An idle slot writes into its ring entries without advancing (see KVCache): after the
+    tiny config's 11-entry ring has wrapped, idle ticks must still not change its output."""
+    a = _audio(2, 12, seed=9)
+    want = tiny.encode(a)
+    want_pcm = tiny.decode(want)
+    idle = {7, 8}  # slot 1 has no frame on these ticks (14 steps in: the ring wrapped)
+    enc, dec = tiny.streaming_encoder(2), tiny.streaming_decoder(2)
+    got, got_pcm, fed = [[], []], [[], []], [0, 0]
+    for t in range(12 + len(idle)):
+        active = torch.tensor([t < 12, t not in idle and fed[1] < 12])
+        pcm = torch.zeros(2, FRAME)
+        codes = torch.zeros(2, 8, dtype=torch.long)
+        for slot in (0, 1):
+            if active[slot]:
+                pcm[slot] = a[slot, 0, fed[slot] * FRAME : (fed[slot] + 1) * FRAME]
+                codes[slot] = want[slot, :, fed[slot]]
+        out, wav = enc.step(pcm, active), dec.step(codes, active)
+        for slot in (0, 1):
+            if active[slot]:
+                got[slot].append(out[slot])
+                got_pcm[slot].append(wav[slot])
+                fed[slot] += 1
+    for slot in (0, 1):
+        assert torch.equal(torch.stack(got[slot], -1), want[slot])
+        assert torch.allclose(torch.cat(got_pcm[slot]), want_pcm[slot, 0], atol=1e-5, rtol=0)
+
+
 def test_reset_of_one_slot_leaves_others_bit_identical(tiny):
     a = _audio(2, 6, seed=4)
     e1, e2 = tiny.streaming_encoder(2), tiny.streaming_encoder(2)

@@ -20,7 +20,7 @@ the Hugging Face `MimiModel` layout is converted to those names first.
 
 Streaming state: every tensor has the slot as its first dimension. Conv caches are replaced
 functionally each step (`torch.where(active, new, old)`); the transformer KV caches are ring
-buffers written in place at per-slot positions, keeping the old entry for inactive slots. No
+buffers written in place at per-slot positions (see `KVCache` for inactive slots). No
 Python branch looks at per-row values, except the RVQ's choice between two searches that
 give the same codes (`_FastSearch`).
 
@@ -592,6 +592,12 @@ class KVCache:
     values' product of a streaming step is then v^T @ p^T with the ring as the left
     operand, which CPU BLAS streams about twice as fast as p @ v for two queries per slot
     (that product was the slowest op of a batch-8 step).
+
+    A slot without a frame this call writes whatever its (zeroed) input gives into the ring
+    entries at its position, as if it advanced, but its position stays. Those entries held
+    steps older than the context (no query reads them any more), and the slot's next real
+    step overwrites them before its queries read the ring. So masking costs the cache
+    nothing, and its buffers are not bit-for-bit what they were (its outputs are).
     """
 
     def __init__(
@@ -626,7 +632,6 @@ class _StepPlan:
     cache: KVCache | None
     write_k: torch.Tensor | None  # (B, H, T, hd) ring indices of the keys written this call
     write_v: torch.Tensor | None  # (B, H, hd, T) the same for the transposed values
-    active: torch.Tensor | None
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -663,13 +668,9 @@ def _attend(qkv: torch.Tensor, plan: _StepPlan, layer: int) -> torch.Tensor:
     if cache is None:  # offline
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask)
         return y.transpose(1, 2).flatten(2)
-    keys, values_t, vt = cache.k[layer], cache.vt[layer], v.mT
-    if plan.active is not None:  # inactive slots write back what was there
-        keep = ~plan.active.view(-1, 1, 1, 1)
-        k = torch.where(keep, keys.gather(2, plan.write_k), k)
-        vt = torch.where(keep, values_t.gather(3, plan.write_v), vt)
-    keys.scatter_(2, plan.write_k, k)
-    values_t.scatter_(3, plan.write_v, vt)
+    keys, values_t = cache.k[layer], cache.vt[layer]
+    keys.scatter_(2, plan.write_k, k)  # inactive slots too, see `KVCache`
+    values_t.scatter_(3, plan.write_v, v.mT)
     if plan.bias is None:  # half precision: the fused kernel
         y = F.scaled_dot_product_attention(q, keys, values_t.mT, attn_mask=plan.mask)
         return y.transpose(1, 2).flatten(2)
@@ -763,7 +764,7 @@ class Transformer(nn.Module):
             c.dimension // c.num_heads, device, dtype,
         )  # fmt: skip
 
-    def _plan(self, b: int, t: int, device, cache: KVCache | None, active) -> _StepPlan:
+    def _plan(self, b: int, t: int, device, cache: KVCache | None) -> _StepPlan:
         c = self.c
         h, hd = c.num_heads, c.dimension // c.num_heads
         positions = (
@@ -800,13 +801,13 @@ class Transformer(nn.Module):
             q_scale = hd**-0.5
         cos2 = torch.stack([cos2 * q_scale, cos2])
         sin2 = torch.stack([sin2 * q_scale, sin2])
-        return _StepPlan(cos2, sin2, mask, bias, cache, write_k, write_v, active)
+        return _StepPlan(cos2, sin2, mask, bias, cache, write_k, write_v)
 
     def forward(
         self, x: torch.Tensor, cache: KVCache | None = None, active: torch.Tensor | None = None
     ) -> torch.Tensor:
         b, t, _ = x.shape  # (B, T, C)
-        plan = self._plan(b, t, x.device, cache, active)
+        plan = self._plan(b, t, x.device, cache)
         for i, layer in enumerate(self.transformer.layers):
             x = layer(x, plan, i)
         if cache is not None:
