@@ -41,8 +41,8 @@ that only the next layer reads are overwritten in place (ELU, residual adds). At
 frame is memory-bound (~170 MB of weights read for a few rows of activations), so in
 float32 on CPU every conv, transformer and projection weight is also blocked once for
 oneDNN's inner product (`_pack`, rebuilt by `refresh()`; ~+330 MB resident for the "mimi"
-config), which streams it faster than MKL's sgemm, except for two rows (batch 1 on the 25
-Hz side), where MKL's w @ x.T is faster (`_rows_linear`, `_prefers_rows`), for weights wider
+config), which streams it faster than MKL's sgemm, except for one or two rows (batch 1 on
+the 25 Hz side), where MKL's w @ x.T is faster (`_rows_linear`, `_prefers_rows`), for weights wider
 than 1024 inputs in 1024-column blocks (`_rows_linear_blocks`; +126 MB of copies);
 elsewhere (other dtypes or devices, builds without oneDNN) `_rows_linear` takes over.
 The RVQ search must round like torch.cdist (the reference); its slow matrix-vector kernel
@@ -198,12 +198,24 @@ def _rows_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
     weight once without packing it, about twice as fast as x @ w.T (which packs the large
     operand on every call). The fallback of `_linear` where oneDNN is not available.
     """
-    lead = x.shape[:-1]
-    # x^T must be the transposed view of row-major rows: MKL's kernel for a row-major
-    # (in, 2) right operand is several times slower (the attention output arrives so)
-    x2 = x.reshape(-1, x.shape[-1]).contiguous().t()
+    x2 = _rows_t(x)
     y = torch.mm(w, x2) if bias is None else torch.addmm(bias.unsqueeze(1), w, x2)
-    return y.t().reshape(*lead, w.shape[0])
+    return _rows_out(y, x)
+
+
+def _rows_t(x: torch.Tensor) -> torch.Tensor:
+    """x's rows as the right operand of w @ x^T: the transposed view of row-major rows (MKL's
+    kernel for a row-major (in, 2) operand is several times slower; the attention output
+    arrives so), one row doubled (MKL's one-column kernel is ~2x slower than two columns)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] == 1:
+        return torch.cat([x2, x2]).t()
+    return x2.contiguous().t()
+
+
+def _rows_out(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(out, columns) product of `_rows_t(x)` -> x's leading shape + (out,)."""
+    return y.t()[: x.numel() // x.shape[-1]].reshape(*x.shape[:-1], y.shape[0])
 
 
 def _column_blocks(w: torch.Tensor, width: int = 1024) -> tuple[torch.Tensor, ...]:
@@ -224,8 +236,8 @@ def _rows_linear_blocks(
     between the other ops of a step, and faster than oneDNN's packed kernel there). Views of
     the columns instead of copies are slower than either.
     """
-    lead, k = x.shape[:-1], blocks[0].shape[1]
-    x2 = x.reshape(-1, x.shape[-1]).contiguous().t()  # see `_rows_linear`
+    k = blocks[0].shape[1]
+    x2 = _rows_t(x)
     first = x2[:k]
     y = (
         torch.mm(blocks[0], first)
@@ -234,7 +246,7 @@ def _rows_linear_blocks(
     )
     for i, b in enumerate(blocks[1:], 1):
         y = torch.addmm(y, b, x2[i * k : i * k + b.shape[1]])
-    return y.t().reshape(*lead, blocks[0].shape[0])
+    return _rows_out(y, x)
 
 
 def _pack(w: torch.Tensor) -> torch.Tensor | None:
@@ -255,13 +267,13 @@ def _pack(w: torch.Tensor) -> torch.Tensor | None:
 
 
 def _prefers_rows(x: torch.Tensor, w: torch.Tensor, blocks: tuple = ()) -> bool:
-    """Two rows (a batch-1 streaming frame on the 25 Hz side) against a weight with at most
-    1024 inputs or at least as many outputs as inputs, or held as column blocks: MKL's sgemm
-    as w @ x.T (in blocks) streams these 1.2-1.5x faster than oneDNN's packed kernel between
-    the other ops of a step (2 threads, measured here; in isolation the packed kernel wins
-    for the wide ones). One row or more than two: the packed kernel is as fast or up to 2x
-    faster."""
-    return x.numel() == 2 * x.shape[-1] and (
+    """One or two rows (a batch-1 streaming frame on the 25 Hz side and in the RVQ's
+    projections) against a weight with at most 1024 inputs or at least as many outputs as
+    inputs, or held as column blocks: MKL's sgemm as w @ x.T (in blocks; one row doubled,
+    see `_rows_t`) streams these 1.2-1.5x faster than oneDNN's packed kernel between the
+    other ops of a step (2 threads, measured here; in isolation the packed kernel wins for
+    the wide ones). More rows: the packed kernel is as fast or up to 2x faster."""
+    return x.numel() <= 2 * x.shape[-1] and (
         bool(blocks) or w.shape[1] <= 1024 or w.shape[0] >= w.shape[1]
     )
 
