@@ -43,7 +43,7 @@ float32 on CPU every conv, transformer and projection weight is also blocked onc
 oneDNN's inner product (`_pack`, rebuilt by `refresh()`; ~+330 MB resident for the "mimi"
 config), which streams it faster than MKL's sgemm, except for one or two rows (batch 1 on
 the 25 Hz side), where MKL's w @ x.T is faster (`_rows_linear`, `_prefers_rows`), for weights wider
-than 1024 inputs in 1024-column blocks (`_rows_linear_blocks`; +126 MB of copies);
+than 1024 inputs in 1024-column blocks (`_column_blocks`; +126 MB of copies);
 elsewhere (other dtypes or devices, builds without oneDNN) `_rows_linear` takes over.
 The RVQ search must round like torch.cdist (the reference); its slow matrix-vector kernel
 is replaced by a faster one wherever a float error bound proves that the reference's
@@ -191,15 +191,33 @@ def _resolve_config(config: str | MimiConfig) -> MimiConfig:
 # --------------------------------------------------------------------------------------------
 
 
-def _rows_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None):
+def _rows_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    blocks: tuple[torch.Tensor, ...] = (),
+) -> torch.Tensor:
     """`F.linear(x, w, bias)` computed as w @ x.T with w (out, in) row-major.
 
     At one frame per call a layer sees one or two rows per slot; CPU BLAS then streams the
     weight once without packing it, about twice as fast as x @ w.T (which packs the large
     operand on every call). The fallback of `_linear` where oneDNN is not available.
+    `blocks`: w as `_column_blocks`, partial products summed; MKL streams wide weights
+    against two rows faster in blocks of 1024 columns than whole (the batch-1 feed-forward
+    output and the 25 Hz side's 2048-8192-input convs: 1.2-1.4x between the other ops of a
+    step, and faster than oneDNN's packed kernel there). Views of the columns instead of
+    copies are slower than either.
     """
-    x2 = _rows_t(x)
-    y = torch.mm(w, x2) if bias is None else torch.addmm(bias.unsqueeze(1), w, x2)
+    blocks = blocks or (w,)
+    x2, k = _rows_t(x), blocks[0].shape[1]
+    first = x2[:k]
+    y = (
+        torch.mm(blocks[0], first)
+        if bias is None
+        else torch.addmm(bias.unsqueeze(1), blocks[0], first)
+    )
+    for i, b in enumerate(blocks[1:], 1):
+        y = torch.addmm(y, b, x2[i * k : i * k + b.shape[1]])
     return _rows_out(y, x)
 
 
@@ -219,34 +237,11 @@ def _rows_out(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _column_blocks(w: torch.Tensor, width: int = 1024) -> tuple[torch.Tensor, ...]:
-    """Contiguous copies of w's column blocks, for `_rows_linear_blocks`; () when w is not
+    """Contiguous copies of w's column blocks, for `_rows_linear`; () when w is not
     wider than `width` or is not a float32 CPU weight."""
     if w.shape[1] <= width or w.device.type != "cpu" or w.dtype != torch.float32:
         return ()
     return tuple(w[:, i : i + width].detach().contiguous() for i in range(0, w.shape[1], width))
-
-
-def _rows_linear_blocks(
-    x: torch.Tensor, blocks: tuple[torch.Tensor, ...], bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """`_rows_linear` against a weight held as column blocks, partial products summed.
-
-    MKL streams wide weights against two rows faster in blocks of 1024 columns than whole
-    (the batch-1 feed-forward output and the 25 Hz side's 2048-8192-input convs: 1.2-1.4x
-    between the other ops of a step, and faster than oneDNN's packed kernel there). Views of
-    the columns instead of copies are slower than either.
-    """
-    k = blocks[0].shape[1]
-    x2 = _rows_t(x)
-    first = x2[:k]
-    y = (
-        torch.mm(blocks[0], first)
-        if bias is None
-        else torch.addmm(bias.unsqueeze(1), blocks[0], first)
-    )
-    for i, b in enumerate(blocks[1:], 1):
-        y = torch.addmm(y, b, x2[i * k : i * k + b.shape[1]])
-    return _rows_out(y, x)
 
 
 def _pack(w: torch.Tensor) -> torch.Tensor | None:
@@ -291,7 +286,7 @@ def _linear(
     One exception, see `_prefers_rows` (`blocks`: w's `_column_blocks`, if kept)."""
     if packed is not None and x.device.type == "cpu" and x.dtype == torch.float32:
         if _prefers_rows(x, w, blocks):
-            return _rows_linear_blocks(x, blocks, bias) if blocks else _rows_linear(x, w, bias)
+            return _rows_linear(x, w, bias, blocks)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return _rows_linear(x, w, bias) if few_rows else F.linear(x, w, bias)
 
@@ -711,7 +706,7 @@ class _LayerWeights:
     w2: torch.Tensor
     packed: tuple[torch.Tensor | None, ...]  # see `_pack`: in, out, 1, 2
     heads: int
-    w2_blocks: tuple[torch.Tensor, ...]  # see `_rows_linear_blocks`; () where not used
+    w2_blocks: tuple[torch.Tensor, ...]  # see `_column_blocks`; () where not used
 
 
 class TransformerLayer(nn.Module):
@@ -890,11 +885,10 @@ class _FastSearch:
     The exact path must round like the reference's torch.cdist (MKL, a matrix-vector
     kernel that streams each 2 MB codebook slowly). Here scores s_j = r.e_j - |e_j|^2 / 2
     (ranked like the distances) come from a faster kernel: for one or two rows, the
-    codebook as the left operand of MKL's sgemm (e @ r^T, one row doubled: MKL streams
-    that form faster than any one-row kernel here), oneDNN's packed copy for more.
-    Rounding differs, but any float32
-    dot product of n terms lies within n 2^-24 sum|terms| of its exact value whatever the
-    summation order, and here sum|terms| <= (|r| + max|e|)^2 on both sides. So where the
+    codebook as the left operand of MKL's sgemm (`_rows_linear`, which MKL streams faster
+    than any one-row kernel here), oneDNN's packed copy for more. Rounding differs, but
+    any float32 dot product of n terms lies within n 2^-24 sum|terms| of its exact value
+    whatever the summation order, and here sum|terms| <= (|r| + max|e|)^2 on both sides. So where the
     best score leads the runner-up by more than 2.5x that bound (2x for the worst case of
     both sides, plus room for the float32 norms and for the square root not to tie), the
     reference's kernel picks the same centroid. Levels are certified at the end of the
@@ -932,8 +926,7 @@ class _FastSearch:
         rows = r.shape[0]
         for i in range(start, n_q):
             if rows <= 2:
-                r2 = r if rows == 2 else torch.cat([r, r])
-                s = torch.addmm(self.neg_half_norms[i, :, None], codebooks[i], r2.t()).t()[:rows]
+                s = _rows_linear(r, codebooks[i], self.neg_half_norms[i])
             else:
                 s = torch.ops.mkldnn._linear_pointwise(
                     r, self.packed[i], self.neg_half_norms[i], "none", [], ""
