@@ -5,8 +5,8 @@ Read top to bottom:
 1. `MimiConfig` and its presets (`"mimi"` is the published 79 M model, `"tiny"` a small one
    for tests and demos).
 2. Building blocks. Every causal convolution keeps, per batch slot, the few input columns
-   that the next call needs (its left context); every transposed convolution keeps the
-   overlap that the next call adds to its first outputs. The offline path is the same code
+   that the next call needs (its left context); a transposed convolution, computed as a
+   causal conv over input steps, keeps the last input step. The offline path is the same code
    run once over the whole signal from a fresh (zero) state, so streaming equals offline
    by construction.
 3. The SEANet encoder/decoder, the two transformers (RoPE, context 250 steps at 25 Hz,
@@ -801,7 +801,7 @@ class Transformer(nn.Module):
         bias = None
         q_scale = 1.0
         if cache is not None and self.transformer.layers[0].norm1.weight.dtype == torch.float32:
-            # written-out attention (see `Attention.forward`): scores^T per head, and q
+            # written-out attention (see `_attend`): the mask as a bias per head, and q
             # pre-scaled through its RoPE rows; hd = 64 makes the scale 1/8, exact in binary
             bias = torch.zeros(mask.shape, device=device).masked_fill_(~mask, float("-inf"))
             bias = bias.expand(b, h, t, -1).reshape(b * h, t, -1)
