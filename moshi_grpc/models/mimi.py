@@ -966,9 +966,14 @@ class ResidualVQ(nn.Module):
     def refresh(self, levels: int | None = None) -> None:
         """Recompute the float32 centroids after the EMA buffers changed (load).
 
-        `levels`: how many codebooks encoding will use (the fast search is built for those).
+        `levels`: how many codebooks encoding and decoding will use (None: all). Only those
+        get centroid tables (4 MB each with the exact path's padded copy; 8 of 32 codebooks
+        leave ~100 MB of the acoustic ones unbuilt).
         """
-        cb = torch.stack([layer._codebook.centroids() for layer in self.vq.layers])
+        layers = self.vq.layers if levels is None else self.vq.layers[:levels]
+        centroids = [layer._codebook.centroids() for layer in layers]
+        shape = self.vq.layers[0]._codebook.embedding_sum.shape  # (bins, dim)
+        cb = torch.stack(centroids) if centroids else torch.zeros(0, *shape)
         norms = cb.pow(2).sum(-1, keepdim=True)
         device = self.codebooks.device
         self.codebooks = cb.to(device)
