@@ -3,7 +3,7 @@
 - `ConverseClient` (blocking) and `AsyncConverseClient` (asyncio): open a session over audio
   chunks (bytes, numpy arrays, a wav file), iterate over typed reply events.
 - Events: `AudioFrame`, `TextPiece`, `SessionStarted`, `BudgetMissed`, `FramesDropped`,
-  `Failover`, `SessionEnded` (with a `SessionSummary`).
+  `Failover`, `TextPolicyApplied`, `SessionEnded` (with a `SessionSummary`).
 - Options: `SessionOptions` (rate, encoding, sampling, seed, budget), `TlsOptions`,
   `RetryPolicy`; failures raise `ConverseError` (gRPC code, details, retry hint).
 - Helpers: `chunk_array`, `read_wav_chunks`, `paced` / `apaced` (real-time pacing).
@@ -20,6 +20,7 @@ from .events import (
     SessionStarted,
     SessionSummary,
     TextPiece,
+    TextPolicyApplied,
 )
 from .latency import LatencyStats
 from .options import (
@@ -55,6 +56,7 @@ __all__ = [
     "SessionStarted",
     "SessionSummary",
     "TextPiece",
+    "TextPolicyApplied",
     "TlsOptions",
     "apaced",
     "chunk_array",

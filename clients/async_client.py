@@ -33,6 +33,7 @@ class AsyncConversation(ConversationCore):
             self._session.encoding,
             on_sent=self._tracker.on_sent,
             before_send=self._window.await_open if self._window else None,
+            sample_rate=self._session.sample_rate,
         )
 
     def __aiter__(self) -> AsyncIterator[ReplyEvent]:

@@ -1,9 +1,11 @@
-"""`moshi-grpc converse IN.wav OUT.wav`: one conversation from a wav file through a gateway.
+"""`moshi-grpc converse IN OUT`: one conversation from an audio file through a gateway.
 
-Streams the file (at real-time pace with `--realtime`, else as fast as the gateway keeps up:
-a few frames in flight, so its backlog never drops input), writes Moshi's reply as a wav at the
-input's sample rate, the inner-monologue text with `--transcript`, and prints a latency
-summary (client-observed and the gateway's own). Progress goes to stderr on long files.
+Streams the file (a wav, or Ogg Opus by suffix .opus/.ogg; at real-time pace with `--realtime`,
+else as fast as the gateway keeps up: a few frames in flight, so its backlog never drops
+input) in the wire encoding chosen by `--encoding` (pcm16, float32, G.711 mulaw/alaw, Ogg
+opus), writes Moshi's reply at the input's sample rate (a wav, or Ogg Opus for an .opus/.ogg
+OUT), the inner-monologue text with `--transcript`, and prints a latency and bit-rate summary
+(client-observed and the gateway's own). Progress goes to stderr on long files.
 """
 
 from __future__ import annotations
@@ -15,7 +17,16 @@ import sys
 import time
 from pathlib import Path
 
-from .events import AudioFrame, BudgetMissed, Failover, FramesDropped, SessionStarted
+import numpy as np
+
+from .events import (
+    AudioFrame,
+    BudgetMissed,
+    Failover,
+    FramesDropped,
+    SessionStarted,
+    TextPolicyApplied,
+)
 from .options import ConverseError, RetryPolicy, SessionOptions, TlsOptions
 
 ADDR_ENV = "MOSHI_GRPC_ADDR"
@@ -26,8 +37,12 @@ PROGRESS_EVERY_S = 5.0  # one progress line per this much reply audio
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", metavar="IN.wav", help="mono (or mixed-down) wav to send")
-    parser.add_argument("output", metavar="OUT.wav", help="where to write Moshi's reply")
+    parser.add_argument(
+        "input", metavar="IN", help="wav (mixed down to mono) or .opus/.ogg file to send"
+    )
+    parser.add_argument(
+        "output", metavar="OUT", help="where to write Moshi's reply: .wav, or .opus/.ogg"
+    )
     parser.add_argument("--transcript", metavar="PATH", help="write the text pieces here")
     parser.add_argument(
         "--realtime",
@@ -60,7 +75,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--text-top-k", type=int, help="text top-k (0 = off)")
     s.add_argument("--audio-top-k", type=int, help="audio top-k (0 = off)")
     s.add_argument(
-        "--encoding", choices=["pcm16", "float32"], default="pcm16", help="wire sample encoding"
+        "--encoding",
+        choices=["pcm16", "float32", "mulaw", "alaw", "opus"],
+        default="pcm16",
+        help="wire encoding both ways: PCM, G.711 mu-law/A-law (telephony), or Ogg Opus "
+        "(an .opus/.ogg IN is sent as is)",
     )
     s.add_argument("--client-id", default="moshi-grpc-cli", help="label in the gateway's logs")
     c = parser.add_argument_group("client")
@@ -129,6 +148,11 @@ class _Progress:
                 f"({event.frames_lost} frames lost)",
                 file=sys.stderr,
             )
+        elif isinstance(event, TextPolicyApplied):
+            print(
+                f"  text policy: {event.action} at frame {event.frame_index} ({event.rule})",
+                file=sys.stderr,
+            )
         elif isinstance(event, SessionStarted) and self.enabled:
             print(f"session {event.session_id} started", file=sys.stderr)
         if not isinstance(event, AudioFrame):
@@ -179,6 +203,15 @@ def _summary(result, in_s: float, wall_s: float, args: argparse.Namespace) -> di
         "end_reason": srv.reason if srv else None,
         "transcript_chars": len(result.transcript),
         "output": str(args.output),
+        "wire": {
+            "encoding": args.encoding,
+            "bytes_sent": result.bytes_sent,
+            "bytes_received": len(result.data),
+            "sent_bytes_per_s": round(result.bytes_sent / in_s, 1) if in_s else None,
+            "received_bytes_per_s": round(len(result.data) / (result.frames * 0.08), 1)
+            if result.frames
+            else None,
+        },
     }
 
 
@@ -204,17 +237,66 @@ def _print_summary(s: dict) -> None:
             f"latency per frame (gateway): p50 {g['p50']:.1f} ms  p95 {g['p95']:.1f} ms  "
             f"p99 {g['p99']:.1f} ms"
         )
+    w = s["wire"]
+
+    def rate(v):
+        return "n/a" if v is None else f"{v:.0f} B/s ({v * 8 / 1000:.1f} kbit/s)"
+
+    print(
+        f"wire ({w['encoding']}): sent {w['bytes_sent']} bytes, {rate(w['sent_bytes_per_s'])}; "
+        f"received {w['bytes_received']} bytes, {rate(w['received_bytes_per_s'])}"
+    )
+
+
+def _input_chunks(args: argparse.Namespace, samples, rate: int):
+    """(the chunks to send, the session's sample rate) for the input file.
+
+    An Ogg Opus file sent as Ogg Opus goes as is, cut into byte pieces of about `chunk_ms`
+    (anywhere: the gateway takes the stream split at any byte). Other audio goes as samples;
+    for Ogg Opus at a rate Opus cannot code, resampled up to the next rate it can.
+    """
+    from moshi_grpc import audio
+
+    from .source import chunk_array
+
+    if args.encoding == audio.OGG_OPUS and audio.is_opus_path(args.input):
+        raw = Path(args.input).read_bytes()
+        duration_ms = max(1.0, 1000.0 * len(samples) / rate)
+        step = max(1, int(len(raw) * args.chunk_ms / duration_ms))
+        return (raw[i : i + step] for i in range(0, len(raw), step)), rate
+    if args.encoding == audio.OGG_OPUS and rate not in audio.OPUS_RATES:
+        target = min((r for r in audio.OPUS_RATES if r >= rate), default=audio.OPUS_RATES[-1])
+        resampler = audio.StreamResampler(rate, target)
+        samples = np.concatenate([resampler.process(samples), resampler.flush()])
+        rate = target
+    return chunk_array(samples, rate, args.chunk_ms), rate
+
+
+def _write_reply(args: argparse.Namespace, result, rate: int) -> None:
+    """The reply as a wav, or Ogg Opus by suffix. An Ogg Opus session's stream is written as
+    received (no second lossy coding); G.711 sessions write a G.711 wav (lossless)."""
+    from moshi_grpc import audio
+
+    if audio.is_opus_path(args.output):
+        if args.encoding == audio.OGG_OPUS and result.data:
+            Path(args.output).write_bytes(result.data)
+        else:
+            audio.write_opus(args.output, result.audio, rate)
+        return
+    encoding = args.encoding if args.encoding in (audio.MULAW, audio.ALAW) else audio.PCM16
+    audio.write_wav(args.output, result.audio, rate, encoding=encoding)
 
 
 def run(args: argparse.Namespace) -> int:
     from moshi_grpc import audio
 
     from .result import ConverseResult
-    from .source import chunk_array, paced
+    from .source import paced
     from .sync_client import ConverseClient
 
     try:
-        samples, rate = audio.read_wav(args.input)
+        samples, rate = audio.read_audio(args.input)
+        chunks, rate = _input_chunks(args, samples, rate)
         session = _session(args, rate)
         retry = RetryPolicy(max_attempts=args.retries)
         tls = _tls(args)
@@ -223,10 +305,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     in_s = len(samples) / rate
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
-    chunks = chunk_array(samples, rate, args.chunk_ms)
     window = None
     if args.realtime:
-        chunks = paced(chunks, rate)
+        chunks = paced(chunks, rate, args.encoding)
     elif args.window_frames > 0:
         window = args.window_frames
     progress = _Progress(in_s, enabled=not args.no_progress)
@@ -245,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
     wall_s = time.monotonic() - t0
     # Whatever came back is written, also after an error: a partial reply helps debugging.
     if result.frames or error is None:
-        audio.write_wav(args.output, result.audio, rate)
+        _write_reply(args, result, rate)
     if args.transcript:
         Path(args.transcript).write_text(result.transcript + "\n", encoding="utf-8")
     summary = _summary(result, in_s, wall_s, args)

@@ -18,6 +18,7 @@ import grpc
 from moshi_grpc.v1 import gateway_pb2, gateway_pb2_grpc
 
 from .events import (
+    OGG_OPUS,
     AudioFrame,
     ReplyEvent,
     SessionEnded,
@@ -45,6 +46,7 @@ _REASON_CODES = {
     "backend_failed": grpc.StatusCode.UNAVAILABLE,
     "draining": grpc.StatusCode.UNAVAILABLE,
     "max_session_length": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "text_policy": grpc.StatusCode.PERMISSION_DENIED,
 }
 
 
@@ -135,6 +137,7 @@ class ConversationCore:
         self._retry = retry
         self._timeout = timeout
         self._tracker = LatencyTracker(session.sample_rate)
+        self._decoder: Any = None  # the reply's Ogg Opus stream decoder, one per attempt
         self._window = SendWindow(self._tracker, window_frames) if window_frames else None
         self._call: Any = None
         self._cancelled = False
@@ -160,6 +163,11 @@ class ConversationCore:
         return self._tracker.stats()
 
     @property
+    def bytes_sent(self) -> int:
+        """Audio bytes sent in this session's last attempt (wire encoding)."""
+        return self._source.bytes_sent
+
+    @property
     def session(self) -> SessionOptions:
         return self._session
 
@@ -175,6 +183,10 @@ class ConversationCore:
         self.attempts += 1
         generation = self._source.new_attempt()
         self._tracker.reset()
+        if self._session.encoding == OGG_OPUS:  # each attempt's reply is a new Ogg stream
+            from moshi_grpc import audio
+
+            self._decoder = audio.StreamDecoder(OGG_OPUS, self._session.sample_rate)
         if self._window is not None:
             self._window.reset()
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -191,7 +203,9 @@ class ConversationCore:
         if not self._got_reply:
             self._got_reply = True
             self._source.mark_started()
-        event = from_response(resp, self._session.encoding, self._session.sample_rate)
+        event = from_response(
+            resp, self._session.encoding, self._session.sample_rate, self._decoder
+        )
         if isinstance(event, AudioFrame):
             self._tracker.on_frame(event.frame_index)
             if self._window is not None:

@@ -17,14 +17,20 @@ from moshi_grpc.v1 import gateway_pb2
 
 PCM16 = "pcm16"
 FLOAT32 = "float32"
+MULAW = "mulaw"
+ALAW = "alaw"
+OGG_OPUS = "opus"
 ENCODINGS = {
     PCM16: gateway_pb2.AUDIO_ENCODING_PCM16,
     FLOAT32: gateway_pb2.AUDIO_ENCODING_FLOAT32,
+    MULAW: gateway_pb2.AUDIO_ENCODING_MULAW,
+    ALAW: gateway_pb2.AUDIO_ENCODING_ALAW,
+    OGG_OPUS: gateway_pb2.AUDIO_ENCODING_OGG_OPUS,
 }
 
 
 def decode_samples(data: bytes, encoding: str) -> np.ndarray:
-    """Raw little-endian samples of the session's encoding -> float32 in [-1, 1]."""
+    """Raw samples of a fixed-size encoding (not Ogg Opus) -> float32 in [-1, 1]."""
     from moshi_grpc import audio
 
     return audio.decode_samples(data, encoding, allow_empty=True)
@@ -32,17 +38,25 @@ def decode_samples(data: bytes, encoding: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class AudioFrame:
-    """One 80 ms output frame (answers input frame `frame_index`)."""
+    """One 80 ms output frame (answers input frame `frame_index`).
+
+    `data` is the wire bytes in the session's encoding; for Ogg Opus, the next bytes of the
+    reply's stream (the session decodes them in order into `decoded`)."""
 
     frame_index: int
     data: bytes
     silence: bool
     encoding: str
     sample_rate: int
+    decoded: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def samples(self) -> np.ndarray:
-        """The frame as float32 samples in [-1, 1] at `sample_rate`."""
+        """The frame as float32 samples in [-1, 1] at `sample_rate`. For Ogg Opus: what the
+        session's stream decoder released with these bytes (the decoder holds a few ms back,
+        so these need not be exactly 80 ms; their concatenation is the reply)."""
+        if self.decoded is not None:
+            return self.decoded
         return decode_samples(self.data, self.encoding)
 
 
@@ -95,6 +109,17 @@ class Failover:
 
 
 @dataclass(frozen=True)
+class TextPolicyApplied:
+    """The gateway's text safety hook acted on the text piece of output frame `frame_index`:
+    `action` is "redact", "mute" (audio muted for `mute_frames` frames) or "end"."""
+
+    frame_index: int
+    action: str
+    rule: str
+    mute_frames: int
+
+
+@dataclass(frozen=True)
 class SessionSummary:
     """Server-side totals of a session (see `SessionSummary` in gateway.proto)."""
 
@@ -119,7 +144,14 @@ class SessionEnded:
 
 
 ReplyEvent = Union[
-    AudioFrame, TextPiece, SessionStarted, BudgetMissed, FramesDropped, Failover, SessionEnded
+    AudioFrame,
+    TextPiece,
+    SessionStarted,
+    BudgetMissed,
+    FramesDropped,
+    Failover,
+    SessionEnded,
+    TextPolicyApplied,
 ]
 
 
@@ -138,9 +170,11 @@ def _summary(msg: gateway_pb2.SessionSummary) -> SessionSummary:
 
 
 def from_response(
-    resp: gateway_pb2.ConverseResponse, encoding: str, sample_rate: int
+    resp: gateway_pb2.ConverseResponse, encoding: str, sample_rate: int, decoder=None
 ) -> ReplyEvent | None:
     """Turn one wire reply into its typed event; None for a kind this SDK does not know yet.
+
+    `decoder` (an `audio.StreamDecoder`, needed for Ogg Opus) decodes audio as it arrives.
 
     Unknown kinds are skipped rather than raised so that an older client keeps working when
     the gateway adds reply kinds (the contract only grows additively).
@@ -148,7 +182,8 @@ def from_response(
     kind = resp.WhichOneof("kind")
     if kind == "audio":
         a = resp.audio
-        return AudioFrame(a.frame_index, a.data, a.silence, encoding, sample_rate)
+        decoded = None if decoder is None else decoder.decode(a.data, allow_empty=True)
+        return AudioFrame(a.frame_index, a.data, a.silence, encoding, sample_rate, decoded)
     if kind == "text":
         return TextPiece(resp.text.frame_index, resp.text.text)
     if kind != "event":
@@ -177,4 +212,7 @@ def from_response(
         return Failover(f.from_replica, f.to_replica, f.frames_lost)
     if which == "ended":
         return SessionEnded(_summary(ev.ended.summary))
+    if which == "text_policy":
+        p = ev.text_policy
+        return TextPolicyApplied(p.frame_index, p.action, p.rule, p.mute_frames)
     return None

@@ -15,7 +15,7 @@ import grpc
 
 from moshi_grpc.v1 import common_pb2, gateway_pb2
 
-from .events import ENCODINGS, PCM16
+from .events import ENCODINGS, OGG_OPUS, PCM16
 
 # Our own messages are small (one chunk of audio), but a client may send a long chunk at once.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -160,6 +160,13 @@ class SessionOptions:
             raise ClientConfigError(
                 f"encoding must be one of {sorted(ENCODINGS)}, got {self.encoding!r}"
             )
+        if self.encoding == OGG_OPUS:
+            from moshi_grpc import audio
+
+            try:
+                audio.check_rate(OGG_OPUS, self.sample_rate)
+            except audio.AudioFormatError as exc:
+                raise ClientConfigError(str(exc)) from None
         for name in ("text_temperature", "audio_temperature"):
             v = getattr(self, name)
             if v is not None and not v >= 0:

@@ -28,7 +28,9 @@ class ConverseResult:
 
     `audio` is the reply as float32 samples at `sample_rate` (frames in index order, silence
     frames included so the reply stays aligned with the input); `transcript` joins the text
-    pieces; `events` keeps every typed event except audio frames.
+    pieces; `events` keeps every typed event except audio frames. `data` is the reply as it
+    came over the wire (frames' bytes in index order; for Ogg Opus a complete .opus stream)
+    and `bytes_sent` the audio bytes sent, for bit-rate figures.
     """
 
     sample_rate: int
@@ -41,6 +43,8 @@ class ConverseResult:
     latency: LatencyStats
     attempts: int
     events: list[ReplyEvent] = field(default_factory=list)
+    data: bytes = b""
+    bytes_sent: int = 0
 
     @property
     def budget_misses(self) -> int:
@@ -108,4 +112,6 @@ class _Builder:
             latency=conversation.latency(),
             attempts=conversation.attempts,
             events=self.events,
+            data=b"".join(f.data for f in ordered),
+            bytes_sent=getattr(conversation, "bytes_sent", 0),
         )

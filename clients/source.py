@@ -19,18 +19,104 @@ import numpy as np
 
 from moshi_grpc.v1 import gateway_pb2
 
-from .events import FLOAT32, PCM16
+from .events import OGG_OPUS, PCM16
 from .options import ClientConfigError
 
 Chunk = Union[bytes, bytearray, memoryview, np.ndarray]
-_BYTES_PER_SAMPLE = {PCM16: 2, FLOAT32: 4}  # for pacing byte chunks without decoding
+
+
+class ChunkEncoder:
+    """A session's chunks -> wire bytes, with the number of samples they carry.
+
+    Stateless for the fixed-size encodings (`encode_chunk`). For Ogg Opus one encoder makes
+    one Ogg stream: arrays are coded in 80 ms packets (a call may return b"" while a packet
+    fills; `finish()` pads and codes the rest), and `bytes` are passed through as a piece of
+    an Ogg Opus stream, their samples counted by decoding them.
+    """
+
+    def __init__(self, encoding: str, sample_rate: int) -> None:
+        self.encoding = encoding
+        self.sample_rate = sample_rate
+        self._opus = None
+        self._counter = None
+        self._pending = 0  # samples given to the Opus encoder and not yet reported
+        self._finished = False
+        self._kind: str | None = None  # "bytes" or "arrays": one Ogg stream cannot mix them
+        if encoding == OGG_OPUS:
+            from moshi_grpc import audio
+
+            self._opus = audio.StreamEncoder(OGG_OPUS, sample_rate)
+            self._counter = audio.StreamDecoder(OGG_OPUS, sample_rate)
+
+    def encode(self, chunk: Chunk) -> tuple[bytes, int]:
+        if self._opus is None:
+            return encode_chunk(chunk, self.encoding)
+        kind = "bytes" if isinstance(chunk, (bytes, bytearray, memoryview)) else "arrays"
+        if self._kind not in (None, kind):
+            raise ClientConfigError(
+                "an Ogg Opus session takes either bytes (one Ogg Opus stream) or numpy "
+                "arrays (coded by the SDK), not both"
+            )
+        self._kind = kind
+        if kind == "bytes":
+            data = bytes(chunk)
+            return data, self._count(data)
+        samples = _as_float(chunk)
+        data = self._opus.encode(samples)
+        self._pending += len(samples)
+        if not data:
+            return b"", 0
+        n, self._pending = self._pending, 0
+        return data, n
+
+    def _count(self, data: bytes) -> int:
+        """Samples in a piece of the caller's Ogg Opus stream (0 once it stops decoding: the
+        gateway then answers INVALID_ARGUMENT, which is the error the caller should see)."""
+        from moshi_grpc import audio
+
+        if self._counter is None or not data:
+            return 0
+        try:
+            return len(self._counter.decode(data))
+        except audio.AudioFormatError:
+            self._counter = None
+            return 0
+
+    def finish(self) -> tuple[bytes, int] | None:
+        """Once, after the caller's last chunk: the Opus encoder's last packet, if any."""
+        if self._opus is None or self._finished:
+            return None
+        self._finished = True
+        data = self._opus.flush()
+        n, self._pending = self._pending, 0
+        return (data, n) if data else None
+
+
+def _as_float(chunk: Chunk) -> np.ndarray:
+    """A caller's numpy chunk -> mono float32 in [-1, 1] (int16 scaled)."""
+    from moshi_grpc import audio
+
+    if not isinstance(chunk, np.ndarray):
+        raise ClientConfigError(f"audio chunks must be bytes or numpy arrays, got {type(chunk)}")
+    a = chunk
+    if a.ndim == 2 and a.shape[1] == 1:
+        a = a[:, 0]
+    if a.ndim != 1:
+        raise ClientConfigError(f"audio chunks must be mono (n,) arrays, got shape {chunk.shape}")
+    if a.dtype == np.int16:
+        return audio.decode_samples(a.astype("<i2").tobytes(), PCM16, allow_empty=True)
+    if not np.issubdtype(a.dtype, np.floating):
+        raise ClientConfigError(f"audio arrays must be float or int16, got {a.dtype}")
+    if not np.isfinite(a).all():
+        raise ClientConfigError("audio chunk contains NaN or Inf samples")
+    return a.astype(np.float32, copy=False)
 
 
 def encode_chunk(chunk: Chunk, encoding: str) -> tuple[bytes, int]:
     """A caller's chunk -> (wire bytes in the session encoding, number of samples).
 
     `bytes` are taken as already encoded; numpy arrays may be float (in [-1, 1]) or int16,
-    shape (n,) or (n, 1) (mono).
+    shape (n,) or (n, 1) (mono). Fixed-size encodings only (Ogg Opus: `ChunkEncoder`).
     """
     from moshi_grpc import audio
 
@@ -81,12 +167,26 @@ def read_wav_chunks(
     return sample_rate, samples, chunk_array(samples, sample_rate, chunk_ms)
 
 
-def _duration(chunk: Chunk, sample_rate: int, encoding: str) -> float:
-    if isinstance(chunk, np.ndarray):
-        n = chunk.shape[0]
-    else:
-        n = len(chunk) // _BYTES_PER_SAMPLE[encoding]
-    return n / sample_rate
+class _Durations:
+    """Seconds of audio in each chunk; Ogg Opus bytes are measured by decoding them."""
+
+    def __init__(self, sample_rate: int, encoding: str) -> None:
+        self.sample_rate = sample_rate
+        self.encoding = encoding
+        self._counter: ChunkEncoder | None = None
+
+    def __call__(self, chunk: Chunk) -> float:
+        from moshi_grpc import audio
+
+        if isinstance(chunk, np.ndarray):
+            n = chunk.shape[0]
+        elif self.encoding == OGG_OPUS:
+            if self._counter is None:
+                self._counter = ChunkEncoder(OGG_OPUS, self.sample_rate)
+            n = self._counter._count(bytes(chunk))
+        else:
+            n = len(chunk) // audio.bytes_per_sample(self.encoding)
+        return n / self.sample_rate
 
 
 def paced(
@@ -98,12 +198,13 @@ def paced(
     """
     t0 = clock()
     ahead = 0.0
+    duration = _Durations(sample_rate, encoding)
     for chunk in chunks:
         wait = t0 + ahead - clock()
         if wait > 0:
             time.sleep(wait)
         yield chunk
-        ahead += _duration(chunk, sample_rate, encoding)
+        ahead += duration(chunk)
 
 
 async def apaced(
@@ -115,12 +216,13 @@ async def apaced(
     """Async `paced`: accepts a sync or async iterable of chunks."""
     t0 = clock()
     ahead = 0.0
+    duration = _Durations(sample_rate, encoding)
     async for chunk in _aiter(chunks):
         wait = t0 + ahead - clock()
         if wait > 0:
             await asyncio.sleep(wait)
         yield chunk
-        ahead += _duration(chunk, sample_rate, encoding)
+        ahead += duration(chunk)
 
 
 async def _aiter(chunks: Iterable[Chunk] | AsyncIterable[Chunk]) -> AsyncIterator[Chunk]:
@@ -141,8 +243,10 @@ class _ReplayBuffer:
     index `_base` on until the session has started, so a refused attempt's retry resends
     them; the current attempt's `generation` (an older attempt's stream stops)."""
 
-    def __init__(self, encoding: str, on_sent, before_send) -> None:
+    def __init__(self, encoding: str, on_sent, before_send, sample_rate: int) -> None:
         self._encoding = encoding
+        self._encoder = ChunkEncoder(encoding, sample_rate)
+        self.bytes_sent = 0  # audio bytes in the current attempt's requests
         self._on_sent = on_sent
         self._before_send = before_send
         self._pending: list[tuple[bytes, int]] = []  # chunks from absolute index `_base` on
@@ -174,11 +278,16 @@ class _ReplayBuffer:
     def _request(self, entry: tuple[bytes, int]) -> gateway_pb2.ConverseRequest | None:
         """The audio request of a chunk (None for an empty one), counted as sent."""
         data, n = entry
-        if not n:
+        if not data:  # (an Ogg Opus piece may carry bytes but no whole packet yet: sent)
             return None
-        if self._on_sent is not None:
+        if self._on_sent is not None and n:
             self._on_sent(n)
+        self.bytes_sent += len(data)
         return _audio_request(data)
+
+    def _encode(self, item: Chunk | None) -> tuple[bytes, int] | None:
+        """Encode a pulled chunk; None (the caller's chunks ended) -> the encoder's tail."""
+        return self._encoder.finish() if item is None else self._encoder.encode(item)
 
 
 class ReplaySource(_ReplayBuffer):
@@ -190,9 +299,14 @@ class ReplaySource(_ReplayBuffer):
     """
 
     def __init__(
-        self, chunks: Iterable[Chunk], encoding: str, on_sent=None, before_send=None
+        self,
+        chunks: Iterable[Chunk],
+        encoding: str,
+        on_sent=None,
+        before_send=None,
+        sample_rate: int = 24000,
     ) -> None:
-        super().__init__(encoding, on_sent, before_send)
+        super().__init__(encoding, on_sent, before_send, sample_rate)
         self._it = iter(chunks)
         self._pull_lock = threading.Lock()
         self._lock = threading.Lock()
@@ -200,6 +314,7 @@ class ReplaySource(_ReplayBuffer):
     def new_attempt(self) -> int:
         with self._lock:
             self._generation += 1
+            self.bytes_sent = 0
             return self._generation
 
     def mark_started(self) -> None:
@@ -214,8 +329,7 @@ class ReplaySource(_ReplayBuffer):
                 if self._exhausted:
                     return None
             try:
-                item = next(self._it, None)
-                entry = None if item is None else encode_chunk(item, self._encoding)
+                entry = self._encode(next(self._it, None))
             except Exception as exc:  # surfaced by the conversation, not lost in grpc's thread
                 self.error = exc
                 entry = None
@@ -262,8 +376,9 @@ class AsyncReplaySource(_ReplayBuffer):
         on_sent=None,
         start_gate_s: float = 2.0,
         before_send=None,
+        sample_rate: int = 24000,
     ) -> None:
-        super().__init__(encoding, on_sent, before_send)
+        super().__init__(encoding, on_sent, before_send, sample_rate)
         self._it = _aiter(chunks).__aiter__()
         self._gate_s = start_gate_s
         self._started_evt = asyncio.Event()
@@ -271,6 +386,7 @@ class AsyncReplaySource(_ReplayBuffer):
 
     def new_attempt(self) -> int:
         self._generation += 1
+        self.bytes_sent = 0
         return self._generation
 
     def mark_started(self) -> None:
@@ -289,10 +405,9 @@ class AsyncReplaySource(_ReplayBuffer):
             if self._exhausted:
                 return None
             try:
-                item = await self._it.__anext__()
-                entry = encode_chunk(item, self._encoding)
+                entry = self._encode(await self._it.__anext__())
             except StopAsyncIteration:
-                entry = None
+                entry = self._encode(None)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -40,6 +40,7 @@ class Conversation(ConversationCore):
             self._session.encoding,
             on_sent=self._tracker.on_sent,
             before_send=self._window.wait if self._window else None,
+            sample_rate=self._session.sample_rate,
         )
 
     def __iter__(self) -> Iterator[ReplyEvent]:

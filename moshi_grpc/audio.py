@@ -4,9 +4,13 @@ Everything here works on mono float32 numpy arrays. The pieces:
 
 - wav files: `read_wav` / `write_wav` (PCM16, PCM24, PCM32 and IEEE float; multi-channel files
   are averaged to mono), written without the `wave` module because it cannot read float wavs.
-- sample encodings: `decode_samples` / `encode_samples` between raw little-endian bytes
-  (PCM16 or float32) and float32 arrays, with clear `AudioFormatError`s for odd byte counts,
-  empty chunks and NaN/Inf.
+- sample encodings: `decode_samples` / `encode_samples` between raw bytes (little-endian
+  PCM16 or float32, or 8-bit G.711 mu-law / A-law) and float32 arrays, with clear
+  `AudioFormatError`s for odd byte counts, empty chunks and NaN/Inf.
+- `StreamDecoder` / `StreamEncoder`: one session's bytes <-> samples for every encoding,
+  including Ogg Opus (stateful: one Ogg stream per direction, split at any byte boundary).
+- Ogg Opus files: `read_opus` / `write_opus`; `read_audio` / `write_audio` pick wav or Opus
+  by the file's suffix.
 - `StreamResampler`: a stateful band-limited resampler (soxr) for audio arriving in chunks of
   any size; chunk edges leave no artifacts because the filter state carries over.
 - `Reframer`: cuts a stream of samples into fixed frames (1920 samples = 80 ms at 24 kHz).
@@ -32,10 +36,19 @@ MAX_RATE = 48000
 
 PCM16 = "pcm16"
 FLOAT32 = "float32"
-ENCODINGS = (PCM16, FLOAT32)
+MULAW = "mulaw"  # G.711 mu-law, 8 bits per sample (North America, Japan telephony)
+ALAW = "alaw"  # G.711 A-law, 8 bits per sample (European telephony)
+OGG_OPUS = "opus"  # an Ogg Opus stream (RFC 7845), mono
+ENCODINGS = (PCM16, FLOAT32, MULAW, ALAW, OGG_OPUS)
+# Opus codes at these rates only; an Ogg Opus session must use one of them.
+OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
+OPUS_FRAME_MS = 80  # one Opus packet per 80 ms gateway frame (also the SDK's packet length)
+OPUS_SUFFIXES = (".opus", ".ogg")
 
 _WAVE_FORMAT_PCM = 1
 _WAVE_FORMAT_IEEE_FLOAT = 3
+_WAVE_FORMAT_ALAW = 6
+_WAVE_FORMAT_MULAW = 7
 _WAVE_FORMAT_EXTENSIBLE = 0xFFFE
 
 
@@ -47,11 +60,26 @@ class AudioFormatError(ValueError):
 
 
 def bytes_per_sample(encoding: str) -> int:
+    """Bytes per sample of a fixed-size encoding (Ogg Opus has none: AudioFormatError)."""
     if encoding == PCM16:
         return 2
     if encoding == FLOAT32:
         return 4
+    if encoding in (MULAW, ALAW):
+        return 1
+    if encoding == OGG_OPUS:
+        raise AudioFormatError("Ogg Opus has no fixed sample size: use StreamDecoder")
     raise AudioFormatError(f"unknown encoding {encoding!r}; expected one of {ENCODINGS}")
+
+
+def check_rate(encoding: str, rate: int) -> None:
+    """AudioFormatError when `encoding` cannot carry audio at `rate` Hz."""
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise AudioFormatError(f"sample rate must be {MIN_RATE}..{MAX_RATE} Hz, got {rate}")
+    if encoding == OGG_OPUS and rate not in OPUS_RATES:
+        raise AudioFormatError(
+            f"Ogg Opus needs a sample rate of {', '.join(map(str, OPUS_RATES))} Hz, got {rate}"
+        )
 
 
 def decode_samples(data: bytes, encoding: str, *, allow_empty: bool = False) -> np.ndarray:
@@ -70,6 +98,9 @@ def decode_samples(data: bytes, encoding: str, *, allow_empty: bool = False) -> 
         raise AudioFormatError("empty audio chunk")
     if encoding == PCM16:
         return np.frombuffer(data, dtype="<i2").astype(np.float32) * np.float32(1.0 / 32768.0)
+    if encoding in (MULAW, ALAW):
+        codes = np.frombuffer(data, dtype=np.uint8)
+        return _g711_tables(encoding)[0][codes] * np.float32(1.0 / 32768.0)
     samples = np.frombuffer(data, dtype="<f4").astype(np.float32, copy=True)
     if samples.size and not np.isfinite(samples).all():
         raise AudioFormatError("float32 audio chunk contains NaN or Inf samples")
@@ -77,13 +108,191 @@ def decode_samples(data: bytes, encoding: str, *, allow_empty: bool = False) -> 
 
 
 def encode_samples(samples: np.ndarray, encoding: str) -> bytes:
-    """float32 array -> raw little-endian bytes; PCM16 clips to [-1, 1] and rounds."""
-    if encoding == PCM16:
-        scaled = np.clip(samples, -1.0, 1.0) * 32767.0
-        return np.rint(scaled).astype("<i2").tobytes()
+    """float32 array -> raw bytes; PCM16 and G.711 clip to [-1, 1] and round."""
+    if encoding in (PCM16, MULAW, ALAW):
+        pcm = np.rint(np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2")
+        if encoding == PCM16:
+            return pcm.tobytes()
+        return _g711_tables(encoding)[1][pcm.view(np.uint16)].tobytes()
     if encoding == FLOAT32:
         return np.asarray(samples, dtype="<f4").tobytes()
     raise AudioFormatError(f"unknown encoding {encoding!r}; expected one of {ENCODINGS}")
+
+
+# --------------------------------------------------------------------------- G.711
+
+
+@functools.lru_cache(maxsize=2)
+def _g711_tables(encoding: str) -> tuple[np.ndarray, np.ndarray]:
+    """(256 codes -> 16-bit linear as float32, 65536 int16 values (as uint16) -> code).
+
+    The classic ITU-T G.711 reference conversions (the Sun/CCITT `g711.c` arithmetic that
+    sox, audioop and telephony stacks share): mu-law quantises 14-bit magnitudes with a bias
+    of 33, A-law 13-bit magnitudes; both in 8 segments of 16 steps.
+    """
+    code = np.arange(256, dtype=np.int32)
+    pcm = np.arange(-32768, 32768, dtype=np.int32)  # every int16 value
+    if encoding == MULAW:
+        u = ~code & 0xFF
+        t = (((u & 0x0F) << 3) + 0x84) << ((u & 0x70) >> 4)
+        decode = np.where(u & 0x80, 0x84 - t, t - 0x84)
+        v = pcm >> 2
+        mask = np.where(v < 0, 0x7F, 0xFF)
+        v = np.minimum(np.abs(v), 8159) + 33
+        seg = np.searchsorted(np.array([0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF, 0x1FFF]), v)
+        uval = (seg << 4) | ((v >> (np.minimum(seg, 7) + 1)) & 0x0F)
+        encode = np.where(seg >= 8, 0x7F, uval) ^ mask
+    elif encoding == ALAW:
+        a = code ^ 0x55
+        t = (a & 0x0F) << 4
+        seg = (a & 0x70) >> 4
+        t = np.where(seg == 0, t + 8, (t + 0x108) << np.maximum(seg - 1, 0))
+        decode = np.where(a & 0x80, t, -t)
+        v = pcm >> 3
+        mask = np.where(v >= 0, 0xD5, 0x55)
+        v = np.where(v >= 0, v, -v - 1)
+        seg = np.searchsorted(np.array([0x1F, 0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF]), v)
+        low = np.where(seg < 2, v >> 1, v >> np.minimum(seg, 7)) & 0x0F
+        encode = np.where(seg >= 8, 0x7F, (seg << 4) | low) ^ mask
+    else:
+        raise AudioFormatError(f"{encoding!r} is not a G.711 encoding")
+    # Index the encode table by the int16 value's bit pattern (uint16 view), not its value.
+    by_bits = np.empty(65536, np.uint8)
+    by_bits[pcm.astype(np.int16).view(np.uint16)] = encode.astype(np.uint8)
+    return decode.astype(np.float32), by_bits
+
+
+# --------------------------------------------------------------------------- streams
+
+
+def _sphn():
+    try:
+        import sphn
+    except ImportError as exc:  # a dependency of the base install; say so clearly if absent
+        raise AudioFormatError("Ogg Opus needs the `sphn` package (pip install sphn)") from exc
+    return sphn
+
+
+class StreamDecoder:
+    """One direction of one session: encoded chunks in, float32 samples out.
+
+    Fixed-size encodings decode chunk by chunk (`decode_samples`). Ogg Opus keeps one
+    decoder for the whole stream: a chunk may end anywhere, even inside an Ogg page header,
+    and then yields the samples of the pages it completed (possibly none). Invalid bytes
+    raise `AudioFormatError`; after one the stream is unusable.
+    """
+
+    def __init__(self, encoding: str, sample_rate: int) -> None:
+        check_rate(encoding, sample_rate)
+        self.encoding = encoding
+        self.sample_rate = int(sample_rate)
+        self._reader = None
+        if encoding == OGG_OPUS:
+            self._reader = _sphn().OpusStreamReader(self.sample_rate)
+        else:
+            bytes_per_sample(encoding)  # unknown encodings fail here, not at the first chunk
+
+    def decode(self, data: bytes, *, allow_empty: bool = False) -> np.ndarray:
+        if self._reader is None:
+            return decode_samples(data, self.encoding, allow_empty=allow_empty)
+        if not data:
+            if allow_empty:
+                return np.zeros(0, np.float32)
+            raise AudioFormatError("empty audio chunk")
+        try:
+            pcm = self._reader.append_bytes(bytes(data))
+        except ValueError as exc:
+            raise AudioFormatError(f"invalid Ogg Opus stream: {exc}") from None
+        return np.asarray(pcm, dtype=np.float32).reshape(-1)
+
+
+class StreamEncoder:
+    """One direction of one session: float32 samples in, bytes in the encoding out.
+
+    Ogg Opus keeps one encoder and one Ogg stream: the first bytes carry the stream's
+    headers, and the concatenation of everything returned (with `flush()`) is a valid .opus
+    file. Samples are coded in packets of `OPUS_FRAME_MS`; a call returns the packets it
+    completed (b"" while a packet is still filling).
+    """
+
+    def __init__(self, encoding: str, sample_rate: int) -> None:
+        check_rate(encoding, sample_rate)
+        self.encoding = encoding
+        self.sample_rate = int(sample_rate)
+        self._writer = None
+        if encoding == OGG_OPUS:
+            self._writer = _sphn().OpusStreamWriter(self.sample_rate)
+            self._packet = Reframer(self.sample_rate * OPUS_FRAME_MS // 1000)
+        else:
+            bytes_per_sample(encoding)
+
+    def encode(self, samples: np.ndarray) -> bytes:
+        x = np.asarray(samples, dtype=np.float32)
+        if self._writer is None:
+            return encode_samples(x, self.encoding)
+        x = np.clip(x, -1.0, 1.0)
+        return b"".join(self._writer.append_pcm(p) for p in self._packet.push(x))
+
+    def flush(self) -> bytes:
+        """The last partial Opus packet, padded with silence (b"" for other encodings)."""
+        if self._writer is None:
+            return b""
+        last = self._packet.flush()
+        return b"" if last is None else self._writer.append_pcm(last)
+
+
+def read_opus(path: str | Path) -> tuple[np.ndarray, int]:
+    """Read an Ogg Opus file -> (mono float32 samples, rate). The rate is the one its header
+    names when Opus can decode at it, else 48 kHz (Opus' own rate)."""
+    try:
+        return read_opus_bytes(Path(path).read_bytes())
+    except AudioFormatError as exc:
+        raise AudioFormatError(f"{path}: {exc}") from None
+
+
+def read_opus_bytes(data: bytes, rate: int | None = None) -> tuple[np.ndarray, int]:
+    """A whole Ogg Opus stream -> (mono float32 samples, rate); `rate` None: as `read_opus`."""
+    rate = rate or opus_header_rate(data) or 48000
+    return StreamDecoder(OGG_OPUS, rate).decode(data), rate
+
+
+def opus_header_rate(data: bytes) -> int | None:
+    """The input sample rate an Ogg Opus stream's OpusHead names, when Opus can decode at it
+    (None when the header is absent, or names another rate)."""
+    at = data.find(b"OpusHead", 0, 4096)
+    if at < 0 or len(data) < at + 16:
+        return None
+    rate = struct.unpack_from("<I", data, at + 12)[0]
+    return rate if rate in OPUS_RATES else None
+
+
+def write_opus(path: str | Path, samples: np.ndarray, sample_rate: int) -> None:
+    """Write mono samples as an Ogg Opus file (resampled to 48 kHz if Opus cannot code at
+    `sample_rate`)."""
+    x = np.asarray(samples, dtype=np.float32)
+    if sample_rate not in OPUS_RATES:
+        resampler = StreamResampler(sample_rate, 48000)
+        x = np.concatenate([resampler.process(x), resampler.flush()])
+        sample_rate = 48000
+    encoder = StreamEncoder(OGG_OPUS, sample_rate)
+    Path(path).write_bytes(encoder.encode(x) + encoder.flush())
+
+
+def is_opus_path(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in OPUS_SUFFIXES
+
+
+def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
+    """A wav or (by suffix) Ogg Opus file -> (mono float32 samples, sample rate)."""
+    return read_opus(path) if is_opus_path(path) else read_wav(path)
+
+
+def write_audio(path: str | Path, samples: np.ndarray, sample_rate: int) -> None:
+    """Write a wav (PCM16) or, for a .opus/.ogg path, an Ogg Opus file."""
+    if is_opus_path(path):
+        write_opus(path, samples, sample_rate)
+    else:
+        write_wav(path, samples, sample_rate)
 
 
 def f32le_to_array(data: bytes) -> np.ndarray:
@@ -148,6 +357,8 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
         x = (np.frombuffer(data, dtype="<i4").astype(np.float64) / 2**31).astype(np.float32)
     elif tag == _WAVE_FORMAT_IEEE_FLOAT and bits == 32:
         x = np.frombuffer(data, dtype="<f4").astype(np.float32)
+    elif tag in (_WAVE_FORMAT_MULAW, _WAVE_FORMAT_ALAW) and bits == 8:
+        x = decode_samples(data, MULAW if tag == _WAVE_FORMAT_MULAW else ALAW, allow_empty=True)
     else:
         raise AudioFormatError(f"{path}: unsupported wav format tag {tag} with {bits} bits")
     if channels > 1:
@@ -158,11 +369,18 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
 def write_wav(
     path: str | Path, samples: np.ndarray, sample_rate: int, encoding: str = PCM16
 ) -> None:
-    """Write mono samples as a PCM16 (default) or IEEE float32 wav file."""
+    """Write mono samples as a PCM16 (default), IEEE float32, mu-law or A-law wav file."""
     payload = encode_samples(np.asarray(samples, dtype=np.float32), encoding)
     width = bytes_per_sample(encoding)
-    tag = _WAVE_FORMAT_PCM if encoding == PCM16 else _WAVE_FORMAT_IEEE_FLOAT
+    tag = {
+        PCM16: _WAVE_FORMAT_PCM,
+        FLOAT32: _WAVE_FORMAT_IEEE_FLOAT,
+        MULAW: _WAVE_FORMAT_MULAW,
+        ALAW: _WAVE_FORMAT_ALAW,
+    }[encoding]
     fmt = struct.pack("<HHIIHH", tag, 1, sample_rate, sample_rate * width, width, width * 8)
+    if tag != _WAVE_FORMAT_PCM:
+        fmt += struct.pack("<H", 0)  # cbSize: non-PCM formats carry the extension size
     body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
     body += b"data" + struct.pack("<I", len(payload)) + payload
     if len(payload) & 1:

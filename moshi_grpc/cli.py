@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 import sys
 from collections.abc import Sequence
@@ -30,6 +31,22 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "bench": ("moshi_grpc.bench.cli", "benchmarks: codec, lm, services, gateway"),
 }
+
+# Subcommands that run the Mimi or LM model need the `server` extra; the base install (SDK,
+# `converse`, `gateway`) has no torch.
+NEEDS_SERVER = frozenset({"codec", "lm", "up", "bench"})
+SERVER_MODULES = ("torch", "sentencepiece", "safetensors")
+
+
+def _missing_server_modules() -> list[str]:
+    return [m for m in SERVER_MODULES if importlib.util.find_spec(m) is None]
+
+
+def _server_hint(command: str, missing: Sequence[str]) -> str:
+    return (
+        f"moshi-grpc {command}: needs the [server] extra (missing: {', '.join(missing)}); "
+        "install it with: pip install 'moshi-grpc[server]'"
+    )
 
 
 def _load(module_name: str):
@@ -75,8 +92,20 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    chosen = next((a for a in argv if a in SUBCOMMANDS), None)
+    try:
+        parser = build_parser(argv)
+        args = parser.parse_args(argv)
+    except ModuleNotFoundError as exc:  # e.g. `bench --help`: its modules import torch
+        if chosen in NEEDS_SERVER and (exc.name or "").split(".")[0] in SERVER_MODULES:
+            print(_server_hint(chosen, _missing_server_modules() or [exc.name]), file=sys.stderr)
+            return 2
+        raise
+    if args.command in NEEDS_SERVER:
+        missing = _missing_server_modules()
+        if missing:
+            print(_server_hint(args.command, missing), file=sys.stderr)
+            return 2
     logging.basicConfig(
         level=getattr(logging, args.log_level),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",

@@ -87,6 +87,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights"
     )
     parser.add_argument("--max-sessions", type=int, default=8, help="batch slots of each backend")
+    parser.add_argument(
+        "--cuda-graphs",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="CUDA graphs per batch bucket in the codec and LM (auto: on for --device cuda)",
+    )
     parser.add_argument("--budget-ms", type=int, default=200, help="default per-frame budget")
     parser.add_argument(
         "--start-timeout-s",
@@ -151,7 +157,7 @@ def _no_weights(args: argparse.Namespace) -> bool:
 def _service_args(args: argparse.Namespace, name: str) -> list[str]:
     if name == "codec":
         out = ["--model", args.model, "--device", args.device, "--dtype", args.dtype]
-        out += ["--max-sessions", str(args.max_sessions)]
+        out += ["--max-sessions", str(args.max_sessions), "--cuda-graphs", args.cuda_graphs]
         if args.mimi_weights:
             out += ["--mimi-weights", args.mimi_weights]
         elif args.hf_repo:
@@ -161,7 +167,7 @@ def _service_args(args: argparse.Namespace, name: str) -> list[str]:
         return out
     if name == "lm":
         out = ["--model", args.model, "--device", args.device, "--dtype", args.dtype]
-        out += ["--max-sessions", str(args.max_sessions)]
+        out += ["--max-sessions", str(args.max_sessions), "--cuda-graphs", args.cuda_graphs]
         if args.moshi_weights:
             out += ["--moshi-weights", args.moshi_weights]
             out += ["--lm-config", args.lm_config or "moshiko-7b"]

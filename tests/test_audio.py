@@ -71,7 +71,7 @@ def test_decode_encode_samples() -> None:
         (b"", audio.PCM16, "empty"),
         (np.array([np.nan], "<f4").tobytes(), audio.FLOAT32, "NaN"),
         (np.array([np.inf], "<f4").tobytes(), audio.FLOAT32, "NaN or Inf"),
-        (b"\x00\x00", "mulaw", "unknown encoding"),
+        (b"\x00\x00", "mp3", "unknown encoding"),
     ],
 )
 def test_decode_samples_rejects_bad_input(data: bytes, encoding: str, match: str) -> None:
@@ -173,3 +173,126 @@ def test_speech_like_is_deterministic_speech_band() -> None:
     speech_band = spectrum[(freqs > 80) & (freqs < 4000)].sum()
     assert speech_band / spectrum.sum() > 0.9
     assert not np.array_equal(a, audio.speech_like(1.0, 16000, seed=6))
+
+
+# --------------------------------------------------------------------------- G.711
+
+
+def test_g711_reference_values() -> None:
+    """Known code points of ITU-T G.711 (the tables in every telephony stack)."""
+    mu = audio.decode_samples(bytes([0xFF, 0x7F, 0x00, 0x80]), audio.MULAW) * 32768
+    assert mu.tolist() == [0, 0, -32124, 32124]
+    a = audio.decode_samples(bytes([0xD5, 0x55, 0xAA, 0x2A]), audio.ALAW) * 32768
+    assert a.tolist() == [8, -8, 32256, -32256]
+    silence = np.zeros(4, np.float32)
+    assert audio.encode_samples(silence, audio.MULAW) == b"\xff" * 4
+    assert audio.encode_samples(silence, audio.ALAW) == b"\xd5" * 4
+
+
+@pytest.mark.parametrize("encoding", [audio.MULAW, audio.ALAW])
+def test_g711_codes_round_trip_and_match_audioop(encoding: str) -> None:
+    """Every code decodes and re-encodes to itself (mu-law's two zeros aside), and every
+    16-bit value encodes as CPython's audioop (the C reference, in Python <= 3.12) does."""
+    import warnings
+
+    codes = bytes(range(256))
+    back = audio.encode_samples(audio.decode_samples(codes, encoding) * (32768 / 32767), encoding)
+    differ = [c for c, d in zip(codes, back) if c != d]
+    assert differ == ([0x7F] if encoding == audio.MULAW else []), differ
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        audioop = pytest.importorskip("audioop")
+    pcm = np.arange(-32768, 32768, dtype="<i2")
+    lin2 = audioop.lin2ulaw if encoding == audio.MULAW else audioop.lin2alaw
+    mine = audio._g711_tables(encoding)[1][pcm.view(np.uint16)]
+    assert mine.tobytes() == lin2(pcm.tobytes(), 2)
+    to_lin = audioop.ulaw2lin if encoding == audio.MULAW else audioop.alaw2lin
+    ref = np.frombuffer(to_lin(codes, 2), "<i2")
+    assert (audio.decode_samples(codes, encoding) * 32768).astype(np.int32).tolist() == ref.tolist()
+
+
+@pytest.mark.parametrize("encoding", [audio.MULAW, audio.ALAW])
+def test_g711_wav_files_and_error(tmp_path, encoding: str) -> None:
+    x = audio.speech_like(0.3, 8000, seed=2)
+    path = tmp_path / "t.wav"
+    audio.write_wav(path, x, 8000, encoding)
+    raw = path.read_bytes()
+    assert struct.unpack_from("<H", raw, 20)[0] == (7 if encoding == audio.MULAW else 6)
+    y, rate = audio.read_wav(path)
+    assert rate == 8000 and len(y) == len(x)
+    snr = 10 * np.log10(np.sum(x**2) / np.sum((x - y) ** 2))
+    assert snr > 30  # 8-bit companding: ~38 dB on speech
+    assert audio.bytes_per_sample(encoding) == 1
+    with pytest.raises(audio.AudioFormatError, match="empty"):
+        audio.StreamDecoder(encoding, 8000).decode(b"")
+
+
+# --------------------------------------------------------------------------- Ogg Opus
+
+
+@pytest.mark.parametrize("rate", audio.OPUS_RATES)
+def test_opus_stream_split_anywhere_decodes_like_the_whole(rate: int) -> None:
+    """One encoder -> one Ogg stream; fed to a decoder in pieces cut at every kind of byte
+    boundary it decodes to the same samples as in one piece."""
+    x = audio.speech_like(1.0, rate, seed=1)
+    enc = audio.StreamEncoder(audio.OGG_OPUS, rate)
+    # Chunks of any size in (the encoder packs 80 ms packets).
+    stream = b"".join(enc.encode(x[i : i + 333]) for i in range(0, len(x), 333)) + enc.flush()
+    assert stream.startswith(b"OggS")
+    whole = audio.StreamDecoder(audio.OGG_OPUS, rate).decode(stream)
+    dec = audio.StreamDecoder(audio.OGG_OPUS, rate)
+    parts, pos, step = [], 0, 1
+    while pos < len(stream):
+        parts.append(dec.decode(stream[pos : pos + step]))
+        pos += step
+        step = step % 41 + 1
+    split = np.concatenate(parts)
+    np.testing.assert_array_equal(split, whole)
+    # All of the input comes back but for the decoder's hold-back (< 120 ms at 8 kHz).
+    assert len(x) - rate * 0.12 <= len(whole) <= len(x) + rate * 0.08
+    # Roughly the same signal (a perceptual codec: compare loudness, not waveforms).
+    assert np.std(whole) == pytest.approx(np.std(x), rel=0.25)
+
+
+def test_opus_bit_rate_is_a_tenth_of_pcm16() -> None:
+    rate = 24000
+    x = audio.speech_like(4.0, rate, seed=5)
+    enc = audio.StreamEncoder(audio.OGG_OPUS, rate)
+    n = len(enc.encode(x) + enc.flush())
+    assert n / 4.0 < rate * 2 / 8  # < 6 kB/s (48 kbit/s) vs PCM16's 48 kB/s
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"RIFF" + bytes(40), b"OggX" + bytes(40), b"garbage!" * 10],
+    ids=["wav", "magic", "junk"],
+)
+def test_opus_decoder_rejects_non_ogg_bytes(data: bytes) -> None:
+    with pytest.raises(audio.AudioFormatError, match="Ogg Opus"):
+        audio.StreamDecoder(audio.OGG_OPUS, 24000).decode(data)
+
+
+def test_opus_rates_and_fixed_size_only_helpers() -> None:
+    for rate in audio.OPUS_RATES:
+        audio.check_rate(audio.OGG_OPUS, rate)
+    for rate in (11025, 22050, 44100):
+        audio.check_rate(audio.MULAW, rate)
+        with pytest.raises(audio.AudioFormatError, match="Ogg Opus needs"):
+            audio.StreamEncoder(audio.OGG_OPUS, rate)
+    with pytest.raises(audio.AudioFormatError, match="no fixed sample size"):
+        audio.bytes_per_sample(audio.OGG_OPUS)
+    with pytest.raises(audio.AudioFormatError, match="unknown encoding"):
+        audio.StreamDecoder("mp3", 24000)
+
+
+@pytest.mark.parametrize("suffix", [".opus", ".ogg", ".wav"])
+def test_read_write_audio_by_suffix(tmp_path, suffix: str) -> None:
+    x = audio.speech_like(0.6, 22050, seed=3)
+    path = tmp_path / f"a{suffix}"
+    audio.write_audio(path, x, 22050)  # 22.05 kHz: Opus files are resampled to 48 kHz
+    y, rate = audio.read_audio(path)
+    if suffix == ".wav":
+        assert rate == 22050 and len(y) == len(x)
+    else:
+        assert path.read_bytes().startswith(b"OggS") and rate == 48000
+        assert abs(len(y) - len(x) * 48000 / 22050) < 48000 * 0.1

@@ -459,12 +459,12 @@ def live() -> Iterator[LiveStack]:
     from svc_harness import LoopThread
 
     from moshi_grpc.services.codec.engine import CodecOptions
-    from moshi_grpc.services.codec.service import start_codec_server
+    from moshi_grpc.services.codec.startup import start_codec_server
     from moshi_grpc.services.common.server import ServerConfig
     from moshi_grpc.services.gateway.cli import start_gateway
     from moshi_grpc.services.gateway.config import GatewaySettings
     from moshi_grpc.services.lm.engine import LmOptions
-    from moshi_grpc.services.lm.service import start_lm_server
+    from moshi_grpc.services.lm.startup import start_lm_server
 
     def cfg() -> ServerConfig:
         return ServerConfig(host="127.0.0.1", port=0, metrics_port=0)
@@ -663,12 +663,12 @@ def test_sdk_reports_budget_misses_and_deadline_end(live: LiveStack) -> None:
     """A slow LM (the service's own --inject-delay-ms): typed BudgetMissed events, the summary,
     then DEADLINE_EXCEEDED as a ConverseError marked started (never retried)."""
     from moshi_grpc.services.codec.engine import CodecOptions
-    from moshi_grpc.services.codec.service import start_codec_server
+    from moshi_grpc.services.codec.startup import start_codec_server
     from moshi_grpc.services.common.server import ServerConfig
     from moshi_grpc.services.gateway.cli import start_gateway
     from moshi_grpc.services.gateway.config import GatewaySettings
     from moshi_grpc.services.lm.engine import LmOptions
-    from moshi_grpc.services.lm.service import start_lm_server
+    from moshi_grpc.services.lm.startup import start_lm_server
 
     async def start():
         # Fresh backends: no step-time history from earlier tests for admission to refuse on.
@@ -836,6 +836,26 @@ def test_converse_cli_against_moshi_grpc_up(tmp_path, free_port_factory) -> None
         assert summary["frames"] == 13 and summary["end_reason"] == "client_closed"
         y, rate = audio.read_wav(out)
         assert rate == 16000 and len(y) == 13 * 1280
+        # Every wire encoding round-trips through `up --model echo`; bytes per second reported.
+        for encoding, out_name, width in (
+            ("float32", "out.wav", 4), ("mulaw", "out.wav", 1), ("alaw", "out.wav", 1),
+            ("opus", "out.opus", None),
+        ):  # fmt: skip
+            out = tmp_path / out_name
+            proc = _cli(
+                "converse", str(src), str(out), "--addr", f"127.0.0.1:{gw}", "--json",
+                "--budget-ms", str(LOOSE), "--encoding", encoding,
+            )  # fmt: skip
+            assert proc.returncode == 0, (encoding, proc.stderr)
+            summary = json.loads(proc.stdout)
+            assert summary["frames"] == 13 and summary["end_reason"] == "client_closed"
+            wire = summary["wire"]
+            if width is None:
+                assert 0 < wire["received_bytes_per_s"] < 16000 * 2 / 4
+                assert out.read_bytes().startswith(b"OggS")
+            else:
+                assert wire["received_bytes_per_s"] == 16000 * width
+                assert len(audio.read_wav(out)[0]) == 13 * 1280
     finally:
         up.send_signal(signal.SIGTERM)
         try:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moshi_grpc.services.codec.engine import CodecOptions
-from moshi_grpc.services.codec.service import start_codec_server
+from moshi_grpc.services.codec.startup import start_codec_server
 from moshi_grpc.services.common.server import ServerConfig
 from moshi_grpc.v1 import codec_pb2, codec_pb2_grpc, common_pb2
 
@@ -282,5 +282,12 @@ async def test_info_reports_model_and_recent_step_times() -> None:
         assert info.sample_rate == 24000 and info.frame_size == 1920
         assert info.codebook_size == 2048 and info.text_vocab_size == 0
         assert info.version and info.step_p50_ms > 0 and info.step_p99_ms >= info.step_p50_ms
+        # every bucket of the ladder warmed up at load, per stage; recent times per bucket
+        buckets = {(b.stage, b.batch_size): b for b in info.buckets}
+        assert set(buckets) == {(s, b) for s in ("encode", "decode") for b in (1, 2, 4, 5)}
+        assert all(b.warm_ms > 0 for b in info.buckets)
+        one = buckets[("encode", 1)]
+        assert one.recent_count == 3 and one.recent_p50_ms >= 5.0  # the injected delay
+        assert buckets[("encode", 2)].recent_count == 0 == buckets[("decode", 1)].recent_count
     finally:
         await running.stop(0)

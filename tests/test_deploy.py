@@ -130,12 +130,12 @@ def live_metric_names() -> Iterator[set[str]]:
 
     from moshi_grpc.clients import ConverseClient
     from moshi_grpc.services.codec.engine import CodecOptions
-    from moshi_grpc.services.codec.service import start_codec_server
+    from moshi_grpc.services.codec.startup import start_codec_server
     from moshi_grpc.services.common.server import ServerConfig
     from moshi_grpc.services.gateway.cli import start_gateway
     from moshi_grpc.services.gateway.config import GatewaySettings
     from moshi_grpc.services.lm.engine import LmOptions
-    from moshi_grpc.services.lm.service import start_lm_server
+    from moshi_grpc.services.lm.startup import start_lm_server
 
     def cfg() -> ServerConfig:
         return ServerConfig(host="127.0.0.1", port=0, metrics_port=0)

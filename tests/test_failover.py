@@ -20,12 +20,12 @@ import pytest
 from svc_harness import ServiceProcess
 
 from moshi_grpc.services.codec.engine import CodecOptions
-from moshi_grpc.services.codec.service import start_codec_server
+from moshi_grpc.services.codec.startup import start_codec_server
 from moshi_grpc.services.common.server import ServerConfig
 from moshi_grpc.services.gateway.cli import start_gateway
 from moshi_grpc.services.gateway.config import GatewaySettings
 from moshi_grpc.services.lm.engine import LmOptions, load_lm_model
-from moshi_grpc.services.lm.service import start_lm_server
+from moshi_grpc.services.lm.startup import start_lm_server
 from moshi_grpc.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, lm_pb2, lm_pb2_grpc
 
 FLOAT32 = gateway_pb2.AUDIO_ENCODING_FLOAT32
@@ -160,6 +160,55 @@ async def test_lm_replica_dies_mid_session_and_the_session_moves() -> None:
     kinds = [m.WhichOneof("kind") for m in messages]
     event_at = next(i for i, m in enumerate(messages) if m.event.HasField("failover"))
     assert kinds[event_at + 1 :].count("audio") == n - cut - 1
+    assert _failovers(gateway, "ok") == 1
+
+
+async def test_stalled_lm_replica_is_left_at_the_default_k() -> None:
+    """The LM's model runner freezes (its server, health checks and Info still answer: no
+    probe can tell). At the default budget and K the stage watch moves the session to the
+    other LM after K/2 frames' time without an answer, long before K misses (in lockstep
+    each miss takes a whole budget), and the session completes."""
+    from test_gateway_misses import Freezer
+
+    d = GatewaySettings()
+    codec = await start_codec_server(_cfg(), CodecOptions(model="echo", max_sessions=4))
+    lms = {}
+    for _ in range(2):
+        server = await _lm()
+        lms[server.address] = server
+    gateway = await start_gateway(_cfg(), codec.address, list(lms), _settings())
+    channel = grpc.aio.insecure_channel(gateway.address)
+    freezers = []
+
+    async def freeze(started) -> None:
+        freezer = Freezer(lms[started.lm_replica].servicer.engine.scheduler)
+        freezer.armed.set()
+        freezers.append(freezer)
+
+    try:
+        _, chunks = _frames(16)
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        messages, frames, started = await _lockstep(
+            stub,
+            chunks,
+            at=5,
+            action=freeze,
+            budget_ms=d.default_budget_ms,
+            max_consecutive_misses=d.default_max_consecutive_misses,
+        )
+    finally:
+        for f in freezers:
+            f.release()
+        await channel.close()
+        await gateway.stop(0)
+        for s in (codec, *lms.values()):
+            await s.stop(0)
+    (failover,) = _events(messages, "failover")
+    assert failover.from_replica == started.lm_replica
+    (ended,) = _events(messages, "ended")
+    assert ended.summary.reason == "client_closed"
+    assert ended.summary.frames_in == ended.summary.frames_out == 16
+    assert not frames[-1].silence  # the new replica answers
     assert _failovers(gateway, "ok") == 1
 
 

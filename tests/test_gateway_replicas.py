@@ -13,7 +13,8 @@ import pytest
 from tls_certs import make_pki
 
 from moshi_grpc.services.codec.engine import CodecOptions
-from moshi_grpc.services.codec.service import start_codec_server
+from moshi_grpc.services.codec.startup import start_codec_server
+from moshi_grpc.services.common.errors import ErrorCode
 from moshi_grpc.services.common.server import ServerConfig
 from moshi_grpc.services.gateway.cli import start_gateway
 from moshi_grpc.services.gateway.config import GatewaySettings
@@ -29,7 +30,7 @@ from moshi_grpc.services.gateway.replicas import (
     resolve_addresses,
 )
 from moshi_grpc.services.lm.engine import LmOptions
-from moshi_grpc.services.lm.service import start_lm_server
+from moshi_grpc.services.lm.startup import start_lm_server
 from moshi_grpc.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 # --------------------------------------------------------------------------- specs
@@ -100,7 +101,7 @@ async def test_choose_least_loaded_then_fastest() -> None:
     assert rs.choose(20, lambda r: r.step_p99_ms).address in {"a:1", "c:1"}
     with pytest.raises(NoCapacity, match="cannot meet the 5 ms budget") as err:
         rs.choose(5, lambda r: r.step_p99_ms)
-    assert err.value.reason == "budget" and err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert err.value.reason == "budget" and err.value.code == ErrorCode.NO_CAPACITY
     for r in rs.replicas.values():
         await r.channel.close()
 
@@ -115,7 +116,7 @@ async def test_choose_refuses_full_or_unhealthy_sets() -> None:
     full.healthy = False
     with pytest.raises(NoCapacity, match="no healthy codec replica") as err:
         rs.choose(100, lambda r: 0.0)
-    assert err.value.code == grpc.StatusCode.UNAVAILABLE
+    assert err.value.code == ErrorCode.UNAVAILABLE
     await full.channel.close()
 
 

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from moshi_grpc.services.common.server import ServerConfig
 from moshi_grpc.services.lm.engine import LmOptions
-from moshi_grpc.services.lm.service import start_lm_server
+from moshi_grpc.services.lm.startup import start_lm_server
 from moshi_grpc.v1 import common_pb2, lm_pb2, lm_pb2_grpc
 
 GREEDY = common_pb2.SamplingParams(
@@ -187,7 +187,11 @@ async def test_replay_continues_a_session_exactly(tiny_lm) -> None:
         if not s.labels
     }
     assert values["moshi_lm_replayed_steps_total"] == 2 * cut
-    assert values["moshi_lm_frames_total"] == 2 * (len(codes) + len(codes) - cut + cut)
+    # each resumed session: one prefill of cut - max_delay steps (one scheduler item), the
+    # last max_delay history steps as ordinary steps, then its live frames
+    prefilled = cut - lm.config.max_delay
+    per_session = len(codes) + 1 + (cut - prefilled) + len(codes) - cut
+    assert values["moshi_lm_frames_total"] == 2 * per_session
     assert values["moshi_lm_streams_started_total"] == 4
 
 
@@ -287,5 +291,25 @@ async def test_bad_inputs_get_their_status_and_others_keep_going() -> None:
             await bystander.done_writing()
             assert await bystander.code() == S.OK
             assert await holder.code() == S.OK
+    finally:
+        await running.stop(0)
+
+
+async def test_info_reports_warmed_up_buckets_from_the_first_serving_moment(tiny_lm) -> None:
+    """Every bucket of the default ladder ran before SERVING; Info carries its time, then
+    recent step times of the buckets traffic used."""
+    running = await start(tiny_lm)  # default max_sessions
+    try:
+        async with grpc.aio.insecure_channel(running.address) as ch:
+            stub = lm_pb2_grpc.LMStub(ch)
+            info = await stub.Info(common_pb2.InfoRequest())
+            assert [b.batch_size for b in info.buckets] == [1, 2, 4, 8, 16]
+            assert info.slots_total == 16
+            assert all(b.stage == "step" and b.warm_ms > 0 for b in info.buckets)
+            assert all(b.recent_count == 0 for b in info.buckets)
+            await session(stub, "one", user_codes(1, 3, tiny_lm[0].config.card))
+            info = await stub.Info(common_pb2.InfoRequest())
+            counts = {b.batch_size: b.recent_count for b in info.buckets}
+            assert counts[1] == 3 and sum(counts.values()) == 3  # one session: bucket 1
     finally:
         await running.stop(0)

@@ -13,10 +13,10 @@ import numpy as np
 from svc_harness import metric_value, scrape
 
 from moshi_grpc.services.codec.engine import CodecOptions
-from moshi_grpc.services.codec.service import start_codec_server
+from moshi_grpc.services.codec.startup import start_codec_server
 from moshi_grpc.services.common.server import ServerConfig
 from moshi_grpc.services.lm.engine import LmOptions
-from moshi_grpc.services.lm.service import start_lm_server
+from moshi_grpc.services.lm.startup import start_lm_server
 from moshi_grpc.v1 import codec_pb2, codec_pb2_grpc, common_pb2, lm_pb2, lm_pb2_grpc
 
 OK = grpc.StatusCode.OK.value[0]

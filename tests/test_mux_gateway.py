@@ -13,12 +13,12 @@ import pytest
 from svc_harness import metric_value, scrape
 
 from moshi_grpc.services.codec.engine import CodecOptions
-from moshi_grpc.services.codec.service import start_codec_server
+from moshi_grpc.services.codec.startup import start_codec_server
 from moshi_grpc.services.common.server import ServerConfig
 from moshi_grpc.services.gateway.cli import start_gateway
 from moshi_grpc.services.gateway.config import GatewaySettings
 from moshi_grpc.services.lm.engine import LmOptions
-from moshi_grpc.services.lm.service import start_lm_server
+from moshi_grpc.services.lm.startup import start_lm_server
 from moshi_grpc.v1 import gateway_pb2, gateway_pb2_grpc
 
 MODES = ["mux", "per-session"]

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import ast
+import base64
+import hashlib
+import importlib.metadata
+import importlib.util
+import os
+import re
 import shutil
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 import tomllib
@@ -62,6 +70,45 @@ def test_model_code_never_imports_grpc() -> None:
     assert not offenders, offenders
 
 
+# Engines and what they stand on: transport-agnostic, so the serving layer alone knows gRPC.
+ENGINE_MODULES = (
+    "moshi_grpc.services.codec.engine",
+    "moshi_grpc.services.lm.engine",
+    "moshi_grpc.services.common.batching",
+    "moshi_grpc.services.common.buckets",
+    "moshi_grpc.services.common.cuda_graphs",
+    "moshi_grpc.services.common.errors",
+)
+
+
+def test_engines_never_import_grpc() -> None:
+    """Layers point down: importing an engine (transitively) loads neither grpc nor the
+    v1 protos. Checked in a fresh interpreter, where sys.modules shows everything pulled in."""
+    engines = sorted(
+        str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "services").glob("*/engine.py")
+    )
+    assert len(engines) >= 2 and all(
+        ("moshi_grpc." + e[: -len(".py")].replace("/", ".")) in ENGINE_MODULES for e in engines
+    ), f"add every services/*/engine.py to ENGINE_MODULES: {engines}"
+    script = (
+        "import importlib, sys\n"
+        "importlib.import_module(sys.argv[1])\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in\n"
+        "    ('grpc', 'grpc_health', 'grpc_reflection', 'grpc_status')\n"
+        "    or m.startswith('moshi_grpc.v1')))\n"
+    )
+    # One interpreter per module: an earlier import must not hide a later one's.
+    for name in ENGINE_MODULES:
+        out = subprocess.run(
+            [sys.executable, "-c", script, name],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert out.stdout.strip() == "[]", f"{name} imports {out.stdout.strip()}"
+
+
 def test_ruff_lint_and_format_clean() -> None:
     ruff = shutil.which("ruff", path=str(REPO_ROOT / ".venv" / "bin")) or shutil.which("ruff")
     if ruff is None:
@@ -89,3 +136,156 @@ def test_cli_help_lists_every_subcommand() -> None:
         )
         assert sub.returncode == 0, sub.stderr
         assert "usage: moshi-grpc " + name in sub.stdout
+
+
+# --------------------------------------------------------------------------- base install
+
+# Modules only the codec/LM services need: the base install must not bring them.
+SERVER_ONLY = ("torch", "sentencepiece", "safetensors")
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _base_closure() -> list[importlib.metadata.Distribution]:
+    """The installed distributions the base install needs: pyproject's dependencies (no
+    extras), their dependencies, and the build backend. Skips when one is not installed
+    here (then no offline wheelhouse can be made)."""
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    todo = [Requirement(r) for r in project["project"]["dependencies"]]
+    todo += [Requirement(r.split("#")[0]) for r in project["build-system"]["requires"]]
+    seen: dict[str, importlib.metadata.Distribution] = {}
+    while todo:
+        req = todo.pop()
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        name = _canonical(req.name)
+        if name in seen:
+            continue
+        assert name not in SERVER_ONLY, f"the base install pulls in {name} (via pyproject.toml)"
+        try:
+            dist = importlib.metadata.distribution(req.name)
+        except importlib.metadata.PackageNotFoundError:
+            pytest.skip(f"cannot make an offline wheelhouse: {req.name} is not installed here")
+        seen[name] = dist
+        todo += [Requirement(r) for r in dist.requires or ()]
+    return list(seen.values())
+
+
+def _wheel_from_installed(dist: importlib.metadata.Distribution, out: Path) -> Path:
+    """Pack an installed distribution back into a wheel (its files as RECORD lists them, its
+    original tag), so a fresh venv can install it offline with pip's real resolver."""
+    wheel_meta = dist.read_text("WHEEL") or ""
+    tag = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in wheel_meta.splitlines()
+            if line.startswith("Tag:")
+        ),
+        "py3-none-any",
+    )
+    name = re.sub(r"[-_.]+", "_", dist.metadata["Name"])
+    path = out / f"{name}-{dist.version}-{tag}.whl"
+    site = Path(str(dist.locate_file("")))
+    record_name = None
+    rows = []
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        for f in dist.files or ():
+            rel = str(f)
+            if rel.startswith("..") or "__pycache__" in rel:
+                continue  # scripts outside site-packages are regenerated by pip
+            top, _, leaf = rel.partition("/")
+            if top.endswith(".dist-info") and leaf == "RECORD":  # (not a vendored one)
+                record_name = rel
+                continue
+            if top.endswith(".dist-info") and leaf in ("INSTALLER", "REQUESTED", "direct_url.json"):
+                continue  # written by the installer
+            data = (site / rel).read_bytes()
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
+            rows.append(f"{rel},sha256={digest.decode()},{len(data)}")
+            zf.writestr(rel, data)
+        assert record_name, f"{dist.metadata['Name']}: no RECORD"
+        zf.writestr(record_name, "\n".join([*rows, f"{record_name},,"]) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_base_install_has_sdk_converse_gateway_and_no_torch(tmp_path: Path) -> None:
+    """A fresh venv with the base install (a real pip install, resolving dependencies, from a
+    local wheelhouse made of what is installed here: offline): the SDK and gateway import,
+    `converse --help` runs, torch is absent, and the model commands fail with a hint."""
+    venv = tmp_path / "venv"
+    made = subprocess.run(
+        [sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True, timeout=300
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot create a venv offline here: {made.stderr.strip()[-300:]}")
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for dist in _base_closure():
+        _wheel_from_installed(dist, wheels)
+    src = tmp_path / "src"  # a copy: building must not write into the work tree
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
+    for name in ("moshi_grpc", "services", "clients"):
+        shutil.copytree(REPO_ROOT / name, src / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / name, src / name)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env["PIP_CONFIG_FILE"] = os.devnull  # only our wheelhouse, no machine-wide index
+    py = str(venv / "bin" / "python")
+    install = subprocess.run(
+        [py, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheels),
+         "--no-cache-dir", str(src)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert install.returncode == 0, install.stdout + install.stderr
+
+    probe = (
+        "import importlib.util, sys\n"
+        "for m in ('torch', 'sentencepiece', 'safetensors'):\n"
+        "    assert importlib.util.find_spec(m) is None, m + ' is installed'\n"
+        "import numpy as np\n"
+        "import moshi_grpc.clients, moshi_grpc.clients.cli, moshi_grpc.v1.gateway_pb2\n"
+        "import moshi_grpc.services.gateway.cli\n"
+        "from moshi_grpc import audio\n"
+        "x = audio.speech_like(0.4, 24000)\n"
+        "enc = audio.StreamEncoder(audio.OGG_OPUS, 24000)\n"
+        "dec = audio.StreamDecoder(audio.OGG_OPUS, 24000)\n"
+        "y = dec.decode(b''.join(enc.encode(x[i:i + 1920]) for i in range(0, 9600, 1920)))\n"
+        "assert y.size > 0\n"
+        "loaded = sorted(m for m in ('torch', 'sentencepiece', 'safetensors') if m in sys.modules)\n"
+        "assert not loaded, loaded\n"
+        "print('ok', moshi_grpc.clients.ConverseClient.__name__)\n"
+    )
+    # Run outside the work tree, so `moshi_grpc` is the installed package, not ./moshi_grpc.
+    here = {"capture_output": True, "text": True, "env": env, "cwd": tmp_path, "timeout": 120}
+    run = subprocess.run([py, "-c", probe], **here)
+    assert run.returncode == 0 and "ok ConverseClient" in run.stdout, run.stdout + run.stderr
+    cli = str(venv / "bin" / "moshi-grpc")
+    for name in ("converse", "gateway"):
+        out = subprocess.run([cli, name, "--help"], **here)
+        assert out.returncode == 0, out.stderr
+        assert f"usage: moshi-grpc {name}" in out.stdout
+    for argv in (["codec"], ["lm"], ["up"], ["bench", "codec"], ["bench", "gateway"]):
+        out = subprocess.run([cli, *argv], **here)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1, (argv, out.stdout, out.stderr)
+        assert "[server]" in lines[0] and "torch" in lines[0], lines
+
+
+def test_server_commands_hint_at_the_extra_when_torch_is_missing(monkeypatch, capsys) -> None:
+    """The same hint without a fresh venv: hide the server modules from the finder."""
+    from moshi_grpc import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n in SERVER_ONLY else real(n, *a)
+    )
+    assert cli.main(["lm", "--model", "echo"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1 and "moshi-grpc lm" in err[0] and "pip install 'moshi-grpc[server]'" in err[0]
+    )

@@ -19,6 +19,7 @@ import pytest
 from svc_harness import SERVING, ServiceProcess, channel, health_status, run_stream
 from tls_certs import Pki, make_pki
 
+from moshi_grpc.services.common import interceptors
 from moshi_grpc.services.common import server as server_mod
 from moshi_grpc.services.common.server import ServerConfig
 from moshi_grpc.v1 import (
@@ -46,13 +47,13 @@ def _config(**kw) -> ServerConfig:
 
 async def start_codec(**kw):
     from moshi_grpc.services.codec.engine import CodecOptions
-    from moshi_grpc.services.codec.service import start_codec_server
+    from moshi_grpc.services.codec.startup import start_codec_server
 
     return await start_codec_server(_config(**kw), CodecOptions(model="echo", max_sessions=4))
 
 
 async def start_lm(**kw):
-    from moshi_grpc.services.lm.service import start_lm_server
+    from moshi_grpc.services.lm.startup import start_lm_server
 
     return await start_lm_server(_config(**kw), _lm_options())
 
@@ -304,7 +305,7 @@ async def test_gateway_without_backend_token_cannot_use_backends() -> None:
 def test_token_compare_is_constant_time() -> None:
     """Code inspection: the bearer token is compared with hmac.compare_digest, never with
     `==`/`!=` or prefix checks that return early on the first differing byte."""
-    source = inspect.getsource(server_mod.AuthInterceptor._authorized)
+    source = inspect.getsource(interceptors.AuthInterceptor._authorized)
     assert "hmac.compare_digest" in source
     assert not re.search(r"(==|!=)\s*self\._expected|self\._expected\s*(==|!=)", source)
     assert not re.search(r"\.startswith\(|\.endswith\(|\bin\s+self\._expected", source)
@@ -312,7 +313,7 @@ def test_token_compare_is_constant_time() -> None:
 
 def test_auth_refuses_empty_token() -> None:
     with pytest.raises(ValueError):
-        server_mod.AuthInterceptor("")
+        interceptors.AuthInterceptor("")
 
 
 # ----------------------------------------------------------------------------- TLS / mTLS

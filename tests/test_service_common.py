@@ -21,8 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from moshi_grpc.services.codec.echo import EchoMimi
 from moshi_grpc.services.codec.engine import CodecOptions
-from moshi_grpc.services.codec.service import start_codec_server
-from moshi_grpc.services.common import errors, flags
+from moshi_grpc.services.codec.startup import start_codec_server
+from moshi_grpc.services.common import errors, flags, status
 from moshi_grpc.services.common.batching import BatchScheduler
 from moshi_grpc.services.common.metrics import (
     METRIC_NAMES,
@@ -312,8 +312,8 @@ def test_metric_table_lists_every_metric_and_names_follow_conventions() -> None:
         if family.type == "counter":
             name += "_total"
             assert name.endswith("_total")
-        if family.type == "histogram" and "batch_size" not in name and "factor" not in name:
-            assert name.endswith("_seconds"), name
+        if family.type == "histogram":  # a base unit, or a unitless count / ratio
+            assert name.endswith(("_seconds", "_ratio", "_batch_size", "_rows")), name
         defined.add(name)
     assert defined == set(METRIC_NAMES)
     for name in defined:
@@ -341,10 +341,12 @@ def test_domain_errors_map_to_status_codes() -> None:
         (RuntimeError("secret detail"), S.INTERNAL),
     ]
     for exc, code in cases:
-        got, message = errors.status_for(exc)
+        got, message = status.status_for(exc)
         assert got == code, exc
         assert message
-    assert "secret" not in errors.status_for(RuntimeError("secret detail"))[1]
+    assert "secret" not in status.status_for(RuntimeError("secret detail"))[1]
+    # Every domain code has its status (an enum member added later cannot go unmapped).
+    assert set(status.GRPC_STATUS) == set(errors.ErrorCode)
 
 
 def test_flags_build_server_config(monkeypatch) -> None:
@@ -382,16 +384,28 @@ class RecordingRunner:
         self.fail_on = fail_on
         self.release = threading.Event()
         self.release.set()
+        self.entered = threading.Event()  # set when a model call starts
 
     def join(self, slot, payload) -> None:
         self.joins.append((slot, payload))
 
+    @property
+    def ladder(self) -> tuple[int, ...]:
+        return tuple(range(1, self.num_slots + 1))
+
+    def leave(self, slot) -> None:
+        pass
+
+    def warm_up(self, bucket) -> None:
+        pass
+
     def run(self, slots, payloads):
+        self.entered.set()
         self.release.wait(10)
         self.calls.append(list(slots))
         if self.fail_on is not None and self.fail_on in payloads:
             raise RuntimeError("model exploded")
-        return [p * 10 + s for s, p in zip(slots, payloads)]
+        return [p * 10 + s for s, p in zip(slots, payloads)], len(slots)
 
 
 async def test_scheduler_batches_concurrent_frames_in_one_call() -> None:
@@ -423,10 +437,13 @@ async def test_scheduler_capacity_release_and_failures() -> None:
             sched.acquire()
         # a frame queued behind a busy model is dropped when its stream leaves
         runner.release.clear()
+        runner.entered.clear()
         first = asyncio.ensure_future(a.submit(1))
-        await asyncio.sleep(0.05)
-        queued = asyncio.ensure_future(b.submit(2))
-        await asyncio.sleep(0.05)
+        # Explicit events, no sleeps: the model call with a's frame has started (and waits
+        # for `release`), then b's frame is queued (submit_nowait queues synchronously).
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, runner.entered.wait, 10)
+        queued = b.submit_nowait(2)
         b.release()
         b.release()  # idempotent
         runner.release.set()
@@ -453,8 +470,7 @@ async def test_scheduler_survives_streams_leaving_while_it_waits() -> None:
     sched.start()
     try:
         a, b = sched.acquire(), sched.acquire()
-        waiting = asyncio.ensure_future(a.submit(1))
-        await asyncio.sleep(0.05)
+        waiting = a.submit_nowait(1)  # queued now: the runner waits (up to 5 s) for b
         a.release()  # the only queued frame goes away while the runner waits for b
         with pytest.raises(asyncio.CancelledError):
             await waiting

@@ -11,7 +11,10 @@ Run it with the reference venv's python (it imports `moshi`, not `moshi_grpc`):
 The reference MimiModel is built with the config's hyper-parameters, given seeded random
 weights (scaled so every layer matters and codes spread over the codebooks), and saved with
 the official checkpoint tensor names (`weights.safetensors`, reloaded strictly into a fresh
-reference model as a check). Synthetic speech-like audio (voiced harmonics with a moving
+reference model as a check). That reloaded model's own `state_dict()` is saved too
+(`weights_modules.safetensors`): the same weights in the reference's module layout
+(`self_attn.in_projs.0.weight`, `out_projs.0.weight`), what moshi >= 0.2 and fine-tuning
+tools write; `load_mimi` must read both. Synthetic speech-like audio (voiced harmonics with a moving
 pitch, syllable envelopes, noise bursts) goes through the reference:
 offline codes, offline decode and frame-by-frame streaming codes (`golden.safetensors`);
 `meta.json` records where the reference's own streaming departs from its offline output
@@ -169,6 +172,9 @@ def main() -> None:
 
     model.load_state_dict(load_file(str(args.out / "weights.safetensors")), strict=True)
     model.eval()
+    modules = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    assert any(".self_attn.in_projs.0.weight" in k for k in modules), "not the module layout"
+    save_file(modules, str(args.out / "weights_modules.safetensors"))
 
     with torch.no_grad():
         codes = model.encode(audio)

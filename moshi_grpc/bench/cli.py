@@ -14,6 +14,10 @@ TARGETS = {
     "lm": ("moshi_grpc.bench.lm", "Moshi LM ms per step at several batch sizes"),
     "services": ("moshi_grpc.bench.services", "codec and LM services: frames/s, latency, overhead"),
     "gateway": ("moshi_grpc.bench.gateway", "gateway-added latency at many concurrent sessions"),
+    "gpu": (
+        "moshi_grpc.bench.gpu",
+        "sessions per GPU: LM + codec tick per bucket, eager vs CUDA graphs",
+    ),
 }
 
 

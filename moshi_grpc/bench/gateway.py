@@ -52,7 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rate", type=int, default=24000, help="client sample rate (24000: no resampling)"
     )
-    parser.add_argument("--encoding", choices=["pcm16", "float32"], default="pcm16")
+    parser.add_argument(
+        "--encoding",
+        choices=["pcm16", "float32", "mulaw", "alaw", "opus"],
+        default="pcm16",
+        help="client wire encoding (opus: each session one Ogg Opus stream each way; with "
+        "--rate 8000/12000/16000/24000/48000); compare `gw CPU/frame` between encodings",
+    )
     parser.add_argument(
         "--rounds",
         type=int,
@@ -78,6 +84,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--gateway-cpus",
         default=None,
         help="pin the gateway process to these CPUs (taskset list, e.g. 0,1)",
+    )
+    parser.add_argument(
+        "--load-cpus",
+        default=None,
+        help="pin this load generator to these CPUs (e.g. 1; with --gateway-cpus 0 the "
+        "gateway has a core of its own)",
+    )
+    parser.add_argument(
+        "--gateway-workers",
+        type=int,
+        default=1,
+        help="gateway processes on the one port (`gateway --workers N`); CPU is summed over "
+        "all of them",
     )
     parser.add_argument(
         "--profile",
@@ -157,12 +176,18 @@ def _stop(procs: list[Proc]) -> None:
 
 
 def _cpu_seconds(pid: int) -> float:
-    """user + system CPU time of a process (Linux /proc), 0 when unavailable."""
+    """user + system CPU time of a process and its live descendants (Linux /proc: the
+    gateway's workers with --gateway-workers), 0 when unavailable."""
     try:
         fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return 0.0
+    try:
+        children = open(f"/proc/{pid}/task/{pid}/children").read().split()
+    except OSError:
+        children = []
+    return own + sum(_cpu_seconds(int(c)) for c in children)
 
 
 @dataclass
@@ -191,16 +216,15 @@ async def _paced_frames(n_frames: int, phase_s: float, send) -> None:
         await send(t)
 
 
-async def _gateway_session(stub, args, frames: int, phase: float, chunk: bytes, res) -> None:
+async def _gateway_session(stub, args, frames: int, phase: float, chunks: list[bytes], res) -> None:
+    """One session sending `chunks[t]` as input frame t (the same bytes for every session:
+    for Ogg Opus one whole stream, which each session's own decoder reads)."""
     import grpc
 
+    from moshi_grpc.clients.events import ENCODINGS
     from moshi_grpc.v1 import gateway_pb2
 
-    enc = (
-        gateway_pb2.AUDIO_ENCODING_PCM16
-        if args.encoding == "pcm16"
-        else gateway_pb2.AUDIO_ENCODING_FLOAT32
-    )
+    enc = ENCODINGS[args.encoding]
     call = stub.Converse()
     await call.write(
         gateway_pb2.ConverseRequest(
@@ -214,11 +238,12 @@ async def _gateway_session(stub, args, frames: int, phase: float, chunk: bytes, 
         res.errors.append(f"no SessionStarted: {await call.code()} {await call.details()}")
         return
     sent_at: dict[int, float] = {}
-    request = gateway_pb2.ConverseRequest(audio=gateway_pb2.AudioChunk(data=chunk))
+    requests = [gateway_pb2.ConverseRequest(audio=gateway_pb2.AudioChunk(data=c)) for c in chunks]
 
     async def send(t: int) -> None:
         sent_at[t] = time.perf_counter()
-        await call.write(request)
+        if chunks[t]:  # (an Opus writer may hold a packet back: nothing to send then)
+            await call.write(requests[t])
         res.sent += 1
 
     async def receive() -> None:
@@ -371,6 +396,8 @@ async def _main(args: argparse.Namespace) -> int:
     if unknown or not modes:
         print(f"--backend-streams: expected mux and/or per-session, got {args.backend_streams!r}")
         return 2
+    if args.load_cpus:
+        os.sched_setaffinity(0, {int(c) for c in args.load_cpus.split(",") if c.strip()})
     slots = max(levels)
     frames = max(1, int(round(args.seconds / FRAME_S)))
     backend = ["--model", "echo", "--max-sessions", str(slots), "--max-wait-ms", "0"]
@@ -383,6 +410,7 @@ async def _main(args: argparse.Namespace) -> int:
         for mode in modes:
             gw_extra = ["--codec-addr", codec.address, "--lm-addr", lm.address, "--grace", "5"]
             gw_extra += ["--max-concurrent-rpcs", "0", "--backend-streams", mode]
+            gw_extra += ["--workers", str(max(1, args.gateway_workers))]
             prefix = ["taskset", "-c", args.gateway_cpus] if args.gateway_cpus else None
             name = "gateway"
             if args.profile:
@@ -393,9 +421,10 @@ async def _main(args: argparse.Namespace) -> int:
         await asyncio.gather(*(_wait_serving(g) for g in gateways.values()))
         n_samples = int(round(FRAME_S * args.rate))
         signal_24k = audio.speech_like(FRAME_S, 24000, seed=0)
-        chunk = audio.encode_samples(
-            audio.speech_like(FRAME_S, args.rate, seed=0)[:n_samples], args.encoding
-        )
+        # Input frame t of every session: 80 ms of a voice-like signal in the wire encoding.
+        encoder = audio.StreamEncoder(args.encoding, args.rate)
+        voice = audio.speech_like(frames * FRAME_S, args.rate, seed=0)
+        chunks = [encoder.encode(voice[t * n_samples : (t + 1) * n_samples]) for t in range(frames)]
         pcm = audio.array_to_f32le(signal_24k[: audio.FRAME_SIZE])
         options = [("grpc.max_receive_message_length", 4 << 20)]
         rows = []
@@ -419,7 +448,7 @@ async def _main(args: argparse.Namespace) -> int:
                                 n,
                                 frames,
                                 lambda p, r, g=gstub: _gateway_session(
-                                    g, args, frames, p, chunk, r
+                                    g, args, frames, p, chunks, r
                                 ),
                                 args.timeout_s,
                                 gateway.proc.pid,
@@ -464,6 +493,8 @@ def _print(args, frames: int, rows) -> None:
         f"time, {args.rounds} alternating round(s), client {args.rate} Hz {args.encoding}; "
         f"direct baseline over {args.direct} backend streams"
         + (f"; gateway pinned to CPUs {args.gateway_cpus}" if args.gateway_cpus else "")
+        + (f"; load generator pinned to CPUs {args.load_cpus}" if args.load_cpus else "")
+        + (f"; {args.gateway_workers} gateway workers" if args.gateway_workers > 1 else "")
     )
     head = (
         f"{'sessions':>8} {'backend streams':>15} | {'gateway p50':>11} {'p99':>8} | "
@@ -501,6 +532,27 @@ def _print(args, frames: int, rows) -> None:
             )
         for err in (via.errors + (direct.errors if direct else []))[:3]:
             print(f"         error: {err}")
+    for mode in dict.fromkeys(mode for _, mode, _, _ in rows):
+        fit = [
+            (n, via)
+            for n, m, via, direct in rows
+            if m == mode
+            and direct is not None
+            and via.received == via.sent
+            and not via.errors
+            and via.pct(99) - direct.pct(99) <= 10.0
+            and via.wall_s > 0
+            and via.gateway_cpu_s > 0
+        ]
+        if fit:
+            n, via = max(fit, key=lambda x: x[0])
+            cores = via.gateway_cpu_s / via.wall_s
+            print(
+                f"{mode}: sessions per gateway core at p99 added <= 10 ms: {n / cores:.0f} "
+                f"(largest such level {n} sessions, the gateway used {cores:.2f} cores)"
+            )
+        else:
+            print(f"{mode}: no level with p99 added <= 10 ms (or no direct baseline)")
     print(
         "added = gateway path - direct path, per percentile. The direct path drives the same "
         "Encode -> Step -> Decode chain from this process straight to the backends "

@@ -30,7 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_REFERENCE = os.environ.get("MOSHI_REFERENCE_PYTHON", ".venv-reference/bin/python")
+from moshi_grpc.bench import flags
+from moshi_grpc.bench.flags import DEFAULT_REFERENCE  # noqa: F401 - its old home
 
 _REFERENCE_SCRIPT = r"""
 import json, os, sys, time
@@ -75,7 +76,7 @@ for line in sys.stdin:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="mid", help="LM preset or config.json (default mid)")
-    parser.add_argument("--batches", default="1,4,8", help="comma-separated batch sizes")
+    flags.add_batch(parser)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per batch size")
     parser.add_argument("--warmup", type=int, default=4, help="untimed steps first")
@@ -84,14 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--reference",
-        nargs="?",
-        const=DEFAULT_REFERENCE,
-        default=None,
-        metavar="PYTHON",
-        help=f"also run the reference moshi package with this python (default {DEFAULT_REFERENCE})",
-    )
+    flags.add_reference(parser)
     parser.add_argument("--check-steps", type=int, default=8, help="greedy parity steps")
     parser.add_argument(
         "--reference-dtype",
@@ -102,9 +96,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rounds", type=int, default=5, help="alternations ours/reference per batch size"
     )
+    parser.add_argument(
+        "--replay",
+        type=int,
+        default=None,
+        metavar="STEPS",
+        help="instead: time a failover replay of a STEPS-step history by prefill against "
+        "the step-by-step forced path",
+    )
+    parser.add_argument(
+        "--replay-sample",
+        type=int,
+        default=300,
+        metavar="STEPS",
+        help="step-by-step steps actually timed for --replay, scaled to the whole history "
+        "(a lower bound of its cost: later steps attend over more entries; default 300)",
+    )
 
 
-def _prefill(gen, fill: int, seed: int = 0) -> None:
+def fake_history(gen, fill: int, seed: int = 0) -> None:
     """Put every slot `fill` steps into a conversation: random past keys/values and tokens."""
     import torch
 
@@ -114,6 +124,7 @@ def _prefill(gen, fill: int, seed: int = 0) -> None:
     for slot in range(gen.num_slots):
         gen.reset(slot, seed=slot)
     gen.steps[:] = fill
+    gen.host_steps[:] = [fill] * gen.num_slots
     for cache in gen.caches:
         for buf in (cache.k, cache.v_t):
             buf.copy_((torch.randn(buf.shape, generator=g) * 0.5).to(buf.dtype))
@@ -133,7 +144,7 @@ class _Ours:
         self.lm = lm
         self.batch = batch
         self.gen = LMGen(lm, batch)
-        _prefill(self.gen, fill)
+        fake_history(self.gen, fill)
         self.rng = torch.Generator().manual_seed(batch)
 
     def times(self, n: int) -> list[tuple[float, float]]:
@@ -212,6 +223,39 @@ def _median_ms(times, which: int = 0) -> float:
     return statistics.median(t[which] for t in times) * 1e3
 
 
+def run_replay(lm, steps: int, sample: int, chunk: int = 256) -> dict[str, float]:
+    """Seconds to rebuild a `steps`-step history onto a fresh row: by prefill, and step by
+    step with forced tokens (timed on `sample` steps, scaled to `steps`)."""
+    import torch
+
+    from moshi_grpc.models.lm_gen import LMGen, SamplingConfig
+
+    cfg = lm.config
+    g = torch.Generator().manual_seed(0)
+    user = torch.randint(0, cfg.card, (steps, cfg.num_user_streams), generator=g)
+    text = torch.randint(0, cfg.text_card, (steps,), generator=g)
+    audio = torch.randint(0, cfg.card, (steps, cfg.dep_q), generator=g)
+    sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
+    gen = LMGen(lm, 1)
+    gen.reset(0, SamplingConfig(), seed=1)
+    gen.prefill(0, user[:8], text[:8], audio[:8], chunk)  # warm-up
+    gen.reset(0, SamplingConfig(), seed=1)
+    sync()
+    t0 = time.perf_counter()
+    gen.prefill(0, user, text, audio, chunk)
+    sync()
+    prefill_s = time.perf_counter() - t0
+    n = max(1, min(sample, steps))
+    gen.reset(0, SamplingConfig(), seed=1)
+    force = torch.ones(1, dtype=torch.bool)
+    t0 = time.perf_counter()
+    for t in range(n):
+        gen.step(user[t][None], force=force, force_text=text[t][None], force_audio=audio[t][None])
+    sync()
+    stepwise_s = (time.perf_counter() - t0) * steps / n
+    return {"prefill_s": prefill_s, "stepwise_s": stepwise_s, "timed_steps": n}
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import save_file
@@ -220,7 +264,22 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    if args.replay is not None:
+        lm = load_lm(None, args.config, device=args.device, dtype=dtype, seed=0)
+        steps = min(args.replay, lm.config.context * 4)
+        r = run_replay(lm, steps, args.replay_sample)
+        print(
+            f"Moshi LM replay: config {lm.config_name}, dtype {args.dtype}, device "
+            f"{args.device}, {args.threads} threads, history {steps} steps"
+        )
+        print(f"  prefill (chunks of 256)      {r['prefill_s'] * 1e3:10.1f} ms")
+        print(
+            f"  step by step, forced tokens  {r['stepwise_s'] * 1e3:10.1f} ms"
+            f"  (timed {r['timed_steps']} steps, scaled; a lower bound)"
+        )
+        print(f"  prefill speed-up             {r['stepwise_s'] / r['prefill_s']:10.1f}x")
+        return 0
+    batches = [int(b) for b in args.batch.split(",") if b.strip()]
     lm = load_lm(None, args.config, device=args.device, dtype=dtype, seed=0)
     cfg = lm.config
     fill = cfg.context if args.fill is None else min(args.fill, cfg.context)

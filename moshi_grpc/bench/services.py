@@ -47,6 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument(
+        "--slots",
+        type=int,
+        default=None,
+        help="replica slots (--max-sessions) for every run (default: the session count); "
+        "e.g. --sessions 1,4 --slots 16 shows what a larger replica costs the same load",
+    )
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -144,11 +151,11 @@ async def _codec_run(
     import numpy as np
 
     from moshi_grpc.services.codec.engine import CodecOptions
-    from moshi_grpc.services.codec.service import start_codec_server
+    from moshi_grpc.services.codec.startup import start_codec_server
     from moshi_grpc.services.common.server import ServerConfig
     from moshi_grpc.v1 import codec_pb2, codec_pb2_grpc
 
-    options = CodecOptions(max_sessions=n, **options_kw)
+    options = CodecOptions(max_sessions=options_kw.pop("slots", None) or n, **options_kw)
     running = await start_codec_server(
         ServerConfig(metrics_port=None), options, load_model=lambda: mimi
     )
@@ -188,11 +195,11 @@ async def _codec_run(
 async def _lm_run(lm_tok, options_kw: dict, n: int, frames: int, warmup: int) -> dict[str, Any]:
     from moshi_grpc.services.common.server import ServerConfig
     from moshi_grpc.services.lm.engine import LmOptions
-    from moshi_grpc.services.lm.service import start_lm_server
+    from moshi_grpc.services.lm.startup import start_lm_server
     from moshi_grpc.v1 import lm_pb2, lm_pb2_grpc
 
     lm = lm_tok[0]
-    options = LmOptions(max_sessions=n, **options_kw)
+    options = LmOptions(max_sessions=options_kw.pop("slots", None) or n, **options_kw)
     running = await start_lm_server(
         ServerConfig(metrics_port=None), options, load_model=lambda: lm_tok
     )
@@ -262,7 +269,8 @@ def _bench_codec(args: argparse.Namespace, sessions: list[int], common: dict) ->
             else:
                 payloads = [torch.randint(0, mimi.cardinality, (k,)) for _ in range(n)]
             direct = _direct_ms(make_runner, n, payloads, max(5, args.frames), args.warmup)
-            result = asyncio.run(_codec_run(mimi, kw, stage, n, args.frames, args.warmup))
+            run_kw = dict(kw, slots=args.slots)
+            result = asyncio.run(_codec_run(mimi, run_kw, stage, n, args.frames, args.warmup))
             print(_report(stage, n, args.frames, result, direct), flush=True)
 
 
@@ -291,12 +299,13 @@ def _bench_lm(args: argparse.Namespace, sessions: list[int], common: dict) -> No
             super().join(slot, JoinPayload(None, slot))
 
     def make_runner(m: int) -> _Runner:
-        return _Runner(make_generator(lm, m), m, n_user, dep_q)
+        return _Runner(make_generator(lm, m), m, n_user, dep_q, False)
 
     for n in sessions:
         inputs = [StepInput(torch.randint(0, int(cfg.card), (n_user,))) for _ in range(n)]
         direct = _direct_ms(make_runner, n, inputs, max(5, args.frames), args.warmup)
-        result = asyncio.run(_lm_run(lm_tok, kw, n, args.frames, args.warmup))
+        run_kw = dict(kw, slots=args.slots)
+        result = asyncio.run(_lm_run(lm_tok, run_kw, n, args.frames, args.warmup))
         print(_report("lm", n, args.frames, result, direct), flush=True)
 
 
@@ -309,10 +318,13 @@ def run(args: argparse.Namespace) -> int:
     if not sessions or min(sessions) < 1:
         print("--sessions needs positive integers")
         return 2
+    if args.slots is not None and args.slots < max(sessions):
+        print(f"--slots {args.slots} is below the largest session count {max(sessions)}")
+        return 2
     print(
         f"bench services: model={args.model} mimi={args.mimi_config} lm={args.lm_config} "
         f"device={args.device} threads={args.threads} frames/session={args.frames} "
-        f"max_wait_ms={args.max_wait_ms}"
+        f"max_wait_ms={args.max_wait_ms} slots={args.slots or 'sessions'}"
     )
     print(
         "direct ms: median batched model call with the same batch through the model API; "

@@ -7,6 +7,7 @@ shape matches. Failures name the tensors, so a wrong file is diagnosed in one re
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -77,3 +78,53 @@ def load_state_strict(
     with torch.no_grad():
         for key, tensor in mapped.items():
             target[key].copy_(tensor.to(target[key].dtype))
+
+
+# The reference's module layout: one projection per step (`in_projs.N`, `out_projs.N`).
+_MODULE_PROJ = re.compile(r"^(.*\.self_attn)\.(in_projs|out_projs)\.(\d+)\.weight$")
+_FUSED_PROJ = {"in_projs": ".in_proj_weight", "out_projs": ".out_proj.weight"}
+
+
+def fold_attention_layouts(
+    tensors: Mapping[str, torch.Tensor], source: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
+    """Attention projections under the published (fused) names, whichever layout the file has.
+
+    Published checkpoints carry `self_attn.in_proj_weight` and `self_attn.out_proj.weight`.
+    Files saved from the reference's modules (moshi >= 0.2, fine-tuning tools) carry
+    `self_attn.in_projs.N.weight` and `self_attn.out_projs.N.weight`, one per step (only
+    N = 0 where the weights are shared by all steps); stacked along rows they are the fused
+    tensor. `self_attn.in_proj.weight` is a third spelling of the fused one. A file that
+    spells one projection in two layouts is refused: which one holds the weights is unknown.
+    Everything else passes through; `load_state_strict` then checks the set is complete.
+    """
+    out: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+
+    def put(key: str, tensor: torch.Tensor, spelled: str) -> None:
+        if key in out:
+            raise CheckpointError(
+                f"{source}: {spelled} and {origin[key]} are one projection in two attention "
+                "layouts; keep one (fused `in_proj_weight`/`out_proj.weight` or the "
+                "reference's `in_projs.N`/`out_projs.N`)"
+            )
+        out[key] = tensor
+        origin[key] = spelled
+
+    split: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        m = _MODULE_PROJ.match(name)
+        if m:
+            split.setdefault((m.group(1), m.group(2)), {})[int(m.group(3))] = t
+        elif name.endswith(".self_attn.in_proj.weight"):
+            put(name.removesuffix(".in_proj.weight") + ".in_proj_weight", t, name)
+        else:
+            put(name, t, name)
+    for (prefix, kind), parts in split.items():
+        steps = sorted(parts)
+        if steps != list(range(len(steps))):
+            raise CheckpointError(f"{source}: {prefix}.{kind}: non-contiguous step indices {steps}")
+        fused = torch.cat([parts[i] for i in steps], 0)
+        spelled = f"{prefix}.{kind}.{steps[0] if len(steps) == 1 else f'[0-{steps[-1]}]'}.weight"
+        put(prefix + _FUSED_PROJ[kind], fused, spelled)
+    return out

@@ -536,17 +536,33 @@ class RingKVCache(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.k.dtype
 
-    def write(self, rows: torch.Tensor, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Store `k, v [B, H, D]` at ring `index[B]` of cache `rows[B]`."""
-        self.k[rows, :, index] = k.to(self.k.dtype)
-        self.v_t[rows, :, :, index] = v.to(self.v_t.dtype)
+    def write(
+        self,
+        rows: torch.Tensor,
+        index: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        active: torch.Tensor | None = None,
+    ):
+        """Store `k, v [B, H, D]` at ring `index[B]` of cache `rows[B]`; rows where `active`
+        is False keep their entry (a masked row's cache stays bit for bit as it was)."""
+        k, v = k.to(self.k.dtype), v.to(self.v_t.dtype)
+        if active is not None:
+            keep = ~active[:, None, None]
+            k = torch.where(keep, self.k[rows, :, index], k)
+            v = torch.where(keep, self.v_t[rows, :, :, index], v)
+        self.k[rows, :, index] = k
+        self.v_t[rows, :, :, index] = v
 
-    def read(self, rows: torch.Tensor | None, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Filled prefix of `rows` (None = every slot, no copy): keys `[B, H, length, D]`,
-        transposed values `[B, H, D, length]`."""
-        if rows is None:
-            return self.k[:, :, :length], self.v_t[..., :length]
-        return self.k[rows, :, :length], self.v_t[rows, ..., :length]
+    def read(self, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `length` ring entries of rows `[0, batch)` as views (no copy): keys
+        `[B, H, length, D]`, transposed values `[B, H, D, length]`."""
+        return self.k[:batch, :, :length], self.v_t[:batch, ..., :length]
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row `src` (a session's whole cache) into row `dst`."""
+        self.k[dst].copy_(self.k[src])
+        self.v_t[dst].copy_(self.v_t[src])
 
 
 def attend_ring(
@@ -572,15 +588,15 @@ def _softmax_f32(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
 
 @dataclass
 class StepPlan:
-    """What every temporal layer needs for one step, computed once per step."""
+    """What every temporal layer needs for one step of cache rows `[0, B)`, made once."""
 
-    rows: torch.Tensor  # (B,) cache rows being stepped
-    all_rows: bool  # rows == arange(num_slots): read the cache without a gather
+    rows: torch.Tensor  # (B,) arange: the cache rows being stepped
     ring_index: torch.Tensor  # (B,) where this step's key goes
     cos: torch.Tensor  # (B, 1, 1, head_dim // 2) float32 RoPE rotation of this step
     sin: torch.Tensor
-    length: int  # filled ring prefix to attend over (max over rows)
+    length: int  # ring entries to attend over (static: the caller bounds the filled prefix)
     mask: torch.Tensor | None  # (B, 1, 1, length) valid keys, None when all are valid
+    active: torch.Tensor | None  # (B,) rows that advance; None = all
 
 
 class Attention(nn.Module):
@@ -633,8 +649,8 @@ class Attention(nn.Module):
         """`residual` plus attention of one step `x [B, 1, dim]` over the ring cache."""
         qkv = self.qkv(x)
         qk = rotate(qkv[:, :2], plan.cos, plan.sin).to(cache.dtype)  # (B, 2, H, D), q and k
-        cache.write(plan.rows, plan.ring_index, qk[:, 1], qkv[:, 2])
-        keys, values = cache.read(None if plan.all_rows else plan.rows, plan.length)
+        cache.write(plan.rows, plan.ring_index, qk[:, 1], qkv[:, 2], plan.active)
+        keys, values = cache.read(x.shape[0], plan.length)
         q = qk[:, 0, :, None].contiguous()  # a strided query costs 5x in the batched matmul
         y = attend_ring(q, keys, values, plan.mask)  # (B, H, 1, D)
         return self.out(y, residual)
@@ -837,25 +853,37 @@ class LMModel(nn.Module):
             ]
         )
 
-    def plan_step(self, rows: torch.Tensor, steps: torch.Tensor, num_slots: int) -> StepPlan:
-        """Ring index, RoPE angles and attention span for `rows` at absolute `steps[B]`."""
+    def plan_step(
+        self,
+        rows: torch.Tensor,
+        steps: torch.Tensor,
+        length: int,
+        masked: bool,
+        active: torch.Tensor | None = None,
+    ) -> StepPlan:
+        """Ring index, RoPE angles and attention span for cache rows `rows = arange(B)` at
+        absolute `steps[B]`.
+
+        `length` (a Python int, so the step has static shapes) bounds the ring entries any
+        row holds after this write; `masked` says some row holds fewer (then a mask hides
+        the rest). Callers know both without reading the device: the generator mirrors the
+        step counters on the host; a captured step passes (context, True).
+        """
         cfg = self.config
-        count = torch.clamp(steps + 1, max=cfg.context)  # valid entries after this write
-        longest = int(count.max())
-        shortest = int(count.min())
         mask = None
-        if shortest < longest:
-            span = torch.arange(longest, device=steps.device)
+        if masked:
+            count = torch.clamp(steps + 1, max=cfg.context)  # valid entries after this write
+            span = torch.arange(length, device=steps.device)
             mask = (span[None, :] < count[:, None])[:, None, None, :]  # (B, 1, 1, L)
         angles = rope_angles(steps, 1, cfg.dim // cfg.num_heads, cfg.max_period)[:, None]
         return StepPlan(
             rows=rows,
-            all_rows=rows.numel() == num_slots,
             ring_index=steps % cfg.context,
             cos=torch.cos(angles),  # (B, 1, 1, head_dim // 2)
             sin=torch.sin(angles),
-            length=longest,
+            length=length,
             mask=mask,
+            active=active,
         )
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -875,6 +903,56 @@ class LMModel(nn.Module):
             x = layer(x, cache, plan)
         x = self.out_norm(x)
         return x, linear(x, self.text_linear.weight, self._packed.get("text"))[:, 0]
+
+    def temporal_prefill(
+        self, tokens: torch.Tensor, caches: nn.ModuleList, row: int, chunk: int = 256
+    ) -> None:
+        """Fill cache `row` (fresh, position 0) with the history whose step inputs are
+        `tokens [T, K]`: what T streaming steps would have written, in T / chunk forwards.
+
+        A failover replay knows every input token in advance (the user's codes and the
+        tokens the session sampled), so the temporal transformer takes them like a prompt:
+        each chunk's queries attend to the ring as it was before the chunk plus the chunk
+        itself (causally, within the context), then the chunk's keys and values go into
+        the ring. No depformer, no sampling: only the cache matters.
+        """
+        cfg = self.config
+        ctx, h = cfg.context, cfg.num_heads
+        hd = cfg.dim // h
+        dev = self.device
+        chunk = max(1, min(chunk, ctx))
+        total = tokens.shape[0]
+        tokens = tokens.to(dev)
+        for start in range(0, total, chunk):
+            c = min(chunk, total - start)
+            qpos = torch.arange(start, start + c, device=dev)  # (c,)
+            # position held by each filled ring entry before this chunk (entries fill in
+            # ring order, so the first min(start, ctx) are the filled ones)
+            filled = min(start, ctx)
+            j = torch.arange(filled, device=dev)
+            kpos = torch.cat([(start - 1) - torch.remainder(start - 1 - j, ctx), qpos])
+            delta = qpos[:, None] - kpos[None, :]  # (c, ctx + c)
+            allowed = (delta >= 0) & (delta < ctx)
+            angles = rope_angles(qpos[:1], c, hd, cfg.max_period)[0][:, None]  # (c, 1, hd/2)
+            cos, sin = torch.cos(angles), torch.sin(angles)
+            ring = qpos % ctx
+            x = self.embed(tokens[start : start + c]).view(1, c, cfg.dim)
+            for layer, cache in zip(self.transformer.layers, caches):
+                attn = layer.self_attn
+                qkv = linear(layer.norm1(x), attn.in_proj_weight, attn.packed_in[0])
+                qkv = qkv.view(c, 3, h, hd)
+                q = rotate(qkv[:, 0], cos, sin).transpose(0, 1)  # (H, c, hd) float32
+                k = rotate(qkv[:, 1], cos, sin).to(cache.k.dtype).transpose(0, 1)
+                v = qkv[:, 2].to(cache.v_t.dtype).transpose(0, 1)  # (H, c, hd)
+                k_row, vt_row = cache.k[row], cache.v_t[row]  # (H, ctx, hd), (H, hd, ctx)
+                keys = torch.cat([k_row[:, :filled], k], dim=1).float()
+                values = torch.cat([vt_row[..., :filled].mT, v], dim=1).float()
+                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
+                k_row[:, ring] = k
+                vt_row[:, :, ring] = v.mT
+                y = y.transpose(0, 1).reshape(1, c, cfg.dim).to(x.dtype)  # (1, c, dim)
+                x = linear(y, attn.out_proj.weight, attn.packed_out[0], x)
+                x = layer.gating(layer.norm2(x), residual=x)
 
     def depformer_inputs(self, hidden: torch.Tensor) -> torch.Tensor:
         """All dep_q input projections of the temporal output at once: `[B, dep_q, d]`."""

@@ -1,27 +1,35 @@
-"""Batched streaming generation for the Moshi LM: fixed slots, one call steps them all.
+"""Batched streaming generation for the Moshi LM: per-row state, one call steps rows [0, B).
 
-Every piece of streaming state has the slot as its first dimension: the step counter, the
-ring KV cache rows, the small ring of delayed tokens, the sampling parameters and the random
-generator. A step runs only the active slots (gathered into one batch), so an idle slot costs
-no compute and its state is left exactly as it was; a slot's output depends only on its own
-inputs, parameters and seed, never on who else shares the batch.
+Every piece of streaming state has the row as its first dimension: the step counter, the ring
+KV cache, the small ring of delayed tokens, the sampling parameters and the seed. `step`
+advances rows `[0, B)` for any B up to `num_rows` (the serving engine keeps its live sessions
+packed into a prefix and picks B from a ladder of buckets); rows whose `active` flag is False
+keep their state exactly. A row's output depends only on its own inputs, parameters and seed,
+never on B or on who else shares the batch.
 
-Token timing (acoustic delays). At step t a slot first stores the user's codes of step t for
+The step core has static shapes for a given B and never reads the device from the host (no
+`.item()`, `.tolist()`, `nonzero`, branches on tensor values, CPU generators): sampling
+parameters live in device tensors, and randomness is a counter-based hash of (seed, step,
+stream, rank), so the core can be captured in a CUDA graph (`services/lm/engine.py`). The
+host keeps a mirror of the step counters for the attention span (a Python int per call).
+
+Token timing (acoustic delays). At step t a row first stores the user's codes of step t for
 user stream k at ring position t + delay_k, then reads every stream at position t (streams
 whose delay is not yet elapsed read their initial token), runs the model, and stores the text
 token and Moshi's audio codes it sampled at position t + 1. Output for step t (the "ready"
 frame) is read back aligned by the delays, so it only exists once t >= max_delay.
 
-Failover replay: `step(..., force=...)` replaces a slot's sampled tokens by recorded ones
-(`StepResult.sampled_text` / `sampled_audio` of the original run). Replaying a session's user
-codes and sampled tokens onto a slot reset with the same seed and sampling parameters rebuilds
-its KV cache, token ring, step counter and random-generator state.
+Failover replay: `prefill` rebuilds a row from a recorded history (user codes and the tokens
+the session sampled) in a few batched forwards of the temporal transformer. Because draws are
+a function of (seed, step), a replayed row then samples exactly what the original would have.
+`step(..., force=...)` replaces sampled tokens by given ones step by step (the slow path).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,10 +40,11 @@ __all__ = ["LMGen", "SamplingConfig", "StepResult", "LMGenError"]
 
 UNGENERATED = -2  # token ring filler, never fed to the model
 NOT_READY = -1  # value of StepResult tokens that do not exist (yet)
+_M32 = 0xFFFFFFFF
 
 
 class LMGenError(ValueError):
-    """Bad input to the generator: wrong shapes, codes out of range, unknown slot."""
+    """Bad input to the generator: wrong shapes, codes out of range, unknown row."""
 
 
 @dataclass(frozen=True)
@@ -66,108 +75,181 @@ class SamplingConfig:
 
 @dataclass
 class StepResult:
-    """Outputs of one `LMGen.step` for every slot (`NOT_READY` = -1 where there is none).
+    """Outputs of one `LMGen.step` for rows `[0, B)` (`NOT_READY` = -1 where there is none).
 
     `text`, `audio`: the delay-aligned frame (text token and Moshi's dep_q codes) - what a
-    client consumes; `ready` says which slots have one. `sampled_text`, `sampled_audio`: the raw
+    client consumes; `ready` says which rows have one. `sampled_text`, `sampled_audio`: the raw
     tokens sampled this step (before delay alignment), the history to record for replay.
-    `steps`: each slot's step counter after the call.
+    `steps`: each row's step counter after the call.
     """
 
-    text: torch.Tensor  # (N,)
-    audio: torch.Tensor  # (N, dep_q)
-    ready: torch.Tensor  # (N,) bool
-    sampled_text: torch.Tensor  # (N,)
-    sampled_audio: torch.Tensor  # (N, dep_q)
-    steps: torch.Tensor  # (N,)
+    text: torch.Tensor  # (B,)
+    audio: torch.Tensor  # (B, dep_q)
+    ready: torch.Tensor  # (B,) bool
+    sampled_text: torch.Tensor  # (B,)
+    sampled_audio: torch.Tensor  # (B, dep_q)
+    steps: torch.Tensor  # (B,)
 
 
-@dataclass
-class _DrawPlan:
-    """The sampled rows of one batch: row indices (None = all), generators, temperatures
-    `[S, 1]` and top-k draws per row."""
+@dataclass(frozen=True)
+class CoreShape:
+    """The Python values a step core is specialised on (one CUDA graph per distinct value).
 
-    rows: torch.Tensor | None
-    generators: list[torch.Generator]
-    temps: torch.Tensor
-    ks: list[int]
-    kmax: int
+    `length`: ring entries attended; `masked`: some row holds fewer; `k_text`, `k_audio`:
+    candidates kept per sampled row (0: every row is greedy, no draws at all); `depformer`:
+    False when every stepped row is forced (replaying recorded tokens needs no depformer)."""
+
+    length: int
+    masked: bool
+    k_text: int
+    k_audio: int
+    depformer: bool = True
+
+
+# The step core's tensors, in order: user codes (B, U), active (B,), force (B,),
+# forced text (B,), forced audio (B, dep_q). Outputs: text, audio, ready, sampled text,
+# sampled audio, steps (all (B, ...) on the device).
+CoreInputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+CoreRunner = Callable[[int, CoreInputs], tuple[torch.Tensor, ...]]
 
 
 def _draws(top_k: int, vocab: int) -> int:
     return vocab if top_k <= 0 or top_k > vocab else top_k
 
 
-class LMGen:
-    """Streaming generator over `num_slots` independent sessions of one `LMModel`."""
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply, two rounds) on int64 tensors in [0, 2^32).
 
-    def __init__(self, lm: LMModel, num_slots: int) -> None:
-        if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots <= 0:
-            raise LMGenError(f"num_slots must be a positive integer, got {num_slots!r}")
+    The multipliers are below 2^31, so no product leaves int64: the same bits on any device.
+    """
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _M32
+    return x ^ (x >> 15)
+
+
+def gumbel_noise(
+    seed_lo: torch.Tensor, seed_hi: torch.Tensor, step: torch.Tensor, stream: int, n: int
+) -> torch.Tensor:
+    """Gumbel(0, 1) noise `[B, n]` for candidate ranks 0..n-1 of one stream at one step.
+
+    A pure function of (seed, step, stream, rank): a row's draws never depend on the batch,
+    on the number of candidates others keep, or on how often the row was stepped before;
+    replaying a session reproduces them without any generator state.
+    """
+    h = _mix32(seed_lo)
+    h = _mix32(h ^ seed_hi)
+    h = _mix32(h ^ (step & _M32))
+    h = _mix32(h ^ stream)  # (B,)
+    rank = torch.arange(n, device=h.device)
+    bits = _mix32(_mix32(h[:, None] ^ rank[None, :]) ^ 0x5BD1E995)  # (B, n)
+    u = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
+    return -torch.log(-torch.log(u))
+
+
+class LMGen:
+    """Streaming generator over `num_rows` independent sessions of one `LMModel`."""
+
+    def __init__(self, lm: LMModel, num_rows: int) -> None:
+        if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows <= 0:
+            raise LMGenError(f"num_rows must be a positive integer, got {num_rows!r}")
         cfg = lm.config
         self.lm = lm
-        self.num_slots = num_slots
+        self.num_slots = num_rows  # (the name the scheduler and older callers use)
         self.max_delay = cfg.max_delay
         dev = lm.device
         self.device = dev
-        n, k = num_slots, cfg.num_codebooks
+        n, k = num_rows, cfg.num_codebooks
         self.ring = cfg.max_delay + 2  # token ring length: reads lag writes by <= max_delay + 1
-        self.caches = lm.new_kv_caches(num_slots)
-        self.dep_scratch = lm.new_depformer_scratch(num_slots)
+        self.caches = lm.new_kv_caches(n)
+        self.dep_scratch = lm.new_depformer_scratch(n)
         self.steps = torch.zeros(n, dtype=torch.long, device=dev)
         self.tokens = torch.full((n, k, self.ring), UNGENERATED, dtype=torch.long, device=dev)
         self.delays = torch.tensor(cfg.delays, dtype=torch.long, device=dev)
         self.initial = torch.tensor(
             [cfg.text_card] + [cfg.card] * cfg.n_q, dtype=torch.long, device=dev
         )
+        # per-row sampling parameters: column 0 text, column 1 audio
+        self.temperature = torch.zeros(n, 2, dtype=torch.float32, device=dev)
+        self.top_k = torch.ones(n, 2, dtype=torch.long, device=dev)  # candidates kept
+        self.seed_lo = torch.zeros(n, dtype=torch.long, device=dev)
+        self.seed_hi = torch.zeros(n, dtype=torch.long, device=dev)
         self.user_streams = torch.arange(cfg.dep_q + 1, k, device=dev)
         # Per-step index constants, made once.
+        self._rows = torch.arange(n, device=dev)
         self._user_delays = self.delays[self.user_streams][None, :]  # (1, U)
         self._gen_streams = torch.arange(1, cfg.dep_q + 1, device=dev)[None, :]  # (1, dep_q)
         self._out_streams = torch.arange(cfg.dep_q + 1, device=dev)  # text + Moshi's audio
         self._out_delays = self.delays[None, : cfg.dep_q + 1] - self.max_delay
-        self.in_use = torch.zeros(n, dtype=torch.bool)
+        # host-side mirror of the rows (never read back from the device)
+        self.in_use = [False] * n
+        self.host_steps = [0] * n
         self.sampling: list[SamplingConfig] = [SamplingConfig.greedy()] * n
         self.seeds: list[int | None] = [None] * n
-        self.generators: list[torch.Generator | None] = [None] * n
         # Batch-1 steps of a half-precision CPU model take PyTorch's GEMV (see lm.half_gemv).
         self.half_gemv = dev.type == "cpu" and lm.dtype in (torch.bfloat16, torch.float16)
+        # A captured step (CUDA graphs), installed by the engine: (B, inputs) -> outputs.
+        self.captured: CoreRunner | None = None
 
-    # ---- slot management -----------------------------------------------------------------
-    def _check_slot(self, slot: int) -> int:
-        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.num_slots:
-            raise LMGenError(f"slot must be an integer in [0, {self.num_slots}), got {slot!r}")
-        return slot
+    # ---- row management ------------------------------------------------------------------
+    def _check_row(self, row: int) -> int:
+        if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < self.num_slots:
+            raise LMGenError(f"row must be an integer in [0, {self.num_slots}), got {row!r}")
+        return row
 
-    def reset(self, slot: int, sampling: SamplingConfig | None = None, seed: int | None = None):
-        """Start a new session in `slot`; the other slots are not touched."""
-        slot = self._check_slot(slot)
+    def reset(self, row: int, sampling: SamplingConfig | None = None, seed: int | None = None):
+        """Start a new session in `row`; the other rows are not touched."""
+        row = self._check_row(row)
         sampling = sampling or SamplingConfig()
         if not isinstance(sampling, SamplingConfig):
             raise LMGenError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)  # global RNG untouched
-        elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise LMGenError(f"seed must be a non-negative integer or None, got {seed!r}")
-        self.steps[slot] = 0
-        self.tokens[slot] = UNGENERATED
-        self.in_use[slot] = True
-        self.sampling[slot] = sampling
-        self.seeds[slot] = seed
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(seed)
-        self.generators[slot] = gen
-        # The ring KV cache needs no clearing: a slot attends only to entries it wrote.
+        elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64:
+            raise LMGenError(f"seed must be an integer in [0, 2^64) or None, got {seed!r}")
+        cfg = self.lm.config
+        self.steps[row] = 0
+        self.tokens[row] = UNGENERATED
+        self.temperature[row, 0] = sampling.text_temperature
+        self.temperature[row, 1] = sampling.audio_temperature
+        self.top_k[row, 0] = _draws(sampling.text_top_k, cfg.text_card)
+        self.top_k[row, 1] = _draws(sampling.audio_top_k, cfg.card)
+        self.seed_lo[row] = seed & _M32
+        self.seed_hi[row] = (seed >> 32) & _M32
+        self.in_use[row] = True
+        self.host_steps[row] = 0
+        self.sampling[row] = sampling
+        self.seeds[row] = seed
+        # The ring KV cache needs no clearing: a row attends only to entries it wrote.
 
-    def free(self, slot: int) -> None:
-        """Mark `slot` unused (its session ended); it must be reset before stepping again."""
-        self.in_use[self._check_slot(slot)] = False
+    def free(self, row: int) -> None:
+        """Mark `row` unused (its session ended); it must be reset before stepping again."""
+        self.in_use[self._check_row(row)] = False
 
-    def seed_of(self, slot: int) -> int | None:
-        """The seed a slot's session runs with (the drawn one when reset got None)."""
-        return self.seeds[self._check_slot(slot)]
+    def move_row(self, src: int, dst: int) -> None:
+        """Move the session of row `src` to row `dst` (its whole state; `src` becomes free)."""
+        src, dst = self._check_row(src), self._check_row(dst)
+        for t in (
+            self.steps,
+            self.tokens,
+            self.temperature,
+            self.top_k,
+            self.seed_lo,
+            self.seed_hi,
+        ):
+            t[dst] = t[src]
+        for cache in self.caches:
+            cache.move_row(src, dst)
+        for lst in (self.in_use, self.host_steps, self.sampling, self.seeds):
+            lst[dst] = lst[src]
+        self.in_use[src] = False
 
-    # ---- validation ----------------------------------------------------------------------
+    def seed_of(self, row: int) -> int | None:
+        """The seed a row's session runs with (the drawn one when reset got None)."""
+        return self.seeds[self._check_row(row)]
+
+    # ---- validation (host side, before the core) ---------------------------------------
     def _as_long(self, name: str, value: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         if not isinstance(value, torch.Tensor):
             raise LMGenError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -175,15 +257,15 @@ class LMGen:
             raise LMGenError(f"{name} must hold integers, got {value.dtype}")
         if tuple(value.shape) != shape:
             raise LMGenError(f"{name} must have shape {list(shape)}, got {list(value.shape)}")
-        return value.to(device=self.device, dtype=torch.long)
+        return value.to(device="cpu", dtype=torch.long)
 
-    def _as_mask(self, name: str, value: torch.Tensor | None) -> torch.Tensor | None:
+    def _as_mask(self, name: str, value: torch.Tensor | None, b: int) -> torch.Tensor | None:
         if value is None:
             return None
         if not isinstance(value, torch.Tensor) or value.dtype != torch.bool:
             raise LMGenError(f"{name} must be a bool tensor")
-        if tuple(value.shape) != (self.num_slots,):
-            raise LMGenError(f"{name} must have shape [{self.num_slots}], got {list(value.shape)}")
+        if tuple(value.shape) != (b,):
+            raise LMGenError(f"{name} must have shape [{b}], got {list(value.shape)}")
         return value.cpu()
 
     @staticmethod
@@ -191,67 +273,7 @@ class LMGen:
         picked = values[rows]
         if picked.numel() and (int(picked.min()) < 0 or int(picked.max()) >= high):
             bad = rows[((picked < 0) | (picked >= high)).view(len(rows), -1).any(1)].tolist()
-            raise LMGenError(f"{name} out of range [0, {high}) for slot(s) {bad}")
-
-    # ---- sampling ------------------------------------------------------------------------
-    def _draw_plan(self, slots: list[int], text: bool, vocab: int) -> _DrawPlan | None:
-        """Which rows of a batch over `slots` sample (and how); None when all are greedy.
-
-        Built once per step for the text token and once for all dep_q audio codebooks.
-        """
-        picked = []
-        for j, slot in enumerate(slots):
-            sc = self.sampling[slot]
-            temp = sc.text_temperature if text else sc.audio_temperature
-            if temp > 0:
-                k = _draws(sc.text_top_k if text else sc.audio_top_k, vocab)
-                picked.append((j, self.generators[slot], temp, k))
-        if not picked:
-            return None
-        ks = [p[3] for p in picked]
-        every = len(picked) == len(slots)
-        return _DrawPlan(
-            rows=None if every else torch.tensor([p[0] for p in picked], device=self.device),
-            generators=[p[1] for p in picked],
-            temps=torch.tensor([[p[2]] for p in picked], device=self.device),
-            ks=ks,
-            kmax=max(ks),
-        )
-
-    @staticmethod
-    def _sample(logits: torch.Tensor, plan: _DrawPlan | None) -> torch.Tensor:
-        """One token per row of `logits [B, V]` (float32), each row with its own parameters.
-
-        Greedy rows take the argmax. Sampled rows draw exactly top_k exponentials from their
-        own generator (the exponential race: argmax p / q is a sample from p), so the number
-        of draws, and thus the generator state, never depends on the other rows.
-        """
-        if plan is None:
-            return logits.argmax(-1)
-        x = logits if plan.rows is None else logits[plan.rows]
-        vals, ids = (x / plan.temps).topk(plan.kmax, dim=-1)  # (S, kmax), descending
-        q = torch.empty_like(vals)
-        for i, (gen, k) in enumerate(zip(plan.generators, plan.ks)):
-            if k < plan.kmax:
-                vals[i, k:] = -math.inf
-                q[i, k:] = math.inf
-            q[i, :k].exponential_(generator=gen)
-        # argmax(p / q) needs p only up to a per-row factor: exp(v - max) is enough.
-        choice = (torch.exp(vals - vals[:, :1]) / q).argmax(-1, keepdim=True)
-        picked = ids.gather(-1, choice)[:, 0]
-        if plan.rows is None:
-            return picked
-        out = logits.argmax(-1)
-        out[plan.rows] = picked
-        return out
-
-    def _burn_audio_draws(self, slot: int) -> None:
-        """Advance a forced slot's generator as if it had sampled its audio codebooks."""
-        sc = self.sampling[slot]
-        if sc.audio_temperature > 0:
-            k = _draws(sc.audio_top_k, self.lm.config.card)
-            for _ in range(self.lm.config.dep_q):
-                torch.empty(k, device=self.device).exponential_(generator=self.generators[slot])
+            raise LMGenError(f"{name} out of range [0, {high}) for row(s) {bad}")
 
     # ---- the step ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -264,138 +286,248 @@ class LMGen:
         force_audio: torch.Tensor | None = None,
         force: torch.Tensor | None = None,
     ) -> StepResult:
-        """Advance every active slot by one 80 ms step in one batched model call.
+        """Advance the active rows of `[0, B)` by one 80 ms step in one batched model call.
 
-        `user_codes [N, n_q - dep_q]`: the user's audio codes for this step (rows of inactive
-        slots are ignored). `active [N]` (default: every slot in use). Where `force[i]`, slot
-        i's sampled tokens are replaced by `force_text[i]` / `force_audio[i]` (replay).
+        `user_codes [B, n_q - dep_q]` (B <= num_rows): the user's audio codes for this step
+        (rows of inactive rows are ignored). `active [B]` (default: every row in use). Where
+        `force[i]`, row i's sampled tokens are replaced by `force_text[i]` / `force_audio[i]`.
+        Returns CPU tensors of B rows.
         """
         cfg = self.lm.config
-        n = self.num_slots
-        codes = self._as_long("user_codes", user_codes, (n, cfg.num_user_streams))
-        act = self._as_mask("active", active)
-        act = self.in_use.clone() if act is None else act
-        not_reset = (act & ~self.in_use).nonzero()[:, 0].tolist()
+        if not isinstance(user_codes, torch.Tensor) or user_codes.dim() != 2:
+            raise LMGenError("user_codes must be a [B, n_user] torch.Tensor")
+        b = user_codes.shape[0]
+        if not 1 <= b <= self.num_slots:
+            raise LMGenError(f"user_codes must have 1..{self.num_slots} rows, got {b}")
+        codes = self._as_long("user_codes", user_codes, (b, cfg.num_user_streams))
+        act = self._as_mask("active", active, b)
+        if act is None:
+            act = torch.tensor(self.in_use[:b], dtype=torch.bool)
+        not_reset = [i for i in range(b) if act[i] and not self.in_use[i]]
         if not_reset:
-            raise LMGenError(f"slot(s) {not_reset} are active but were never reset")
-        forced = self._as_mask("force", force)
-        f_text = f_audio = None
+            raise LMGenError(f"row(s) {not_reset} are active but were never reset")
+        forced = self._as_mask("force", force, b)
         if forced is not None:
             if force_text is None or force_audio is None:
                 raise LMGenError("force needs both force_text and force_audio")
             if (forced & ~act).any():
-                raise LMGenError("force is set for inactive slot(s)")
-            f_text = self._as_long("force_text", force_text, (n,))
-            f_audio = self._as_long("force_audio", force_audio, (n, cfg.dep_q))
+                raise LMGenError("force is set for inactive row(s)")
+            f_text = self._as_long("force_text", force_text, (b,))
+            f_audio = self._as_long("force_audio", force_audio, (b, cfg.dep_q))
         elif force_text is not None or force_audio is not None:
             raise LMGenError("force_text/force_audio given without force")
-
-        slots = act.nonzero()[:, 0]
-        result = self._empty_result()
-        if slots.numel() == 0:
-            return result
-        slot_list = slots.tolist()
-        rows = slots.to(self.device)
-        self._check_range("user_codes", codes, rows, cfg.card)
-        if forced is not None:
-            frows = forced.nonzero()[:, 0].to(self.device)
-            self._check_range("force_text", f_text, frows, cfg.text_card)
-            self._check_range("force_audio", f_audio, frows, cfg.card)
-
-        with half_gemv(self.half_gemv and len(slot_list) == 1):
-            return self._advance(rows, slots, slot_list, codes, forced, f_text, f_audio, result)
-
-    def _advance(
-        self,
-        rows: torch.Tensor,
-        slots: torch.Tensor,
-        slot_list: list[int],
-        codes: torch.Tensor,
-        forced: torch.Tensor | None,
-        f_text: torch.Tensor | None,
-        f_audio: torch.Tensor | None,
-        result: StepResult,
-    ) -> StepResult:
-        """The model part of `step` for the (validated) active rows."""
-        cfg = self.lm.config
-        n = self.num_slots
-        t = self.steps[rows]  # (B,)
-        # 1. store the user's codes at t + delay.
-        us = self.user_streams
-        pos = (t[:, None] + self._user_delays) % self.ring  # (B, U)
-        self.tokens[rows[:, None], us[None, :], pos] = codes[rows]
-        # 2. read this step's input tokens.
-        inp = self.tokens[rows, :, t % self.ring]  # (B, K)
-        is_init = t[:, None] <= self.delays[None, :]
-        inp = torch.where(is_init, self.initial[None, :], inp)
-        # 3. temporal transformer + text token.
-        plan = self.lm.plan_step(rows, t, n)
-        hidden, text_logits = self.lm.temporal_step(inp, self.caches, plan)
-        text = self._sample(text_logits.float(), self._draw_plan(slot_list, True, cfg.text_card))
-        audio = torch.empty(len(slot_list), cfg.dep_q, dtype=torch.long, device=self.device)
-        # 4. depformer for the slots that are not replaying recorded tokens.
-        if forced is not None:
-            is_forced = forced[slots].tolist()
-            text = torch.where(forced[slots].to(self.device), f_text[rows], text)
-            audio[:] = f_audio[rows]
-            for slot, f in zip(slot_list, is_forced):
-                if f:
-                    self._burn_audio_draws(slot)
-            sub = [j for j, f in enumerate(is_forced) if not f]
         else:
-            sub = list(range(len(slot_list)))
-        if sub:
-            sub_idx = None if len(sub) == len(slot_list) else torch.tensor(sub, device=self.device)
-            h = hidden if sub_idx is None else hidden[sub_idx]
-            prev = text if sub_idx is None else text[sub_idx]
-            sub_slots = [slot_list[j] for j in sub]
-            audio_sub = self._depformer(h, prev, sub_slots)
-            if sub_idx is None:
-                audio = audio_sub
-            else:
-                audio[sub_idx] = audio_sub
-        # 5. store the sampled tokens at t + 1 and advance the slots.
-        t1 = t + 1
-        self.tokens[rows, 0, t1 % self.ring] = text
-        self.tokens[rows[:, None], self._gen_streams, (t1 % self.ring)[:, None]] = audio
-        self.steps[rows] = t1
-        # 6. the delay-aligned frame of each ready slot.
-        ready = t1 > self.max_delay
-        idx = (t1[:, None] + self._out_delays) % self.ring
-        frame = self.tokens[rows[:, None], self._out_streams, idx]
-        frame = torch.where(ready[:, None], frame, torch.full_like(frame, NOT_READY))
-        result.text[slots] = frame[:, 0].cpu()
-        result.audio[slots] = frame[:, 1:].cpu()
-        result.ready[slots] = ready.cpu()
-        result.sampled_text[slots] = text.cpu()
-        result.sampled_audio[slots] = audio.cpu()
-        result.steps[:] = self.steps.cpu()
-        return result
+            forced = torch.zeros(b, dtype=torch.bool)
+            f_text = torch.zeros(b, dtype=torch.long)
+            f_audio = torch.zeros(b, cfg.dep_q, dtype=torch.long)
+        rows = act.nonzero()[:, 0]  # (host tensors: no device sync)
+        if rows.numel() == 0:
+            return self._empty_result(b)
+        self._check_range("user_codes", codes, rows, cfg.card)
+        frows = forced.nonzero()[:, 0]
+        self._check_range("force_text", f_text, frows, cfg.text_card)
+        self._check_range("force_audio", f_audio, frows, cfg.card)
 
-    def _depformer(
-        self, hidden: torch.Tensor, text: torch.Tensor, slots: list[int]
-    ) -> torch.Tensor:
-        """Moshi's dep_q codes for each row, sampled codebook after codebook."""
+        active_rows = rows.tolist()
+        inputs = tuple(
+            t.to(self.device, non_blocking=True) for t in (codes, act, forced, f_text, f_audio)
+        )
+        if self.captured is not None:
+            out = self.captured(b, inputs)
+        else:
+            with half_gemv(self.half_gemv and b == 1):
+                out = self.core(*inputs, shape=self.core_shape(b, act, forced))
+        for r in active_rows:
+            self.host_steps[r] += 1
+        text, audio, ready, s_text, s_audio, steps = (t.cpu() for t in out)
+        return StepResult(text, audio, ready, s_text, s_audio, steps)
+
+    def core_shape(self, b: int, active: torch.Tensor, forced: torch.Tensor) -> CoreShape:
+        """The static values of an eager step of rows `[0, b)`, from the host mirror only."""
+        cfg = self.lm.config
+        counts = [min(self.host_steps[r] + 1, cfg.context) for r in range(b)]
+        length = max(counts)
+        k_text = k_audio = 0
+        free_running = False
+        for r in range(b):
+            if active[r] and not forced[r]:
+                free_running = True
+                sc = self.sampling[r]
+                if sc.text_temperature > 0:
+                    k_text = max(k_text, _draws(sc.text_top_k, cfg.text_card))
+                if sc.audio_temperature > 0:
+                    k_audio = max(k_audio, _draws(sc.audio_top_k, cfg.card))
+        return CoreShape(length, min(counts) < length, k_text, k_audio, free_running)
+
+    def full_shape(self) -> CoreShape:
+        """The static values of a captured step: valid for any rows and parameters."""
+        cfg = self.lm.config
+        return CoreShape(cfg.context, True, cfg.text_card, cfg.card)
+
+    def core(
+        self,
+        codes: torch.Tensor,
+        active: torch.Tensor,
+        forced: torch.Tensor,
+        f_text: torch.Tensor,
+        f_audio: torch.Tensor,
+        *,
+        shape: CoreShape,
+    ) -> tuple[torch.Tensor, ...]:
+        """The device part of a step of rows `[0, B)` (B = codes.shape[0]): static shapes,
+        no host synchronisation. Inactive rows keep their state; forced rows take the given
+        tokens instead of sampling. Returns (text, audio, ready, sampled text, sampled
+        audio, steps), each with B rows."""
         lm = self.lm
-        b = hidden.shape[0]
-        dep_in = lm.depformer_inputs(hidden)  # (B, dep_q, d)
-        scratch = self.dep_scratch.views(b)
-        plan = self._draw_plan(slots, False, lm.config.card)
-        prev = text
-        out = []
-        for step in range(lm.config.dep_q):
-            logits = lm.depformer_step(step, dep_in, prev, scratch[step])
-            prev = self._sample(logits.float(), plan)
-            out.append(prev)
-        return torch.stack(out, dim=1)
+        cfg = lm.config
+        b = codes.shape[0]
+        rows = self._rows[:b]
+        t = self.steps[:b]  # (B,)
+        tokens = self.tokens[:b]  # (B, K, R)
+        act2 = active[:, None]
+        # 1. store the user's codes at t + delay.
+        us = self.user_streams[None, :]
+        pos = (t[:, None] + self._user_delays) % self.ring  # (B, U)
+        tokens[rows[:, None], us, pos] = torch.where(act2, codes, tokens[rows[:, None], us, pos])
+        # 2. read this step's input tokens.
+        inp = tokens[rows, :, t % self.ring]  # (B, K)
+        # rows that do not advance read the initial tokens (their ring may hold fillers)
+        use_initial = (t[:, None] <= self.delays[None, :]) | ~act2
+        inp = torch.where(use_initial, self.initial[None, :], inp)
+        # 3. temporal transformer + text token.
+        plan = lm.plan_step(rows, t, shape.length, shape.masked, active)
+        hidden, text_logits = lm.temporal_step(inp, self.caches, plan)
+        text = self._sample(text_logits.float(), 0, t, shape.k_text)
+        text = torch.where(forced, f_text, text)
+        # 4. depformer: Moshi's dep_q codes, codebook after codebook.
+        audio = f_audio
+        if shape.depformer:
+            dep_in = lm.depformer_inputs(hidden)  # (B, dep_q, d)
+            scratch = self.dep_scratch.views(b)
+            prev = text
+            sampled = []
+            for q in range(cfg.dep_q):
+                logits = lm.depformer_step(q, dep_in, prev, scratch[q])
+                prev = self._sample(logits.float(), 1 + q, t, shape.k_audio)
+                sampled.append(prev)
+            audio = torch.where(forced[:, None], f_audio, torch.stack(sampled, dim=1))
+        # 5. store the sampled tokens at t + 1 and advance the active rows.
+        t1 = t + active.long()
+        idx1 = (t + 1) % self.ring
+        old = tokens[rows, :, idx1]  # (B, K)
+        new = old.clone()
+        new[:, 0] = text
+        new[:, 1 : cfg.dep_q + 1] = audio
+        tokens[rows, :, idx1] = torch.where(act2, new, old)
+        t.copy_(t1)
+        # 6. the delay-aligned frame of each ready row.
+        ready = active & (t1 > self.max_delay)
+        idx = (t1[:, None] + self._out_delays) % self.ring
+        frame = tokens[rows[:, None], self._out_streams, idx]
+        frame = torch.where(ready[:, None], frame, torch.full_like(frame, NOT_READY))
+        not_run = torch.full_like(text, NOT_READY)
+        s_text = torch.where(active, text, not_run)
+        s_audio = torch.where(act2, audio, torch.full_like(audio, NOT_READY))
+        return frame[:, 0], frame[:, 1:], ready, s_text, s_audio, t1.clone()
 
-    def _empty_result(self) -> StepResult:
-        n, q = self.num_slots, self.lm.config.dep_q
+    def _sample(
+        self, logits: torch.Tensor, stream: int, step: torch.Tensor, kmax: int
+    ) -> torch.Tensor:
+        """One token per row of `logits [B, V]` (float32), each row with its own parameters.
+
+        Greedy rows (temperature 0) take the argmax. Sampled rows keep their top_k logits
+        and take the Gumbel-max of them: argmax(logit / T + g) is a draw from the softmax
+        restricted to those candidates, with `g` a function of the row's seed, step, stream
+        and the candidate's rank (see `gumbel_noise`). `kmax` (static) is the most
+        candidates any row keeps; 0 when every row is greedy.
+        """
+        greedy = logits.argmax(-1)
+        if kmax == 0:
+            return greedy
+        col = 0 if stream == 0 else 1
+        b = logits.shape[0]
+        temp = self.temperature[:b, col]
+        safe = torch.where(temp > 0, temp, torch.ones_like(temp))
+        vals, ids = (logits / safe[:, None]).topk(kmax, dim=-1)  # (B, kmax), descending
+        g = gumbel_noise(self.seed_lo[:b], self.seed_hi[:b], step, stream, kmax)
+        keep = torch.arange(kmax, device=logits.device)[None, :] < self.top_k[:b, col, None]
+        score = torch.where(keep, vals + g, torch.full_like(vals, -math.inf))
+        picked = ids.gather(-1, score.argmax(-1, keepdim=True))[:, 0]
+        return torch.where(temp > 0, picked, greedy)
+
+    # ---- replay --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(
+        self,
+        row: int,
+        user_codes: torch.Tensor,
+        text: torch.Tensor,
+        audio: torch.Tensor,
+        chunk: int = 256,
+    ) -> None:
+        """Rebuild a freshly reset `row` as if it had run `T` steps with the user's
+        `user_codes [T, U]` and sampled `text [T]` and `audio [T, dep_q]` (what each step
+        sampled; entries no later step reads, like the delayed codebooks of the first
+        steps, may hold anything in range).
+
+        The temporal transformer takes the whole history in `T / chunk` forwards
+        (`LMModel.temporal_prefill`); the token ring and the step counter are set to what
+        the T steps would have left. The row then steps exactly as the original session.
+        """
+        row = self._check_row(row)
+        cfg = self.lm.config
+        if not self.in_use[row] or self.host_steps[row] != 0:
+            raise LMGenError(f"prefill needs a freshly reset row; row {row} is not")
+        total = int(user_codes.shape[0])
+        if tuple(user_codes.shape) != (total, cfg.num_user_streams):
+            raise LMGenError(f"user_codes must be [T, {cfg.num_user_streams}]")
+        if tuple(text.shape) != (total,) or tuple(audio.shape) != (total, cfg.dep_q):
+            raise LMGenError(f"text must be [T] and audio [T, {cfg.dep_q}] with T = {total}")
+        if total == 0:
+            return
+        user = user_codes.to("cpu", torch.long)
+        sampled = torch.cat([text.to("cpu", torch.long)[:, None], audio.to("cpu", torch.long)], 1)
+        delays = cfg.delays
+        n_gen = cfg.dep_q + 1
+        k = cfg.num_codebooks
+
+        def written(stream: int, p: int) -> int:
+            """What the ring holds at position p for `stream` after `total` steps, or
+            UNGENERATED where no step wrote it."""
+            if stream < n_gen:  # sampled at step p - 1, written at p
+                return int(sampled[p - 1, stream]) if 1 <= p <= total else UNGENERATED
+            s = p - delays[stream]  # the user's codes of step s, written at s + delay
+            return int(user[s, stream - n_gen]) if 0 <= s < total else UNGENERATED
+
+        # inputs of steps 0..T-1 (as `core` step 2 reads them)
+        inputs = torch.empty(total, k, dtype=torch.long)
+        steps = torch.arange(total)
+        for stream in range(k):
+            d = delays[stream]
+            if stream < n_gen:
+                col = torch.cat([torch.zeros(1, dtype=torch.long), sampled[:-1, stream]])
+            else:
+                col = torch.roll(user[:, stream - n_gen], d)
+            inputs[:, stream] = torch.where(steps <= d, self.initial[stream].cpu(), col)
+        self.lm.temporal_prefill(inputs, self.caches, row, chunk)
+        ring = torch.full((k, self.ring), UNGENERATED, dtype=torch.long)
+        last = total + self.max_delay
+        for p in range(max(0, last - 2 * self.ring), last + 1):  # later positions win
+            for stream in range(k):
+                value = written(stream, p)
+                if value != UNGENERATED:
+                    ring[stream, p % self.ring] = value
+        self.tokens[row] = ring.to(self.device)
+        self.steps[row] = total
+        self.host_steps[row] = total
+
+    def _empty_result(self, b: int) -> StepResult:
+        q = self.lm.config.dep_q
         return StepResult(
-            text=torch.full((n,), NOT_READY, dtype=torch.long),
-            audio=torch.full((n, q), NOT_READY, dtype=torch.long),
-            ready=torch.zeros(n, dtype=torch.bool),
-            sampled_text=torch.full((n,), NOT_READY, dtype=torch.long),
-            sampled_audio=torch.full((n, q), NOT_READY, dtype=torch.long),
-            steps=self.steps.cpu().clone(),
+            text=torch.full((b,), NOT_READY, dtype=torch.long),
+            audio=torch.full((b, q), NOT_READY, dtype=torch.long),
+            ready=torch.zeros(b, dtype=torch.bool),
+            sampled_text=torch.full((b,), NOT_READY, dtype=torch.long),
+            sampled_audio=torch.full((b, q), NOT_READY, dtype=torch.long),
+            steps=self.steps[:b].cpu().clone(),
         )

@@ -12,17 +12,21 @@ Read top to bottom:
 3. The SEANet encoder/decoder, the two transformers (RoPE, context 250 steps at 25 Hz,
    layer scale), the learned down/upsampling 25 Hz <-> 12.5 Hz and the split RVQ.
 4. `Mimi` (offline `encode`/`decode`), `MimiStreamingEncoder`/`MimiStreamingDecoder`
-   (one 80 ms frame per slot per call, per-slot reset and masks) and `load_mimi`.
+   (one 80 ms frame per row per call over a row prefix, per-row reset, move and masks)
+   and `load_mimi`.
 
 Module and parameter names reproduce the official checkpoint's tensor names
 (`tokenizer-e351c8d8-checkpoint125.safetensors`), so loading is a strict, name-for-name copy;
 the Hugging Face `MimiModel` layout is converted to those names first.
 
-Streaming state: every tensor has the slot as its first dimension. Conv caches are replaced
-functionally each step (`torch.where(active, new, old)`); the transformer KV caches are ring
-buffers written in place at per-slot positions (see `KVCache` for inactive slots). No
-Python branch looks at per-row values, except the RVQ's choice between two searches that
-give the same codes (`_FastSearch`).
+Streaming state: every tensor has the row (a stream's place) as its first dimension, and a
+step runs on a row prefix [0, B) of the preallocated rows (a replica steps only the bucket
+that holds its live streams). All state is written in place: conv caches copied in at the
+end of a step (`torch.where(active, new, old)` for masked rows), the transformer KV caches
+are ring buffers written at per-row positions (see `KVCache` for inactive rows), so a
+captured CUDA graph replays the same addresses. No Python branch looks at per-row values
+and nothing waits on the device inside a step, except the RVQ's choice between two
+searches that give the same codes (`_FastSearch`, CPU only; `Mimi.use_fast_search`).
 
 Exactness note: the attention of a query at step p sees steps p-249..p (context 250). A
 streaming frame brings two 25 Hz steps at once, so the ring holds context + 1 steps; the
@@ -74,7 +78,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moshi_grpc.models.checkpoint import CheckpointError, load_state_strict, read_safetensors
+from moshi_grpc.models.checkpoint import (
+    CheckpointError,
+    fold_attention_layouts,
+    load_state_strict,
+    read_safetensors,
+)
 from moshi_grpc.models.rope import rope_angles
 
 logger = logging.getLogger(__name__)
@@ -280,12 +289,14 @@ def _linear(
     bias: torch.Tensor | None = None,
     few_rows: bool = True,
     blocks: tuple[torch.Tensor, ...] = (),
+    rows_form: bool = True,
 ) -> torch.Tensor:
     """`F.linear(x, w, bias)` through the packed weight when there is one (see `_pack`);
     otherwise as `_rows_linear` for layers that see few rows per frame, else plain.
-    One exception, see `_prefers_rows` (`blocks`: w's `_column_blocks`, if kept)."""
+    One exception, see `_prefers_rows` (`blocks`: w's `_column_blocks`, if kept), unless
+    `rows_form` is off (`Mimi.use_rows_form`)."""
     if packed is not None and x.device.type == "cpu" and x.dtype == torch.float32:
-        if _prefers_rows(x, w, blocks):
+        if rows_form and _prefers_rows(x, w, blocks):
             return _rows_linear(x, w, bias, blocks)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return _rows_linear(x, w, bias) if few_rows else F.linear(x, w, bias)
@@ -348,6 +359,7 @@ class StreamingConv1d(nn.Module):
             "conv", nn.Conv1d(cin, cout, kernel, stride, dilation=dilation, bias=bias)
         )
         self.few_rows = few_rows  # a streaming frame gives it ~2 rows per slot (25 Hz side)
+        self.rows_form = True  # see `Mimi.use_rows_form`
         self.kernel, self.stride, self.dilation = kernel, stride, dilation
         self.span = (kernel - 1) * dilation + 1
         self.context = self.span - stride
@@ -424,7 +436,9 @@ class StreamingConv1d(nn.Module):
         return self._linear(cols.flatten(2))
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(x, self.w_kc, self.packed, self.b_kc, self.few_rows, self.w_blocks)
+        return _linear(
+            x, self.w_kc, self.packed, self.b_kc, self.few_rows, self.w_blocks, self.rows_form
+        )
 
 
 class StreamingConvTranspose1d(nn.Module):
@@ -444,6 +458,7 @@ class StreamingConvTranspose1d(nn.Module):
     ):  # fmt: skip
         super().__init__()
         self.few_rows = few_rows
+        self.rows_form = True  # see `Mimi.use_rows_form`
         if kernel % stride or kernel > 2 * stride:
             raise ValueError("transposed conv kernel must be stride or 2 x stride")
         if groups not in (1, cin) or (groups > 1 and cout != cin):
@@ -488,7 +503,10 @@ class StreamingConvTranspose1d(nn.Module):
             states.give(states.take())  # (N, 0, Cin): nothing to carry
         if self.groups == 1:  # x is the contiguous cat result where m == 2
             pairs = x if m == 1 else x.as_strided((n, t, m * cin), ((t + 1) * cin, cin, 1))
-            y = _linear(pairs, self.w_kc, self.packed, self.b_kc, self.few_rows, self.w_blocks)
+            y = _linear(
+                pairs, self.w_kc, self.packed, self.b_kc, self.few_rows, self.w_blocks,
+                self.rows_form,
+            )  # fmt: skip
         else:  # y[n, b, p, c] = sum_j x[n, b - (m - 1) + j, c] * w[c, 0, (m - 1 - j) * S + p]
             y = x[:, :t, None] * self.w_kc[0]
             for j in range(1, m):
@@ -600,10 +618,10 @@ class KVCache:
     operand, which CPU BLAS streams about twice as fast as p @ v for two queries per slot
     (that product was the slowest op of a batch-8 step).
 
-    A slot without a frame this call writes whatever its (zeroed) input gives into the ring
-    entries at its position, as if it advanced, but its position stays. Those entries held
-    steps older than the context (no query reads them any more), and the slot's next real
-    step overwrites them before its queries read the ring. So masking costs the cache
+    A row without a frame this call (masked) writes whatever its (zeroed) input gives into
+    the ring entries at its position, as if it advanced, but its position stays. Those
+    entries held steps older than the context (no query reads them any more), and the row's
+    next real step overwrites them before its queries read the ring. So masking costs the cache
     nothing, and its buffers are not bit-for-bit what they were (its outputs are).
     """
 
@@ -614,12 +632,30 @@ class KVCache:
         k_shape, vt_shape = (n, heads, capacity, head_dim), (n, heads, head_dim, capacity)
         self.k = [torch.zeros(k_shape, device=device, dtype=dtype) for _ in range(layers)]
         self.vt = [torch.zeros(vt_shape, device=device, dtype=dtype) for _ in range(layers)]
-        self.pos = torch.zeros(n, device=device, dtype=torch.long)  # steps seen by each slot
+        self.pos = torch.zeros(n, device=device, dtype=torch.long)  # steps seen by each row
+        self._views: dict[int, KVCache] = {}
 
-    def reset(self, mask: torch.Tensor) -> None:
-        # Entries older than the new position are masked out by `key_positions`; no need to
-        # clear the buffers themselves.
-        self.pos.copy_(torch.where(mask, torch.zeros_like(self.pos), self.pos))
+    def make_views(self, n: int) -> None:
+        """Make `rows(b)` for b = 1..n (once, before stepping)."""
+        for b in range(1, n + 1):
+            view = KVCache.__new__(KVCache)
+            view.capacity, view._views = self.capacity, {}
+            view.k, view.vt = [k[:b] for k in self.k], [v[:b] for v in self.vt]
+            view.pos = self.pos[:b]
+            self._views[b] = view
+
+    def rows(self, b: int) -> KVCache:
+        """The same buffers restricted to rows [0, b): views, so a step writes in place."""
+        return self._views[b]
+
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        """Position 0 for `rows` (long indices). Ring entries older than the new position
+        are masked out by `Transformer._plan`; no need to clear the buffers themselves."""
+        self.pos.index_fill_(0, rows, 0)
+
+    def move_row(self, src: int, dst: int) -> None:
+        for t in (*self.k, *self.vt, self.pos):
+            t[dst].copy_(t[src])
 
 
 class LayerScale(nn.Module):
@@ -721,6 +757,7 @@ class TransformerLayer(nn.Module):
         self.layer_scale_1 = LayerScale(d, c.layer_scale)
         self.layer_scale_2 = LayerScale(d, c.layer_scale)
         self.w: _LayerWeights | None = None  # set by `refresh()`
+        self.rows_form = True  # see `Mimi.use_rows_form`
 
     def refresh(self) -> None:
         a = self.self_attn
@@ -737,17 +774,18 @@ class TransformerLayer(nn.Module):
             raise RuntimeError(_NOT_REFRESHED)
         b, t, d = x.shape
         p_in, p_out, p_1, p_2 = w.packed
-        qkv = _linear(F.layer_norm(x, (d,), *w.norm1, 1e-5), w.w_in, p_in)
+        rf = self.rows_form
+        qkv = _linear(F.layer_norm(x, (d,), *w.norm1, 1e-5), w.w_in, p_in, rows_form=rf)
         qkv = qkv.view(b, t, 3, w.heads, d // w.heads).permute(2, 0, 3, 1, 4)
-        x = x + w.scale1 * _linear(_attend(qkv, plan, i), w.w_out, p_out)
+        x = x + w.scale1 * _linear(_attend(qkv, plan, i), w.w_out, p_out, rows_form=rf)
         y = F.layer_norm(x, (d,), *w.norm2, 1e-5)
         fused = p_1 is not None and y.device.type == "cpu" and y.dtype == torch.float32
-        if fused and not _prefers_rows(y, w.w1):
+        if fused and not (rf and _prefers_rows(y, w.w1)):
             # oneDNN applies the (exact, erf) GELU as it writes the output: same bits, one pass
             y = torch.ops.mkldnn._linear_pointwise(y, p_1, None, "gelu", [], "none")
         else:
-            y = F.gelu(_linear(y, w.w1, p_1))
-        return x + w.scale2 * _linear(y, w.w2, p_2, blocks=w.w2_blocks)
+            y = F.gelu(_linear(y, w.w1, p_1, rows_form=rf))
+        return x + w.scale2 * _linear(y, w.w2, p_2, blocks=w.w2_blocks, rows_form=rf)
 
 
 class _Layers(nn.Module):
@@ -961,6 +999,8 @@ class ResidualVQ(nn.Module):
         self.packed_in: torch.Tensor | None = None
         self.packed_out: torch.Tensor | None = None
         self.search: _FastSearch | None = None
+        self.fast_search = True  # see `Mimi.use_fast_search`
+        self.rows_form = True  # see `Mimi.use_rows_form`
         self.exact_reruns = 0  # levels recomputed by the exact path after a near-tie
 
     def refresh(self, levels: int | None = None) -> None:
@@ -986,9 +1026,9 @@ class ResidualVQ(nn.Module):
 
     def encode(self, x: torch.Tensor, n_q: int) -> torch.Tensor:
         """x (B, T, io_dim) -> codes (B, T, n_q): nearest centroid of the running residual."""
-        r = _linear(x, self.w_in, self.packed_in).float()  # (B, T, dim)
+        r = _linear(x, self.w_in, self.packed_in, rows_form=self.rows_form).float()  # (B, T, dim)
         r = r.reshape(-1, r.shape[-1])
-        fast = self.search is not None and self.search.applies(r, n_q)
+        fast = self.fast_search and self.search is not None and self.search.applies(r, n_q)
         codes: list[torch.Tensor] = []
         while len(codes) < n_q:
             if fast:  # as many levels as it can vouch for, then one exact level
@@ -1015,7 +1055,9 @@ class ResidualVQ(nn.Module):
         q = self.codebooks[0][codes[..., 0]]
         for i in range(1, codes.shape[-1]):
             q = q + self.codebooks[i][codes[..., i]]
-        return _linear(q.to(self.w_out.dtype), self.w_out, self.packed_out)
+        return _linear(
+            q.to(self.w_out.dtype), self.w_out, self.packed_out, rows_form=self.rows_form
+        )
 
 
 class SplitRVQ(nn.Module):
@@ -1119,6 +1161,26 @@ class Mimi(nn.Module):
             for layer in t.transformer.layers:
                 layer.refresh()
 
+    def use_fast_search(self, enabled: bool) -> None:
+        """Whether the RVQ search takes the certified fast kernel where it applies (CPU,
+        float32; on by default). Its choice to rerun a level exactly is a host branch on
+        tensor values, so a step with it cannot be traced as one graph; without it every
+        level runs the exact path: the same codes, about twice the search time."""
+        self.quantizer.rvq_first.fast_search = enabled
+        self.quantizer.rvq_rest.fast_search = enabled
+
+    def use_rows_form(self, enabled: bool) -> None:
+        """Whether float32 CPU layers that see one or two rows (batch 1 on the 25 Hz side)
+        take MKL's w @ x.T form instead of oneDNN's packed kernel (`_prefers_rows`; on by
+        default). Tuned on an AMD EPYC, where it was 1.2-1.5x faster for those layers. On
+        an Intel Xeon with AMX (2 cores) the packed kernel alone made a batch-1 frame ~25%
+        faster (encode 33.1 -> 24.6 ms, decode 30.1 -> 21.1 ms, 1 thread). Off, a stream's
+        pcm is also bit-identical whatever the batch (with it, batch 1 rounds differently:
+        ~5e-7 of full scale)."""
+        for m in self.modules():
+            if hasattr(m, "rows_form"):
+                m.rows_form = enabled
+
     def _check_refreshed(self) -> None:
         if self.decoder_transformer.transformer.layers[0].w is None:
             raise RuntimeError(_NOT_REFRESHED)
@@ -1178,7 +1240,16 @@ class Mimi(nn.Module):
 
 
 class _Streamer:
-    """Common slot bookkeeping of the streaming encoder and decoder."""
+    """Rows of streaming state shared by the encoder and decoder.
+
+    `num_slots` rows are preallocated; a step runs on the row prefix [0, B) of them, for
+    any B <= num_slots, and leaves rows >= B untouched (a replica steps only the bucket
+    holding its live sessions, see services/common/buckets.py). Every state tensor (conv
+    caches, KV rings, positions) is written in place, so a captured CUDA graph replays the
+    same addresses. `step` checks its inputs, then runs `step_unchecked`, which makes no
+    host synchronisation (no `.item()`, no branch on tensor values) except in the RVQ's
+    fast CPU search (see `Mimi.use_fast_search`).
+    """
 
     def __init__(self, mimi: Mimi, num_slots: int, transformer: Transformer, states):
         mimi._check_refreshed()
@@ -1191,93 +1262,135 @@ class _Streamer:
             self._cache = transformer.new_cache(
                 num_slots, mimi.config.resample_stride, mimi.device, mimi.dtype
             )
+            # every prefix's views made once: a step then looks them up (a traced step
+            # guards on what it read, so nothing it reads may change between calls)
+            self._views = {b: [s[:b] for s in self._states] for b in range(1, num_slots + 1)}
+            self._cache.make_views(num_slots)
 
-    def _active(self, active: torch.Tensor | None) -> torch.Tensor | None:
+    def _rows(self, b: int) -> list[torch.Tensor]:
+        """Every conv state restricted to rows [0, b) (views, written in place)."""
+        return self._views[b]
+
+    def _check_batch(self, x: torch.Tensor, what: str, row: str) -> int:
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or not 1 <= x.shape[0] <= self.num_slots:
+            raise MimiInputError(
+                f"{what} must have shape (B, {row}) with 1 <= B <= {self.num_slots}, "
+                f"got {tuple(getattr(x, 'shape', ()))}"
+            )
+        return x.shape[0]
+
+    def _active(self, active: torch.Tensor | None, b: int) -> torch.Tensor | None:
         if active is None:
             return None
         if not isinstance(active, torch.Tensor) or active.dtype != torch.bool:
             raise MimiInputError("active must be a bool tensor")
-        if active.shape != (self.num_slots,):
-            raise MimiInputError(
-                f"active must have shape ({self.num_slots},), got {tuple(active.shape)}"
-            )
-        if bool(active.all()):  # every slot advances: the same as no mask, minus the masking
+        if active.shape != (b,):
+            raise MimiInputError(f"active must have shape ({b},), got {tuple(active.shape)}")
+        if bool(active.all()):  # every row advances: the same as no mask, minus the masking
             return None
         return active.to(self.mimi.device)
 
-    def _commit(self, new: list[torch.Tensor], active: torch.Tensor | None) -> None:
-        if active is None:
-            self._states = new
-        else:
-            self._states = [
-                torch.where(active.view((-1,) + (1,) * (n.dim() - 1)), n, o)
-                for n, o in zip(new, self._states, strict=True)
-            ]
+    def _commit(self, b: int, new: list[torch.Tensor], active: torch.Tensor | None) -> None:
+        """The step's new conv states into rows [0, b), in place (masked rows keep theirs)."""
+        for old, n in zip(self._rows(b), new, strict=True):
+            if active is not None:
+                n = torch.where(active.view((-1,) + (1,) * (n.dim() - 1)), n, old)
+            old.copy_(n)
 
     @torch.inference_mode()
+    def reset_rows(self, rows: Sequence[int]) -> None:
+        """Those rows start a fresh conversation; the others are untouched."""
+        rows = list(rows)
+        if any(not 0 <= int(r) < self.num_slots for r in rows):
+            raise MimiInputError(f"rows must be in 0..{self.num_slots - 1}, got {rows}")
+        if not rows:
+            return
+        idx = torch.tensor(rows, dtype=torch.long, device=self.mimi.device)
+        for s, f in zip(self._states, self._fresh, strict=True):
+            s.index_copy_(0, idx, f.index_select(0, idx))
+        self._cache.reset_rows(idx)
+
+    @torch.inference_mode()
+    def move_row(self, src: int, dst: int) -> None:
+        """Row `src`'s whole state (conv caches, KV rings, position) copied into row `dst`."""
+        for r in (src, dst):
+            if not 0 <= r < self.num_slots:
+                raise MimiInputError(f"rows must be in 0..{self.num_slots - 1}, got {r}")
+        if src == dst:
+            return
+        for s in self._states:
+            s[dst].copy_(s[src])
+        self._cache.move_row(src, dst)
+
     def reset(self, slots: torch.Tensor | Sequence[int]) -> None:
-        """Those slots start a fresh conversation; the others are untouched."""
-        mask = _slot_mask(slots, self.num_slots).to(self.mimi.device)
-        self._states = [
-            torch.where(mask.view((-1,) + (1,) * (o.dim() - 1)), f, o)
-            for f, o in zip(self._fresh, self._states, strict=True)
-        ]
-        self._cache.reset(mask)
+        """Those rows (indices or a (num_slots,) bool mask) start a fresh conversation."""
+        mask = _slot_mask(slots, self.num_slots)
+        self.reset_rows(mask.nonzero().flatten().tolist())
 
     @property
     def positions(self) -> torch.Tensor:
-        """Frames processed by each slot since its last reset."""
+        """Frames processed by each row since its last reset."""
         return self._cache.pos // self.mimi.config.resample_stride
 
 
 class MimiStreamingEncoder(_Streamer):
-    """Many streams, one 80 ms frame each per `step`, batched: slot i = row i."""
+    """Many streams, one 80 ms frame each per `step`, batched: stream i = row i."""
 
     def __init__(self, mimi: Mimi, num_slots: int):
         super().__init__(mimi, num_slots, mimi.encoder_transformer, mimi._encoder_state)
 
     @torch.inference_mode()
     def step(self, pcm: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
-        """pcm (N, 1920) float -> codes (N, K) int64. Inactive rows: state kept, output unspecified."""
+        """pcm (B, 1920) float -> codes (B, K) int64 for rows [0, B). Inactive rows: state
+        kept, output unspecified. Rows >= B: untouched."""
         m = self.mimi
-        active = self._active(active)
-        if pcm.dim() != 2 or pcm.shape != (self.num_slots, m.frame_size):
+        b = self._check_batch(pcm, "pcm", str(m.frame_size))
+        if pcm.shape[1] != m.frame_size:
             raise MimiInputError(
-                f"pcm must have shape ({self.num_slots}, {m.frame_size}), got {tuple(pcm.shape)}"
+                f"pcm must have shape ({b}, {m.frame_size}), got {tuple(pcm.shape)}"
             )
+        active = self._active(active, b)
         _check_pcm(pcm, m.frame_size, offline=False, active=active)
-        x = pcm.to(m.device, m.dtype)
+        return self.step_unchecked(pcm.to(m.device, m.dtype), active)
+
+    def step_unchecked(self, pcm: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
+        """`step` on checked inputs already on the model's device and dtype; `active` None
+        (every row of the prefix advances) or a (B,) bool device tensor. No host
+        synchronisation (capturable); call it under `torch.inference_mode()`."""
+        b = pcm.shape[0]
         if active is not None:
-            x = torch.where(active.view(-1, 1), x, torch.zeros_like(x))
-        states = _States(self._states)
-        codes = m._encode_frames(x.unsqueeze(1), states, self._cache, active)
-        self._commit(states.new, active)
+            pcm = torch.where(active.view(-1, 1), pcm, torch.zeros_like(pcm))
+        states = _States(self._rows(b))
+        codes = self.mimi._encode_frames(pcm.unsqueeze(1), states, self._cache.rows(b), active)
+        self._commit(b, states.new, active)
         return codes[:, :, 0]
 
 
 class MimiStreamingDecoder(_Streamer):
-    """Many streams, one frame of codes each per `step`, batched: slot i = row i."""
+    """Many streams, one frame of codes each per `step`, batched: stream i = row i."""
 
     def __init__(self, mimi: Mimi, num_slots: int):
         super().__init__(mimi, num_slots, mimi.decoder_transformer, mimi._decoder_state)
 
     @torch.inference_mode()
     def step(self, codes: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
-        """codes (N, K) int -> pcm (N, 1920). Inactive rows: state kept, output unspecified."""
+        """codes (B, K) int -> pcm (B, 1920) for rows [0, B). Inactive rows: state kept,
+        output unspecified. Rows >= B: untouched."""
         m = self.mimi
-        active = self._active(active)
-        if codes.dim() != 2 or codes.shape[0] != self.num_slots:
-            raise MimiInputError(
-                f"codes must have shape ({self.num_slots}, {m.num_codebooks}), "
-                f"got {tuple(codes.shape)}"
-            )
+        b = self._check_batch(codes, "codes", str(m.num_codebooks))
+        active = self._active(active, b)
         _check_codes(codes, m.num_codebooks, m.cardinality, ndim=2, active=active)
-        c = codes.to(m.device, torch.long)
+        return self.step_unchecked(codes.to(m.device, torch.long), active)
+
+    def step_unchecked(self, codes: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
+        """`step` on checked int64 codes already on the model's device; `active` as in
+        `MimiStreamingEncoder.step_unchecked`. Capturable."""
+        b = codes.shape[0]
         if active is not None:
-            c = torch.where(active.view(-1, 1), c, torch.zeros_like(c))
-        states = _States(self._states)
-        pcm = m._decode_frames(c.unsqueeze(-1), states, self._cache, active)
-        self._commit(states.new, active)
+            codes = torch.where(active.view(-1, 1), codes, torch.zeros_like(codes))
+        states = _States(self._rows(b))
+        pcm = self.mimi._decode_frames(codes.unsqueeze(-1), states, self._cache.rows(b), active)
+        self._commit(b, states.new, active)
         return pcm[:, 0]
 
 
@@ -1495,7 +1608,9 @@ def load_mimi(
     config: str | MimiConfig = "mimi",
     seed: int = 0,
 ) -> Mimi:
-    """Build the codec and load weights strictly (official or transformers layout).
+    """Build the codec and load weights strictly: the official names with either attention
+    layout (the published fused `in_proj_weight`, or the reference's modules' `in_projs.0`,
+    see `fold_attention_layouts`), or the transformers layout.
 
     `weights=None` gives seeded random weights: an untrained codec, for tests and demos only.
     """
@@ -1511,6 +1626,7 @@ def load_mimi(
         tensors = read_safetensors(weights)
         if _is_hf_layout(tensors):
             tensors = hf_to_official(tensors, cfg)
+        tensors = fold_attention_layouts(tensors, source=str(weights))
         load_state_strict(mimi, tensors, source=str(weights))
     # codebooks stay float32 whatever the model dtype: nearest-centroid search needs it
     books = {n: b.float().clone() for n, b in mimi.named_buffers() if "._codebook." in n}

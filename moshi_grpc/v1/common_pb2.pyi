@@ -1,6 +1,8 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -31,7 +33,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class BackendInfo(_message.Message):
-    __slots__ = ("model_name", "config_name", "dtype", "device", "slots_total", "slots_in_use", "step_p50_ms", "step_p99_ms", "version", "draining", "num_codebooks", "sample_rate", "frame_size", "codebook_size", "text_vocab_size")
+    __slots__ = ("model_name", "config_name", "dtype", "device", "slots_total", "slots_in_use", "step_p50_ms", "step_p99_ms", "version", "draining", "num_codebooks", "sample_rate", "frame_size", "codebook_size", "text_vocab_size", "buckets")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     CONFIG_NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +49,7 @@ class BackendInfo(_message.Message):
     FRAME_SIZE_FIELD_NUMBER: _ClassVar[int]
     CODEBOOK_SIZE_FIELD_NUMBER: _ClassVar[int]
     TEXT_VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BUCKETS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     config_name: str
     dtype: str
@@ -62,7 +65,22 @@ class BackendInfo(_message.Message):
     frame_size: int
     codebook_size: int
     text_vocab_size: int
-    def __init__(self, model_name: _Optional[str] = ..., config_name: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., slots_total: _Optional[int] = ..., slots_in_use: _Optional[int] = ..., step_p50_ms: _Optional[float] = ..., step_p99_ms: _Optional[float] = ..., version: _Optional[str] = ..., draining: _Optional[bool] = ..., num_codebooks: _Optional[int] = ..., sample_rate: _Optional[int] = ..., frame_size: _Optional[int] = ..., codebook_size: _Optional[int] = ..., text_vocab_size: _Optional[int] = ...) -> None: ...
+    buckets: _containers.RepeatedCompositeFieldContainer[BucketTiming]
+    def __init__(self, model_name: _Optional[str] = ..., config_name: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., slots_total: _Optional[int] = ..., slots_in_use: _Optional[int] = ..., step_p50_ms: _Optional[float] = ..., step_p99_ms: _Optional[float] = ..., version: _Optional[str] = ..., draining: _Optional[bool] = ..., num_codebooks: _Optional[int] = ..., sample_rate: _Optional[int] = ..., frame_size: _Optional[int] = ..., codebook_size: _Optional[int] = ..., text_vocab_size: _Optional[int] = ..., buckets: _Optional[_Iterable[_Union[BucketTiming, _Mapping]]] = ...) -> None: ...
+
+class BucketTiming(_message.Message):
+    __slots__ = ("batch_size", "stage", "warm_ms", "recent_p50_ms", "recent_count")
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    WARM_MS_FIELD_NUMBER: _ClassVar[int]
+    RECENT_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    RECENT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    batch_size: int
+    stage: str
+    warm_ms: float
+    recent_p50_ms: float
+    recent_count: int
+    def __init__(self, batch_size: _Optional[int] = ..., stage: _Optional[str] = ..., warm_ms: _Optional[float] = ..., recent_p50_ms: _Optional[float] = ..., recent_count: _Optional[int] = ...) -> None: ...
 
 class MuxEnd(_message.Message):
     __slots__ = ("code", "message")

@@ -25,41 +25,45 @@ _sym_db = _symbol_database.Default()
 from moshi_grpc.v1 import common_pb2 as moshi__grpc_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmoshi_grpc/v1/gateway.proto\x12\rmoshi_grpc.v1\x1a\x1amoshi_grpc/v1/common.proto\"\x9a\x02\n\rSessionConfig\x12\x13\n\x0bsample_rate\x18\x01 \x01(\x05\x12.\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x1c.moshi_grpc.v1.AudioEncoding\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.moshi_grpc.v1.SamplingParams\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\tbudget_ms\x18\x05 \x01(\rH\x01\x88\x01\x01\x12#\n\x16max_consecutive_misses\x18\x06 \x01(\rH\x02\x88\x01\x01\x12\x11\n\tclient_id\x18\x07 \x01(\tB\x07\n\x05_seedB\x0c\n\n_budget_msB\x19\n\x17_max_consecutive_misses\"\x1a\n\nAudioChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"u\n\x0f\x43onverseRequest\x12.\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1c.moshi_grpc.v1.SessionConfigH\x00\x12*\n\x05\x61udio\x18\x02 \x01(\x0b\x32\x19.moshi_grpc.v1.AudioChunkH\x00\x42\x06\n\x04kind\">\n\x08\x41udioOut\x12\x13\n\x0b\x66rame_index\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0f\n\x07silence\x18\x03 \x01(\x08\".\n\tTextPiece\x12\x13\n\x0b\x66rame_index\x18\x01 \x01(\x04\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xa6\x01\n\x0eSessionStarted\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rcodec_replica\x18\x02 \x01(\t\x12\x12\n\nlm_replica\x18\x03 \x01(\t\x12\x11\n\tbudget_ms\x18\x04 \x01(\r\x12\x1e\n\x16max_consecutive_misses\x18\x05 \x01(\r\x12\x13\n\x0bsample_rate\x18\x06 \x01(\x05\x12\r\n\x05model\x18\x07 \x01(\t\"I\n\x0c\x42udgetMissed\x12\x13\n\x0b\x66rame_index\x18\x01 \x01(\x04\x12\x0f\n\x07late_ms\x18\x02 \x01(\x02\x12\x13\n\x0b\x63onsecutive\x18\x03 \x01(\r\"I\n\rFramesDropped\x12\x19\n\x11\x66irst_frame_index\x18\x01 \x01(\x04\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\"I\n\x08\x46\x61ilover\x12\x14\n\x0c\x66rom_replica\x18\x01 \x01(\t\x12\x12\n\nto_replica\x18\x02 \x01(\t\x12\x13\n\x0b\x66rames_lost\x18\x03 \x01(\r\"\xd0\x01\n\x0eSessionSummary\x12\x11\n\tframes_in\x18\x01 \x01(\x04\x12\x12\n\nframes_out\x18\x02 \x01(\x04\x12\x13\n\x0b\x66rames_late\x18\x03 \x01(\x04\x12\x16\n\x0e\x66rames_dropped\x18\x04 \x01(\x04\x12\x16\n\x0elatency_p50_ms\x18\x05 \x01(\x02\x12\x16\n\x0elatency_p95_ms\x18\x06 \x01(\x02\x12\x16\n\x0elatency_p99_ms\x18\x07 \x01(\x02\x12\x12\n\nduration_s\x18\x08 \x01(\x01\x12\x0e\n\x06reason\x18\t \x01(\t\">\n\x0cSessionEnded\x12.\n\x07summary\x18\x01 \x01(\x0b\x32\x1d.moshi_grpc.v1.SessionSummary\"\x8a\x02\n\x05\x45vent\x12\x30\n\x07started\x18\x01 \x01(\x0b\x32\x1d.moshi_grpc.v1.SessionStartedH\x00\x12\x34\n\rbudget_missed\x18\x02 \x01(\x0b\x32\x1b.moshi_grpc.v1.BudgetMissedH\x00\x12\x36\n\x0e\x66rames_dropped\x18\x03 \x01(\x0b\x32\x1c.moshi_grpc.v1.FramesDroppedH\x00\x12+\n\x08\x66\x61ilover\x18\x04 \x01(\x0b\x32\x17.moshi_grpc.v1.FailoverH\x00\x12,\n\x05\x65nded\x18\x05 \x01(\x0b\x32\x1b.moshi_grpc.v1.SessionEndedH\x00\x42\x06\n\x04kind\"\x95\x01\n\x10\x43onverseResponse\x12(\n\x05\x61udio\x18\x01 \x01(\x0b\x32\x17.moshi_grpc.v1.AudioOutH\x00\x12(\n\x04text\x18\x02 \x01(\x0b\x32\x18.moshi_grpc.v1.TextPieceH\x00\x12%\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x14.moshi_grpc.v1.EventH\x00\x42\x06\n\x04kind*e\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41UDIO_ENCODING_PCM16\x10\x01\x12\x1a\n\x16\x41UDIO_ENCODING_FLOAT32\x10\x02\x32Z\n\x07Gateway\x12O\n\x08\x43onverse\x12\x1e.moshi_grpc.v1.ConverseRequest\x1a\x1f.moshi_grpc.v1.ConverseResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmoshi_grpc/v1/gateway.proto\x12\rmoshi_grpc.v1\x1a\x1amoshi_grpc/v1/common.proto\"\xcc\x02\n\rSessionConfig\x12\x13\n\x0bsample_rate\x18\x01 \x01(\x05\x12.\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x1c.moshi_grpc.v1.AudioEncoding\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.moshi_grpc.v1.SamplingParams\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x16\n\tbudget_ms\x18\x05 \x01(\rH\x01\x88\x01\x01\x12#\n\x16max_consecutive_misses\x18\x06 \x01(\rH\x02\x88\x01\x01\x12\x11\n\tclient_id\x18\x07 \x01(\t\x12\x30\n\x0cinput_pacing\x18\x08 \x01(\x0e\x32\x1a.moshi_grpc.v1.InputPacingB\x07\n\x05_seedB\x0c\n\n_budget_msB\x19\n\x17_max_consecutive_misses\"\x1a\n\nAudioChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"u\n\x0f\x43onverseRequest\x12.\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1c.moshi_grpc.v1.SessionConfigH\x00\x12*\n\x05\x61udio\x18\x02 \x01(\x0b\x32\x19.moshi_grpc.v1.AudioChunkH\x00\x42\x06\n\x04kind\">\n\x08\x41udioOut\x12\x13\n\x0b\x66rame_index\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0f\n\x07silence\x18\x03 \x01(\x08\".\n\tTextPiece\x12\x13\n\x0b\x66rame_index\x18\x01 \x01(\x04\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xd8\x01\n\x0eSessionStarted\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rcodec_replica\x18\x02 \x01(\t\x12\x12\n\nlm_replica\x18\x03 \x01(\t\x12\x11\n\tbudget_ms\x18\x04 \x01(\r\x12\x1e\n\x16max_consecutive_misses\x18\x05 \x01(\r\x12\x13\n\x0bsample_rate\x18\x06 \x01(\x05\x12\r\n\x05model\x18\x07 \x01(\t\x12\x30\n\x0cinput_pacing\x18\x08 \x01(\x0e\x32\x1a.moshi_grpc.v1.InputPacing\"I\n\x0c\x42udgetMissed\x12\x13\n\x0b\x66rame_index\x18\x01 \x01(\x04\x12\x0f\n\x07late_ms\x18\x02 \x01(\x02\x12\x13\n\x0b\x63onsecutive\x18\x03 \x01(\r\"I\n\rFramesDropped\x12\x19\n\x11\x66irst_frame_index\x18\x01 \x01(\x04\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\"I\n\x08\x46\x61ilover\x12\x14\n\x0c\x66rom_replica\x18\x01 \x01(\t\x12\x12\n\nto_replica\x18\x02 \x01(\t\x12\x13\n\x0b\x66rames_lost\x18\x03 \x01(\r\"\x88\x02\n\x0eSessionSummary\x12\x11\n\tframes_in\x18\x01 \x01(\x04\x12\x12\n\nframes_out\x18\x02 \x01(\x04\x12\x13\n\x0b\x66rames_late\x18\x03 \x01(\x04\x12\x16\n\x0e\x66rames_dropped\x18\x04 \x01(\x04\x12\x16\n\x0elatency_p50_ms\x18\x05 \x01(\x02\x12\x16\n\x0elatency_p95_ms\x18\x06 \x01(\x02\x12\x16\n\x0elatency_p99_ms\x18\x07 \x01(\x02\x12\x12\n\nduration_s\x18\x08 \x01(\x01\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x16\n\x0elatency_frames\x18\n \x01(\x04\x12\x1e\n\x16\x66rames_dropped_stalled\x18\x0b \x01(\x04\">\n\x0cSessionEnded\x12.\n\x07summary\x18\x01 \x01(\x0b\x32\x1d.moshi_grpc.v1.SessionSummary\"\xc3\x02\n\x05\x45vent\x12\x30\n\x07started\x18\x01 \x01(\x0b\x32\x1d.moshi_grpc.v1.SessionStartedH\x00\x12\x34\n\rbudget_missed\x18\x02 \x01(\x0b\x32\x1b.moshi_grpc.v1.BudgetMissedH\x00\x12\x36\n\x0e\x66rames_dropped\x18\x03 \x01(\x0b\x32\x1c.moshi_grpc.v1.FramesDroppedH\x00\x12+\n\x08\x66\x61ilover\x18\x04 \x01(\x0b\x32\x17.moshi_grpc.v1.FailoverH\x00\x12,\n\x05\x65nded\x18\x05 \x01(\x0b\x32\x1b.moshi_grpc.v1.SessionEndedH\x00\x12\x37\n\x0btext_policy\x18\x06 \x01(\x0b\x32 .moshi_grpc.v1.TextPolicyAppliedH\x00\x42\x06\n\x04kind\"[\n\x11TextPolicyApplied\x12\x13\n\x0b\x66rame_index\x18\x01 \x01(\x04\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x0c\n\x04rule\x18\x03 \x01(\t\x12\x13\n\x0bmute_frames\x18\x04 \x01(\r\"\x95\x01\n\x10\x43onverseResponse\x12(\n\x05\x61udio\x18\x01 \x01(\x0b\x32\x17.moshi_grpc.v1.AudioOutH\x00\x12(\n\x04text\x18\x02 \x01(\x0b\x32\x18.moshi_grpc.v1.TextPieceH\x00\x12%\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x14.moshi_grpc.v1.EventH\x00\x42\x06\n\x04kind*\xb5\x01\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41UDIO_ENCODING_PCM16\x10\x01\x12\x1a\n\x16\x41UDIO_ENCODING_FLOAT32\x10\x02\x12\x18\n\x14\x41UDIO_ENCODING_MULAW\x10\x03\x12\x17\n\x13\x41UDIO_ENCODING_ALAW\x10\x04\x12\x1b\n\x17\x41UDIO_ENCODING_OGG_OPUS\x10\x05*f\n\x0bInputPacing\x12\x1c\n\x18INPUT_PACING_UNSPECIFIED\x10\x00\x12\x1a\n\x16INPUT_PACING_REAL_TIME\x10\x01\x12\x1d\n\x19INPUT_PACING_FLOW_CONTROL\x10\x02\x32Z\n\x07Gateway\x12O\n\x08\x43onverse\x12\x1e.moshi_grpc.v1.ConverseRequest\x1a\x1f.moshi_grpc.v1.ConverseResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moshi_grpc.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AUDIOENCODING']._serialized_start=1708
-  _globals['_AUDIOENCODING']._serialized_end=1809
+  _globals['_AUDIOENCODING']._serialized_start=2015
+  _globals['_AUDIOENCODING']._serialized_end=2196
+  _globals['_INPUTPACING']._serialized_start=2198
+  _globals['_INPUTPACING']._serialized_end=2300
   _globals['_SESSIONCONFIG']._serialized_start=75
-  _globals['_SESSIONCONFIG']._serialized_end=357
-  _globals['_AUDIOCHUNK']._serialized_start=359
-  _globals['_AUDIOCHUNK']._serialized_end=385
-  _globals['_CONVERSEREQUEST']._serialized_start=387
-  _globals['_CONVERSEREQUEST']._serialized_end=504
-  _globals['_AUDIOOUT']._serialized_start=506
-  _globals['_AUDIOOUT']._serialized_end=568
-  _globals['_TEXTPIECE']._serialized_start=570
-  _globals['_TEXTPIECE']._serialized_end=616
-  _globals['_SESSIONSTARTED']._serialized_start=619
-  _globals['_SESSIONSTARTED']._serialized_end=785
-  _globals['_BUDGETMISSED']._serialized_start=787
-  _globals['_BUDGETMISSED']._serialized_end=860
-  _globals['_FRAMESDROPPED']._serialized_start=862
-  _globals['_FRAMESDROPPED']._serialized_end=935
-  _globals['_FAILOVER']._serialized_start=937
-  _globals['_FAILOVER']._serialized_end=1010
-  _globals['_SESSIONSUMMARY']._serialized_start=1013
-  _globals['_SESSIONSUMMARY']._serialized_end=1221
-  _globals['_SESSIONENDED']._serialized_start=1223
-  _globals['_SESSIONENDED']._serialized_end=1285
-  _globals['_EVENT']._serialized_start=1288
-  _globals['_EVENT']._serialized_end=1554
-  _globals['_CONVERSERESPONSE']._serialized_start=1557
-  _globals['_CONVERSERESPONSE']._serialized_end=1706
-  _globals['_GATEWAY']._serialized_start=1811
-  _globals['_GATEWAY']._serialized_end=1901
+  _globals['_SESSIONCONFIG']._serialized_end=407
+  _globals['_AUDIOCHUNK']._serialized_start=409
+  _globals['_AUDIOCHUNK']._serialized_end=435
+  _globals['_CONVERSEREQUEST']._serialized_start=437
+  _globals['_CONVERSEREQUEST']._serialized_end=554
+  _globals['_AUDIOOUT']._serialized_start=556
+  _globals['_AUDIOOUT']._serialized_end=618
+  _globals['_TEXTPIECE']._serialized_start=620
+  _globals['_TEXTPIECE']._serialized_end=666
+  _globals['_SESSIONSTARTED']._serialized_start=669
+  _globals['_SESSIONSTARTED']._serialized_end=885
+  _globals['_BUDGETMISSED']._serialized_start=887
+  _globals['_BUDGETMISSED']._serialized_end=960
+  _globals['_FRAMESDROPPED']._serialized_start=962
+  _globals['_FRAMESDROPPED']._serialized_end=1035
+  _globals['_FAILOVER']._serialized_start=1037
+  _globals['_FAILOVER']._serialized_end=1110
+  _globals['_SESSIONSUMMARY']._serialized_start=1113
+  _globals['_SESSIONSUMMARY']._serialized_end=1377
+  _globals['_SESSIONENDED']._serialized_start=1379
+  _globals['_SESSIONENDED']._serialized_end=1441
+  _globals['_EVENT']._serialized_start=1444
+  _globals['_EVENT']._serialized_end=1767
+  _globals['_TEXTPOLICYAPPLIED']._serialized_start=1769
+  _globals['_TEXTPOLICYAPPLIED']._serialized_end=1860
+  _globals['_CONVERSERESPONSE']._serialized_start=1863
+  _globals['_CONVERSERESPONSE']._serialized_end=2012
+  _globals['_GATEWAY']._serialized_start=2302
+  _globals['_GATEWAY']._serialized_end=2392
 # @@protoc_insertion_point(module_scope)

@@ -12,12 +12,27 @@ class AudioEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AUDIO_ENCODING_UNSPECIFIED: _ClassVar[AudioEncoding]
     AUDIO_ENCODING_PCM16: _ClassVar[AudioEncoding]
     AUDIO_ENCODING_FLOAT32: _ClassVar[AudioEncoding]
+    AUDIO_ENCODING_MULAW: _ClassVar[AudioEncoding]
+    AUDIO_ENCODING_ALAW: _ClassVar[AudioEncoding]
+    AUDIO_ENCODING_OGG_OPUS: _ClassVar[AudioEncoding]
+
+class InputPacing(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INPUT_PACING_UNSPECIFIED: _ClassVar[InputPacing]
+    INPUT_PACING_REAL_TIME: _ClassVar[InputPacing]
+    INPUT_PACING_FLOW_CONTROL: _ClassVar[InputPacing]
 AUDIO_ENCODING_UNSPECIFIED: AudioEncoding
 AUDIO_ENCODING_PCM16: AudioEncoding
 AUDIO_ENCODING_FLOAT32: AudioEncoding
+AUDIO_ENCODING_MULAW: AudioEncoding
+AUDIO_ENCODING_ALAW: AudioEncoding
+AUDIO_ENCODING_OGG_OPUS: AudioEncoding
+INPUT_PACING_UNSPECIFIED: InputPacing
+INPUT_PACING_REAL_TIME: InputPacing
+INPUT_PACING_FLOW_CONTROL: InputPacing
 
 class SessionConfig(_message.Message):
-    __slots__ = ("sample_rate", "encoding", "sampling", "seed", "budget_ms", "max_consecutive_misses", "client_id")
+    __slots__ = ("sample_rate", "encoding", "sampling", "seed", "budget_ms", "max_consecutive_misses", "client_id", "input_pacing")
     SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +40,7 @@ class SessionConfig(_message.Message):
     BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_CONSECUTIVE_MISSES_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUT_PACING_FIELD_NUMBER: _ClassVar[int]
     sample_rate: int
     encoding: AudioEncoding
     sampling: _common_pb2.SamplingParams
@@ -32,7 +48,8 @@ class SessionConfig(_message.Message):
     budget_ms: int
     max_consecutive_misses: int
     client_id: str
-    def __init__(self, sample_rate: _Optional[int] = ..., encoding: _Optional[_Union[AudioEncoding, str]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., budget_ms: _Optional[int] = ..., max_consecutive_misses: _Optional[int] = ..., client_id: _Optional[str] = ...) -> None: ...
+    input_pacing: InputPacing
+    def __init__(self, sample_rate: _Optional[int] = ..., encoding: _Optional[_Union[AudioEncoding, str]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., budget_ms: _Optional[int] = ..., max_consecutive_misses: _Optional[int] = ..., client_id: _Optional[str] = ..., input_pacing: _Optional[_Union[InputPacing, str]] = ...) -> None: ...
 
 class AudioChunk(_message.Message):
     __slots__ = ("data",)
@@ -67,7 +84,7 @@ class TextPiece(_message.Message):
     def __init__(self, frame_index: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
 
 class SessionStarted(_message.Message):
-    __slots__ = ("session_id", "codec_replica", "lm_replica", "budget_ms", "max_consecutive_misses", "sample_rate", "model")
+    __slots__ = ("session_id", "codec_replica", "lm_replica", "budget_ms", "max_consecutive_misses", "sample_rate", "model", "input_pacing")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CODEC_REPLICA_FIELD_NUMBER: _ClassVar[int]
     LM_REPLICA_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +92,7 @@ class SessionStarted(_message.Message):
     MAX_CONSECUTIVE_MISSES_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUT_PACING_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     codec_replica: str
     lm_replica: str
@@ -82,7 +100,8 @@ class SessionStarted(_message.Message):
     max_consecutive_misses: int
     sample_rate: int
     model: str
-    def __init__(self, session_id: _Optional[str] = ..., codec_replica: _Optional[str] = ..., lm_replica: _Optional[str] = ..., budget_ms: _Optional[int] = ..., max_consecutive_misses: _Optional[int] = ..., sample_rate: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+    input_pacing: InputPacing
+    def __init__(self, session_id: _Optional[str] = ..., codec_replica: _Optional[str] = ..., lm_replica: _Optional[str] = ..., budget_ms: _Optional[int] = ..., max_consecutive_misses: _Optional[int] = ..., sample_rate: _Optional[int] = ..., model: _Optional[str] = ..., input_pacing: _Optional[_Union[InputPacing, str]] = ...) -> None: ...
 
 class BudgetMissed(_message.Message):
     __slots__ = ("frame_index", "late_ms", "consecutive")
@@ -115,7 +134,7 @@ class Failover(_message.Message):
     def __init__(self, from_replica: _Optional[str] = ..., to_replica: _Optional[str] = ..., frames_lost: _Optional[int] = ...) -> None: ...
 
 class SessionSummary(_message.Message):
-    __slots__ = ("frames_in", "frames_out", "frames_late", "frames_dropped", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "duration_s", "reason")
+    __slots__ = ("frames_in", "frames_out", "frames_late", "frames_dropped", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "duration_s", "reason", "latency_frames", "frames_dropped_stalled")
     FRAMES_IN_FIELD_NUMBER: _ClassVar[int]
     FRAMES_OUT_FIELD_NUMBER: _ClassVar[int]
     FRAMES_LATE_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +144,8 @@ class SessionSummary(_message.Message):
     LATENCY_P99_MS_FIELD_NUMBER: _ClassVar[int]
     DURATION_S_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_DROPPED_STALLED_FIELD_NUMBER: _ClassVar[int]
     frames_in: int
     frames_out: int
     frames_late: int
@@ -134,7 +155,9 @@ class SessionSummary(_message.Message):
     latency_p99_ms: float
     duration_s: float
     reason: str
-    def __init__(self, frames_in: _Optional[int] = ..., frames_out: _Optional[int] = ..., frames_late: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., latency_p50_ms: _Optional[float] = ..., latency_p95_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., duration_s: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+    latency_frames: int
+    frames_dropped_stalled: int
+    def __init__(self, frames_in: _Optional[int] = ..., frames_out: _Optional[int] = ..., frames_late: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., latency_p50_ms: _Optional[float] = ..., latency_p95_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., duration_s: _Optional[float] = ..., reason: _Optional[str] = ..., latency_frames: _Optional[int] = ..., frames_dropped_stalled: _Optional[int] = ...) -> None: ...
 
 class SessionEnded(_message.Message):
     __slots__ = ("summary",)
@@ -143,18 +166,32 @@ class SessionEnded(_message.Message):
     def __init__(self, summary: _Optional[_Union[SessionSummary, _Mapping]] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("started", "budget_missed", "frames_dropped", "failover", "ended")
+    __slots__ = ("started", "budget_missed", "frames_dropped", "failover", "ended", "text_policy")
     STARTED_FIELD_NUMBER: _ClassVar[int]
     BUDGET_MISSED_FIELD_NUMBER: _ClassVar[int]
     FRAMES_DROPPED_FIELD_NUMBER: _ClassVar[int]
     FAILOVER_FIELD_NUMBER: _ClassVar[int]
     ENDED_FIELD_NUMBER: _ClassVar[int]
+    TEXT_POLICY_FIELD_NUMBER: _ClassVar[int]
     started: SessionStarted
     budget_missed: BudgetMissed
     frames_dropped: FramesDropped
     failover: Failover
     ended: SessionEnded
-    def __init__(self, started: _Optional[_Union[SessionStarted, _Mapping]] = ..., budget_missed: _Optional[_Union[BudgetMissed, _Mapping]] = ..., frames_dropped: _Optional[_Union[FramesDropped, _Mapping]] = ..., failover: _Optional[_Union[Failover, _Mapping]] = ..., ended: _Optional[_Union[SessionEnded, _Mapping]] = ...) -> None: ...
+    text_policy: TextPolicyApplied
+    def __init__(self, started: _Optional[_Union[SessionStarted, _Mapping]] = ..., budget_missed: _Optional[_Union[BudgetMissed, _Mapping]] = ..., frames_dropped: _Optional[_Union[FramesDropped, _Mapping]] = ..., failover: _Optional[_Union[Failover, _Mapping]] = ..., ended: _Optional[_Union[SessionEnded, _Mapping]] = ..., text_policy: _Optional[_Union[TextPolicyApplied, _Mapping]] = ...) -> None: ...
+
+class TextPolicyApplied(_message.Message):
+    __slots__ = ("frame_index", "action", "rule", "mute_frames")
+    FRAME_INDEX_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    MUTE_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    frame_index: int
+    action: str
+    rule: str
+    mute_frames: int
+    def __init__(self, frame_index: _Optional[int] = ..., action: _Optional[str] = ..., rule: _Optional[str] = ..., mute_frames: _Optional[int] = ...) -> None: ...
 
 class ConverseResponse(_message.Message):
     __slots__ = ("audio", "text", "event")

@@ -56,7 +56,9 @@ class GatewayServicer:
         many live sessions for this client; retry later as hinted), UNAVAILABLE (a backend failed
         and the session could not move: a failed LM replica is replaced by another one with a
         free slot, see Failover; a failed codec replica ends the session), DEADLINE_EXCEEDED
-        (too many consecutive budget misses, or the gateway's maximum session length, reason
+        (max_consecutive_misses misses in a row, late frames and frames dropped while a backend
+        stage was not answering alike; a backend stage that has not answered for the budget +
+        max_consecutive_misses frames' time; or the gateway's maximum session length, reason
         "max_session_length"), UNAUTHENTICATED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

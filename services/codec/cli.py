@@ -29,12 +29,13 @@ def options_from_args(args: argparse.Namespace):
         max_sessions=args.max_sessions,
         max_wait_ms=args.max_wait_ms,
         inject_delay_ms=args.inject_delay_ms,
+        cuda_graphs=args.cuda_graphs,
     )
 
 
 async def _start(config: ServerConfig, options: Any, **kwargs: Any) -> RunningServer:
     # Imported here: the service pulls in torch, and `--help` should stay fast.
-    from moshi_grpc.services.codec.service import start_codec_server
+    from moshi_grpc.services.codec.startup import start_codec_server
 
     return await start_codec_server(config, options, **kwargs)
 

@@ -37,6 +37,8 @@ class EchoMimi:
 
 
 class _EchoStreamer:
+    """The streamer API of `MimiStreamingEncoder`/`Decoder` (rows, any prefix B)."""
+
     def __init__(self, mimi: EchoMimi, num_slots: int) -> None:
         self.mimi = mimi
         self.num_slots = num_slots
@@ -45,10 +47,22 @@ class _EchoStreamer:
     def reset(self, slots: torch.Tensor | Sequence[int]) -> None:
         """Stateless: nothing to reset."""
 
+    def reset_rows(self, rows: Sequence[int]) -> None:
+        """Stateless: nothing to reset."""
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Stateless: nothing to move."""
+
+    def step(self, x: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        return self.step_unchecked(x, active)
+
+    def step_unchecked(self, x: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
 
 class EchoEncoder(_EchoStreamer):
-    def step(self, pcm: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
-        """pcm (N, 1920) -> codes (N, K)."""
+    def step_unchecked(self, pcm: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
+        """pcm (B, 1920) -> codes (B, K)."""
         half = self.mimi.cardinality // 2
         picked = pcm[:, :: self.span].float()  # (N, K)
         codes = torch.floor((picked + 1.0) * half).long()
@@ -56,8 +70,8 @@ class EchoEncoder(_EchoStreamer):
 
 
 class EchoDecoder(_EchoStreamer):
-    def step(self, codes: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
-        """codes (N, K) -> pcm (N, 1920)."""
+    def step_unchecked(self, codes: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
+        """codes (B, K) -> pcm (B, 1920)."""
         half = self.mimi.cardinality // 2
         levels = codes.float() / half - 1.0  # (N, K)
         return levels.repeat_interleave(self.span, dim=1)

@@ -1,13 +1,16 @@
 """The codec engine: one Mimi replica, an encode scheduler and a decode scheduler.
 
 Layering: models (torch) <- this engine (slots, batching) <- servicer (proto <-> engine).
-Each scheduler owns one streaming state of `max_sessions` slots; an Encode stream and a
+Each scheduler owns one streaming state of `max_sessions` rows; an Encode stream and a
 Decode stream each hold a slot of their own kind, so one conversation uses one of each.
+A tick steps only the smallest bucket of rows holding the streams with a frame
+(services/common/buckets.py), so compute follows load, not capacity.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +18,8 @@ from typing import Any
 import torch
 
 from moshi_grpc.services.common.batching import BatchScheduler
+from moshi_grpc.services.common.buckets import RowTable
+from moshi_grpc.services.common.cuda_graphs import BucketGraphs, use_cuda_graphs
 from moshi_grpc.services.common.metrics import BatcherMetrics, CodecMetrics
 
 log = logging.getLogger(__name__)
@@ -36,6 +41,8 @@ class CodecOptions:
     max_wait_ms: float = 5.0
     inject_delay_ms: float = 0.0
     seed: int = 0
+    cuda_graphs: str = "auto"  # "auto" (on for CUDA) | "on" | "off"
+    warmup_repeats: int = 3  # timed warm-up steps per bucket at load (after an untimed one)
 
 
 def load_codec_model(options: CodecOptions) -> Any:
@@ -61,27 +68,99 @@ def load_codec_model(options: CodecOptions) -> Any:
 
 
 class StreamerRunner:
-    """Adapts a Mimi streaming encoder/decoder to the scheduler's BatchRunner protocol."""
+    """Adapts a Mimi streaming encoder/decoder to the scheduler's BatchRunner protocol.
 
-    def __init__(self, streamer: Any, num_slots: int, row_shape: tuple[int, ...], dtype) -> None:
+    Live streams are packed into the streamer's rows [0, live) (`RowTable`): a join takes
+    row `live` and resets it; a leave moves the last live row into the freed one. A tick
+    steps only rows [0, bucket), the smallest bucket of the ladder holding every row with a
+    frame: its input is (bucket, ...), frames at their rows, zeros elsewhere. Rows of live
+    streams without a frame are masked (state kept); when there are none, the step runs
+    unmasked (the host decides this from the plan, never from tensor values).
+
+    With `graphs` (CUDA), each bucket's step is captured at warm-up, unmasked and (from
+    bucket 2) masked, and ticks replay it (`BucketGraphs`).
+    """
+
+    def __init__(
+        self,
+        streamer: Any,
+        num_slots: int,
+        row_shape: tuple[int, ...],
+        dtype: torch.dtype,
+        *,
+        graphs: bool = False,
+        log_rows: int = 4096,
+    ) -> None:
         self.streamer = streamer
         self.num_slots = num_slots
+        self.table = RowTable(num_slots)
+        self.ladder = self.table.ladder
         self._row_shape = row_shape
-        self._dtype = dtype
+        self._dtype = dtype  # of the payloads
+        mimi = streamer.mimi
+        self.device = torch.device(mimi.device)
+        # what the step takes: pcm in the model dtype, codes as int64
+        self._step_dtype = mimi.dtype if dtype.is_floating_point else torch.long
+        self.graphs = BucketGraphs(self._step) if graphs else None
+        self.rows_log: deque[int] = deque(maxlen=log_rows)  # rows passed to the model per call
+
+    def _step(self, x: torch.Tensor, active: torch.Tensor | None = None) -> tuple[torch.Tensor]:
+        return (self.streamer.step_unchecked(x, active),)
 
     @torch.inference_mode()
     def join(self, slot: int, open_payload: Any) -> None:
-        self.streamer.reset([slot])
+        self.streamer.reset_rows([self.table.join(slot)])
 
     @torch.inference_mode()
-    def run(self, slots: Sequence[int], payloads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        x = torch.zeros((self.num_slots, *self._row_shape), dtype=self._dtype)
-        index = torch.tensor(list(slots), dtype=torch.long)
-        x[index] = torch.stack(list(payloads))
-        active = torch.zeros(self.num_slots, dtype=torch.bool)
-        active[index] = True
-        out = self.streamer.step(x, active)
-        return list(out[index.to(out.device)].detach().cpu().unbind(0))
+    def leave(self, slot: int) -> None:
+        move = self.table.leave(slot)
+        if move is not None:
+            self.streamer.move_row(move.src, move.dst)
+
+    @torch.inference_mode()
+    def run(
+        self, slots: Sequence[int], payloads: Sequence[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], int]:
+        plan = self.table.plan(slots)
+        b = plan.bucket
+        rows = torch.tensor(plan.rows, dtype=torch.long)
+        x = torch.zeros((b, *self._row_shape), dtype=self._dtype)
+        x.index_copy_(0, rows, torch.stack(list(payloads)).to(self._dtype))
+        active = None
+        if plan.masked:
+            active = torch.zeros(b, dtype=torch.bool)
+            active[rows] = True
+        self.rows_log.append(b)
+        if self.graphs is not None:
+            key = (b, active is not None)
+            if key not in self.graphs:  # capture steps real rows: only at load
+                raise RuntimeError(f"no CUDA graph for bucket {b}: warm_up() every bucket first")
+            (out,) = self.graphs.run(key, (x,) if active is None else (x, active))
+        else:
+            x = x.to(self.device, self._step_dtype)
+            (out,) = self._step(x, None if active is None else active.to(self.device))
+        picked = out.index_select(0, rows.to(out.device)).cpu()
+        return list(picked.unbind(0)), b
+
+    @torch.inference_mode()
+    def warm_up(self, bucket: int) -> None:
+        """One step of rows [0, bucket) (free: at load), then those rows reset. With graphs,
+        the first call per bucket captures its graphs (masked too, from bucket 2)."""
+        if self.table.live:
+            raise RuntimeError("warm up before any stream joins")
+        x = torch.zeros((bucket, *self._row_shape), device=self.device, dtype=self._step_dtype)
+        if self.graphs is not None:
+            if (bucket, False) not in self.graphs:
+                self.graphs.capture((bucket, False), (x,))
+                if bucket > 1:
+                    active = torch.ones(bucket, dtype=torch.bool, device=self.device)
+                    self.graphs.capture((bucket, True), (x, active))
+            self.graphs.run((bucket, False), (x,))
+        else:
+            self._step(x)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.streamer.reset_rows(range(bucket))
 
 
 class CodecEngine:
@@ -97,10 +176,11 @@ class CodecEngine:
         self.options = options
         n = options.max_sessions
         k = mimi.num_codebooks
+        self.graphs = use_cuda_graphs(options.cuda_graphs, mimi.device)
 
         def scheduler(streamer, shape, dtype, name, m: BatcherMetrics | None) -> BatchScheduler:
             return BatchScheduler(
-                StreamerRunner(streamer, n, shape, dtype),
+                StreamerRunner(streamer, n, shape, dtype, graphs=self.graphs),
                 name=name,
                 max_wait_s=options.max_wait_ms / 1000.0,
                 metrics=m,
@@ -121,6 +201,10 @@ class CodecEngine:
             "codec-decode",
             metrics.decode if metrics else None,
         )
+        # every bucket stepped (and on CUDA captured) before the service reports SERVING;
+        # the timings go into Info for the gateway's admission
+        self.encoder.warm_up(options.warmup_repeats)
+        self.decoder.warm_up(options.warmup_repeats)
 
     @property
     def model_name(self) -> str:

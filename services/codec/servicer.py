@@ -20,7 +20,13 @@ from moshi_grpc.services.common.metrics import BatcherMetrics
 from moshi_grpc.services.common.mux import Opened, serve_mux, serve_stream
 from moshi_grpc.services.common.server import ServerState
 from moshi_grpc.services.common.streams import stream_closer
-from moshi_grpc.services.common.wire import parse_codes, parse_pcm, pcm_bytes
+from moshi_grpc.services.common.wire import (
+    bucket_timings,
+    parse_codes,
+    parse_pcm,
+    pcm_bytes,
+    timing_proto,
+)
 from moshi_grpc.v1 import codec_pb2, codec_pb2_grpc, common_pb2
 
 log = logging.getLogger(__name__)
@@ -50,9 +56,9 @@ class CodecStage:
         return Opened(slot, stream_closer(slot, self.metrics))
 
     def respond(self, index: int, result: torch.Tensor, timing: Any) -> Any:
-        return self._respond(index, result, timing.to_proto())
+        return self._respond(index, result, timing_proto(timing))
 
-    def replayed(self) -> None:
+    def replayed(self, payload: Any) -> None:
         """Codec streams have no replay."""
 
 
@@ -142,7 +148,8 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
 
     async def Info(self, request, context) -> common_pb2.BackendInfo:
         """Slots are per stream kind: in use = the busier of encode and decode. Step times
-        are per conversation frame: encode + decode batched-call percentiles."""
+        are per conversation frame: encode + decode batched-call percentiles; `buckets`
+        gives each stage's step time per bucket (warm-up and recent medians)."""
         engine = self._engine()
         mimi = engine.mimi
         e50, e99 = engine.encoder.step_percentiles_ms()
@@ -163,4 +170,6 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
             frame_size=mimi.frame_size,
             codebook_size=mimi.cardinality,
             text_vocab_size=0,
+            buckets=bucket_timings(engine.encoder, "encode")
+            + bucket_timings(engine.decoder, "decode"),
         )

@@ -7,13 +7,15 @@ future. ONE runner thread per model replica loops:
 
 1. wait for the first pending frame, then at most `max_wait_s` more for the other active
    slots (stragglers) — a frame never waits longer than that for company;
-2. apply the joins (per-slot reset with the stream's open payload) collected since the last
-   call, then run ONE batched model call over the slots that have a frame (the runner's
-   `run` builds the active mask);
+2. apply the joins (per-slot reset with the stream's open payload) and leaves collected
+   since the last call, in order, then run ONE batched model call over the slots that have
+   a frame: the runner packs them into the smallest bucket of its ladder (buckets.py) and
+   says how many rows it stepped;
 3. resolve every stream's future on the event loop (`loop.call_soon_threadsafe`).
 
-The model therefore never runs on the event loop (grpc/grpc#19881), and fixed slot shapes
-keep the model call CUDA-graph friendly. A slot is freed when its stream ends for any
+The model therefore never runs on the event loop (grpc/grpc#19881), and fixed shapes per
+bucket keep the model call CUDA-graph friendly. `warm_up` steps every bucket once at load,
+before the replica serves; `bucket_timings` reports those times and recent ones per bucket. A slot is freed when its stream ends for any
 reason: `release()` is idempotent and is called both from the handler's `finally` and from
 `context.add_done_callback`, because `finally` blocks may not run after `stop(grace)`
 (grpc/grpc#37239). Frames still queued for a released slot are dropped and results of an
@@ -33,22 +35,31 @@ from typing import Any, Protocol
 
 from moshi_grpc.services.common.errors import CapacityExhausted, Draining
 from moshi_grpc.services.common.metrics import BatcherMetrics
-from moshi_grpc.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
 
 class BatchRunner(Protocol):
-    """What a service plugs into the scheduler. Both methods run on the runner thread only."""
+    """What a service plugs into the scheduler. Its methods run on the runner thread only
+    (`warm_up` before the thread starts)."""
 
     num_slots: int
+    ladder: tuple[int, ...]  # the bucket sizes a tick may step (see buckets.py)
 
     def join(self, slot: int, open_payload: Any) -> None:
         """Reset `slot`'s model state for a new stream (called before its first frame)."""
 
-    def run(self, slots: Sequence[int], payloads: Sequence[Any]) -> Sequence[Any]:
+    def leave(self, slot: int) -> None:
+        """`slot`'s stream ended: free its state (called once per join, after it)."""
+
+    def run(self, slots: Sequence[int], payloads: Sequence[Any]) -> tuple[Sequence[Any], int]:
         """One batched model call: `payloads[i]` is the frame of `slots[i]`; slots not listed
-        are inactive this tick. Returns one result per listed slot, in the same order."""
+        are inactive this tick. Returns one result per listed slot, in the same order, and
+        the number of rows the call stepped (its bucket)."""
+
+    def warm_up(self, bucket: int) -> None:
+        """Run one step at `bucket` on free rows (at load, before any stream joins; on CUDA
+        this also captures the bucket's graph)."""
 
 
 @dataclass(frozen=True)
@@ -58,13 +69,6 @@ class Timing:
     queue_s: float
     compute_s: float
     batch_size: int
-
-    def to_proto(self) -> common_pb2.ServerTiming:
-        return common_pb2.ServerTiming(
-            queue_ms=self.queue_s * 1000.0,
-            compute_ms=self.compute_s * 1000.0,
-            batch_size=self.batch_size,
-        )
 
 
 @dataclass
@@ -126,19 +130,59 @@ class BatchScheduler:
         self._cond = threading.Condition()
         self._owners: list[SlotHandle | None] = [None] * self.num_slots
         self._pending: dict[int, _Item] = {}
-        self._joins: dict[int, Any] = {}
+        # joins and leaves not applied yet, in order: ("join", slot, payload) / ("leave", slot)
+        self._events: list[tuple[Any, ...]] = []
         self._closed = False
         self._in_use = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._recent: deque[float] = deque(maxlen=recent)
+        self._recent_by_bucket: dict[int, deque[float]] = {}
+        self._recent_len = recent
+        self.warm_ms: dict[int, float] = {}  # bucket -> median warm-up step time (ms)
         self.calls = 0
+        self.rows_stepped = 0  # rows passed to the model, all ticks (compute follows load)
+        self.rows_log: deque[int] = deque(maxlen=recent)  # bucket of each recent tick
         self.busy_s = 0.0  # total wall time spent in model calls (benchmarks read it)
         if metrics is not None:
             metrics.slots.set(self.num_slots)
             metrics.slots_in_use.set(0)
 
     # -- lifecycle -----------------------------------------------------------------------
+
+    def warm_up(self, repeats: int = 3) -> dict[int, float]:
+        """Step every bucket of the ladder `repeats` times before serving; median ms each.
+
+        Called once at load, before `start()` and before any stream joins: the first calls
+        at a new shape pay for allocator growth, oneDNN/cuBLAS plans and (on CUDA) graph
+        capture, which must not land on a live session's frame. The medians are what
+        admission control reads (`bucket_timings`).
+        """
+        if self._thread is not None:
+            raise RuntimeError(f"{self.name}: warm up before start()")
+        for bucket in self.runner.ladder:
+            self.runner.warm_up(bucket)  # the first call: plans, allocations, capture
+            times = []
+            for _ in range(max(1, repeats)):
+                t0 = time.perf_counter()
+                self.runner.warm_up(bucket)
+                times.append(time.perf_counter() - t0)
+            self.warm_ms[bucket] = sorted(times)[len(times) // 2] * 1000.0
+        log.info(
+            "%s warmed up: %s",
+            self.name,
+            ", ".join(f"B{b} {ms:.1f} ms" for b, ms in self.warm_ms.items()),
+        )
+        return dict(self.warm_ms)
+
+    def bucket_timings(self) -> list[tuple[int, float, float, int]]:
+        """(bucket, warm-up median ms, recent median ms or 0, recent count) per bucket."""
+        out = []
+        for bucket in self.runner.ladder:
+            recent = sorted(self._recent_by_bucket.get(bucket, ()))
+            p50 = recent[len(recent) // 2] * 1000.0 if recent else 0.0
+            out.append((bucket, self.warm_ms.get(bucket, 0.0), p50, len(recent)))
+        return out
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Start the runner thread; results are delivered on `loop` (default: running loop)."""
@@ -193,7 +237,7 @@ class BatchScheduler:
                 if owner is None:
                     handle = SlotHandle(self, slot, session_id)
                     self._owners[slot] = handle
-                    self._joins[slot] = open_payload
+                    self._events.append(("join", slot, open_payload))
                     self._in_use += 1
                     in_use = self._in_use
                     break
@@ -239,7 +283,7 @@ class BatchScheduler:
             item = None
             if self._owners[handle.slot] is handle:
                 self._owners[handle.slot] = None
-                self._joins.pop(handle.slot, None)
+                self._events.append(("leave", handle.slot))
                 item = self._pending.pop(handle.slot, None)
                 self._in_use -= 1
             in_use = self._in_use
@@ -274,11 +318,20 @@ class BatchScheduler:
 
     # -- runner thread -------------------------------------------------------------------
 
-    def _gather(self) -> tuple[list[_Item], dict[int, Any]] | None:
-        """Block until a batch is due; None once closed."""
+    def _gather(self) -> tuple[list[_Item], list[tuple[Any, ...]]] | None:
+        """Block until a batch is due; None once closed. Leaves are applied as soon as
+        they happen (a freed row is compacted away before the next tick)."""
         with self._cond:
             while True:
                 while not self._closed and not self._pending:
+                    if self._events:
+                        events, self._events = self._events, []
+                        self._cond.release()
+                        try:
+                            self._apply(events)
+                        finally:
+                            self._cond.acquire()
+                        continue
                     self._cond.wait()
                 if self._closed:
                     return None
@@ -296,30 +349,45 @@ class BatchScheduler:
                     break
             items = sorted(self._pending.values(), key=lambda it: it.slot)
             self._pending.clear()
-            joins, self._joins = self._joins, {}
-            return items, joins
+            events, self._events = self._events, []
+            return items, events
+
+    def _apply(self, events: list[tuple[Any, ...]]) -> None:
+        """Joins and leaves, in the order they happened (a slot may leave and be taken again
+        between two ticks). A failing join or leave is logged; the stream's frames then fail
+        in `run` with a clear error."""
+        for event in events:
+            try:
+                if event[0] == "join":
+                    self.runner.join(event[1], event[2])
+                else:
+                    self.runner.leave(event[1])
+            except Exception:  # noqa: BLE001 - the runner thread must survive
+                log.exception("%s: %s of slot %d failed", self.name, event[0], event[1])
 
     def _run_forever(self) -> None:
         while True:
             gathered = self._gather()
             if gathered is None:
                 return
-            items, joins = gathered
+            items, events = gathered
             try:
-                self._run_once(items, joins)
+                self._run_once(items, events)
             except Exception:  # noqa: BLE001 - the runner thread must survive
                 log.exception("%s: scheduler tick failed", self.name)
 
-    def _run_once(self, items: list[_Item], joins: dict[int, Any]) -> None:
+    def _run_once(self, items: list[_Item], events: list[tuple[Any, ...]]) -> None:
+        self._apply(events)
         start = time.perf_counter()
         results: Sequence[Any] | None = None
         error: BaseException | None = None
+        bucket = 0
         try:
-            for slot, payload in joins.items():
-                self.runner.join(slot, payload)
             if self.inject_delay_s > 0:
                 time.sleep(self.inject_delay_s)
-            results = self.runner.run([it.slot for it in items], [it.payload for it in items])
+            results, bucket = self.runner.run(
+                [it.slot for it in items], [it.payload for it in items]
+            )
             if len(results) != len(items):
                 raise RuntimeError(
                     f"{self.name}: model returned {len(results)} results for {len(items)} frames"
@@ -333,6 +401,13 @@ class BatchScheduler:
         self.calls += 1
         self.busy_s += compute
         self._recent.append(compute)
+        if bucket:
+            self.rows_stepped += bucket
+            self.rows_log.append(bucket)
+            recent = self._recent_by_bucket.get(bucket)
+            if recent is None:
+                recent = self._recent_by_bucket[bucket] = deque(maxlen=self._recent_len)
+            recent.append(compute)
         deliveries = []
         for i, it in enumerate(items):
             timing = Timing(queue_s=start - it.arrived, compute_s=compute, batch_size=n)
@@ -340,6 +415,8 @@ class BatchScheduler:
         m = self.metrics
         if m is not None:
             m.batch_size.observe(n)
+            if bucket:
+                m.bucket_rows.observe(bucket)
             m.compute_seconds.observe(compute)
             m.frames.inc(n)
             for it in items:

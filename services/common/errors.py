@@ -1,112 +1,102 @@
-"""Domain exceptions and their gRPC status codes, in one place.
+"""Domain exceptions, each with a domain code of our own (`ErrorCode`).
 
-Engines and servicers raise these; the serving interceptor (`server.py`) turns them into a
-status with the exception's message, so every service answers the same error the same way
-(statuses as documented in protos/moshi_grpc/v1/common.proto):
+Engines and servicers raise these. They know nothing of gRPC: the serving layer turns the
+code into a status, in one place (`status.py`), so every service answers the same error the
+same way (statuses as documented in protos/moshi_grpc/v1/common.proto):
 
-| exception | status |
-| --- | --- |
-| `OutOfOrder` | FAILED_PRECONDITION (frame before open, second open, wrong frame index) |
-| `InvalidInput`, any other `ValueError` | INVALID_ARGUMENT |
-| `CapacityExhausted` | RESOURCE_EXHAUSTED (no free slot: retry later with backoff) |
-| `Draining`, `NotReady`, `BackendUnavailable` | UNAVAILABLE (retry elsewhere / later) |
-| `IdleTimeout`, `BudgetExceeded` | DEADLINE_EXCEEDED |
-| `Unauthenticated` | UNAUTHENTICATED |
-| `NotImplementedFeature` | UNIMPLEMENTED |
-| protobuf `DecodeError` (bytes that are not the request message) | INVALID_ARGUMENT |
-| anything else | INTERNAL (the message names only the exception type) |
-
-`asyncio.CancelledError` is never mapped: it must propagate (grpc/grpc#43360).
+| exception | code | gRPC status |
+| --- | --- | --- |
+| `InvalidInput`, any other `ValueError` | INVALID_INPUT | INVALID_ARGUMENT |
+| `OutOfOrder` | OUT_OF_ORDER | FAILED_PRECONDITION (frame before open, second open, ...) |
+| `CapacityExhausted` | NO_CAPACITY | RESOURCE_EXHAUSTED (no free slot: retry with backoff) |
+| `Draining`, `NotReady`, `BackendUnavailable` | UNAVAILABLE | UNAVAILABLE (retry elsewhere) |
+| `IdleTimeout`, `BudgetExceeded` | TIMED_OUT | DEADLINE_EXCEEDED |
+| `Unauthenticated` | UNAUTHENTICATED | UNAUTHENTICATED |
+| `NotImplementedFeature` | UNSUPPORTED | UNIMPLEMENTED |
+| `TextPolicyEnded` (gateway/text_policy.py) | REFUSED | PERMISSION_DENIED (a policy ended it) |
+| anything else | INTERNAL | INTERNAL (the message names only the exception type) |
 """
 
 from __future__ import annotations
 
-import grpc
-from google.protobuf.message import DecodeError
-
-_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
+import enum
 
 
-def status_code(number: int) -> grpc.StatusCode:
-    """The StatusCode for a status number carried in a message (e.g. `MuxEnd.code`);
-    UNKNOWN for a number gRPC does not define."""
-    return _BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+class ErrorCode(enum.Enum):
+    """What kind of failure a domain error is; `status.py` maps each to a gRPC status."""
+
+    INVALID_INPUT = "invalid_input"
+    OUT_OF_ORDER = "out_of_order"
+    NO_CAPACITY = "no_capacity"
+    UNAVAILABLE = "unavailable"
+    TIMED_OUT = "timed_out"
+    UNAUTHENTICATED = "unauthenticated"
+    UNSUPPORTED = "unsupported"
+    REFUSED = "refused"  # a policy declines to go on (the gateway's text safety hook)
+    INTERNAL = "internal"
 
 
 class ServiceError(Exception):
-    """Base of the domain errors; `code` is the gRPC status it maps to."""
+    """Base of the domain errors; `code` says what kind of failure it is."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    code: ErrorCode = ErrorCode.INTERNAL
 
 
 class InvalidInput(ServiceError, ValueError):
     """Malformed input: wrong length, NaN/Inf samples, codes out of range, bad parameters."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = ErrorCode.INVALID_INPUT
 
 
 class OutOfOrder(ServiceError, ValueError):
     """A message that is valid on its own but not at this point of the stream."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = ErrorCode.OUT_OF_ORDER
 
 
 class CapacityExhausted(ServiceError):
     """No free batch slot (or no replica with one): refuse instead of queueing silently."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = ErrorCode.NO_CAPACITY
 
 
 class Draining(ServiceError):
     """The replica is shutting down and admits no new streams."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    code = ErrorCode.UNAVAILABLE
 
 
 class NotReady(ServiceError):
     """The replica is still loading its model."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    code = ErrorCode.UNAVAILABLE
 
 
 class BackendUnavailable(ServiceError):
     """A backend the gateway depends on failed or is unreachable."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    code = ErrorCode.UNAVAILABLE
 
 
 class IdleTimeout(ServiceError):
     """No message arrived on a stream for longer than the idle timeout."""
 
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = ErrorCode.TIMED_OUT
 
 
 class BudgetExceeded(ServiceError):
     """A session kept missing its per-frame latency budget."""
 
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = ErrorCode.TIMED_OUT
 
 
 class Unauthenticated(ServiceError):
     """Missing or wrong credentials (the message never says which part failed)."""
 
-    code = grpc.StatusCode.UNAUTHENTICATED
+    code = ErrorCode.UNAUTHENTICATED
 
 
 class NotImplementedFeature(ServiceError):
     """A valid request for a feature this replica does not support."""
 
-    code = grpc.StatusCode.UNIMPLEMENTED
-
-
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status code and message to answer for `exc`."""
-    if isinstance(exc, ServiceError):
-        return exc.code, str(exc) or type(exc).__name__
-    if isinstance(exc, ValueError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc) or "invalid argument"
-    if isinstance(exc, DecodeError):
-        return grpc.StatusCode.INVALID_ARGUMENT, f"malformed protobuf message: {exc}"
-    if isinstance(exc, NotImplementedError):
-        return grpc.StatusCode.UNIMPLEMENTED, str(exc) or "not implemented"
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})"
+    code = ErrorCode.UNSUPPORTED

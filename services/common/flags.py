@@ -117,6 +117,13 @@ def add_batching_flags(parser: argparse.ArgumentParser, default_sessions: int = 
         help="longest a frame waits for frames of other streams before its batch runs",
     )
     g.add_argument(
+        "--cuda-graphs",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="capture each batch bucket's step as a CUDA graph at load (auto: on for --device "
+        "cuda); saves the per-kernel launch cost of every step",
+    )
+    g.add_argument(
         "--inject-delay-ms",
         type=float,
         default=0.0,

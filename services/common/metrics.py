@@ -23,6 +23,7 @@ prometheus.io: `moshi_` prefix, base units (`_seconds`), `_total` on counters, h
 | `moshi_codec_streams_refused_total` | counter | stage, reason | streams refused by the scheduler (reason = capacity, draining); refusals while loading/draining at the door show as `grpc_server_handled_total{grpc_code="UNAVAILABLE"}` |
 | `moshi_codec_frames_total` | counter | stage | frames processed |
 | `moshi_codec_batch_size` | histogram | stage | streams per batched model call |
+| `moshi_codec_bucket_rows` | histogram | stage | rows stepped per call (the bucket) |
 | `moshi_codec_queue_wait_seconds` | histogram | stage | frame arrival -> start of its batched model call |
 | `moshi_codec_compute_seconds` | histogram | stage | wall time of one batched model call |
 | `moshi_codec_frame_seconds` | histogram | stage | frame arrival -> result ready (service latency per frame) |
@@ -33,6 +34,7 @@ prometheus.io: `moshi_` prefix, base units (`_seconds`), `_total` on counters, h
 | `moshi_lm_streams_refused_total` | counter | reason | streams refused by the scheduler (capacity, draining) |
 | `moshi_lm_frames_total` | counter | | LM steps processed (one per input frame, replayed steps included) |
 | `moshi_lm_batch_size` | histogram | | streams per batched LM step |
+| `moshi_lm_bucket_rows` | histogram | | rows stepped per LM step (the bucket) |
 | `moshi_lm_queue_wait_seconds` | histogram | | frame arrival -> start of its batched step |
 | `moshi_lm_compute_seconds` | histogram | | wall time of one batched LM step (temporal + depth) |
 | `moshi_lm_frame_seconds` | histogram | | frame arrival -> result ready (service latency per frame) |
@@ -40,16 +42,18 @@ prometheus.io: `moshi_` prefix, base units (`_seconds`), `_total` on counters, h
 | `moshi_gateway_sessions_active` | gauge | | live Converse sessions |
 | `moshi_gateway_sessions_started_total` | counter | | sessions admitted |
 | `moshi_gateway_sessions_refused_total` | counter | reason | sessions refused (capacity, budget, draining, invalid, backend_unavailable, per_client) |
-| `moshi_gateway_sessions_ended_total` | counter | reason | sessions ended (completed, cancelled, budget_exceeded, backend_error, idle_timeout, error, draining, max_session_length) |
+| `moshi_gateway_sessions_ended_total` | counter | reason | sessions ended (completed, cancelled, budget_exceeded, backend_error, idle_timeout, error, draining, max_session_length, text_policy) |
 | `moshi_gateway_frames_total` | counter | | output frames sent to clients (silence replacements included) |
-| `moshi_gateway_frame_latency_seconds` | histogram | | per frame end to end: input frame complete -> output frame sent |
+| `moshi_gateway_frame_latency_seconds` | histogram | | per frame: its last input byte at the gateway -> its output written to the client; a late frame when its real output reached the gateway (or the session ended); dropped frames not observed |
 | `moshi_gateway_stage_seconds` | histogram | stage | per-frame time in one backend call as the gateway sees it (encode, step, decode) |
-| `moshi_gateway_budget_misses_total` | counter | | frames whose output missed the per-frame budget |
-| `moshi_gateway_frames_dropped_total` | counter | reason | frames replaced by silence or discarded (budget, backend_error, overflow) |
+| `moshi_gateway_budget_misses_total` | counter | | frames sent as silence because their output missed the per-frame budget (late); stalled drops, which also count toward the miss streak, are `frames_dropped_total{reason="stalled"}` |
+| `moshi_gateway_frames_dropped_total` | counter | reason | output frames sent as silence instead of the backends' output (budget: missed the deadline; overflow: input dropped, client ahead of real time; stalled: input dropped while a backend stage was not answering) |
 | `moshi_gateway_time_to_first_audio_seconds` | histogram | | session start -> first audio chunk sent |
-| `moshi_gateway_real_time_factor` | histogram | | per session at its end: processing wall time / audio duration |
-| `moshi_gateway_failovers_total` | counter | service, result | sessions moved to another replica (service = codec, lm; result = ok, failed) |
+| `moshi_gateway_session_wall_audio_ratio` | histogram | | per session at its end: session wall time / duration of the audio frames sent back (about 1 for live input, below 1 for a file streamed with flow control) |
+| `moshi_gateway_admission_estimate_seconds` | histogram | | predicted frame latency of each admitted session on the replicas it got (encode + step + decode at its bucket, batching wait, one tick, network) |
+| `moshi_gateway_failovers_total` | counter | service, result | sessions moved to another replica (service = lm: codec sessions are never moved; result = ok, failed) |
 | `moshi_gateway_backends_healthy` | gauge | service | backend replicas currently considered healthy |
+| `moshi_gateway_text_policy_actions_total` | counter | action | text pieces through the text safety hook (pass, redact, mute, end) |
 """
 
 from __future__ import annotations
@@ -214,6 +218,7 @@ class BatcherMetrics:
     streams_started: Any
     frames: Any
     batch_size: Any
+    bucket_rows: Any
     queue_wait_seconds: Any
     compute_seconds: Any
     frame_seconds: Any
@@ -254,6 +259,14 @@ def _batcher_family(
         "batch_size": Histogram(
             f"{prefix}_batch_size",
             "Streams per batched model call.",
+            labels,
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        ),
+        "bucket_rows": Histogram(
+            f"{prefix}_bucket_rows",
+            "Rows stepped per batched model call: the smallest bucket of the ladder holding "
+            "the live sessions with a frame (what the call cost, vs batch_size: what it served).",
             labels,
             buckets=BATCH_BUCKETS,
             registry=registry,
@@ -338,9 +351,11 @@ class GatewayMetrics:
     budget_misses: Counter
     frames_dropped: Counter
     time_to_first_audio_seconds: Histogram
-    real_time_factor: Histogram
+    session_wall_audio_ratio: Histogram
+    admission_estimate_seconds: Histogram
     failovers: Counter
     backends_healthy: Gauge
+    text_policy_actions: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> GatewayMetrics:
@@ -373,7 +388,10 @@ class GatewayMetrics:
             ),
             frame_latency_seconds=Histogram(
                 "moshi_gateway_frame_latency_seconds",
-                "Per frame end to end: input frame complete to output frame sent.",
+                "Per frame: its last input byte at the gateway to its output written to the "
+                "client. A late frame is observed when its real output reached the gateway "
+                "(after silence was sent for it), or at the session's end if it never did; "
+                "dropped frames are not observed.",
                 buckets=LATENCY_BUCKETS,
                 registry=r,
             ),
@@ -387,13 +405,16 @@ class GatewayMetrics:
             ),
             budget_misses=Counter(
                 "moshi_gateway_budget_misses_total",
-                "Frames whose output missed the per-frame latency budget.",
+                "Frames sent as silence because their output missed the per-frame budget "
+                "(late). Stalled drops, which also count toward the miss streak, are "
+                "frames_dropped_total{reason=stalled}.",
                 registry=r,
             ),
             frames_dropped=Counter(
                 "moshi_gateway_frames_dropped_total",
-                "Frames replaced by silence or discarded (reason = budget, backend_error, "
-                "overflow).",
+                "Output frames sent as silence instead of the backends' output (reason = budget: "
+                "missed its deadline; overflow: input dropped, the client ahead of real time; "
+                "stalled: input dropped while a backend stage was not answering).",
                 ["reason"],
                 registry=r,
             ),
@@ -403,15 +424,24 @@ class GatewayMetrics:
                 buckets=TTFA_BUCKETS,
                 registry=r,
             ),
-            real_time_factor=Histogram(
-                "moshi_gateway_real_time_factor",
-                "Per session at its end: processing wall time / audio duration.",
+            session_wall_audio_ratio=Histogram(
+                "moshi_gateway_session_wall_audio_ratio",
+                "Per session at its end: session wall time / duration of the audio frames sent "
+                "back (about 1 for live input; below 1 for a file streamed with flow control).",
                 buckets=RTF_BUCKETS,
+                registry=r,
+            ),
+            admission_estimate_seconds=Histogram(
+                "moshi_gateway_admission_estimate_seconds",
+                "Predicted frame latency of each admitted session on the replicas it got "
+                "(encode + step + decode at its bucket, batching wait, one tick, network).",
+                buckets=LATENCY_BUCKETS,
                 registry=r,
             ),
             failovers=Counter(
                 "moshi_gateway_failovers_total",
-                "Sessions moved to another replica (service = codec, lm; result = ok, failed).",
+                "Sessions moved to another replica (service = lm: codec sessions are never "
+                "moved; result = ok, failed).",
                 ["service", "result"],
                 registry=r,
             ),
@@ -419,6 +449,12 @@ class GatewayMetrics:
                 "moshi_gateway_backends_healthy",
                 "Backend replicas currently considered healthy (service = codec, lm).",
                 ["service"],
+                registry=r,
+            ),
+            text_policy_actions=Counter(
+                "moshi_gateway_text_policy_actions_total",
+                "Text pieces through the text safety hook, by action (pass, redact, mute, end).",
+                ["action"],
                 registry=r,
             ),
         )

@@ -3,7 +3,7 @@
 A *stage* says how one session of a streaming RPC is validated and answered: `open` checks
 the open payload and takes a batch slot, `parse` checks one frame (nothing unchecked reaches
 a batch), `respond` builds the per-frame answer. Both serving paths use the same stage, so
-validation, error mapping (`errors.status_for`), slot accounting and metrics exist once:
+validation, error mapping (`status.status_for`), slot accounting and metrics exist once:
 
 - `serve_stream`: the per-session RPCs (`Encode`, `Decode`, `Step`): one stream = one
   session = one slot.
@@ -35,13 +35,9 @@ import grpc
 
 from moshi_grpc.services.common import logs
 from moshi_grpc.services.common.batching import SlotHandle
-from moshi_grpc.services.common.errors import (
-    Draining,
-    InvalidInput,
-    OutOfOrder,
-    status_for,
-)
+from moshi_grpc.services.common.errors import Draining, InvalidInput, OutOfOrder
 from moshi_grpc.services.common.server import ServerState
+from moshi_grpc.services.common.status import status_for
 from moshi_grpc.services.common.streams import (
     check_index,
     check_known_fields,
@@ -68,6 +64,13 @@ class Opened:
     slot: SlotHandle
     close: Callable[[], None]
     replay: Sequence[Any] = field(default_factory=tuple)
+    # history steps the replay payloads cover (one LM prefill payload covers many); the
+    # session's first frame index. None: one step per payload.
+    replay_steps: int | None = None
+
+    @property
+    def history_len(self) -> int:
+        return len(self.replay) if self.replay_steps is None else self.replay_steps
 
 
 class Stage(Protocol):
@@ -84,8 +87,8 @@ class Stage(Protocol):
     def respond(self, index: int, result: Any, timing: Any) -> Any:
         """The per-session response message for frame `index`."""
 
-    def replayed(self) -> None:
-        """Count one replayed step (stages without replay do nothing)."""
+    def replayed(self, payload: Any) -> None:
+        """Count the steps one replay payload covered (stages without replay do nothing)."""
 
 
 async def serve_stream(
@@ -102,13 +105,13 @@ async def serve_stream(
     logs.bind_session(first.session_id)
     session = stage.open(first)
     context.add_done_callback(lambda _ctx: session.close())
-    log.info("%s stream opened (slot %d, replay %d)", what, session.slot.slot, len(session.replay))
+    log.info("%s stream opened (slot %d, replay %d)", what, session.slot.slot, session.history_len)
     index = 0
     try:
         for item in session.replay:
             await session.slot.submit(item)
-            stage.replayed()
-        index = len(session.replay)
+            stage.replayed(item)
+        index = session.history_len
         while True:
             message = await next_message(requests, idle_timeout_s)
             if message is None:
@@ -133,7 +136,7 @@ class _MuxSession:
         self.queue: deque[tuple[int | None, Any]] = deque((None, p) for p in opened.replay)
         self.busy = False
         self.closing = False
-        self.index = len(opened.replay)  # next expected frame index
+        self.index = opened.history_len  # next expected frame index
         self.ended = False
 
 
@@ -223,9 +226,12 @@ class MuxServer:
             self._fail(session.sid, session, exc)
             return
         session.busy = True
-        future.add_done_callback(functools.partial(self._done, session, index))
+        replayed = payload if index is None else None
+        future.add_done_callback(functools.partial(self._done, session, index, replayed))
 
-    def _done(self, session: _MuxSession, index: int | None, future: asyncio.Future) -> None:
+    def _done(
+        self, session: _MuxSession, index: int | None, replayed: Any, future: asyncio.Future
+    ) -> None:
         session.busy = False
         if session.ended:
             return
@@ -238,7 +244,7 @@ class MuxServer:
             return
         result, timing = future.result()
         if index is None:
-            self.stage.replayed()
+            self.stage.replayed(replayed)
         else:
             try:
                 message = self.stage.respond(index, result, timing)

@@ -11,7 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from moshi_grpc.services.common.batching import Timing
 from moshi_grpc.services.common.errors import InvalidInput
+from moshi_grpc.v1 import common_pb2
 
 
 def parse_pcm(data: bytes, frame_size: int) -> torch.Tensor:
@@ -43,3 +45,26 @@ def parse_codes(codes: Any, num_codebooks: int, cardinality: int, field: str) ->
 
 def pcm_bytes(pcm: torch.Tensor) -> bytes:
     return pcm.detach().to(torch.float32).cpu().numpy().astype("<f4", copy=False).tobytes()
+
+
+def timing_proto(timing: Timing) -> common_pb2.ServerTiming:
+    """A frame's `Timing` (where its time went on the server) as the wire's `ServerTiming`."""
+    return common_pb2.ServerTiming(
+        queue_ms=timing.queue_s * 1000.0,
+        compute_ms=timing.compute_s * 1000.0,
+        batch_size=timing.batch_size,
+    )
+
+
+def bucket_timings(scheduler: Any, stage: str) -> list[common_pb2.BucketTiming]:
+    """`BackendInfo.buckets` entries of one scheduler (warm-up and recent medians per bucket)."""
+    return [
+        common_pb2.BucketTiming(
+            batch_size=bucket,
+            stage=stage,
+            warm_ms=warm,
+            recent_p50_ms=recent,
+            recent_count=count,
+        )
+        for bucket, warm, recent, count in scheduler.bucket_timings()
+    ]

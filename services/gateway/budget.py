@@ -1,15 +1,28 @@
 """Per-frame latency budget: deadlines, in-order output, backlog bounding, latency figures.
 
 Pure bookkeeping with no I/O and no clock of its own (callers pass `now`), so the rules are
-unit-tested directly:
+unit-tested directly with a fake clock:
 
 - every complete input frame gets an index t and a deadline `complete_time + budget`;
 - outputs leave strictly in frame order; frame t's output is whatever the backends produced,
   or silence when it was not ready by its deadline (a *miss*), when the LM was still in its
   initial acoustic delay (not a miss), or when the input frame was dropped;
 - a frame is dropped, instead of being sent to the backends, when `max_backlog` frames are
-  already outstanding there (input faster than the backends keep up): memory stays bounded;
-- `max_consecutive_misses` misses in a row mark the session as exceeded (0 = never).
+  already outstanding there: memory stays bounded. A drop is an *overflow* (the client is
+  ahead of real time; not a miss, and it does not reset the streak) unless the oldest frame
+  outstanding at the backends is already past its deadline: then a stage is not answering,
+  and the drop is *stalled*, a miss like a late frame;
+- `max_consecutive_misses` misses in a row (late or stalled drops) mark the session as
+  exceeded (0 = never);
+- latency (what the summary's percentiles cover): a frame's latency runs from `complete` to
+  the moment its output is written to the client (`written`). A late frame counts with its
+  real latency when its output finally reaches the gateway (`resolve` after give-up), or at
+  `finalize` (session end) with the time so far if it never came. Dropped frames never enter
+  the percentiles; they are counted apart.
+
+`StageWatch` is the other half of the miss rule: a backend stage with frames outstanding that
+has not answered for `limit` seconds (K frames' time) is stalled, whether or not new input
+keeps coming to be counted as misses.
 """
 
 from __future__ import annotations
@@ -38,15 +51,18 @@ class Emission:
     index: int
     cause: Cause
     pcm: np.ndarray | None
-    # Input frame complete -> emission, seconds (None for dropped frames).
-    latency_s: float | None
-    # For LATE: how far past the deadline the frame was given up, ms, and the streak length.
+    # When the input frame was complete (its clock's start), for `FrameSequencer.written`.
+    complete: float
+    # For LATE: how far past the deadline the frame was given up, ms. For LATE and stalled
+    # drops: the streak length including this frame.
     late_ms: float = 0.0
     consecutive: int = 0
+    # For DROPPED: True when dropped because a stage was not answering (a miss).
+    stalled: bool = False
 
 
 class _Slot:
-    __slots__ = ("index", "complete", "deadline", "cause", "pcm", "done")
+    __slots__ = ("index", "complete", "deadline", "cause", "pcm", "done", "stalled")
 
     def __init__(self, index: int, complete: float, deadline: float) -> None:
         self.index = index
@@ -55,6 +71,7 @@ class _Slot:
         self.cause: Cause | None = None
         self.pcm: np.ndarray | None = None
         self.done = False
+        self.stalled = False
 
 
 class LatencyWindow:
@@ -99,15 +116,25 @@ class FrameSequencer:
         self._slots: deque[_Slot] = deque()  # head (next to emit) ... newest
         self._head = 0  # index of the next frame to emit
         self._next = 0  # index of the next input frame
-        self.outstanding = 0  # frames sent to the backends and not yet answered
+        # Frames sent to the backends and not answered yet: index -> complete time, oldest
+        # first (a dict keeps insertion order; answers may come out of order).
+        self._sent: dict[int, float] = {}
+        # Frames given up as LATE whose output has not come back yet: index -> complete.
+        self._late_waiting: dict[int, float] = {}
         self.consecutive_misses = 0
         self.frames_in = 0
         self.frames_out = 0
         self.frames_late = 0
         self.frames_dropped = 0
+        self.frames_dropped_stalled = 0
         self.frames_initial_delay = 0
         self.late_arrivals = 0  # backend answers that came after their frame was given up
         self.latency = LatencyWindow()
+
+    @property
+    def outstanding(self) -> int:
+        """Frames sent to the backends and not yet answered (given-up ones included)."""
+        return len(self._sent)
 
     # ----------------------------------------------------------------- input side
 
@@ -118,32 +145,46 @@ class FrameSequencer:
         self.frames_in += 1
         slot = _Slot(index, now, now + self.budget_s)
         self._slots.append(slot)
-        if self.outstanding >= self.max_backlog:
+        sent = self._sent
+        if len(sent) >= self.max_backlog:
             slot.cause = Cause.DROPPED
             slot.done = True
             self.frames_dropped += 1
+            # The oldest frame at the backends is past its deadline: they are not keeping
+            # up (a stage is not answering), not the client running ahead.
+            oldest = next(iter(sent.values()))
+            if now >= oldest + self.budget_s:
+                slot.stalled = True
+                self.frames_dropped_stalled += 1
             return Ticket(index, send=False)
-        self.outstanding += 1
+        sent[index] = now
         return Ticket(index, send=True)
 
     # ----------------------------------------------------------------- backend side
 
-    def resolve(self, index: int, pcm: np.ndarray | None) -> None:
-        """The backends answered frame `index`: 24 kHz PCM, or None for LM-not-ready."""
-        if self.outstanding > 0:
-            self.outstanding -= 1
+    def resolve(self, index: int, pcm: np.ndarray | None, now: float) -> float | None:
+        """The backends answered frame `index` at `now`: 24 kHz PCM, or None for
+        LM-not-ready. Returns the frame's latency (seconds) when it had already been given
+        up as late (it is recorded now, with its real value), else None."""
+        self._sent.pop(index, None)
         if index < self._head:
-            self.late_arrivals += 1  # already given up as a miss; nothing to do
-            return
+            self.late_arrivals += 1  # already sent as silence: record its real latency
+            complete = self._late_waiting.pop(index, None)
+            if complete is None:
+                return None
+            latency = now - complete
+            self.latency.add(latency)
+            return latency
         slot = self._slots[index - self._head]
         if slot.done:  # answered twice: a backend protocol bug; keep the first answer
-            return
+            return None
         slot.done = True
         if pcm is None:
             slot.cause = Cause.INITIAL_DELAY
         else:
             slot.cause = Cause.AUDIO
             slot.pcm = pcm
+        return None
 
     # ----------------------------------------------------------------- output side
 
@@ -155,12 +196,15 @@ class FrameSequencer:
             slot = slots[0]
             cause = slot.cause
             if slot.done and (cause is not Cause.AUDIO or now < slot.deadline):
-                latency = None if cause is Cause.DROPPED else now - slot.complete
+                emission = Emission(slot.index, cause, slot.pcm, slot.complete)
                 if cause is Cause.AUDIO:
                     self.consecutive_misses = 0
                 elif cause is Cause.INITIAL_DELAY:
                     self.frames_initial_delay += 1
-                emission = Emission(slot.index, cause, slot.pcm, latency)
+                elif slot.stalled:
+                    self.consecutive_misses += 1
+                    emission.stalled = True
+                    emission.consecutive = self.consecutive_misses
             elif now >= slot.deadline:
                 # Not answered in time, or answered but not sent in time: either way the
                 # output would reach the client after its deadline, so it is a miss.
@@ -170,20 +214,40 @@ class FrameSequencer:
                     slot.index,
                     Cause.LATE,
                     None,
-                    now - slot.complete,
+                    slot.complete,
                     late_ms=(now - slot.deadline) * 1000.0,
                     consecutive=self.consecutive_misses,
                 )
+                if slot.done:  # its output is here, just too late to send
+                    self.latency.add(now - slot.complete)
+                else:
+                    self._late_waiting[slot.index] = slot.complete
             else:
                 break
             slots.popleft()
             self._head += 1
             self.frames_out += 1
-            if emission.latency_s is not None:
-                self.latency.add(emission.latency_s)
             out.append(emission)
             if self.exceeded:
                 break  # the caller ends the session now; later frames do not matter
+        return out
+
+    def written(self, emission: Emission, now: float) -> float | None:
+        """An emitted frame's output was written to the client at `now`: record its latency
+        (AUDIO and INITIAL_DELAY frames) and return it; None for late and dropped frames."""
+        if emission.cause is Cause.AUDIO or emission.cause is Cause.INITIAL_DELAY:
+            latency = now - emission.complete
+            self.latency.add(latency)
+            return latency
+        return None
+
+    def finalize(self, now: float) -> list[float]:
+        """The session ends: late frames whose output never came count with their latency
+        so far (a lower bound). Returns those latencies. Idempotent."""
+        out = [now - complete for complete in self._late_waiting.values()]
+        self._late_waiting.clear()
+        for latency in out:
+            self.latency.add(latency)
         return out
 
     def next_deadline(self) -> float | None:
@@ -205,4 +269,55 @@ class FrameSequencer:
     def fail_pending(self) -> None:
         """Forget outstanding frames (session ending); they are not counted as outputs."""
         self._slots.clear()
-        self.outstanding = 0
+        self._sent.clear()
+
+
+class StageWatch:
+    """Is a backend stage still answering? One FIFO of send times per stage (streams answer
+    in order). A stage with frames outstanding is stalled once `limit_s` passed since the
+    later of its oldest outstanding send and its last answer (0 = never)."""
+
+    def __init__(self, stages: tuple[str, ...], limit_s: float) -> None:
+        self.limit_s = limit_s
+        self._sent: dict[str, deque[float]] = {s: deque() for s in stages}
+        self._answered: dict[str, float] = dict.fromkeys(stages, -math.inf)
+
+    def sent(self, stage: str, now: float) -> None:
+        self._sent[stage].append(now)
+
+    def answered(self, stage: str, now: float) -> None:
+        q = self._sent[stage]
+        if q:
+            q.popleft()
+        self._answered[stage] = now
+
+    def restart(self, stage: str, now: float, count: int) -> None:
+        """The stage's stream was re-opened (failover) with `count` frames resent now."""
+        self._sent[stage] = deque([now] * count)
+        self._answered[stage] = now
+
+    def silent_since(self, stage: str) -> float | None:
+        """Since when the stage owes an answer (None: nothing outstanding)."""
+        q = self._sent[stage]
+        if not q:
+            return None
+        return max(q[0], self._answered[stage])
+
+    def stalled(self, now: float, limit_s: float | None = None) -> str | None:
+        """The first stage (in the order given) that has not answered for `limit_s`."""
+        limit = self.limit_s if limit_s is None else limit_s
+        if limit <= 0:
+            return None
+        for stage in self._sent:
+            since = self.silent_since(stage)
+            if since is not None and now - since >= limit:
+                return stage
+        return None
+
+    def next_check(self, now: float, limit_s: float | None = None) -> float | None:
+        """The earliest time a stage could become stalled (None: never, limit 0)."""
+        limit = self.limit_s if limit_s is None else limit_s
+        if limit <= 0:
+            return None
+        times = [s for s in map(self.silent_since, self._sent) if s is not None]
+        return (min(times) if times else now) + limit

@@ -10,6 +10,11 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from moshi_grpc.services.common import flags, logs
@@ -24,6 +29,7 @@ from moshi_grpc.services.common.server import (
 from moshi_grpc.services.gateway.config import GatewaySettings
 from moshi_grpc.services.gateway.replicas import (
     ChannelSettings,
+    CostSettings,
     ReplicaPool,
     ReplicaSpecError,
     Spec,
@@ -31,6 +37,7 @@ from moshi_grpc.services.gateway.replicas import (
 )
 from moshi_grpc.services.gateway.servicer import GatewayServicer
 from moshi_grpc.services.gateway.streams import MODES
+from moshi_grpc.services.gateway.text_policy import load_policy
 from moshi_grpc.v1 import gateway_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -108,6 +115,12 @@ async def start_gateway(
         refresh_interval_s=settings.refresh_interval_s,
         probe_timeout_s=settings.probe_timeout_s,
         on_refresh=on_refresh,
+        cost=CostSettings(
+            batch_wait_ms=settings.batch_wait_ms,
+            unmeasured_stage_ms=settings.unmeasured_stage_ms,
+            sample_ttl_s=settings.cost_sample_ttl_s,
+        ),
+        retry_after_ms=settings.retry_after_ms,
         **extra,
     )
     await pool.start()
@@ -136,6 +149,18 @@ async def start_gateway(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     flags.add_server_flags(parser, "gateway")
     d = GatewaySettings()
+    w = parser.add_argument_group("processes")
+    w.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="gateway processes sharing the gRPC port (SO_REUSEPORT: the kernel spreads new "
+        "connections over them), each with its own backend channels and mux streams. "
+        "Metrics: worker i serves /metrics on --metrics-port + i (ephemeral ports with "
+        "--metrics-port 0); scrape every worker and sum. Limits (--max-sessions-per-client) "
+        "are per worker",
+    )
+    w.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     g = parser.add_argument_group("backends")
     g.add_argument(
         "--codec-addr",
@@ -201,6 +226,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(and counted) instead of queued",
     )
     b.add_argument(
+        "--flow-window-frames",
+        type=int,
+        default=d.flow_window_frames,
+        help="sessions with input_pacing FLOW_CONTROL (pre-recorded audio): frames at the "
+        "backends at once before the gateway stops reading the client",
+    )
+    b.add_argument(
         "--resample-quality",
         default=d.resample_quality,
         choices=["LQ", "MQ", "HQ", "VHQ"],
@@ -238,7 +270,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--retry-after-ms",
         type=int,
         default=d.retry_after_ms,
-        help="retry hint given with RESOURCE_EXHAUSTED refusals",
+        help="retry hint given with RESOURCE_EXHAUSTED refusals (budget refusals: at least "
+        "this, or until the recent step samples that caused them expire)",
+    )
+    a = parser.add_argument_group("admission from measured cost")
+    a.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=d.batch_wait_ms,
+        help="the backends' --max-wait-ms: added once per stage (encode, step, decode) to a "
+        "new session's predicted frame latency",
+    )
+    a.add_argument(
+        "--unmeasured-stage-ms",
+        type=float,
+        default=d.unmeasured_stage_ms,
+        help="cost assumed per stage on a replica whose Info reports no bucket timings yet "
+        "(a fresh replica then refuses budgets below ~55 ms and admits the default)",
+    )
+    a.add_argument(
+        "--cost-sample-ttl-s",
+        type=float,
+        default=d.cost_sample_ttl_s,
+        help="how long a replica's recent step-time samples count (half-life a third of it)",
+    )
+    parser.add_argument(
+        "--text-policy",
+        metavar="RULES|module:object",
+        default=None,
+        help="text safety hook (a mitigation, not a guarantee): a rules file (lines "
+        "'redact WORD', 'mute[:FRAMES] re:REGEX', 'end WORD') or a module:object with "
+        "check(piece, context); see services/gateway/text_policy.py",
     )
 
 
@@ -253,10 +315,20 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         raise ValueError("--max-sessions-per-client must be >= 0 (0 = no limit)")
     if args.lm_history_steps < 1:
         raise ValueError("--lm-history-steps must be >= 1")
+    if args.flow_window_frames < 1:
+        raise ValueError("--flow-window-frames must be >= 1")
+    if args.batch_wait_ms < 0 or args.unmeasured_stage_ms < 0:
+        raise ValueError("--batch-wait-ms and --unmeasured-stage-ms must be >= 0")
+    if args.cost_sample_ttl_s <= 0:
+        raise ValueError("--cost-sample-ttl-s must be > 0")
     return GatewaySettings(
         default_budget_ms=args.budget_ms,
         default_max_consecutive_misses=max(0, args.max_consecutive_misses),
         max_backlog_frames=args.max_backlog_frames,
+        flow_window_frames=args.flow_window_frames,
+        batch_wait_ms=args.batch_wait_ms,
+        unmeasured_stage_ms=args.unmeasured_stage_ms,
+        cost_sample_ttl_s=args.cost_sample_ttl_s,
         resample_quality=args.resample_quality,
         idle_timeout_s=args.idle_timeout_s,
         retry_after_ms=args.retry_after_ms,
@@ -266,6 +338,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         lm_failover=args.lm_failover,
         lm_history_steps=args.lm_history_steps,
         backend_streams=args.backend_streams,
+        text_policy=load_policy(args.text_policy) if args.text_policy else None,
     )
 
 
@@ -298,22 +371,95 @@ def channels_from_args(args: argparse.Namespace) -> ChannelSettings:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    config = flags.server_config_from_args(args)
+    if args.worker_index is not None:
+        config.reuse_port = True
     gateway = await start_gateway(
-        flags.server_config_from_args(args),
+        config,
         parse_specs(args.codec_addr),
         parse_specs(args.lm_addr),
         settings_from_args(args),
         channels_from_args(args),
     )
     gateway.server.install_signal_handlers()
-    log.info("gateway listening on %s", gateway.address)
+    if args.worker_index is None:
+        log.info("gateway listening on %s", gateway.address)
+    else:
+        log.info(
+            "gateway worker %d/%d listening on %s",
+            args.worker_index,
+            args.workers,
+            gateway.address,
+        )
     await gateway.server.wait_closed()
     return 0
+
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (not listen) `host:port` with SO_REUSEPORT, as gRPC's multiprocessing example
+    does: the port is held for the workers (port 0: a free one is picked) and this socket
+    takes no connection."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def _supervise(args: argparse.Namespace) -> int:
+    """`--workers N`: start N gateway processes on one port, forward SIGTERM/SIGINT to them
+    (each drains), and exit when they have; a worker that dies stops the others (the
+    orchestrator restarts the pod). The workers are fresh processes (no fork after gRPC
+    started: there is none in this one)."""
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise ValueError("--workers needs SO_REUSEPORT (Linux, macOS)")
+    argv = sys.argv[1:]
+    if "gateway" not in argv:
+        raise ValueError("--workers: run as `moshi-grpc gateway ...`")
+    reserved = _reserve_port(args.host, args.port)
+    port = reserved.getsockname()[1]
+    procs: list[subprocess.Popen] = []
+    for i in range(args.workers):
+        extra = ["--port", str(port), "--workers", str(args.workers), "--worker-index", str(i)]
+        if args.metrics_port > 0:
+            extra += ["--metrics-port", str(args.metrics_port + i)]
+        cmd = [sys.executable, "-m", "moshi_grpc.cli", *argv, *extra]
+        procs.append(subprocess.Popen(cmd))
+    log.info("gateway: %d workers on %s:%d", args.workers, args.host, port)
+    stopping = False
+
+    def forward(signum, _frame) -> None:
+        nonlocal stopping
+        stopping = True
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    rc = 0
+    try:
+        while any(p.poll() is None for p in procs):
+            for p in procs:
+                code = p.poll()
+                if code is not None and code != 0 and not stopping:
+                    log.error("gateway worker exited with %d; stopping the others", code)
+                    rc = code
+                    forward(signal.SIGTERM, None)
+            time.sleep(0.2)
+    finally:
+        reserved.close()
+    codes = [p.returncode for p in procs]
+    return rc or max((c for c in codes if c is not None), default=0)
 
 
 def run(args: argparse.Namespace) -> int:
     logs.install(json_logs=args.json_logs)
     try:
+        if args.workers < 1:
+            raise ValueError("--workers must be >= 1")
+        if args.workers > 1 and args.worker_index is None:
+            return _supervise(args)
         return asyncio.run(_serve(args))
     except (ReplicaSpecError, ValueError, OSError) as exc:
         log.error("gateway: %s", exc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from moshi_grpc import audio
 from moshi_grpc.services.common.errors import InvalidInput
@@ -12,6 +13,9 @@ from moshi_grpc.v1 import common_pb2, gateway_pb2
 ENCODING_NAMES = {
     gateway_pb2.AUDIO_ENCODING_PCM16: audio.PCM16,
     gateway_pb2.AUDIO_ENCODING_FLOAT32: audio.FLOAT32,
+    gateway_pb2.AUDIO_ENCODING_MULAW: audio.MULAW,
+    gateway_pb2.AUDIO_ENCODING_ALAW: audio.ALAW,
+    gateway_pb2.AUDIO_ENCODING_OGG_OPUS: audio.OGG_OPUS,
 }
 
 MAX_BUDGET_MS = 10_000
@@ -26,6 +30,9 @@ class GatewaySettings:
     default_max_consecutive_misses: int = 25  # 2 s of consecutive misses
     # Frames allowed at the backends at once per session before input frames are dropped.
     max_backlog_frames: int = 8
+    # INPUT_PACING_FLOW_CONTROL sessions: frames at the backends at once before the gateway
+    # stops reading the client (one per pipeline stage keeps encode, step and decode busy).
+    flow_window_frames: int = 3
     # Frames received but not yet sent back before the gateway stops reading the client
     # (a client that sends but does not read gets gRPC flow control, not unbounded memory).
     max_pending_frames: int = 64
@@ -42,12 +49,23 @@ class GatewaySettings:
     lm_failover: bool = True
     lm_history_steps: int = 3000
     retry_after_ms: int = 1000  # hint for refused sessions
+    # Admission from measured cost (replicas.ReplicaCost): the backends' batching wait
+    # per stage (their --max-wait-ms), the cost assumed per stage for a replica whose Info
+    # reports no bucket timings yet, and how long a measured sample counts (it decays with
+    # a half-life of a third of that, then expires).
+    batch_wait_ms: float = 5.0
+    unmeasured_stage_ms: float = 10.0
+    cost_sample_ttl_s: float = 30.0
+    # An error ending waits this long for a reply being written before the summary.
+    summary_wait_s: float = 2.0
     # How sessions reach the backends: "mux" (one shared EncodeMux/StepMux/DecodeMux stream
     # per replica, many sessions per message) or "per-session" (Encode/Step/Decode streams
     # of their own). See gateway/streams.py.
     backend_streams: str = "mux"
     refresh_interval_s: float = 0.5  # replica discovery, health and Info polling
     probe_timeout_s: float = 1.0
+    # Text safety hook: a text_policy.TextPolicy every text piece passes (None = off).
+    text_policy: Any = None
 
 
 @dataclass
@@ -55,13 +73,14 @@ class SessionParams:
     """A validated SessionConfig with the gateway's defaults applied."""
 
     sample_rate: int
-    encoding: str  # audio.PCM16 or audio.FLOAT32
+    encoding: str  # one of audio.ENCODINGS
     encoding_enum: int
     sampling: common_pb2.SamplingParams
     seed: int | None
     budget_ms: int
     max_consecutive_misses: int
     client_id: str
+    input_pacing: int = gateway_pb2.INPUT_PACING_REAL_TIME
 
 
 def _check_sampling(sp: common_pb2.SamplingParams) -> None:
@@ -84,7 +103,12 @@ def session_params(config: gateway_pb2.SessionConfig, settings: GatewaySettings)
         )
     encoding = ENCODING_NAMES.get(config.encoding)
     if encoding is None:
-        raise InvalidInput("encoding must be AUDIO_ENCODING_PCM16 or AUDIO_ENCODING_FLOAT32")
+        names = ", ".join(gateway_pb2.AudioEncoding.Name(e) for e in ENCODING_NAMES)
+        raise InvalidInput(f"encoding must be one of {names}")
+    try:
+        audio.check_rate(encoding, rate)
+    except audio.AudioFormatError as exc:
+        raise InvalidInput(str(exc)) from None
     _check_sampling(config.sampling)
     budget = config.budget_ms if config.HasField("budget_ms") else settings.default_budget_ms
     if not MIN_BUDGET_MS <= budget <= MAX_BUDGET_MS:
@@ -96,6 +120,11 @@ def session_params(config: gateway_pb2.SessionConfig, settings: GatewaySettings)
     )
     if len(config.client_id) > 256:
         raise InvalidInput("client_id must be at most 256 characters")
+    pacing = config.input_pacing or gateway_pb2.INPUT_PACING_REAL_TIME
+    if pacing not in (gateway_pb2.INPUT_PACING_REAL_TIME, gateway_pb2.INPUT_PACING_FLOW_CONTROL):
+        raise InvalidInput(
+            "input_pacing must be INPUT_PACING_REAL_TIME or INPUT_PACING_FLOW_CONTROL"
+        )
     return SessionParams(
         sample_rate=rate,
         encoding=encoding,
@@ -105,4 +134,5 @@ def session_params(config: gateway_pb2.SessionConfig, settings: GatewaySettings)
         budget_ms=int(budget),
         max_consecutive_misses=int(misses),
         client_id=config.client_id,
+        input_pacing=pacing,
     )

@@ -24,6 +24,7 @@ from moshi_grpc.services.common.errors import (
 )
 from moshi_grpc.services.common.metrics import GatewayMetrics
 from moshi_grpc.services.common.server import ServerState
+from moshi_grpc.services.common.status import grpc_status
 from moshi_grpc.services.common.streams import check_known_fields
 from moshi_grpc.services.gateway.config import GatewaySettings, session_params
 from moshi_grpc.services.gateway.replicas import NoCapacity, ReplicaPool
@@ -67,7 +68,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self, context: grpc.aio.ServicerContext, reason: str, exc: BaseException, retry_ms: int
     ) -> None:
         self.metrics.sessions_refused.labels(reason).inc()
-        code = exc.code if isinstance(exc, ServiceError) else grpc.StatusCode.RESOURCE_EXHAUSTED
+        code = (
+            grpc_status(exc.code)
+            if isinstance(exc, ServiceError)
+            else grpc.StatusCode.RESOURCE_EXHAUSTED
+        )
         message = f"{exc}; retry after {retry_ms} ms"
         log.info("session refused (%s): %s", reason, message)
         await context.abort(code, message, trailing_metadata=((RETRY_AFTER_KEY, str(retry_ms)),))
@@ -105,6 +110,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except NoCapacity as exc:
             await self._refuse(context, exc.reason, exc, exc.retry_after_ms)
             return
+        if self.pool.last_estimate is not None:
+            self.metrics.admission_estimate_seconds.observe(
+                self.pool.last_estimate.total_ms / 1000.0
+            )
         session_id = uuid.uuid4().hex[:16]
         logs.bind_session(session_id)
         session = Session(
@@ -150,10 +159,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                await self._end(session, context)
+                # Error ending: no reply after the summary, and none cut in half by it.
+                if await session.quiesce(self.settings.summary_wait_s):
+                    await self._end(session, context)
+                else:
+                    log.warning("client not reading: ending without the summary")
                 if isinstance(exc, RetryableCapacity):
                     await context.abort(
-                        exc.code,
+                        grpc_status(exc.code),
                         f"{exc}; retry after {exc.retry_after_ms} ms",
                         trailing_metadata=((RETRY_AFTER_KEY, str(exc.retry_after_ms)),),
                     )
@@ -174,7 +187,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 self.metrics.sessions_ended.labels(ENDED_LABEL.get(session.reason, "error")).inc()
                 summary = session.summary()
                 if session.audio_duration_s() > 0:
-                    self.metrics.real_time_factor.observe(
+                    self.metrics.session_wall_audio_ratio.observe(
                         summary.duration_s / session.audio_duration_s()
                     )
                 log.info(
@@ -205,6 +218,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     max_consecutive_misses=session.params.max_consecutive_misses,
                     sample_rate=session.params.sample_rate,
                     model=model,
+                    input_pacing=session.params.input_pacing,
                 )
             )
         )

@@ -24,6 +24,19 @@ are sent as silence (counted as late, and as `Failover.frames_lost`). The codec 
 not moved: Mimi's streaming state is not cheaply replayable, so a codec failure still ends
 the session with UNAVAILABLE.
 
+Misses (the budget contract, true at the default settings): a frame given up at its deadline
+(late) and a frame dropped for backlog while the oldest frame at the backends is past its
+deadline (a stage not answering) both count toward the consecutive-miss streak; K in a row
+end the session (DEADLINE_EXCEEDED). Independently, `_check_stages` watches each stage
+(encode, step, decode): one that owes an answer and has not given any for the budget + K
+frames' time ends the session even when no new input comes to be counted (DEADLINE_EXCEEDED,
+or UNAVAILABLE when its replica also fails its health probe); the LM moves to another replica
+after half of that. `_watch_health` treats a replica that fails its health probe while the
+session waits on it as gone, for the codec and the LM alike. Input faster than real time is
+dropped as overflow (not a miss). With INPUT_PACING_FLOW_CONTROL the client reader instead
+waits for room at the backends (gRPC flow control pushes back on the client): nothing is
+dropped, and the idle timeout does not count that wait.
+
 Backend streams are per session or shared multiplexed streams (`--backend-streams`, see
 gateway/streams.py: the same interface and failure semantics either way). Each backend
 stream is opened by `_open_*` so that a failover can re-open the LM stream
@@ -47,17 +60,19 @@ from moshi_grpc.services.common.errors import (
     BackendUnavailable,
     BudgetExceeded,
     CapacityExhausted,
+    ErrorCode,
     IdleTimeout,
     InvalidInput,
     OutOfOrder,
     ServiceError,
 )
 from moshi_grpc.services.common.metrics import GatewayMetrics
-from moshi_grpc.services.gateway.budget import Cause, Emission, FrameSequencer
+from moshi_grpc.services.gateway.budget import Cause, Emission, FrameSequencer, StageWatch
 from moshi_grpc.services.gateway.config import GatewaySettings, SessionParams
 from moshi_grpc.services.gateway.history import LmHistory
 from moshi_grpc.services.gateway.replicas import Lease, Replica, ReplicaPool
 from moshi_grpc.services.gateway.streams import DECODE, ENCODE, STEP, open_stream
+from moshi_grpc.services.gateway.text_policy import Action, TextGuard, TextPolicyEnded
 from moshi_grpc.v1 import codec_pb2, gateway_pb2, lm_pb2
 
 log = logging.getLogger(__name__)
@@ -74,6 +89,7 @@ ENDED_LABEL = {
     "draining": "draining",
     "error": "error",
     "max_session_length": "max_session_length",
+    "text_policy": "text_policy",
 }
 
 # LM stream failures that move the session to another LM replica (when one has a free slot):
@@ -91,10 +107,17 @@ FAILOVER_CODES = frozenset(
 MAX_FAILOVERS = 4
 
 
+class StageStalled(ServiceError):
+    """A backend stage stopped answering for K frames' time (its replica still looks
+    healthy, or the session could not move): the session cannot keep its budget."""
+
+    code = ErrorCode.TIMED_OUT
+
+
 class MaxSessionLength(ServiceError):
     """The session reached the gateway's maximum session length."""
 
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = ErrorCode.TIMED_OUT
 
 
 class RetryableCapacity(CapacityExhausted):
@@ -147,10 +170,37 @@ class Session:
         self._in_resampler = audio.StreamResampler(params.sample_rate, audio.MODEL_RATE, quality)
         self._reframer = audio.Reframer(audio.FRAME_SIZE)
         self._out_resampler = audio.FrameResampler(params.sample_rate, quality)
+        # Client bytes <-> samples; stateful for Ogg Opus (one stream per direction).
+        self._decoder = audio.StreamDecoder(params.encoding, params.sample_rate)
+        self._encoder = audio.StreamEncoder(params.encoding, params.sample_rate)
+        # The text safety hook (settings.text_policy), one guard per session.
+        self._text_guard = None
+        if settings.text_policy is not None:
+            count = metrics.text_policy_actions
+            self._text_guard = TextGuard(
+                settings.text_policy, session_id, lambda a: count.labels(a.value).inc()
+            )
         self._silence = np.zeros(audio.FRAME_SIZE, np.float32)
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
+        # INPUT_PACING_FLOW_CONTROL: the client reader waits for room at the backends
+        # (fewer than `flow_window_frames` frames outstanding) instead of dropping input.
+        self.flow_control = params.input_pacing == gateway_pb2.INPUT_PACING_FLOW_CONTROL
+        self._flow_window = max(1, min(settings.flow_window_frames, settings.max_backlog_frames))
+        self._backend_room = asyncio.Event()
+        self._backend_room.set()
+        self._holding_input = False  # the reader waits for backend room (not client idle)
+        self._ending = False  # an error ending: no more replies, the summary comes next
+        # Stalled-stage rule: a stage not answering for the budget + K frames' time (when K
+        # misses in a row would have been counted, had the client kept sending) ends the
+        # session (K = 0: never). A stage that answers within the budget is never stalled.
+        k = params.max_consecutive_misses
+        frame_s = audio.FRAME_SIZE / audio.MODEL_RATE
+        self._stage_limit_s = params.budget_ms / 1000.0 + k * frame_s if k > 0 else 0.0
+        self._watch = StageWatch(("encode", "step", "decode"), self._stage_limit_s)
+        self._stage_timer: asyncio.TimerHandle | None = None
+        self._finalized = False
         self._outbox: list[gateway_pb2.ConverseResponse] = []
         self._flushing = False
         self._flush_idle = asyncio.Event()  # set while no `_flush()` is writing
@@ -173,6 +223,7 @@ class Session:
         self._lm_moving = False
         self._lm_writes_done = False
         self._lm_abandoned = None  # an LM call we cancelled because its replica is unhealthy
+        self._abandon_reason = ""
         self._closing = False
         self.failovers = 0
         self._failover_note: tuple[str, str, int] | None = None  # from, to, late at the move
@@ -264,13 +315,13 @@ class Session:
 
     async def _read_client(self) -> None:
         ctx = self.context
-        encoding = self.params.encoding
         try:
             while True:
                 request = await ctx.read()
+                arrived = self.loop.time()  # the chunk's last byte is at the gateway
                 if request is _EOF:
                     break
-                self._last_client_msg = self.loop.time()
+                self._last_client_msg = arrived
                 kind = request.WhichOneof("kind")
                 if kind != "audio":
                     raise OutOfOrder(
@@ -279,20 +330,21 @@ class Session:
                         else "empty ConverseRequest: expected an audio chunk"
                     )
                 try:
-                    samples = audio.decode_samples(request.audio.data, encoding)
+                    samples = self._decoder.decode(request.audio.data)
                 except audio.AudioFormatError as exc:
                     raise InvalidInput(str(exc)) from None
                 for frame in self._reframer.push(self._in_resampler.process(samples)):
-                    await self._frame_in(frame)
+                    await self._frame_in(frame, arrived)
                 if self._stop_input:  # maximum session length: take no more input
                     break
             if not self._stop_input:
                 # End of the client stream: flush the resampler, pad the last partial frame.
+                arrived = self.loop.time()
                 for frame in self._reframer.push(self._in_resampler.flush()):
-                    await self._frame_in(frame)
+                    await self._frame_in(frame, arrived)
                 last = self._reframer.flush()
                 if last is not None:
-                    await self._frame_in(last)
+                    await self._frame_in(last, arrived)
             self._input_done = True
             await self._guarded_done_writing(self._enc_call)
         except asyncio.CancelledError:
@@ -308,18 +360,33 @@ class Session:
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             pass  # the reader of that stream reports the failure
 
-    async def _frame_in(self, frame: np.ndarray) -> None:
+    async def _frame_in(self, frame: np.ndarray, arrived: float) -> None:
+        """One complete input frame whose last byte reached the gateway at `arrived`."""
         seq = self.seq
         if seq.pending >= self.settings.max_pending_frames:
             # The client does not read our replies: stop reading it (gRPC flow control).
             self._room.clear()
             await self._room.wait()
-        now = self.loop.time()
-        ticket = seq.add_frame(now)
+        if self.flow_control:
+            # Pre-recorded input: take the frame only when the backends have room, and stop
+            # reading the client meanwhile (gRPC flow control paces it). Its clock starts
+            # when the gateway takes it.
+            while seq.outstanding >= self._flow_window:
+                self._holding_input = True
+                self._backend_room.clear()
+                try:
+                    await self._backend_room.wait()
+                finally:
+                    self._holding_input = False
+                    self._last_client_msg = self.loop.time()
+            arrived = self.loop.time()
+        ticket = seq.add_frame(arrived)
         if not ticket.send:
             await self._flush()
             return
+        now = self.loop.time()
         self._enc_q.append((ticket.index, now))
+        self._watch.sent("encode", now)
         index = self._enc_index
         self._enc_index += 1
         request = codec_pb2.PcmFrame(index=index, pcm_f32le=audio.array_to_f32le(frame))
@@ -335,10 +402,12 @@ class Session:
                     break
                 gw, sent = self._enc_q.popleft()
                 now = self.loop.time()
+                self._watch.answered("encode", now)
                 stage.observe(now - sent)
                 entry = (gw, now, msg.codes)
                 self._lm_q.append(entry)
                 if not self._lm_moving:
+                    self._watch.sent("step", now)
                     await self._write_lm(entry[2])
             self._check_clean_end(call, "encode", self.lease.codec)
             self._lm_writes_done = True
@@ -399,7 +468,7 @@ class Session:
                     if self._lm_abandoned is not call or (task and task.cancelling()):
                         raise
                     error = BackendUnavailable(
-                        f"lm replica {replica.address} (step) stopped answering health checks"
+                        f"lm replica {replica.address} (step) {self._abandon_reason}"
                     )
                 if not await self._failover(replica):
                     if isinstance(error, RetryableCapacity):  # the replica moved to was full
@@ -416,7 +485,6 @@ class Session:
 
     async def _read_lm_stream(self, call) -> None:
         stage = self.metrics.stage_seconds.labels("step")
-        outbox = self._outbox
         history = self._lm_history
         while True:
             msg = await call.read()
@@ -424,53 +492,132 @@ class Session:
                 break
             gw, sent, codes = self._lm_q.popleft()
             now = self.loop.time()
+            self._watch.answered("step", now)
             stage.observe(now - sent)
             if self._failover_note is not None:
                 self._announce_failover()
             if msg.text_piece:
                 text = msg.text_piece.replace("\u2581", " ")
-                outbox.append(
-                    gateway_pb2.ConverseResponse(
-                        text=gateway_pb2.TextPiece(frame_index=gw, text=text)
+                if self._text_guard is not None:
+                    text = self._police_text(gw, text)
+                if text is not None:
+                    # (self._outbox, not a local: `_flush` swaps the list for a new one)
+                    self._outbox.append(
+                        gateway_pb2.ConverseResponse(
+                            text=gateway_pb2.TextPiece(frame_index=gw, text=text)
+                        )
                     )
-                )
                 await self._flush()
             if msg.ready:
                 history.append(codes, msg.text_token, msg.moshi_codes)
                 self._dec_q.append((gw, now))
+                self._watch.sent("decode", now)
                 index = self._dec_index
                 self._dec_index += 1
                 request = codec_pb2.CodesFrame(index=index, codes=msg.moshi_codes)
                 await self._guarded_write(self.lease.codec, "decode", self._dec_call, request)
             else:
                 history.append(codes, None, ())
-                self.seq.resolve(gw, None)
+                self._resolved(gw, None, now)
                 await self._flush()
 
     # ----------------------------------------------------------------- LM failover
 
-    def _watch_lm_health(self) -> None:
-        """Periodic: an LM replica that fails its health probe (e.g. frozen: the stream just
-        stops answering) is abandoned; cancelling its call makes the LM reader fail over."""
-        self._health_timer = None
-        if self._closing:
-            return
+    def _resolved(self, gw: int, pcm, now: float) -> None:
+        """Frame `gw` is answered (decoded PCM, or None: LM not ready)."""
+        late_latency = self.seq.resolve(gw, pcm, now)
+        if late_latency is not None:  # given up as late before: its real latency counts
+            self.metrics.frame_latency_seconds.observe(late_latency)
+
+    def _abandon_lm(self, reason: str) -> None:
+        """Cancel the LM call: its reader fails over (or ends the session UNAVAILABLE)."""
         call = self._lm_call
-        replica = self.lease.lm
+        if self._lm_moving or call is None or call.done() or self._lm_abandoned is call:
+            return
+        log.warning("lm replica %s %s; failing over", self.lease.lm.address, reason)
+        self._abandon_reason = reason
+        self._lm_abandoned = call
+        call.cancel()
+
+    def _silent_for(self, now: float, *stages: str) -> float:
+        """How long the longest-silent of `stages` has owed an answer (0: owes nothing)."""
+        since = [s for s in map(self._watch.silent_since, stages) if s is not None]
+        return now - min(since) if since else 0.0
+
+    def _watch_health(self) -> None:
+        """Periodic: a replica that fails its health probe while the session waits on it
+        (frames outstanding there, unanswered for a probe interval) is treated as gone. The
+        LM call is abandoned (its reader fails over, or ends the session UNAVAILABLE); a
+        codec replica cannot be replaced, so the session ends UNAVAILABLE. Both stages are
+        watched the same way, and by the stalled-stage rule (`_check_stages`)."""
+        self._health_timer = None
+        if self._closing or self._failure is not None:
+            return
+        interval = max(0.05, self.settings.refresh_interval_s)
+        now = self.loop.time()
+        lm = self.lease.lm
+        if lm.failures > 0 and not lm.healthy and self._silent_for(now, "step") >= interval:
+            self._abandon_lm("stopped answering health checks")
+        codec = self.lease.codec
         if (
-            not self._lm_moving
-            and replica.failures > 0
-            and not replica.healthy
-            and call is not None
-            and not call.done()
-            and self._lm_abandoned is not call
+            codec.failures > 0
+            and not codec.healthy
+            and self._silent_for(now, "encode", "decode") >= interval
         ):
-            log.warning("lm replica %s failed its health probe; failing over", replica.address)
-            self._lm_abandoned = call
-            call.cancel()
-        self._health_timer = self.loop.call_later(
-            max(0.05, self.settings.refresh_interval_s), self._watch_lm_health
+            self._fail(
+                BackendUnavailable(f"codec replica {codec.address} stopped answering health checks")
+            )
+            return
+        self._health_timer = self.loop.call_later(interval, self._watch_health)
+
+    def _check_stages(self) -> None:
+        """The stalled-stage rule. A stage with frames outstanding that has not answered for
+        the budget + K frames' time (K = the session's max_consecutive_misses; 0 = off) ends
+        the session: DEADLINE_EXCEEDED, or UNAVAILABLE when its replica also fails its health
+        probe. The LM moves to another replica (failover) after half of that, when one has a
+        free slot. Misses alone cannot be relied on for this: a client that stops sending
+        gives no frame to count."""
+        self._stage_timer = None
+        limit = self._stage_limit_s
+        if self._closing or self._failure is not None or limit <= 0:
+            return
+        now = self.loop.time()
+        watch = self._watch
+        lm = self.lease.lm
+        can_move = (
+            self.pool is not None
+            and self.settings.lm_failover
+            and self.failovers < MAX_FAILOVERS
+            and not self._lm_moving
+            and self._lm_abandoned is not self._lm_call
         )
+        if can_move and self._silent_for(now, "step") >= limit / 2:
+            if self.pool.failover_lm(lm) is not None:
+                self._abandon_lm(f"has not answered for {self._silent_for(now, 'step'):.1f} s")
+        stage = watch.stalled(now)
+        if stage is not None and not self._lm_moving:
+            replica = lm if stage == "step" else self.lease.codec
+            what = (
+                f"{replica.kind} replica {replica.address} ({stage}) has not answered for "
+                f"{self._silent_for(now, stage):.1f} s (the {self.params.budget_ms} ms budget "
+                f"+ {self.params.max_consecutive_misses} frames' time)"
+            )
+            if replica.failures > 0 and not replica.healthy:
+                self._fail(BackendUnavailable(f"{what} and fails its health checks"))
+            else:
+                self._fail(StageStalled(f"{what}; ending the session"))
+            return
+        # Next check: when a stage could reach its limit (the LM: half of it while a move is
+        # still possible and not yet due; nothing owed: a whole limit from now at least).
+        times = []
+        for st in ("encode", "step", "decode"):
+            since = watch.silent_since(st)
+            if since is None:
+                continue
+            half = st == "step" and can_move and now - since < limit / 2
+            times.append(since + (limit / 2 if half else limit))
+        at = min(times) if times else now + (limit / 2 if can_move else limit)
+        self._stage_timer = self.loop.call_at(max(at, now + 0.01), self._check_stages)
 
     async def _failover(self, failed: Replica) -> bool:
         """Move the LM stream to another replica with a free slot; False if none (or too many
@@ -501,6 +648,7 @@ class Session:
             self._failover_note = (failed.address, target.address, late)
             self._open_lm(replay)
             self._lm_index = len(replay)
+            self._watch.restart("step", self.loop.time(), len(self._lm_q))
             try:
                 await self._lm_call.open(self._lm_open)
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
@@ -548,14 +696,16 @@ class Session:
                 if msg is _EOF:
                     break
                 gw, sent = self._dec_q.popleft()
-                stage.observe(self.loop.time() - sent)
+                now = self.loop.time()
+                self._watch.answered("decode", now)
+                stage.observe(now - sent)
                 pcm = audio.f32le_to_array(msg.pcm_f32le)
                 if pcm.size != audio.FRAME_SIZE:
                     raise BackendUnavailable(
                         f"codec replica {self.lease.codec.address} returned {pcm.size} samples "
                         f"instead of {audio.FRAME_SIZE}"
                     )
-                self.seq.resolve(gw, pcm)
+                self._resolved(gw, pcm, now)
                 await self._flush()
             self._check_clean_end(call, "decode", self.lease.codec)
         except asyncio.CancelledError:
@@ -582,20 +732,47 @@ class Session:
         self._timer_at = at
         self._timer = None if at is None else self.loop.call_at(at, self._wake.set)
 
+    def _police_text(self, gw: int, text: str) -> str | None:
+        """The text policy's verdict on one piece: the text to send (None: none), with its
+        TextPolicyApplied event queued first; `end` fails the session."""
+        verdict = self._text_guard.on_text(gw, text)
+        d = verdict.decision
+        if d.action is Action.PASS:
+            return text
+        self._outbox.append(
+            gateway_pb2.ConverseResponse(
+                event=gateway_pb2.Event(
+                    text_policy=gateway_pb2.TextPolicyApplied(
+                        frame_index=gw,
+                        action=d.action.value,
+                        rule=d.rule,
+                        mute_frames=d.mute_frames if d.action is Action.MUTE else 0,
+                    )
+                )
+            )
+        )
+        log.info("text policy: %s at frame %d (%s)", d.action.value, gw, d.rule)
+        if verdict.end_reason is not None:
+            self._fail(TextPolicyEnded(verdict.end_reason))
+        return verdict.text
+
     def _audio_message(self, e: Emission) -> gateway_pb2.ConverseResponse:
-        pcm = e.pcm if e.pcm is not None else self._silence
+        muted = self._text_guard is not None and self._text_guard.muted(e.index)
+        pcm = e.pcm if e.pcm is not None and not muted else self._silence
         out = self._out_resampler.process(pcm)
         return gateway_pb2.ConverseResponse(
             audio=gateway_pb2.AudioOut(
                 frame_index=e.index,
-                data=audio.encode_samples(out, self.params.encoding),
-                silence=e.pcm is None,
+                data=self._encoder.encode(out),
+                silence=e.pcm is None or muted,
             )
         )
 
     async def _send(self, emissions: list[Emission]) -> None:
         write = self.context.write
         m = self.metrics
+        seq = self.seq
+        loop = self.loop
         dropped_run: list[int] = []
         for i, e in enumerate(emissions):
             cause = e.cause
@@ -612,19 +789,25 @@ class Session:
                     )
                 )
             elif cause is Cause.DROPPED and not dropped_run:
-                # One event per run of consecutive dropped frames in this batch.
+                # One event per run of consecutive dropped frames (same reason) in this batch.
                 run = [e.index]
                 for nxt in emissions[i + 1 :]:
-                    if nxt.cause is not Cause.DROPPED or nxt.index != run[-1] + 1:
+                    if (
+                        nxt.cause is not Cause.DROPPED
+                        or nxt.index != run[-1] + 1
+                        or nxt.stalled != e.stalled
+                    ):
                         break
                     run.append(nxt.index)
                 dropped_run = run
-                m.frames_dropped.labels("overflow").inc(len(run))
+                m.frames_dropped.labels("stalled" if e.stalled else "overflow").inc(len(run))
                 await write(
                     gateway_pb2.ConverseResponse(
                         event=gateway_pb2.Event(
                             frames_dropped=gateway_pb2.FramesDropped(
-                                first_frame_index=run[0], count=len(run), reason="backlog_full"
+                                first_frame_index=run[0],
+                                count=len(run),
+                                reason="backend_stalled" if e.stalled else "backlog_full",
                             )
                         )
                     )
@@ -632,10 +815,11 @@ class Session:
             if dropped_run and dropped_run[-1] == e.index:
                 dropped_run = []
             await write(self._audio_message(e))
+            latency = seq.written(e, loop.time())
             m.frames.inc()
             self._audio_frames_sent += 1
-            if e.latency_s is not None:
-                m.frame_latency_seconds.observe(e.latency_s)
+            if latency is not None:
+                m.frame_latency_seconds.observe(latency)
             if not self._first_audio_sent:
                 self._first_audio_sent = True
                 m.time_to_first_audio_seconds.observe(time.monotonic() - self._started_wall)
@@ -650,6 +834,8 @@ class Session:
         """
         if self._flushing:
             self._dirty = True
+            return
+        if self._ending:  # an error ending: the summary is the next and last reply
             return
         self._flushing = True
         self._flush_idle.clear()
@@ -671,6 +857,8 @@ class Session:
             self._flush_idle.set()
         if seq.pending < self.settings.max_pending_frames:
             self._room.set()
+        if seq.outstanding < self._flow_window:
+            self._backend_room.set()
         if seq.exceeded or (self._input_done and seq.pending == 0):
             self._wake.set()  # the pump ends the session
         else:
@@ -687,8 +875,9 @@ class Session:
         idle_s = settings.idle_timeout_s
         idle_timer = None
         idle_at = 0.0
-        if self.pool is not None and settings.lm_failover:
-            self._watch_lm_health()
+        if self.pool is not None:
+            self._watch_health()
+        self._check_stages()
         # Maximum session length: stop taking input, let the frames in flight come back (for
         # at most the per-frame budget plus a margin), then end with DEADLINE_EXCEEDED.
         limit_timer = None
@@ -727,7 +916,11 @@ class Session:
                     )
                 if self._failure is not None:
                     exc = self._failure
-                    if isinstance(exc, BackendUnavailable | CapacityExhausted):
+                    if isinstance(exc, StageStalled):
+                        self.reason = "deadline_exceeded"
+                    elif isinstance(exc, TextPolicyEnded):
+                        self.reason = "text_policy"
+                    elif isinstance(exc, BackendUnavailable | CapacityExhausted):
                         self.reason = "backend_failed"
                     else:
                         self.reason = "error"
@@ -742,6 +935,8 @@ class Session:
                     return
                 if not self._input_done and idle_s > 0:
                     now = self.loop.time()
+                    if self._holding_input:  # we are not reading the client: not idle
+                        self._last_client_msg = now
                     if now - self._last_client_msg >= idle_s:
                         self.reason = "idle_timeout"
                         raise IdleTimeout(f"no audio from the client for {idle_s:g} s")
@@ -758,19 +953,40 @@ class Session:
     # ----------------------------------------------------------------- end
 
     def summary(self) -> gateway_pb2.SessionSummary:
+        """The session's totals. The first call closes the latency books: late frames whose
+        output never came count with their latency so far (a lower bound)."""
         seq = self.seq
+        if not self._finalized:
+            self._finalized = True
+            for latency in seq.finalize(self.loop.time()):
+                self.metrics.frame_latency_seconds.observe(latency)
         p50, p95, p99 = seq.latency.percentiles_ms((50, 95, 99))
         return gateway_pb2.SessionSummary(
             frames_in=seq.frames_in,
             frames_out=seq.frames_out,
             frames_late=seq.frames_late,
             frames_dropped=seq.frames_dropped,
+            frames_dropped_stalled=seq.frames_dropped_stalled,
             latency_p50_ms=p50,
             latency_p95_ms=p95,
             latency_p99_ms=p99,
+            latency_frames=len(seq.latency),
             duration_s=time.monotonic() - self._started_wall,
             reason=self.reason,
         )
+
+    async def quiesce(self, timeout_s: float) -> bool:
+        """An error ending: stop writing replies and wait (at most `timeout_s`) for a write
+        in progress to finish, so that the summary comes after it. False on timeout (a
+        client that does not read: the summary could not be written either)."""
+        self._ending = True
+        if not self._flushing:
+            return True
+        try:
+            await asyncio.wait_for(self._flush_idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     def audio_duration_s(self) -> float:
         return self.seq.frames_out * audio.FRAME_SIZE / audio.MODEL_RATE
@@ -790,6 +1006,9 @@ class Session:
         if self._health_timer is not None:
             self._health_timer.cancel()
             self._health_timer = None
+        if self._stage_timer is not None:
+            self._stage_timer.cancel()
+            self._stage_timer = None
         self.cancel_backends()
         for task in self._tasks:
             task.cancel()

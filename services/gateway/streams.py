@@ -37,7 +37,7 @@ from typing import Any
 
 import grpc
 
-from moshi_grpc.services.common.errors import status_code
+from moshi_grpc.services.common.status import status_code
 from moshi_grpc.v1 import codec_pb2, lm_pb2
 
 log = logging.getLogger(__name__)

@@ -50,17 +50,35 @@ class EchoStepOutput:
 
 
 class EchoLMGen:
-    def __init__(self, lm: EchoLM, num_slots: int) -> None:
+    """Rows `[0, B)` per step, like `LMGen` (see its docstring for the row protocol)."""
+
+    def __init__(self, lm: EchoLM, num_rows: int) -> None:
         cfg = lm.config
         self.lm = lm
-        self.num_slots = num_slots
+        self.num_slots = num_rows
         self.max_delay = cfg.max_delay
-        self._steps = torch.zeros(num_slots, dtype=torch.long)
-        self._history = torch.zeros(num_slots, cfg.max_delay + 1, cfg.dep_q, dtype=torch.long)
+        self._steps = torch.zeros(num_rows, dtype=torch.long)
+        self._history = torch.zeros(num_rows, cfg.max_delay + 1, cfg.dep_q, dtype=torch.long)
+        self.captured = None
 
-    def reset(self, slot: int, sampling: Any = None, seed: int | None = None) -> None:
-        self._steps[slot] = 0
-        self._history[slot] = 0
+    def reset(self, row: int, sampling: Any = None, seed: int | None = None) -> None:
+        self._steps[row] = 0
+        self._history[row] = 0
+
+    def free(self, row: int) -> None:
+        pass
+
+    def move_row(self, src: int, dst: int) -> None:
+        self._steps[dst] = self._steps[src]
+        self._history[dst] = self._history[src]
+
+    def prefill(self, row: int, user_codes: torch.Tensor, text: Any, audio: Any) -> None:
+        """The history's user codes are all the echo needs: its last steps fill the ring."""
+        ring = self.max_delay + 1
+        total = int(user_codes.shape[0])
+        for s in range(max(0, total - ring), total):
+            self._history[row, s % ring] = user_codes[s, : self._history.shape[-1]]
+        self._steps[row] = total
 
     def step(
         self,
@@ -71,18 +89,19 @@ class EchoLMGen:
         force: torch.Tensor | None = None,
     ) -> EchoStepOutput:
         """Forced tokens (replay) are ignored: the echo's output depends on user codes only."""
-        n = self.num_slots
+        n = user_codes.shape[0]
         if active is None:
             active = torch.ones(n, dtype=torch.bool)
         ring = self.max_delay + 1
-        pos = self._steps % ring
+        steps, history = self._steps[:n], self._history[:n]
+        pos = steps % ring
         rows = torch.arange(n)
-        written = self._history.clone()
+        written = history.clone()
         written[rows, pos] = user_codes.long()
-        self._history = torch.where(active.view(-1, 1, 1), written, self._history)
-        out_pos = (self._steps - self.max_delay) % ring
-        audio = self._history[rows, out_pos].clone()
-        ready = active & (self._steps >= self.max_delay)
-        self._steps = torch.where(active, self._steps + 1, self._steps)
+        history.copy_(torch.where(active.view(-1, 1, 1), written, history))
+        out_pos = (steps - self.max_delay) % ring
+        audio = history[rows, out_pos].clone()
+        ready = active & (steps >= self.max_delay)
+        steps.copy_(torch.where(active, steps + 1, steps))
         text = torch.full((n,), self.lm.config.text_padding_id, dtype=torch.long)
         return EchoStepOutput(text=text, audio=audio, ready=ready)

@@ -1,8 +1,11 @@
 """The LM engine: one Moshi LM replica, its batched generator (LMGen) and a scheduler.
 
-Each Step stream holds one generator slot, reset with the stream's sampling parameters and
-seed when it joins. Replay (failover) feeds the recorded history through the same
-scheduler as teacher-forced steps, so it is batched with the live sessions.
+Each Step stream holds one slot; its state lies in a generator row, reset with the stream's
+sampling parameters and seed when it joins. Live sessions stay packed into the first rows and
+a tick steps only the smallest bucket of rows holding its frames (services/common/buckets.py).
+Replay (failover) rebuilds a row from the recorded history in one prefill (`Prefill`, a few
+batched forwards of the temporal transformer), then the last steps, whose tokens were not
+emitted yet, run as ordinary steps.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from typing import Any
 import torch
 
 from moshi_grpc.services.common.batching import BatchScheduler
+from moshi_grpc.services.common.buckets import RowTable
+from moshi_grpc.services.common.cuda_graphs import BucketGraphs, use_cuda_graphs
 from moshi_grpc.services.common.metrics import LmMetrics
 
 log = logging.getLogger(__name__)
@@ -36,11 +41,13 @@ class LmOptions:
     max_wait_ms: float = 5.0
     inject_delay_ms: float = 0.0
     seed: int = 0
+    cuda_graphs: str = "auto"  # auto | on | off (see services/common/cuda_graphs.py)
+    warmup_repeats: int = 3  # timed warm-up steps per bucket at load (0: one untimed step)
 
 
 @dataclass(frozen=True)
 class StepInput:
-    """One frame for the generator: user codes, and recorded tokens when replaying."""
+    """One frame for the generator: user codes, and recorded tokens when forcing."""
 
     user_codes: torch.Tensor  # (n_user,) long
     force_text: int | None = None
@@ -48,10 +55,23 @@ class StepInput:
 
 
 @dataclass(frozen=True)
+class Prefill:
+    """A replayed history to rebuild in one go before a session's first frame (failover):
+    the user codes of its first T steps and the tokens each of those steps sampled."""
+
+    user_codes: torch.Tensor  # (T, n_user) long
+    text: torch.Tensor  # (T,) long
+    audio: torch.Tensor  # (T, dep_q) long
+
+
+@dataclass(frozen=True)
 class StepOut:
     ready: bool
     text: int
     audio: list[int]
+
+
+NOT_READY_OUT = StepOut(False, -1, [])
 
 
 @dataclass(frozen=True)
@@ -83,54 +103,127 @@ def load_lm_model(options: LmOptions) -> tuple[Any, Any]:
     return lm, TextTokenizer(options.tokenizer)
 
 
-def make_generator(lm: Any, num_slots: int) -> Any:
+def make_generator(lm: Any, num_rows: int) -> Any:
     if getattr(lm, "config_name", "") == "echo":
         from moshi_grpc.services.lm.echo import EchoLMGen
 
-        return EchoLMGen(lm, num_slots)
+        return EchoLMGen(lm, num_rows)
     from moshi_grpc.models.lm_gen import LMGen
 
-    return LMGen(lm, num_slots)
+    return LMGen(lm, num_rows)
 
 
 class GenRunner:
-    """Adapts LMGen to the scheduler's BatchRunner protocol."""
+    """The scheduler's BatchRunner over a generator: slots map to rows kept packed
+    (`RowTable`), and a tick steps the smallest bucket of rows holding its frames."""
 
-    def __init__(self, gen: Any, num_slots: int, n_user: int, dep_q: int) -> None:
+    def __init__(self, gen: Any, num_slots: int, n_user: int, dep_q: int, graphs: bool) -> None:
         self.gen = gen
         self.num_slots = num_slots
         self.n_user = n_user
         self.dep_q = dep_q
+        self.table = RowTable(num_slots)
+        self.ladder = self.table.ladder
+        self.graphs: BucketGraphs | None = None
+        if graphs and hasattr(gen, "core"):
+            shape = gen.full_shape()
+            self.graphs = BucketGraphs(lambda *inputs: gen.core(*inputs, shape=shape))
+            gen.captured = self.graphs.run
 
     @torch.inference_mode()
     def join(self, slot: int, payload: JoinPayload) -> None:
-        self.gen.reset(slot, payload.sampling, payload.seed)
+        self.gen.reset(self.table.join(slot), payload.sampling, payload.seed)
 
     @torch.inference_mode()
-    def run(self, slots: Sequence[int], payloads: Sequence[StepInput]) -> list[StepOut]:
-        n = self.num_slots
-        index = torch.tensor(list(slots), dtype=torch.long)
-        codes = torch.zeros((n, self.n_user), dtype=torch.long)
-        codes[index] = torch.stack([p.user_codes for p in payloads])
-        active = torch.zeros(n, dtype=torch.bool)
-        active[index] = True
+    def leave(self, slot: int) -> None:
+        try:
+            row = self.table.row_of(slot)
+        except RuntimeError:
+            return  # left before its join was applied
+        move = self.table.leave(slot)
+        if move is None:
+            self.gen.free(row)
+        else:
+            self.gen.move_row(move.src, move.dst)
+            self.gen.free(move.src)
+
+    @torch.inference_mode()
+    def run(
+        self, slots: Sequence[int], payloads: Sequence[StepInput | Prefill]
+    ) -> tuple[list[StepOut], int]:
+        results: list[StepOut] = [NOT_READY_OUT] * len(slots)
+        stepped = []
+        for i, (slot, p) in enumerate(zip(slots, payloads)):
+            if isinstance(p, Prefill):
+                self.gen.prefill(self.table.row_of(slot), p.user_codes, p.text, p.audio)
+            else:
+                stepped.append(i)
+        if not stepped:
+            return results, 0
+        plan = self.table.plan([slots[i] for i in stepped])
+        b = plan.bucket
+        codes = torch.zeros((b, self.n_user), dtype=torch.long)
+        active = torch.zeros(b, dtype=torch.bool)
+        for i, row in zip(stepped, plan.rows):
+            codes[row] = payloads[i].user_codes
+            active[row] = True
         kwargs: dict[str, Any] = {}
-        forced = [i for i, p in enumerate(payloads) if p.force_text is not None]
+        forced = [
+            (i, row) for i, row in zip(stepped, plan.rows) if payloads[i].force_text is not None
+        ]
         if forced:
-            force = torch.zeros(n, dtype=torch.bool)
-            force_text = torch.zeros(n, dtype=torch.long)
-            force_audio = torch.zeros((n, self.dep_q), dtype=torch.long)
-            for i in forced:
-                slot = slots[i]
-                force[slot] = True
-                force_text[slot] = payloads[i].force_text
-                force_audio[slot] = payloads[i].force_audio
+            force = torch.zeros(b, dtype=torch.bool)
+            force_text = torch.zeros(b, dtype=torch.long)
+            force_audio = torch.zeros((b, self.dep_q), dtype=torch.long)
+            for i, row in forced:
+                force[row] = True
+                force_text[row] = payloads[i].force_text
+                force_audio[row] = payloads[i].force_audio
             kwargs = {"force_text": force_text, "force_audio": force_audio, "force": force}
         out = self.gen.step(codes, active, **kwargs)
-        ready = out.ready[index].tolist()
-        text = out.text[index].tolist()
-        audio = out.audio[index].tolist()
-        return [StepOut(bool(r), int(t), a) for r, t, a in zip(ready, text, audio)]
+        ready, text, audio = out.ready.tolist(), out.text.tolist(), out.audio.tolist()
+        for i, row in zip(stepped, plan.rows):
+            results[i] = StepOut(bool(ready[row]), int(text[row]), audio[row])
+        return results, b
+
+    @torch.inference_mode()
+    def warm_up(self, bucket: int) -> None:
+        """One step of rows `[0, bucket)` (all free at load) with default sampling, at the
+        longest attention span; on CUDA the first call per bucket captures its graph."""
+        from moshi_grpc.models.lm_gen import SamplingConfig
+
+        gen = self.gen
+        for row in range(bucket):
+            gen.reset(row, SamplingConfig(), seed=row)
+        codes = torch.zeros((bucket, self.n_user), dtype=torch.long)
+        active = torch.ones(bucket, dtype=torch.bool)
+        if self.graphs is not None:
+            inputs = _core_inputs(codes, active, self.dep_q, gen.device)
+            if bucket not in self.graphs:
+                self.graphs.capture(bucket, inputs)
+            self.graphs.run(bucket, inputs)
+            torch.cuda.synchronize()
+        elif hasattr(gen, "core"):
+            shape = gen.full_shape()
+            warm = type(shape)(shape.length, True, min(25, shape.k_text), min(250, shape.k_audio))
+            gen.core(*_core_inputs(codes, active, self.dep_q, gen.device), shape=warm)
+        else:
+            gen.step(codes, active)
+        for row in range(bucket):
+            gen.reset(row)
+            gen.free(row)
+
+
+def _core_inputs(codes: torch.Tensor, active: torch.Tensor, dep_q: int, device: Any) -> tuple:
+    b = codes.shape[0]
+    host = (
+        codes,
+        active,
+        torch.zeros(b, dtype=torch.bool),
+        torch.zeros(b, dtype=torch.long),
+        torch.zeros((b, dep_q), dtype=torch.long),
+    )
+    return tuple(t.to(device) for t in host)
 
 
 class LmEngine:
@@ -150,13 +243,17 @@ class LmEngine:
         self.delays = [int(d) for d in cfg.delays]
         self.max_delay = max(self.delays)
         self.gen = make_generator(lm, options.max_sessions)
+        graphs = use_cuda_graphs(options.cuda_graphs, getattr(lm, "device", "cpu"))
+        self.runner = GenRunner(self.gen, options.max_sessions, self.n_user, self.dep_q, graphs)
         self.scheduler = BatchScheduler(
-            GenRunner(self.gen, options.max_sessions, self.n_user, self.dep_q),
+            self.runner,
             name="lm-step",
             max_wait_s=options.max_wait_ms / 1000.0,
             metrics=metrics.step if metrics else None,
             inject_delay_s=options.inject_delay_ms / 1000.0,
         )
+        # Every bucket runs (and on CUDA is captured) before the replica reports SERVING.
+        self.scheduler.warm_up(options.warmup_repeats)
 
     @property
     def model_name(self) -> str:

@@ -17,8 +17,8 @@ from moshi_grpc.services.common.metrics import LmMetrics
 from moshi_grpc.services.common.mux import Opened, serve_mux, serve_stream
 from moshi_grpc.services.common.server import ServerState
 from moshi_grpc.services.common.streams import stream_closer
-from moshi_grpc.services.common.wire import parse_codes
-from moshi_grpc.services.lm.engine import JoinPayload, LmEngine, StepInput
+from moshi_grpc.services.common.wire import bucket_timings, parse_codes, timing_proto
+from moshi_grpc.services.lm.engine import JoinPayload, LmEngine, Prefill, StepInput
 from moshi_grpc.v1 import common_pb2, lm_pb2, lm_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -40,14 +40,16 @@ def sampling_from_proto(params: common_pb2.SamplingParams) -> Any:
         raise InvalidInput(f"sampling: {exc}") from None
 
 
-def parse_replay(replay: Any, engine: LmEngine) -> list[StepInput]:
-    """Validate the history and turn it into teacher-forced steps.
+def parse_replay(replay: Any, engine: LmEngine) -> list[StepInput | Prefill]:
+    """Validate the history and turn it into one prefill plus the steps left to run.
 
-    The history holds what each step emitted (delay-aligned). The token the model sampled
-    for stream j at step s was emitted at step s + max_delay - delay_j, so step s can be
-    forced when all those emitted steps are in the history; the last steps (whose tokens
-    were not emitted yet) run unforced: with the same seed and sampling they sample the
-    same tokens again, so the session continues exactly as it would have.
+    The history holds what each step emitted (delay-aligned): the token the model sampled for
+    stream j at step s was emitted at step s + max_delay - delay_j, and a later step reads it
+    only when s >= delay_j. The longest prefix of steps whose read tokens are all in the
+    history is rebuilt in one prefill (a few batched forwards, no sampling); the remaining
+    steps (at least the last max_delay, whose tokens were not emitted yet) run as ordinary
+    steps: draws are a function of (seed, step), so with the same seed and sampling they
+    sample the same tokens again and the session continues exactly as it would have.
     """
     steps = list(replay)
     n = len(steps)
@@ -76,20 +78,31 @@ def parse_replay(replay: Any, engine: LmEngine) -> list[StepInput]:
                 )
             emitted_text.append(None)
             emitted_audio.append(None)
-    delays = engine.delays
-    out: list[StepInput] = []
-    for s in range(n):
-        text_at = s + engine.max_delay - delays[0]
-        audio_at = [s + engine.max_delay - delays[1 + j] for j in range(engine.dep_q)]
-        needed = [text_at, *audio_at]
-        if all(0 <= e < n and emitted_text[e] is not None for e in needed):
-            text = emitted_text[text_at]
-            audio = torch.tensor(
-                [emitted_audio[e][j] for j, e in enumerate(audio_at)], dtype=torch.long
-            )
-            out.append(StepInput(user[s], force_text=text, force_audio=audio))
+    if n == 0:
+        return []
+    delays, max_delay = engine.delays, engine.max_delay
+    text = torch.zeros(n, dtype=torch.long)
+    audio = torch.zeros((n, engine.dep_q), dtype=torch.long)
+    prefix = 0
+    for s in range(n - max_delay):
+        for j in range(engine.dep_q + 1):  # stream 0: text; 1..dep_q: Moshi's codebooks
+            if s < delays[j]:
+                continue  # never read back (overwritten by the initial token)
+            at = s + max_delay - delays[j]
+            if emitted_text[at] is None:
+                break
+            if j == 0:
+                text[s] = emitted_text[at]
+            else:
+                audio[s, j - 1] = emitted_audio[at][j - 1]
         else:
-            out.append(StepInput(user[s]))
+            prefix = s + 1
+            continue
+        break
+    out: list[StepInput | Prefill] = []
+    if prefix:
+        out.append(Prefill(torch.stack(user[:prefix]), text[:prefix], audio[:prefix]))
+    out.extend(StepInput(user[s]) for s in range(prefix, n))
     return out
 
 
@@ -109,7 +122,7 @@ class LmStage:
         replay = parse_replay(opened.replay, engine)
         slot = engine.scheduler.acquire(JoinPayload(sampling, seed), opened.session_id)
         step_metrics = self.metrics.step if self.metrics else None
-        return Opened(slot, stream_closer(slot, step_metrics), replay)
+        return Opened(slot, stream_closer(slot, step_metrics), replay, len(opened.replay))
 
     def parse(self, frame: lm_pb2.UserCodes) -> StepInput:
         engine = self.engine
@@ -123,13 +136,14 @@ class LmStage:
                 text_token=out.text,
                 text_piece=self.engine.piece(out.text),
                 moshi_codes=out.audio,
-                timing=timing.to_proto(),
+                timing=timing_proto(timing),
             )
-        return lm_pb2.StepOutput(index=index, ready=False, timing=timing.to_proto())
+        return lm_pb2.StepOutput(index=index, ready=False, timing=timing_proto(timing))
 
-    def replayed(self) -> None:
+    def replayed(self, payload: Any) -> None:
         if self.metrics is not None:
-            self.metrics.replayed_steps.inc()
+            steps = payload.user_codes.shape[0] if isinstance(payload, Prefill) else 1
+            self.metrics.replayed_steps.inc(steps)
 
 
 class LmServicer(lm_pb2_grpc.LMServicer):
@@ -190,4 +204,5 @@ class LmServicer(lm_pb2_grpc.LMServicer):
             frame_size=1920,
             codebook_size=engine.card,
             text_vocab_size=engine.text_card,
+            buckets=bucket_timings(engine.scheduler, "step"),
         )

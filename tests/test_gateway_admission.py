@@ -1,0 +1,221 @@
+"""Admission from measured cost (services/gateway/replicas.py): the gateway predicts a new
+session's frame latency from the replicas' per-bucket step times (Info.buckets) and refuses
+what it cannot serve.
+
+Backends here are tiny real gRPC servers on loopback that answer health and `Info` with
+hand-made `BackendInfo` (so the figures are exact); time is a fake clock, so expiry and
+decay are checked without waiting.
+"""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from moshi_grpc.services.common.errors import ErrorCode
+from moshi_grpc.services.gateway.replicas import (
+    ChannelSettings,
+    CostSettings,
+    NoCapacity,
+    ReplicaCost,
+    ReplicaPool,
+    Spec,
+    bucket_for,
+)
+from moshi_grpc.v1 import codec_pb2_grpc, common_pb2, lm_pb2_grpc
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _buckets(stage: str, warm: dict[int, float], recent=None) -> list[common_pb2.BucketTiming]:
+    recent = recent or {}
+    return [
+        common_pb2.BucketTiming(
+            batch_size=b,
+            stage=stage,
+            warm_ms=ms,
+            recent_p50_ms=recent.get(b, (0.0, 0))[0],
+            recent_count=recent.get(b, (0.0, 0))[1],
+        )
+        for b, ms in warm.items()
+    ]
+
+
+class _Info:
+    def __init__(self, info: common_pb2.BackendInfo) -> None:
+        self.info = info
+
+    async def Info(self, request, context):
+        return self.info
+
+
+class FakeLm(_Info, lm_pb2_grpc.LMServicer):
+    pass
+
+
+class FakeCodec(_Info, codec_pb2_grpc.CodecServicer):
+    pass
+
+
+async def _serve(servicer, add) -> tuple[grpc.aio.Server, str]:
+    server = grpc.aio.server()
+    add(servicer, server)
+    h = health.aio.HealthServicer()
+    await h.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(h, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+LM_WARM = {1: 5.0, 2: 6.0, 4: 9.0, 8: 20.0}
+CODEC_WARM = {1: 1.0, 2: 1.0, 4: 1.5, 8: 2.0}
+
+
+def _lm_info(recent=None, used: int = 0) -> common_pb2.BackendInfo:
+    return common_pb2.BackendInfo(
+        model_name="moshi-lm",
+        slots_total=8,
+        slots_in_use=used,
+        buckets=_buckets("step", LM_WARM, recent),
+    )
+
+
+def _codec_info() -> common_pb2.BackendInfo:
+    return common_pb2.BackendInfo(
+        model_name="mimi",
+        slots_total=8,
+        buckets=_buckets("encode", CODEC_WARM) + _buckets("decode", CODEC_WARM),
+    )
+
+
+@pytest.fixture
+async def backends():
+    lm = FakeLm(_lm_info())
+    codec = FakeCodec(_codec_info())
+    lm_server, lm_addr = await _serve(lm, lm_pb2_grpc.add_LMServicer_to_server)
+    codec_server, codec_addr = await _serve(codec, codec_pb2_grpc.add_CodecServicer_to_server)
+    yield lm, codec, lm_addr, codec_addr
+    await lm_server.stop(0)
+    await codec_server.stop(0)
+
+
+def _pool(lm_addr: str, codec_addr: str, clock, **cost) -> ReplicaPool:
+    host, port = codec_addr.rsplit(":", 1)
+    lhost, lport = lm_addr.rsplit(":", 1)
+    return ReplicaPool(
+        [Spec(host, int(port), False)],
+        [Spec(lhost, int(lport), False)],
+        ChannelSettings(),
+        clock=clock,
+        cost=CostSettings(**cost),
+        retry_after_ms=500,
+    )
+
+
+def test_bucket_ladder() -> None:
+    assert [bucket_for(n, 8) for n in (1, 2, 3, 4, 5, 8)] == [1, 2, 4, 4, 8, 8]
+    assert bucket_for(5, 6) == 6  # capped at the slots
+    assert bucket_for(3, 0) == 4
+
+
+async def test_prediction_adds_up_at_the_bucket_the_session_would_join(backends) -> None:
+    lm, codec, lm_addr, codec_addr = backends
+    clock = FakeClock()
+    pool = _pool(lm_addr, codec_addr, clock, batch_wait_ms=5.0)
+    try:
+        lm.info = _lm_info(used=3)  # a 4th session lands in bucket 4
+        await pool.refresh()
+        c = next(iter(pool.codec.replicas.values()))
+        m = next(iter(pool.lm.replicas.values()))
+        est = pool.estimate(c, m)
+        assert (est.lm_bucket, est.codec_bucket) == (4, 1)
+        assert est.step_ms == pytest.approx(9.0) and est.phase_ms == pytest.approx(9.0)
+        assert est.encode_ms == est.decode_ms == pytest.approx(1.0)
+        assert est.wait_ms == pytest.approx(15.0)
+        assert est.network_ms > 0  # the measured Info round trips
+        expected = 1.0 + 9.0 + 1.0 + 15.0 + 9.0 + est.network_ms
+        assert est.total_ms == pytest.approx(expected)
+    finally:
+        await pool.stop()
+
+
+async def test_replica_admits_again_once_a_burst_is_over(backends) -> None:
+    """During a burst the LM reports slow recent steps: a 100 ms budget is refused with a
+    retry hint that points at when those samples expire. The backend's own window never
+    forgets them (it keeps reporting the same figures), but the gateway's samples expire:
+    after the TTL the same replica admits the same request."""
+    lm, codec, lm_addr, codec_addr = backends
+    clock = FakeClock()
+    pool = _pool(lm_addr, codec_addr, clock, sample_ttl_s=30.0)
+    try:
+        await pool.refresh()
+        pool.lease(100).release()  # idle: warm-up times fit
+        lm.info = _lm_info(recent={1: (80.0, 40)})  # the burst
+        await pool.refresh()
+        with pytest.raises(NoCapacity, match="cannot meet the 100 ms budget") as err:
+            pool.lease(100)
+        assert err.value.reason == "budget"
+        assert err.value.code == ErrorCode.NO_CAPACITY  # RESOURCE_EXHAUSTED on the wire
+        assert 29_000 <= err.value.retry_after_ms <= 30_000  # when the samples expire
+        clock.t += 15.0
+        await pool.refresh()  # same figures: no new steps, no new sample
+        with pytest.raises(NoCapacity):
+            pool.lease(100)
+        clock.t += 15.1
+        await pool.refresh()
+        pool.lease(100).release()  # the burst is over: admitted again
+    finally:
+        await pool.stop()
+
+
+async def test_fresh_replica_refuses_a_1ms_budget(backends) -> None:
+    lm, codec, lm_addr, codec_addr = backends
+    pool = _pool(lm_addr, codec_addr, FakeClock())
+    try:
+        await pool.refresh()
+        with pytest.raises(NoCapacity, match="cannot meet the 1 ms budget") as err:
+            pool.lease(1)
+        # It never could, even idle: the hint is the default, not an expiry.
+        assert err.value.retry_after_ms == 500
+        pool.lease(200).release()
+    finally:
+        await pool.stop()
+
+
+def test_recent_samples_decay_and_expire() -> None:
+    cost = ReplicaCost("lm", CostSettings(sample_ttl_s=30.0))
+    info = _lm_info(recent={1: (50.0, 10)})
+    cost.update(info, now=0.0, rtt_ms=1.0)
+    assert cost.stage_ms("step", 1, now=0.0) == pytest.approx(50.0)
+    cost.update(_lm_info(recent={1: (10.0, 20)}), now=10.0, rtt_ms=1.0)
+    # Weights halve every 10 s: (0.5 * 50 + 1 * 10) / 1.5
+    assert cost.stage_ms("step", 1, now=10.0) == pytest.approx(35.0 / 1.5)
+    # Bucket 2 has no recent sample: warm-up time scaled by how slow bucket 1 runs now.
+    slowdown = (35.0 / 1.5) / LM_WARM[1]
+    assert cost.stage_ms("step", 2, now=10.0) == pytest.approx(LM_WARM[2] * slowdown)
+    assert cost.stage_ms("step", 1, now=10.0, recent=False) == LM_WARM[1]
+    assert cost.stage_ms("step", 1, now=40.0) == pytest.approx(LM_WARM[1])  # all expired
+
+
+def test_unmeasured_replica_rule() -> None:
+    """No bucket timings (an older backend): each stage costs `unmeasured_stage_ms`, or the
+    replica's reported step p50 while it keeps changing (steps ran), until it expires."""
+    cost = ReplicaCost("lm", CostSettings(unmeasured_stage_ms=10.0, sample_ttl_s=30.0))
+    old = common_pb2.BackendInfo(slots_total=4)
+    cost.update(old, now=0.0, rtt_ms=0.5)
+    assert not cost.measured and cost.stage_ms("step", 1, now=0.0) == 10.0
+    cost.update(common_pb2.BackendInfo(slots_total=4, step_p50_ms=70.0), now=1.0, rtt_ms=0.5)
+    assert cost.stage_ms("step", 1, now=1.0) == pytest.approx(70.0)
+    cost.update(common_pb2.BackendInfo(slots_total=4, step_p50_ms=70.0), now=40.0, rtt_ms=0.5)
+    assert cost.stage_ms("step", 1, now=40.0) == 10.0  # unchanged figure: expired
+    codec = ReplicaCost("codec", CostSettings())
+    codec.update(common_pb2.BackendInfo(slots_total=4, step_p50_ms=8.0), now=0.0, rtt_ms=0.5)
+    assert codec.stage_ms("encode", 1, now=0.0) == pytest.approx(4.0)  # encode + decode
