@@ -92,10 +92,9 @@ class ChunkEncoder:
         return (data, n) if data else None
 
 
-def _as_float(chunk: Chunk) -> np.ndarray:
-    """A caller's numpy chunk -> mono float32 in [-1, 1] (int16 scaled)."""
-    from moshi_grpc import audio
-
+def _mono_array(chunk: Chunk) -> np.ndarray:
+    """A caller's numpy chunk checked once for every path: mono `(n,)` (or `(n, 1)`),
+    int16 or finite float."""
     if not isinstance(chunk, np.ndarray):
         raise ClientConfigError(f"audio chunks must be bytes or numpy arrays, got {type(chunk)}")
     a = chunk
@@ -104,11 +103,21 @@ def _as_float(chunk: Chunk) -> np.ndarray:
     if a.ndim != 1:
         raise ClientConfigError(f"audio chunks must be mono (n,) arrays, got shape {chunk.shape}")
     if a.dtype == np.int16:
-        return audio.decode_samples(a.astype("<i2").tobytes(), PCM16, allow_empty=True)
+        return a
     if not np.issubdtype(a.dtype, np.floating):
         raise ClientConfigError(f"audio arrays must be float or int16, got {a.dtype}")
     if not np.isfinite(a).all():
         raise ClientConfigError("audio chunk contains NaN or Inf samples")
+    return a
+
+
+def _as_float(chunk: Chunk) -> np.ndarray:
+    """A caller's numpy chunk -> mono float32 in [-1, 1] (int16 scaled)."""
+    from moshi_grpc import audio
+
+    a = _mono_array(chunk)
+    if a.dtype == np.int16:
+        return audio.decode_samples(a.astype("<i2").tobytes(), PCM16, allow_empty=True)
     return a.astype(np.float32, copy=False)
 
 
@@ -128,22 +137,10 @@ def encode_chunk(chunk: Chunk, encoding: str) -> tuple[bytes, int]:
                 f"a {encoding} chunk must hold whole {width}-byte samples, got {len(data)} bytes"
             )
         return data, len(data) // width
-    if not isinstance(chunk, np.ndarray):
-        raise ClientConfigError(f"audio chunks must be bytes or numpy arrays, got {type(chunk)}")
-    a = chunk
-    if a.ndim == 2 and a.shape[1] == 1:
-        a = a[:, 0]
-    if a.ndim != 1:
-        raise ClientConfigError(f"audio chunks must be mono (n,) arrays, got shape {chunk.shape}")
-    if a.dtype == np.int16:
-        if encoding == PCM16:  # already the wire format: no float round trip
-            return a.astype("<i2").tobytes(), len(a)
-        a = audio.decode_samples(a.astype("<i2").tobytes(), PCM16, allow_empty=True)
-    elif not np.issubdtype(a.dtype, np.floating):
-        raise ClientConfigError(f"audio arrays must be float or int16, got {a.dtype}")
-    elif not np.isfinite(a).all():
-        raise ClientConfigError("audio chunk contains NaN or Inf samples")
-    return audio.encode_samples(a.astype(np.float32, copy=False), encoding), len(a)
+    a = _mono_array(chunk)
+    if a.dtype == np.int16 and encoding == PCM16:  # already the wire format: no float round trip
+        return a.astype("<i2").tobytes(), len(a)
+    return audio.encode_samples(_as_float(a), encoding), len(a)
 
 
 def chunk_array(

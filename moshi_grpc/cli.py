@@ -106,6 +106,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if missing:
             print(_server_hint(args.command, missing), file=sys.stderr)
             return 2
+    if getattr(args, "otel_endpoint", None):
+        from moshi_grpc.services.common.tracing import otel_hint
+
+        hint = otel_hint(args.command)
+        if hint is not None:
+            print(hint, file=sys.stderr)
+            return 2
     logging.basicConfig(
         level=getattr(logging, args.log_level),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",

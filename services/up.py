@@ -93,6 +93,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="CUDA graphs per batch bucket in the codec and LM (auto: on for --device cuda)",
     )
+    parser.add_argument(
+        "--cpu-forms",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="faster exact CPU forms in the codec and LM (auto: each where a measurement at "
+        "load says it is faster)",
+    )
     parser.add_argument("--budget-ms", type=int, default=200, help="default per-frame budget")
     parser.add_argument(
         "--start-timeout-s",
@@ -102,6 +109,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--demo-seconds", type=float, default=DEMO_SECONDS, help="length of the demo input"
+    )
+    parser.add_argument(
+        "--otel-endpoint",
+        default=None,
+        metavar="URL",
+        help="OpenTelemetry tracing in all three services: OTLP/gRPC collector, "
+        "http://HOST:4317 or https://... (needs the [otel] extra; default: off)",
     )
 
 
@@ -155,9 +169,16 @@ def _no_weights(args: argparse.Namespace) -> bool:
 
 
 def _service_args(args: argparse.Namespace, name: str) -> list[str]:
+    tracing = ["--otel-endpoint", args.otel_endpoint] if args.otel_endpoint else []
+    return _own_args(args, name) + tracing
+
+
+def _own_args(args: argparse.Namespace, name: str) -> list[str]:
+    backend = ["--model", args.model, "--device", args.device, "--dtype", args.dtype]
+    backend += ["--max-sessions", str(args.max_sessions), "--cuda-graphs", args.cuda_graphs]
+    backend += ["--cpu-forms", args.cpu_forms]
     if name == "codec":
-        out = ["--model", args.model, "--device", args.device, "--dtype", args.dtype]
-        out += ["--max-sessions", str(args.max_sessions), "--cuda-graphs", args.cuda_graphs]
+        out = backend
         if args.mimi_weights:
             out += ["--mimi-weights", args.mimi_weights]
         elif args.hf_repo:
@@ -166,8 +187,7 @@ def _service_args(args: argparse.Namespace, name: str) -> list[str]:
             out += ["--mimi-config", "tiny"]
         return out
     if name == "lm":
-        out = ["--model", args.model, "--device", args.device, "--dtype", args.dtype]
-        out += ["--max-sessions", str(args.max_sessions), "--cuda-graphs", args.cuda_graphs]
+        out = backend
         if args.moshi_weights:
             out += ["--moshi-weights", args.moshi_weights]
             out += ["--lm-config", args.lm_config or "moshiko-7b"]

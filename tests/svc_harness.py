@@ -316,3 +316,12 @@ class StreamDriver:
                 return any(predicate(r) for r in list(self.replies))
             time.sleep(0.01)
         return False
+
+
+async def until_queued(scheduler: Any, n: int, timeout_s: float = 30.0) -> None:
+    """Wait until `n` frames are queued on a held `BatchScheduler` (see its `hold()`): the
+    test then knows which frames the next tick takes, whatever their arrival times."""
+    async with asyncio.timeout(timeout_s):
+        # (polled: frames are queued under the scheduler's lock, which offers no event)
+        while scheduler.frames_queued < n:  # noqa: ASYNC110
+            await asyncio.sleep(0.001)

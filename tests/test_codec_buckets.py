@@ -5,12 +5,14 @@ stepped in buckets (services/common/buckets.py), with steps that can be captured
   and `reset_rows` carry or clear a stream's whole state.
 - Bucket invariance: a stream's codes are the same alone (bucket 1), in a bucket of 4 and
   in a bucket of 16 while others join, leave (moving it to another row) and idle (masked).
-  Its pcm is bit-identical across buckets >= 2; bucket 1 differs in the last bits (its
-  25 Hz-side matmuls take MKL's two-row form, `_prefers_rows`), bounded below, and is
-  bit-identical too with that form off (`Mimi.use_rows_form(False)`).
+  Its pcm is bit-identical across buckets >= 2; with the CPU forms' rows form on, bucket 1
+  differs in the last bits (its 25 Hz-side matmuls take that form), bounded below, and is
+  bit-identical too with that form off. The plain model and the CPU forms both hold this
+  (moshi_grpc/models/cpu_fast.py).
 - Compute follows load: rows passed to the model per tick (`StreamerRunner.rows_log`).
 - Capturable: every bucket's encode and decode step traces as one graph with
-  `torch.compile(fullgraph=True, backend="eager")`; on CUDA, graphs replay like eager.
+  `torch.compile(fullgraph=True, backend="eager")`, plain and with the CPU forms; on CUDA,
+  graphs replay like eager.
 """
 
 from __future__ import annotations
@@ -19,22 +21,37 @@ import numpy as np
 import pytest
 import torch
 
+from moshi_grpc.models.cpu_fast import MimiForms, prepare_mimi_for_cpu
 from moshi_grpc.models.mimi import load_mimi
 from moshi_grpc.services.codec.engine import CodecEngine, CodecOptions, StreamerRunner
 
 FRAME = 1920
 SLOTS = 16
+ALL_FORMS = MimiForms(
+    conv_matmul=True, onednn_packed=True, rows=True, fast_search=True, codebook_tables=True
+)
+FORMS = {
+    "plain": MimiForms(),
+    "all": ALL_FORMS,
+    "rows-off": MimiForms(
+        conv_matmul=True, onednn_packed=True, fast_search=True, codebook_tables=True
+    ),
+}
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load_mimi(None, config="tiny")
+    """The tiny model with every CPU form on (as the engine runs it on CPU); tests that
+    want other forms set them and restore these."""
+    mimi = load_mimi(None, config="tiny")
+    prepare_mimi_for_cpu(mimi, ALL_FORMS)
+    return mimi
 
 
 def _states(streamer, rings: bool = True) -> list[torch.Tensor]:
     """Every state tensor: conv caches, positions and (with `rings`) the KV rings."""
     c = streamer._cache
-    return [t.clone() for t in (*streamer._states, c.pos, *((*c.k, *c.vt) if rings else ()))]
+    return [t.clone() for t in (*streamer._states, c.pos, *((*c.k, *c.v) if rings else ()))]
 
 
 # -- the model's row-prefix step -----------------------------------------------------------
@@ -149,20 +166,20 @@ def _drive(mimi, script, target_pcm, target_codes, seed: int = 0):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rows_form", [True, False])
-def test_a_stream_gives_the_same_codes_and_pcm_alone_in_4_and_in_16(tiny, rows_form) -> None:
+@pytest.mark.parametrize("forms", list(FORMS))
+def test_a_stream_gives_the_same_codes_and_pcm_alone_in_4_and_in_16(tiny, forms) -> None:
     ticks = 12  # past the tiny config's 10-step attention context (ring wraps)
     g = torch.Generator().manual_seed(7)
     pcm = 0.1 * torch.randn(ticks, FRAME, generator=g)
     codes_in = torch.randint(0, tiny.cardinality, (ticks, tiny.num_codebooks), generator=g)
 
-    tiny.use_rows_form(rows_form)
+    prepare_mimi_for_cpu(tiny, FORMS[forms])
     try:
         codes1, pcm1, rows1 = _drive(tiny, _script(0, ticks), pcm, codes_in)
         codes4, pcm4, rows4 = _drive(tiny, _script(3, ticks), pcm, codes_in, seed=1)
         codes16, pcm16, rows16 = _drive(tiny, _script(15, ticks), pcm, codes_in, seed=2)
     finally:
-        tiny.use_rows_form(True)
+        prepare_mimi_for_cpu(tiny, ALL_FORMS)
 
     # compute follows load: alone on a 16-slot replica, every tick steps one row
     assert rows1 == [1] * ticks
@@ -173,10 +190,10 @@ def test_a_stream_gives_the_same_codes_and_pcm_alone_in_4_and_in_16(tiny, rows_f
     assert torch.equal(codes4, codes1)
     assert torch.equal(codes16, codes1)
     assert torch.equal(pcm16, pcm4)  # buckets >= 2: the same kernels, bit for bit
-    if not rows_form:  # every bucket through oneDNN's packed kernels: bit for bit
+    if forms == "rows-off":  # every bucket through oneDNN's packed kernels: bit for bit
         assert torch.equal(pcm1, pcm4)
-    # bucket 1 vs >= 2 with the rows form: MKL's two-row form against oneDNN's packed
-    # kernel round differently (measured: 5e-7 with |pcm| ~2), carried in the stream's state
+    # bucket 1 vs >= 2 with the rows form: the two-row form against oneDNN's packed kernel
+    # round differently, carried in the stream's state (the plain model's kernels too)
     err = (pcm1 - pcm4).abs().max().item()
     assert err <= 4e-6 * max(1.0, pcm4.abs().max().item()), err
 
@@ -214,15 +231,16 @@ def test_one_session_on_a_16_slot_engine_steps_one_row(tiny) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("forms", ["plain", "all-but-search"])
 @pytest.mark.parametrize("bucket,masked", [(1, False), (2, True), (8, False), (16, True)])
-def test_every_bucket_step_traces_as_one_graph(tiny, bucket: int, masked: bool) -> None:
-    """No graph break in the encode or decode step, compiled == eager bit for bit.
-
-    The decode step runs with every CPU fast form (oneDNN packed weights, MKL row forms,
-    shift-add convs). The encode step runs without the RVQ's certified fast search, whose
-    rerun decision is a host branch (`Mimi.use_fast_search`; CUDA never takes it)."""
+def test_every_bucket_step_traces_as_one_graph(tiny, forms, bucket: int, masked: bool) -> None:
+    """No graph break in the encode or decode step, compiled == eager bit for bit: the
+    plain model (what CUDA captures), and with every CPU form (oneDNN packed weights, row
+    forms, matmul convs) but the certified codebook search, whose rerun decision is a host
+    branch (cpu_fast.py)."""
     torch._dynamo.reset()
-    tiny.use_fast_search(False)
+    traceable = MimiForms(conv_matmul=True, onednn_packed=True, rows=True, codebook_tables=True)
+    prepare_mimi_for_cpu(tiny, traceable if forms == "all-but-search" else MimiForms())
     try:
         g = torch.Generator().manual_seed(bucket)
         twins = [(tiny.streaming_encoder(SLOTS), tiny.streaming_decoder(SLOTS)) for _ in "ab"]
@@ -240,7 +258,7 @@ def test_every_bucket_step_traces_as_one_graph(tiny, bucket: int, masked: bool) 
         for a, b in zip(_states(e1) + _states(d1), _states(e2) + _states(d2), strict=True):
             assert torch.equal(a, b)
     finally:
-        tiny.use_fast_search(True)
+        prepare_mimi_for_cpu(tiny, ALL_FORMS)
         torch._dynamo.reset()
 
 

@@ -9,6 +9,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from svc_harness import until_queued
 
 from moshi_grpc.services.codec.engine import CodecOptions
 from moshi_grpc.services.codec.startup import start_codec_server
@@ -106,14 +107,21 @@ async def test_concurrent_streams_with_joins_and_leaves_equal_solo_runs(tiny_mim
                 c_done.set()
                 return out
 
-            results = await asyncio.gather(
+            # The first frames of a, b and c share one encoder tick, whatever their arrival
+            # times: the scheduler runs no tick until all three are queued.
+            encoder = running.servicer.engine.encoder
+            encoder.hold()
+            streams = asyncio.gather(
                 run_stream(stub, "a", inputs["a"], None),
                 run_stream(stub, "b", inputs["b"], None),
                 c_then_signal(),
                 run_stream(stub, "d", inputs["d"], c_done),
             )
+            await until_queued(encoder, 3)
+            encoder.release_hold()
+            results = await streams
         got = dict(zip("abcd", results))
-        assert max(max(b) for _, _, b in results) >= 2  # streams really shared batches
+        assert [b[0] for _, _, b in results[:3]] == [3, 3, 3]  # streams really shared a batch
         for sid in plan:
             want_codes, want_pcm = solo(tiny_mimi, inputs[sid])
             assert got[sid][0] == want_codes, sid

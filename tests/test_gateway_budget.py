@@ -130,6 +130,18 @@ def test_latency_window_percentiles() -> None:
     assert len(w) == 1000  # bounded
 
 
+@pytest.mark.parametrize("n", [1, 2, 37, 2048, 2049, 5000])
+def test_latency_window_percentiles_match_numpy_on_both_paths(n: int) -> None:
+    # Short windows (a session's summary) sort in Python, long ones use numpy: same figures.
+    values = np.random.default_rng(n).exponential(0.05, n)
+    w = LatencyWindow(capacity=10_000)
+    for v in values:
+        w.add(float(v))
+    qs = (0, 50, 95, 99, 100)
+    want = np.percentile(values, qs) * 1000.0
+    assert w.percentiles_ms(qs) == pytest.approx(want, rel=1e-12, abs=1e-9)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     st.lists(

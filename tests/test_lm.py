@@ -113,15 +113,15 @@ def test_inactive_slot_state_is_untouched(lm, golden) -> None:
     snap = (
         gen.steps[1].clone(),
         gen.tokens[1].clone(),
-        [(c.k[1].clone(), c.v_t[1].clone()) for c in gen.caches],
+        [(k[1].clone(), v[1].clone()) for k, v in zip(gen.cache.k, gen.cache.v)],
         (gen.seed_lo[1].clone(), gen.seed_hi[1].clone(), gen.temperature[1].clone()),
     )
     for t in range(4, 15):
         gen.step(golden["codes"][t][None].repeat(2, 1), torch.tensor([True, False]))
     assert torch.equal(gen.steps[1], snap[0])
     assert torch.equal(gen.tokens[1], snap[1])
-    for c, (k, v) in zip(gen.caches, snap[2]):
-        assert torch.equal(c.k[1], k) and torch.equal(c.v_t[1], v)
+    for layer, (k, v) in enumerate(snap[2]):
+        assert torch.equal(gen.cache.k[layer][1], k) and torch.equal(gen.cache.v[layer][1], v)
     assert all(
         torch.equal(a, b)
         for a, b in zip(snap[3], (gen.seed_lo[1], gen.seed_hi[1], gen.temperature[1]))
@@ -284,16 +284,6 @@ def test_sampling_defaults() -> None:
     )
 
 
-def test_plain_and_packed_weights_agree(golden) -> None:
-    """The oneDNN-packed matmul path (default on CPU) and plain F.linear give the same tokens."""
-    plain = load_lm(golden["weights"], golden["config"], pack=False)
-    gen = LMGen(plain, 1)
-    gen.reset(0, SamplingConfig.greedy(), seed=0)
-    for t in range(golden["steps"]):
-        out = gen.step(golden["codes"][t][None])
-        assert _frame(out, 0) == _expected(golden, t), f"step {t}"
-
-
 def test_bfloat16_model_streams_valid_tokens(golden) -> None:
     lm16 = load_lm(golden["weights"], golden["config"], dtype=torch.bfloat16)
     runs = []
@@ -341,57 +331,20 @@ def test_reset_without_seed_draws_one_and_reports_it(lm) -> None:
 
 
 def test_rope_on_queries_and_keys_at_once_equals_the_shared_helper() -> None:
-    """The temporal step rotates q and k in one go; it must be the shared RoPE, bit for bit."""
-    from moshi_grpc.models.rope import apply_rope, rope_angles, rotate
+    """The temporal step rotates q and k in one go with per-step tables; it must be the
+    shared RoPE of each, bit for bit."""
+    from moshi_grpc.models.rope import apply_rope, rope_angles, rope_tables, rotate
 
     g = torch.Generator().manual_seed(0)
-    qk = torch.randn(3, 2, 4, 16, generator=g)
+    qk = torch.randn(3, 2, 4, 16, generator=g)  # (B, q/k, H, D)
     angles = rope_angles(torch.tensor([0, 7, 2999]), 1, 16, 10_000)  # (B, 1, D/2)
-    out = rotate(qk, torch.cos(angles)[:, None], torch.sin(angles)[:, None])
+    cos, sin = rope_tables(angles[:, None])  # (B, 1, 1, D)
+    out = rotate(qk, cos, sin)
     for i in range(2):
         expected = apply_rope(qk[:, i, :, None], angles)[:, :, 0]  # (B, H, D)
         assert torch.equal(out[:, i], expected)
-
-
-def test_half_gemv_mode_matches_packed_matmuls_and_restores_onednn(golden) -> None:
-    """Batch-1 bf16 steps take PyTorch's GEMV with oneDNN matmul switched off process-wide:
-    same logits as the packed oneDNN path up to bf16 rounding, and the switch is restored
-    only when the last thread inside leaves."""
-    import threading
-
-    from moshi_grpc.models.lm import half_gemv
-
-    lm16 = load_lm(golden["weights"], golden["config"], dtype=torch.bfloat16)
-    tokens = torch.tensor([[5] + [3] * 16])
-    rows, steps = torch.tensor([0]), torch.tensor([0])
-    outs = []
-    for enable in (False, True):
-        caches = lm16.new_kv_caches(1)
-        with half_gemv(enable):
-            assert torch._C._get_mkldnn_enabled() is not enable
-            plan = lm16.plan_step(rows, steps, 1, False)
-            hidden, logits = lm16.temporal_step(tokens, caches, plan)
-            dep = lm16.depformer_inputs(hidden)
-            scratch = lm16.new_depformer_scratch(1).views(1)
-            dep_logits = lm16.depformer_step(0, dep, torch.tensor([7]), scratch[0])
-        outs.append(torch.cat([logits.float(), dep_logits.float()], -1))
-    assert torch._C._get_mkldnn_enabled()
-    scale = outs[0].abs().max()
-    assert (outs[0] - outs[1]).abs().max() <= 0.05 * scale
-
-    inside, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with half_gemv(True):
-            inside.set()
-            release.wait(10)
-
-    t = threading.Thread(target=hold)
-    t.start()
-    assert inside.wait(10)
-    with half_gemv(True):
-        pass
-    assert not torch._C._get_mkldnn_enabled()  # the other thread is still inside
-    release.set()
-    t.join(10)
-    assert torch._C._get_mkldnn_enabled()
+    # the interleaved tables are the rotation written per component, bit for bit
+    c, s = torch.cos(angles)[:, None], torch.sin(angles)[:, None]  # (B, 1, 1, D/2)
+    re, im = qk[..., 0::2], qk[..., 1::2]
+    per_component = torch.stack([re * c - im * s, re * s + im * c], -1).flatten(-2)
+    assert torch.equal(out, per_component)

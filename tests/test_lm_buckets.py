@@ -144,9 +144,7 @@ def test_compute_follows_load(lm, codes) -> None:
 def test_every_bucket_step_traces_without_graph_breaks(lm) -> None:
     """The step core of each bucket of the default ladder compiles as one graph (what a CUDA
     graph capture needs: static shapes, no host synchronisation)."""
-    plain = load_lm(
-        None, lm.config.to_dict(), pack=False
-    )  # the CUDA path's plain matmuls (oneDNN packed weights are a CPU form)
+    plain = load_lm(None, lm.config.to_dict())  # the plain model: what a CUDA graph captures
     gen = LMGen(plain, SLOTS)
     shape = gen.full_shape()
     for row in range(SLOTS):

@@ -166,3 +166,13 @@ def test_split_projection_names_load_the_same(tmp_path, official) -> None:
     b = load_lm(_save(tmp_path, split), LM_DIR / "config.json")
     for (na, ta), (nb, tb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert na == nb and torch.equal(ta, tb), na
+
+
+def test_a_projection_in_both_layouts_is_refused(tmp_path, official) -> None:
+    """Which copy holds the weights would be a guess: strict loading refuses the file."""
+    both = dict(official)
+    name = "depformer.layers.0.self_attn.in_proj_weight"
+    for i, part in enumerate(official[name].chunk(8)):
+        both[f"depformer.layers.0.self_attn.in_projs.{i}.weight"] = part.clone()
+    with pytest.raises(CheckpointError, match="two attention layouts"):
+        load_lm(_save(tmp_path, both), LM_DIR / "config.json")

@@ -10,6 +10,7 @@ import grpc
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
+from svc_harness import until_queued
 
 from moshi_grpc.services.common.server import ServerConfig
 from moshi_grpc.services.lm.engine import LmOptions
@@ -132,8 +133,15 @@ async def test_concurrent_sessions_equal_solo_runs(tiny_lm) -> None:
                     c_done.set()
                 return out
 
-            results = dict(zip(plan, await asyncio.gather(*(run(s) for s in plan))))
-        assert max(max(b) for _, b in results.values()) >= 2  # sessions shared steps
+            # The first steps of a, b and c share one tick, whatever their arrival times:
+            # the scheduler runs no tick until all three are queued.
+            scheduler = running.servicer.engine.scheduler
+            scheduler.hold()
+            sessions = asyncio.gather(*(run(s) for s in plan))
+            await until_queued(scheduler, 3)
+            scheduler.release_hold()
+            results = dict(zip(plan, await sessions))
+        assert [results[s][1][0] for s in "abc"] == [3, 3, 3]  # sessions shared a step
         for sid, (_, _, sampling, seed) in plan.items():
             outs, _ = results[sid]
             assert [as_tuple(o) for o in outs] == solo(lm, inputs[sid], sampling, seed), sid

@@ -1,4 +1,4 @@
-"""Shared model helpers: strict checkpoint loading and per-row rotary embeddings."""
+"""Shared model helpers: strict checkpoint loading, per-row rotary embeddings, ring KV cache."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch import nn
 
 from moshi_grpc.models.checkpoint import CheckpointError, load_state_strict, read_safetensors
 from moshi_grpc.models.rope import apply_rope, rope_angles
+from moshi_grpc.models.streaming import RingKVCache, ring_key_positions, ring_mask
 
 
 class _Tiny(nn.Module):
@@ -94,3 +95,87 @@ def test_rope_matches_complex_rotation_per_row() -> None:
         return float((qm * kn).sum())
 
     assert math.isclose(dot(10, 3), dot(107, 100), rel_tol=1e-4, abs_tol=1e-4)
+
+
+# ---- streaming.RingKVCache and its masks (shared by the Mimi and LM transformers) ----------
+
+
+def _ring(rows: int = 3, capacity: int = 5, transposed: bool = True) -> RingKVCache:
+    return RingKVCache(
+        2, rows, 2, capacity, 4, device="cpu", dtype=torch.float32, values_transposed=transposed
+    )
+
+
+@pytest.mark.parametrize("transposed", [True, False], ids=["values-transposed", "row-major"])
+def test_ring_write_read_commit_and_wrap(transposed: bool) -> None:
+    """T steps per call at each row's own position; the ring wraps; reads are views."""
+    cache = _ring(transposed=transposed)
+    g = torch.Generator().manual_seed(0)
+    cache.pos.copy_(torch.tensor([0, 3, 4]))
+    k, v = torch.randn(3, 2, 2, 4, generator=g), torch.randn(3, 2, 2, 4, generator=g)
+    index = cache.ring_index(3, 2)
+    assert index.tolist() == [[0, 1], [3, 4], [4, 0]]
+    cache.write(1, k, v, index)
+    cache.commit(3, 2, torch.tensor([True, False, True]))
+    assert cache.pos.tolist() == [2, 3, 6]
+    keys, values = cache.read(1, 3, 5)
+    assert keys.data_ptr() == cache.k[1].data_ptr()  # a view: no copy
+    assert values.data_ptr() == cache.v[1].data_ptr()
+    if transposed:
+        values = values.transpose(-1, -2)  # (B, H, L, D)
+    for row, slots in enumerate(index.tolist()):
+        for t, slot in enumerate(slots):
+            assert torch.equal(keys[row, :, slot], k[row, :, t])
+            assert torch.equal(values[row, :, slot], v[row, :, t])
+    assert not cache.k[0].any() and not cache.v[0].any()  # other layers untouched
+
+
+@pytest.mark.parametrize("transposed", [True, False], ids=["values-transposed", "row-major"])
+def test_ring_masked_write_keeps_idle_rows_bit_for_bit(transposed: bool) -> None:
+    cache = _ring(transposed=transposed)
+    g = torch.Generator().manual_seed(1)
+    for buf in (*cache.k, *cache.v):
+        buf.copy_(torch.randn(buf.shape, generator=g))
+    before = [t.clone() for t in cache.tensors()]
+    k, v = torch.randn(2, 2, 1, 4, generator=g), torch.randn(2, 2, 1, 4, generator=g)
+    cache.write(0, k, v, torch.tensor([[2], [2]]), active=torch.tensor([False, True]))
+    after = cache.tensors()
+    for i in range(len(after)):
+        assert torch.equal(after[i][0], before[i][0])  # the idle row
+        assert torch.equal(after[i][2], before[i][2])  # rows past the batch
+    assert torch.equal(cache.k[0][1, :, 2], k[1, :, 0])
+    written = cache.v[0][1, :, :, 2] if transposed else cache.v[0][1, :, 2]
+    assert torch.equal(written, v[1, :, 0])
+
+
+def test_ring_prefix_reset_and_move_row() -> None:
+    cache = _ring()
+    view = cache.prefix(2)
+    assert view is cache.prefix(2) and view.rows == 2
+    view.k[1].fill_(1.0)
+    view.pos.fill_(7)
+    assert cache.k[1][:2].eq(1).all() and not cache.k[1][2].any()
+    assert cache.pos.tolist() == [7, 7, 0]
+    cache.move_row(0, 2)
+    assert cache.pos.tolist() == [7, 7, 7] and cache.k[1][2].eq(1).all()
+    cache.reset_rows(torch.tensor([1]))
+    assert cache.pos.tolist() == [7, 0, 7]
+    assert cache.nbytes_per_row() == 2 * 2 * (2 * 5 * 4 * 4)
+
+
+def test_ring_mask_matches_a_brute_force_history() -> None:
+    """After writing steps 0..last one by one, ring entry j holds the newest step p with
+    p % capacity == j; a query at step q sees exactly the held steps in (q - context, q]."""
+    capacity, context = 6, 5
+    for last in (0, 3, 5, 6, 13):
+        held = {}
+        for p in range(last + 1):
+            held[p % capacity] = p
+        kpos = ring_key_positions(torch.tensor([last]), capacity, capacity)
+        assert kpos[0].tolist() == [held.get(j, j - capacity) for j in range(capacity)]
+        assert all(p < 0 for j, p in enumerate(kpos[0].tolist()) if j not in held)
+        qpos = torch.tensor([[last - 1, last]])
+        mask = ring_mask(qpos, kpos, context)[0, 0]
+        for i, q in enumerate(qpos[0].tolist()):
+            want = [j in held and 0 <= q - held[j] < context for j in range(capacity)]
+            assert mask[i].tolist() == want

@@ -17,6 +17,7 @@ from moshi_grpc.services.codec.startup import start_codec_server
 from moshi_grpc.services.common.server import ServerConfig
 from moshi_grpc.services.gateway.cli import start_gateway
 from moshi_grpc.services.gateway.config import GatewaySettings
+from moshi_grpc.services.gateway.streams import FRAME_S, coalesce_wait
 from moshi_grpc.services.lm.engine import LmOptions
 from moshi_grpc.services.lm.startup import start_lm_server
 from moshi_grpc.v1 import gateway_pb2, gateway_pb2_grpc
@@ -41,8 +42,8 @@ async def _lm():
     )
 
 
-async def _gateway(codec, lms, mode: str):
-    settings = GatewaySettings(refresh_interval_s=0.1, backend_streams=mode)
+async def _gateway(codec, lms, mode: str, **settings_kw):
+    settings = GatewaySettings(refresh_interval_s=0.1, backend_streams=mode, **settings_kw)
     return await start_gateway(
         ServerConfig(host="127.0.0.1", port=0), codec.address, [x.address for x in lms], settings
     )
@@ -119,10 +120,18 @@ async def _wait_for_audio(results: list[Result], frames: int) -> None:
     raise AssertionError("sessions did not get their first frames")
 
 
-@pytest.mark.parametrize("mode", MODES)
-async def test_sessions_share_one_stream_per_replica_and_stage(mode: str) -> None:
+@pytest.mark.parametrize(
+    ("mode", "coalesce_ms"),
+    [("mux", 0.0), ("mux", 20.0), ("per-session", 0.0)],
+    ids=["mux", "mux-coalesced", "per-session"],
+)
+async def test_sessions_share_one_stream_per_replica_and_stage(
+    mode: str, coalesce_ms: float
+) -> None:
+    # mux-coalesced: 5 sessions * 20 ms >= one frame, so every sender waits its window
+    # (entries of several sessions per message); results must route exactly the same.
     codec, lm = await _codec(), await _lm()
-    gateway = await _gateway(codec, [lm], mode)
+    gateway = await _gateway(codec, [lm], mode, mux_coalesce_ms=coalesce_ms)
     n, frames = 5, 6
     levels = [_levels(s, frames) for s in range(n)]
     try:
@@ -241,6 +250,27 @@ async def test_lm_replica_killed_every_session_on_it_fails_over(mode: str) -> No
                     np.frombuffer(res.audio[t].data, "<f4"), _expected(lv, t), atol=1e-6
                 )
     assert moved == placed.count(lm_a.address)
+
+
+def test_coalesce_wait_only_on_a_stream_busy_enough_to_collect_more() -> None:
+    window = 0.002
+    busy = int(FRAME_S / window)  # sessions that send one entry per window between them
+    assert coalesce_wait(busy, window) == window
+    assert coalesce_wait(busy * 5, window) == window
+    assert coalesce_wait(busy - 1, window) == 0.0  # a quieter stream never waits
+    assert coalesce_wait(2, window) == 0.0
+    assert coalesce_wait(10_000, 0.0) == 0.0  # off
+
+
+@pytest.mark.parametrize("bad", [-1.0, 20.5])
+async def test_out_of_range_coalescing_window_is_refused(bad: float) -> None:
+    with pytest.raises(ValueError, match="mux_coalesce_ms must be within 0..20"):
+        await start_gateway(
+            ServerConfig(host="127.0.0.1", port=0),
+            "127.0.0.1:1",
+            "127.0.0.1:1",
+            GatewaySettings(mux_coalesce_ms=bad),
+        )
 
 
 async def test_unknown_backend_stream_mode_is_refused() -> None:

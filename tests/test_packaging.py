@@ -274,6 +274,12 @@ def test_base_install_has_sdk_converse_gateway_and_no_torch(tmp_path: Path) -> N
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2 and len(lines) == 1, (argv, out.stdout, out.stderr)
         assert "[server]" in lines[0] and "torch" in lines[0], lines
+    # Tracing is the [otel] extra: asking for it without the extra is one clear line too.
+    argv = ["gateway", "--otel-endpoint", "http://127.0.0.1:4317", "--codec-addr", "127.0.0.1:1"]
+    out = subprocess.run([cli, *argv, "--lm-addr", "127.0.0.1:2"], **here)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, (out.stdout, out.stderr)
+    assert "pip install 'moshi-grpc[otel]'" in lines[0], lines
 
 
 def test_server_commands_hint_at_the_extra_when_torch_is_missing(monkeypatch, capsys) -> None:

@@ -65,3 +65,24 @@ def test_up_ports_are_configurable_and_ephemeral_on_request() -> None:
     assert ports("--gateway-metrics-port", "9999", demo=True)["gateway"][1] == 9999
     with pytest.raises(ValueError, match="--lm-metrics-port"):
         ports("--lm-metrics-port", "70000")
+
+
+def test_up_passes_its_backend_flags_to_each_service_and_each_service_accepts_them() -> None:
+    """What `up` forwards must be flags the service parses to the same values (a flag
+    added to the services but not forwarded would silently run the default)."""
+    import argparse
+
+    from moshi_grpc.services import up
+    from moshi_grpc.services.codec import cli as codec_cli
+    from moshi_grpc.services.lm import cli as lm_cli
+
+    parser = argparse.ArgumentParser()
+    up.add_arguments(parser)
+    argv = ["--cpu-forms", "off", "--cuda-graphs", "off", "--max-sessions", "3"]
+    args = parser.parse_args([*argv, "--otel-endpoint", "http://127.0.0.1:4317"])
+    for name, service_cli in (("codec", codec_cli), ("lm", lm_cli)):
+        service = argparse.ArgumentParser()
+        service_cli.add_arguments(service)
+        got = service.parse_args(up._service_args(args, name))
+        assert (got.cpu_forms, got.cuda_graphs, got.max_sessions) == ("off", "off", 3), name
+        assert got.otel_endpoint == "http://127.0.0.1:4317", name

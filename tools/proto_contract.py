@@ -109,13 +109,29 @@ def _services(
     return out
 
 
-def _reserved(ranges, number: int) -> bool:
-    """Whether `number` lies in reserved ranges (messages: end exclusive; enums: inclusive)."""
-    return any(r.start <= number < r.end for r in ranges)
+def _reserved(ranges, number: int, inclusive: bool) -> bool:
+    """Whether `number` lies in reserved ranges (`inclusive`: the end too, as enums have it)."""
+    return any(r.start <= number < r.end + inclusive for r in ranges)
 
 
-def _reserved_enum(ranges, number: int) -> bool:
-    return any(r.start <= number <= r.end for r in ranges)
+def _kept_members(kind: str, owner: str, old, new, reserved_ranges, breaks: list[str]):
+    """Pair each old numbered member (field or enum value) with the new one at its number,
+    appending to `breaks` the members renumbered, or removed without reserving the number.
+    Message reserved ranges end exclusive, enum ones inclusive."""
+    inclusive = kind == "enum value"
+    by_number = {x.number: x for x in new}
+    by_name = {x.name: x for x in new}
+    kept = []
+    for x in old:
+        where = f"{kind} {owner}.{x.name} ({x.number})"
+        if x.name in by_name and by_name[x.name].number != x.number:
+            breaks.append(f"{where} renumbered to {by_name[x.name].number}")
+        y = by_number.get(x.number)
+        if y is not None:
+            kept.append((where, x, y))
+        elif x.name not in by_name and not _reserved(reserved_ranges, x.number, inclusive):
+            breaks.append(f"{where} removed (reserve its number to delete it)")
+    return kept
 
 
 def _field_type(f: descriptor_pb2.FieldDescriptorProto) -> str:
@@ -161,17 +177,7 @@ def breaking_changes(
         if n is None:
             breaks.append(f"message {name} removed")
             continue
-        by_number = {f.number: f for f in n.field}
-        by_name = {f.name: f for f in n.field}
-        for f in m.field:
-            where = f"field {name}.{f.name} ({f.number})"
-            if f.name in by_name and by_name[f.name].number != f.number:
-                breaks.append(f"{where} renumbered to {by_name[f.name].number}")
-            g = by_number.get(f.number)
-            if g is None:
-                if f.name not in by_name and not _reserved(n.reserved_range, f.number):
-                    breaks.append(f"{where} removed (reserve its number to delete it)")
-                continue
+        for where, f, g in _kept_members("field", name, m.field, n.field, n.reserved_range, breaks):
             if g.name != f.name:
                 breaks.append(f"{where} renamed to {g.name}")
             if _field_type(g) != _field_type(f):
@@ -187,17 +193,11 @@ def breaking_changes(
         if n is None:
             breaks.append(f"enum {name} removed")
             continue
-        by_number = {v.number: v for v in n.value}
-        by_name = {v.name: v for v in n.value}
-        for v in e.value:
-            where = f"enum value {name}.{v.name} ({v.number})"
-            if v.name in by_name and by_name[v.name].number != v.number:
-                breaks.append(f"{where} renumbered to {by_name[v.name].number}")
-            w = by_number.get(v.number)
-            if w is None:
-                if v.name not in by_name and not _reserved_enum(n.reserved_range, v.number):
-                    breaks.append(f"{where} removed (reserve its number to delete it)")
-            elif w.name != v.name and v.name not in by_name:
+        names = {v.name for v in n.value}
+        for where, v, w in _kept_members(
+            "enum value", name, e.value, n.value, n.reserved_range, breaks
+        ):
+            if w.name != v.name and v.name not in names:  # (a new alias keeps the old name)
                 breaks.append(f"{where} renamed to {w.name}")
 
     new_services = _services(new)

@@ -8,8 +8,10 @@ the whole batch, and the real-time factor is N x 80 ms / that time.
 subprocess with that venv's python) on the same weights file, in the same run, one
 configuration after the other (never concurrently), and prints ours / reference.
 
-It also prints how many codebook levels the fast nearest-centroid search handed back to the
-exact path (near-ties; see `_FastSearch` in moshi_grpc/models/mimi.py).
+On CPU the model runs with the CPU forms of moshi_grpc/models/cpu_fast.py (`--cpu-forms`:
+auto measures at load which are faster here; on; off = the plain model; or a list of form
+names); the header says which were chosen, and the run prints how many codebook levels the
+certified search handed back to the exact path (near-ties).
 
 Serving modes, through the codec engine's runner (`StreamerRunner`: live streams packed
 into a row prefix, each tick stepping the smallest bucket of rows that holds them):
@@ -95,11 +97,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rounds", type=int, default=1, help="repeat ours (then the reference) R times"
     )
     parser.add_argument(
-        "--rows-form",
-        default="on",
-        choices=["on", "off"],
-        help="MKL's two-row form for batch-1 layers on CPU (Mimi.use_rows_form); off: "
-        "oneDNN's packed kernels only",
+        "--cpu-forms",
+        default="auto",
+        help="faster exact CPU forms (moshi_grpc/models/cpu_fast.py): auto = each where a "
+        "measurement at load says it is faster (default), on, off (the plain model), or the "
+        "forms to turn on, comma-separated: conv-matmul,onednn-packed,rows,fast-search,"
+        "codebook-tables",
     )
     parser.add_argument(
         "--load",
@@ -125,17 +128,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _load(args, weights: Path | None) -> Any:
+    """The model as the bench runs it: on CPU with the CPU forms `--cpu-forms` asks for
+    (printed)."""
+    import torch
+
+    from moshi_grpc.models.cpu_fast import MimiForms, prepare_mimi_for_cpu
+    from moshi_grpc.models.mimi import load_mimi
+
+    mimi = load_mimi(
+        weights, device=args.device, dtype=getattr(torch, args.dtype),
+        num_codebooks=args.num_codebooks, config=args.config,
+    )  # fmt: skip
+    if mimi.device.type == "cpu":
+        forms = prepare_mimi_for_cpu(mimi, MimiForms.parse(args.cpu_forms))
+        print(f"CPU forms ({args.cpu_forms}): {forms}", flush=True)
+    return mimi
+
+
 def _ours(args, weights: Path | None, batches: list[int]) -> dict[int, tuple[float, ...]]:
     import torch
 
-    from moshi_grpc.models.mimi import load_mimi
+    from moshi_grpc.models.cpu_fast import mimi_exact_reruns
 
-    dtype = getattr(torch, args.dtype)
-    mimi = load_mimi(
-        weights, device=args.device, dtype=dtype, num_codebooks=args.num_codebooks,
-        config=args.config,
-    )  # fmt: skip
-    mimi.use_rows_form(args.rows_form == "on")
+    mimi = _load(args, weights)
     sync = torch.cuda.synchronize if str(args.device).startswith("cuda") else (lambda: None)
     out = {}
     g = torch.Generator().manual_seed(0)
@@ -160,8 +176,7 @@ def _ours(args, weights: Path | None, batches: list[int]) -> dict[int, tuple[flo
             dec_c.append(time.process_time() - c0)
         w = args.warmup
         out[b] = tuple(statistics.median(v[w:]) * 1e3 for v in (enc_t, dec_t, enc_c, dec_c))
-    q = mimi.quantizer
-    reruns = q.rvq_first.exact_reruns + q.rvq_rest.exact_reruns
+    reruns = mimi_exact_reruns(mimi)
     levels = len(batches) * (args.warmup + args.frames) * args.num_codebooks
     print(f"codebook search: {reruns} of {levels} levels (batched calls) rerun exactly (near-ties)")
     return out
@@ -260,7 +275,7 @@ def state_bytes_per_slot(streamer: Any) -> int:
     cache = getattr(streamer, "_cache", None)
     if cache is None:
         return 0
-    tensors = (*streamer._states, *cache.k, *cache.vt, cache.pos)
+    tensors = (*streamer._states, *cache.tensors())
     return sum(t[0].numel() * t.element_size() for t in tensors)
 
 
@@ -322,15 +337,17 @@ def time_codec_buckets(
     num_codebooks: int = 8,
     seed: int = 0,
     mimi: Any = None,
+    cpu_forms: str = "auto",
 ) -> list[CodecBucketTiming]:
     """Per session count (default: every bucket of the ladder of `num_slots`) and per mode
     (eager, CUDA graphs): encode, decode and tick p50/p99 of that many sessions on a
     `num_slots`-row replica, through the engine's runners (as served: host input assembly,
     the step, the copy back). Like the service at load, every bucket used is stepped (in
     graph mode: captured) first. `mimi`: a model already built (else a seeded random one of
-    `config` on device/dtype)."""
+    `config` on device/dtype, with the CPU forms `cpu_forms` on CPU)."""
     import torch
 
+    from moshi_grpc.models.cpu_fast import MimiForms, prepare_mimi_for_cpu
     from moshi_grpc.models.mimi import load_mimi
     from moshi_grpc.services.common.buckets import bucket_for, bucket_ladder
 
@@ -339,6 +356,8 @@ def time_codec_buckets(
             None, device=device, dtype=getattr(torch, dtype), num_codebooks=num_codebooks,
             config=config, seed=seed,
         )  # fmt: skip
+        if mimi.device.type == "cpu":
+            prepare_mimi_for_cpu(mimi, MimiForms.parse(cpu_forms))
     ladder = bucket_ladder(num_slots)
     counts = list(sessions or ladder)
     used = sorted({bucket_for(n, ladder) for n in counts})
@@ -398,21 +417,15 @@ def _run_load(args: argparse.Namespace) -> int:
     """Tick time of N sessions on M slots against N slots, rounds interleaved."""
     import torch
 
-    from moshi_grpc.models.mimi import load_mimi
-
     try:
         pairs = _parse_load(args.load)
     except ValueError as exc:
         print(exc)
         return 2
-    mimi = load_mimi(
-        args.weights, device=args.device, dtype=getattr(torch, args.dtype),
-        num_codebooks=args.num_codebooks, config=args.config,
-    )  # fmt: skip
-    mimi.use_rows_form(args.rows_form == "on")
+    mimi = _load(args, args.weights)
     print(
         f"compute follows load: config={args.config} dtype={args.dtype} device={args.device} "
-        f"rows form {args.rows_form}, threads={args.threads}, {args.frames} ticks (+{args.warmup} warm-up) x "
+        f"threads={args.threads}, {args.frames} ticks (+{args.warmup} warm-up) x "
         f"{args.rounds} rounds, every session with a frame each tick"
     )
     runners = {}
@@ -468,7 +481,7 @@ def _run_buckets(args: argparse.Namespace) -> int:
         device=args.device, dtype=args.dtype, num_slots=args.buckets, graphs=graphs,
         sessions=[int(n) for n in args.sessions.split(",")] if args.sessions else None,
         ticks=args.frames, warmup=args.warmup, config=args.config,
-        num_codebooks=args.num_codebooks,
+        num_codebooks=args.num_codebooks, cpu_forms=args.cpu_forms,
     )  # fmt: skip
     print(
         f"codec buckets: config={args.config} dtype={args.dtype} device={args.device} "
@@ -507,7 +520,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"Mimi streaming bench: config={args.config} dtype={args.dtype} device={args.device} "
             f"threads={args.threads} codebooks={args.num_codebooks} frames={args.frames} "
-            f"(+{args.warmup} warm-up), rows form {args.rows_form}, "
+            f"(+{args.warmup} warm-up), "
             f"weights={'random' if args.weights is None else weights}"
             + (f", {args.rounds} rounds" if args.rounds > 1 else "")
         )

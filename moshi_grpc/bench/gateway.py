@@ -99,6 +99,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "all of them",
     )
     parser.add_argument(
+        "--gateway-args",
+        default="",
+        metavar="ARGS",
+        help='extra flags for the gateway process(es), one string (e.g. "--max-backlog-frames 4")',
+    )
+    parser.add_argument(
         "--profile",
         default=None,
         metavar="PATH",
@@ -411,6 +417,7 @@ async def _main(args: argparse.Namespace) -> int:
             gw_extra = ["--codec-addr", codec.address, "--lm-addr", lm.address, "--grace", "5"]
             gw_extra += ["--max-concurrent-rpcs", "0", "--backend-streams", mode]
             gw_extra += ["--workers", str(max(1, args.gateway_workers))]
+            gw_extra += shlex.split(args.gateway_args)
             prefix = ["taskset", "-c", args.gateway_cpus] if args.gateway_cpus else None
             name = "gateway"
             if args.profile:

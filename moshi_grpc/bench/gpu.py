@@ -113,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from moshi_grpc.bench.codec import time_codec_buckets
-    from moshi_grpc.models.lm import kv_cache_dtypes, load_lm
+    from moshi_grpc.models.cpu_fast import prepare_lm_for_cpu
+    from moshi_grpc.models.lm import load_lm
 
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -125,9 +126,10 @@ def run(args: argparse.Namespace) -> int:
         modes = [m for m in modes if m != "graphs"]
     sessions = [int(s) for s in args.sessions.split(",") if s.strip()]
     lm = load_lm(None, args.lm_config, device=dev, dtype=getattr(torch, args.dtype), seed=0)
+    prepare_lm_for_cpu(lm)  # measured CPU forms (a --device cpu run); none on CUDA
     cfg = lm.config
     fill = min(cfg.context - 1, cfg.context if args.fill is None else args.fill)
-    kd, vd = kv_cache_dtypes(lm.dtype, dev)
+    kd, vd = lm.kv_dtypes or (lm.dtype, lm.dtype)
     hd = cfg.dim // cfg.num_heads
     per_layer = cfg.num_heads * cfg.context * hd
     kv_bytes = cfg.num_layers * per_layer * (kd.itemsize + vd.itemsize)

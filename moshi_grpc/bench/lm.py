@@ -4,6 +4,8 @@ Builds the `mid` config (dim 1024, 12 layers, depformer 512 x 4 layers, real voc
 with seeded random weights saved under the official tensor names, then times `LMGen.step`
 (median after warm-up) at each batch size with the ring KV cache already holding `--fill`
 past steps (default: the whole 3000-step context, the steady state of a long conversation).
+The model runs with the CPU forms `--cpu-forms` asks for (moshi_grpc/models/cpu_fast.py;
+default auto: each where a measurement at load says it is faster here); the run prints which.
 
 `--reference` runs the public reference (`moshi` 0.2.13, in its own venv) on the same weights
 file in a subprocess during the same run, prints its figures beside ours with the ratio, and
@@ -85,6 +87,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--cpu-forms",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="faster CPU forms of the LM's layers (models/cpu_fast.py): auto = where a "
+        "measurement at load says they are faster (default), on, or off (the plain model)",
+    )
     flags.add_reference(parser)
     parser.add_argument("--check-steps", type=int, default=8, help="greedy parity steps")
     parser.add_argument(
@@ -125,9 +134,8 @@ def fake_history(gen, fill: int, seed: int = 0) -> None:
         gen.reset(slot, seed=slot)
     gen.steps[:] = fill
     gen.host_steps[:] = [fill] * gen.num_slots
-    for cache in gen.caches:
-        for buf in (cache.k, cache.v_t):
-            buf.copy_((torch.randn(buf.shape, generator=g) * 0.5).to(buf.dtype))
+    for buf in (*gen.cache.k, *gen.cache.v):
+        buf.copy_((torch.randn(buf.shape, generator=g) * 0.5).to(buf.dtype))
     text = torch.randint(0, cfg.text_card, gen.tokens[:, :1].shape, generator=g)
     audio = torch.randint(0, cfg.card, gen.tokens[:, 1:].shape, generator=g)
     gen.tokens[:] = torch.cat([text, audio], 1).to(gen.tokens.device)
@@ -260,12 +268,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import save_file
 
+    from moshi_grpc.models.cpu_fast import prepare_lm_for_cpu
     from moshi_grpc.models.lm import load_lm
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     if args.replay is not None:
         lm = load_lm(None, args.config, device=args.device, dtype=dtype, seed=0)
+        prepare_lm_for_cpu(lm, args.cpu_forms)
         steps = min(args.replay, lm.config.context * 4)
         r = run_replay(lm, steps, args.replay_sample)
         print(
@@ -281,6 +291,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     batches = [int(b) for b in args.batch.split(",") if b.strip()]
     lm = load_lm(None, args.config, device=args.device, dtype=dtype, seed=0)
+    forms = prepare_lm_for_cpu(lm, args.cpu_forms)
     cfg = lm.config
     fill = cfg.context if args.fill is None else min(args.fill, cfg.context)
     params = sum(p.numel() for p in lm.parameters())
@@ -292,6 +303,8 @@ def run(args: argparse.Namespace) -> int:
         f"KV fill {fill}/{cfg.context} steps; median of {per_round * rounds} steps after "
         f"{args.warmup} warm-up" + (", interleaved with the reference" if args.reference else "")
     )
+    on = [name for name, used in forms.items() if used]
+    print(f"CPU forms ({args.cpu_forms}): {', '.join(on) if on else 'none (the plain model)'}")
     ours: dict[int, list[float]] = {}
     refs: dict[int, list[float]] = {}
     parity = None

@@ -2,25 +2,27 @@
 
 Read top to bottom, gpt-fast style: a config dataclass parsed from kyutai's official
 `config.json` keys, plain modules whose state-dict names *are* the official checkpoint names
-(`transformer.layers.0.self_attn.in_proj_weight`, ...), and an explicit ring KV cache module
-with preallocated per-slot buffers. Streaming state (step counters, token buffers, sampling)
-lives in `lm_gen.LMGen`; this file only knows how to run one step for a set of cache rows.
+(`transformer.layers.0.self_attn.in_proj_weight`, ...), and one step of the model for rows
+`[0, B)` of a per-row ring KV cache (`streaming.RingKVCache`). Streaming state (step counters,
+token buffers, sampling) lives in `lm_gen.LMGen`.
 
 Per step and per session the model sees 1 + n_q tokens (text, Moshi's dep_q audio streams, the
 user's n_q - dep_q audio streams), sums their embeddings, runs the temporal transformer (RoPE,
 RMSNorm, SiLU-gated FFN, causal attention over at most `context` past steps), predicts the text
 token, then runs the depformer dep_q times (one set of weights per codebook, no positions,
 attention over the codebooks of the same step) to predict Moshi's audio codes one by one.
+
+This file is the math in plain torch (`F.linear`, a written-out single-query attention,
+`scaled_dot_product_attention` where several queries meet): a model runs as soon as it is
+loaded, on any device. Faster CPU kernels for the same function are applied from above
+(`cpu_fast.prepare_lm_for_cpu`, called by the engine and the benchmarks); this file never
+imports them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import re
-import threading
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -29,12 +31,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moshi_grpc.models.checkpoint import CheckpointError, load_state_strict, read_safetensors
-from moshi_grpc.models.rope import rope_angles, rotate
+from moshi_grpc.models.checkpoint import (
+    fold_attention_layouts,
+    load_state_strict,
+    read_safetensors,
+)
+from moshi_grpc.models.rope import rope_angles, rope_tables, rotate
+from moshi_grpc.models.streaming import RingKVCache, ring_key_positions, ring_mask
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LMConfig", "LMModel", "RingKVCache", "LMConfigError", "load_lm", "PRESETS"]
+__all__ = ["LMConfig", "LMModel", "LMConfigError", "load_lm", "PRESETS"]
 
 
 class LMConfigError(ValueError):
@@ -342,125 +349,20 @@ def resolve_config(config: str | Path | dict | LMConfig) -> tuple[LMConfig, str]
 # --------------------------------------------------------------------------------------------
 
 
-def _can_pack(w: torch.Tensor) -> bool:
-    return (
-        w.device.type == "cpu"
-        and w.dtype in (torch.float32, torch.bfloat16)
-        and torch.backends.mkldnn.is_available()
-    )
-
-
-def pack_weight(w: torch.Tensor) -> torch.Tensor | None:
-    """oneDNN's blocked copy of a `[out, in]` weight for `linear`, or None where unsupported.
-
-    On CPU a matrix-vector product against the packed layout runs ~1.3x (float32, batch 1)
-    to ~2x (float32 batch 8, bfloat16 batch 1) faster than `F.linear` on the plain tensor,
-    for the same result up to float rounding. It costs one more copy of the weights.
-    """
-    if not _can_pack(w):
-        return None
-    try:
-        return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), 1)
-    except (RuntimeError, AttributeError):  # build without the op: plain F.linear
-        return None
-
-
-def linear(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    packed: torch.Tensor | None,
-    residual: torch.Tensor | None = None,
-    rows: slice | None = None,
-) -> torch.Tensor:
-    """`x @ w[rows].T`, plus `residual` if given, through the packed weight when there is one
-    (`packed` is then the packed `w[rows]`, and the slice is never taken).
-
-    With a packed weight the residual add is a oneDNN post-op of the matmul: one dispatched
-    op fewer per layer (the depformer runs dep_q x layers of them per step), and in bfloat16
-    one rounding fewer. In float32 the sum is the same as `residual + x @ w.T`.
-    """
-    if packed is None or (_gemv.active and x.numel() == x.shape[-1]):
-        y = F.linear(x, w if rows is None else w[rows])
-        return y if residual is None else residual + y
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if residual is None:
-        y = torch.ops.mkldnn._linear_pointwise(x2, packed, None, "none", [], "")
-    else:
-        r2 = residual if residual.dim() == 2 else residual.reshape(-1, residual.shape[-1])
-        y = torch.ops.mkldnn._linear_pointwise.binary(x2, r2, packed, None, "add")
-    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
-
-
-class _GemvState(threading.local):
-    active = False  # this thread is inside `half_gemv()`
-
-
-_gemv = _GemvState()
-_gemv_lock = threading.Lock()
-_gemv_users = 0
-_gemv_saved_mkldnn = True
-
-
-@contextlib.contextmanager
-def half_gemv(enable: bool = True) -> Iterator[None]:
-    """Run single-row half-precision matmuls through PyTorch's own matrix-vector kernel.
-
-    For one row (batch 1), PyTorch's reduced-precision GEMV (float32 accumulation) reads
-    bfloat16 weights at ~30 GB/s with 2 threads on this project's CPU (AVX-512 BF16, no AMX),
-    where oneDNN's bfloat16 kernel, even on pre-packed weights, reaches ~20 GB/s. ATen only
-    takes that kernel while oneDNN matmul is switched off, and that switch is process-wide:
-    while any thread is inside this context it is off (ref-counted; restored when the last
-    one leaves), and `linear` uses the plain weights for single rows in the threads inside
-    it. Other threads of the process meanwhile run their half-precision matmuls and their
-    convolutions (any dtype) without oneDNN: slower, same results up to rounding (float32
-    matmuls go to MKL either way). The services run the LM in its own process; `LMGen`
-    enables this only for batch-1 steps of a bfloat16/float16 model on CPU
-    (`LMGen.half_gemv = False` turns it off).
-    """
-    global _gemv_users, _gemv_saved_mkldnn
-    if not enable or _gemv.active:
-        yield
-        return
-    with _gemv_lock:
-        if _gemv_users == 0:
-            _gemv_saved_mkldnn = torch._C._get_mkldnn_enabled()
-            torch._C._set_mkldnn_enabled(False)
-        _gemv_users += 1
-    _gemv.active = True
-    try:
-        yield
-    finally:
-        _gemv.active = False
-        with _gemv_lock:
-            _gemv_users -= 1
-            if _gemv_users == 0:
-                torch._C._set_mkldnn_enabled(_gemv_saved_mkldnn)
-
-
 class RMSNorm(nn.Module):
-    """RMSNorm with the checkpoint's `alpha[1, 1, dim]`; statistics in float32 if asked."""
+    """RMSNorm with the checkpoint's `alpha [1, 1, dim]`; statistics in float32 if asked."""
 
     def __init__(self, dim: int, eps: float, f32: bool) -> None:
         super().__init__()
         self.eps = eps
         self.f32 = f32
         self.alpha = nn.Parameter(torch.ones(1, 1, dim))
-        self._alpha: torch.Tensor | None = None  # `[dim]`, in the statistics dtype
-
-    def refresh(self) -> None:
-        """Cache alpha as `[dim]` in the statistics dtype (a bf16 model would otherwise
-        convert it at every call)."""
-        a = self.alpha.detach().view(-1)
-        self._alpha = a.float() if self.f32 else a
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise `x [..., dim]` (any number of leading dimensions)."""
         xf = x.float() if self.f32 else x
-        alpha = self._alpha
-        if alpha is None or alpha.device != x.device or alpha.dtype != xf.dtype:
-            alpha = self.alpha.view(-1).to(xf.dtype)
-        var = self.eps + torch.mean(xf * xf, dim=-1, keepdim=True)
-        return (xf * (alpha * torch.rsqrt(var))).to(x.dtype)
+        var = self.eps + torch.mean(xf * xf, dim=-1, keepdim=True)  # (..., 1)
+        return (xf * (self.alpha.view(-1).to(xf.dtype) * torch.rsqrt(var))).to(x.dtype)
 
 
 class Gating(nn.Module):
@@ -470,105 +372,67 @@ class Gating(nn.Module):
         super().__init__()
         self.linear_in = nn.Linear(dim, 2 * hidden, bias=False)
         self.linear_out = nn.Linear(hidden, dim, bias=False)
-        self.packed: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
 
-    def pack(self, enable: bool) -> None:
-        w_in, w_out = self.linear_in.weight, self.linear_out.weight
-        self.packed = (pack_weight(w_in), pack_weight(w_out)) if enable else (None, None)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """The FFN of `x`, plus `residual` if given."""
-        h = linear(x, self.linear_in.weight, self.packed[0])  # (B, T, 2 * hidden)
-        h = h.view(*h.shape[:-1], 2, -1)
-        gated = F.silu(h[..., 0, :]) * h[..., 1, :]
-        return linear(gated, self.linear_out.weight, self.packed[1], residual)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear_in(x)  # (..., 2 * hidden)
+        h = h.view(*h.shape[:-1], 2, -1)  # (..., 2, hidden): a, b
+        return self.linear_out(F.silu(h[..., 0, :]) * h[..., 1, :])  # (..., dim)
 
 
-def kv_cache_dtypes(dtype: torch.dtype, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
-    """Storage dtypes (keys, values) of the temporal KV cache for a model of `dtype` on `device`.
+class Attention(nn.Module):
+    """Multi-head self-attention projections (names as published).
 
-    Elsewhere than on CPU, and for float32 models, both are the model's dtype. On CPU a
-    bfloat16 (or float16) model attends in full precision: oneDNN's bfloat16 matmul with one
-    query column runs at a third of its float32 speed per byte here (it wastes 15 of 16
-    vector lanes), so keys are kept in float32 (same speed as any half type for the
-    query-key products, whose rows are only head_dim long) and values in float16, which
-    PyTorch's reduced-precision matrix-vector kernel reads at full bandwidth with float32
-    accumulation (twice as fast as float32; float16 keeps 3 more mantissa bits than
-    bfloat16, and the values are projections of normalised activations, far from its range
-    limit). The cost is 1.5x the memory of a bfloat16 cache (mid config: 221 MB per slot at
-    3000 steps).
-    """
-    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
-        return torch.float32, torch.float16
-    return dtype, dtype
-
-
-class RingKVCache(nn.Module):
-    """Keys `k [slots, heads, capacity, head_dim]` and values `v_t [slots, heads, head_dim,
-    capacity]` of one attention layer, preallocated.
-
-    Step `p` of a slot is stored at ring index `p % capacity`; keys are rotated before they
-    are stored, so the order inside the ring does not matter to attention. Row `i` holds
-    `min(steps_i, capacity)` valid entries; attention reads only the filled prefix. Values are
-    kept transposed so that both attention products are plain matrix-vector products over
-    contiguous rows (about 3x faster on CPU than the transposed forms for one query).
+    The depformer has one set of weights per codebook step: `in_proj_weight` then stacks
+    `steps` fused (q, k, v) projections along its rows, and `out_proj.weight` `steps` output
+    projections; step `s` uses its own block of rows.
     """
 
-    def __init__(
-        self,
-        slots: int,
-        heads: int,
-        capacity: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device,
-        value_dtype: torch.dtype | None = None,
-    ) -> None:
+    def __init__(self, dim: int, num_heads: int, steps: int = 1) -> None:
         super().__init__()
-        self.capacity = capacity
-        value_dtype = value_dtype or dtype
-        k = torch.zeros(slots, heads, capacity, head_dim, dtype=dtype, device=device)
-        v_t = torch.zeros(slots, heads, head_dim, capacity, dtype=value_dtype, device=device)
-        self.register_buffer("k", k, persistent=False)
-        self.register_buffer("v_t", v_t, persistent=False)
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.steps = steps
+        self.in_proj_weight = nn.Parameter(torch.empty(steps * 3 * dim, dim))
+        self.out_proj = nn.Linear(dim, steps * dim, bias=False)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.k.dtype
+    def w_in(self, step: int = 0) -> torch.Tensor:
+        """Step `step`'s fused (q, k, v) projection `[3 * dim, dim]` (a view)."""
+        return self.in_proj_weight[step * 3 * self.dim : (step + 1) * 3 * self.dim]
 
-    def write(
-        self,
-        rows: torch.Tensor,
-        index: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        active: torch.Tensor | None = None,
-    ):
-        """Store `k, v [B, H, D]` at ring `index[B]` of cache `rows[B]`; rows where `active`
-        is False keep their entry (a masked row's cache stays bit for bit as it was)."""
-        k, v = k.to(self.k.dtype), v.to(self.v_t.dtype)
-        if active is not None:
-            keep = ~active[:, None, None]
-            k = torch.where(keep, self.k[rows, :, index], k)
-            v = torch.where(keep, self.v_t[rows, :, :, index], v)
-        self.k[rows, :, index] = k
-        self.v_t[rows, :, :, index] = v
+    def w_out(self, step: int = 0) -> torch.Tensor:
+        """Step `step`'s output projection `[dim, dim]` (a view)."""
+        return self.out_proj.weight[step * self.dim : (step + 1) * self.dim]
 
-    def read(self, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `length` ring entries of rows `[0, batch)` as views (no copy): keys
-        `[B, H, length, D]`, transposed values `[B, H, D, length]`."""
-        return self.k[:batch, :, :length], self.v_t[:batch, ..., :length]
+    def project_in(self, x: torch.Tensor, step: int = 0) -> torch.Tensor:
+        """`x [..., dim]` -> q, k, v `[..., 3 * dim]`."""
+        return F.linear(x, self.w_in(step))
 
-    def move_row(self, src: int, dst: int) -> None:
-        """Copy row `src` (a session's whole cache) into row `dst`."""
-        self.k[dst].copy_(self.k[src])
-        self.v_t[dst].copy_(self.v_t[src])
+    def project_out(self, y: torch.Tensor, step: int = 0) -> torch.Tensor:
+        """Heads `y [..., dim]` -> `[..., dim]`."""
+        return F.linear(y, self.w_out(step))
+
+
+@dataclass
+class StepPlan:
+    """What every temporal layer needs for one step of cache rows `[0, B)`, made once."""
+
+    ring_index: torch.Tensor  # (B, 1) where this step's key and value go
+    cos: torch.Tensor  # (B, 1, 1, head_dim) float32 RoPE tables of this step (`rope_tables`)
+    sin: torch.Tensor
+    length: int  # ring entries to attend over (static: the caller bounds the filled prefix)
+    mask: torch.Tensor | None  # (B, 1, 1, length) valid keys, None when all are valid
+    active: torch.Tensor | None  # (B,) rows that advance; None = all
 
 
 def attend_ring(
     q: torch.Tensor, keys: torch.Tensor, values_t: torch.Tensor, mask: torch.Tensor | None
 ) -> torch.Tensor:
-    """One query step `q [B, H, 1, D]` over ring keys `[B, H, L, D]` / values `[B, H, D, L]`."""
+    """One query per row, `q [B, H, 1, D]`, over ring keys `[B, H, L, D]` and transposed
+    values `[B, H, D, L]`: softmax(q k^T / sqrt(D)) v, softmax in float32 -> `[B, H, 1, D]`.
+
+    Written out rather than `scaled_dot_product_attention`: with the values held transposed
+    (see `RingKVCache`) both products are matrix-vector products over contiguous rows."""
     scores = torch.matmul(keys, q.transpose(-1, -2)).transpose(-1, -2)  # (B, H, 1, L)
     weights = _softmax_f32(scores * (q.shape[-1] ** -0.5), mask).to(values_t.dtype)
     out = torch.matmul(values_t, weights.transpose(-1, -2))  # (B, H, D, 1)
@@ -577,83 +441,13 @@ def attend_ring(
 
 def _softmax_f32(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Softmax over the last dim in float32, spelled out: aten's softmax kernel always opens
-    a thread-pool region, which costs more than the math for one query (and stalls badly on
-    a loaded machine); these elementwise ops stay single-threaded when small."""
+    a thread-pool region, which costs more than the math for one query (and stalls on a
+    loaded machine); these elementwise ops stay single-threaded when small."""
     scores = scores.float()
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     e = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
     return e / e.sum(dim=-1, keepdim=True)
-
-
-@dataclass
-class StepPlan:
-    """What every temporal layer needs for one step of cache rows `[0, B)`, made once."""
-
-    rows: torch.Tensor  # (B,) arange: the cache rows being stepped
-    ring_index: torch.Tensor  # (B,) where this step's key goes
-    cos: torch.Tensor  # (B, 1, 1, head_dim // 2) float32 RoPE rotation of this step
-    sin: torch.Tensor
-    length: int  # ring entries to attend over (static: the caller bounds the filled prefix)
-    mask: torch.Tensor | None  # (B, 1, 1, length) valid keys, None when all are valid
-    active: torch.Tensor | None  # (B,) rows that advance; None = all
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention; `in_proj_weight` may hold one projection per depformer step."""
-
-    def __init__(self, dim: int, num_heads: int, steps: int = 1) -> None:
-        super().__init__()
-        self.dim = dim
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.in_proj_weight = nn.Parameter(torch.empty(steps * 3 * dim, dim))
-        self.out_proj = nn.Linear(dim, steps * dim, bias=False)
-        # out_proj.weight is (steps * dim, dim): step s uses rows [s * dim, (s + 1) * dim).
-        self.steps = steps
-        self.packed_in: list[torch.Tensor | None] = [None] * steps
-        self.packed_out: list[torch.Tensor | None] = [None] * steps
-
-    def rows_in(self, step: int) -> slice:
-        return slice(step * 3 * self.dim, (step + 1) * 3 * self.dim)
-
-    def rows_out(self, step: int) -> slice:
-        return slice(step * self.dim, (step + 1) * self.dim)
-
-    def w_in(self, step: int) -> torch.Tensor:
-        return self.in_proj_weight[self.rows_in(step)]
-
-    def w_out(self, step: int) -> torch.Tensor:
-        return self.out_proj.weight[self.rows_out(step)]
-
-    def pack(self, enable: bool) -> None:
-        steps = range(self.steps)
-        self.packed_in = [pack_weight(self.w_in(s)) if enable else None for s in steps]
-        self.packed_out = [pack_weight(self.w_out(s)) if enable else None for s in steps]
-
-    def qkv(self, x: torch.Tensor, step: int = 0) -> torch.Tensor:
-        """Projections of one step `x [B, 1, dim]`: `[B, 3, H, D]` (q, k, v)."""
-        w, packed = self.in_proj_weight, self.packed_in[step]
-        qkv = linear(x, w, packed, rows=self.rows_in(step))  # (B, 1, 3 * dim)
-        return qkv.view(x.shape[0], 3, self.num_heads, self.head_dim)
-
-    def out(self, y: torch.Tensor, residual: torch.Tensor, step: int = 0) -> torch.Tensor:
-        """`residual` plus the output projection of heads `y [B, H, 1, D]`."""
-        y = y.reshape(y.shape[0], 1, self.dim).to(residual.dtype)  # T = 1: heads are contiguous
-        w, packed = self.out_proj.weight, self.packed_out[step]
-        return linear(y, w, packed, residual, rows=self.rows_out(step))
-
-    def forward_temporal(
-        self, x: torch.Tensor, residual: torch.Tensor, cache: RingKVCache, plan: StepPlan
-    ) -> torch.Tensor:
-        """`residual` plus attention of one step `x [B, 1, dim]` over the ring cache."""
-        qkv = self.qkv(x)
-        qk = rotate(qkv[:, :2], plan.cos, plan.sin).to(cache.dtype)  # (B, 2, H, D), q and k
-        cache.write(plan.rows, plan.ring_index, qk[:, 1], qkv[:, 2], plan.active)
-        keys, values = cache.read(x.shape[0], plan.length)
-        q = qk[:, 0, :, None].contiguous()  # a strided query costs 5x in the batched matmul
-        y = attend_ring(q, keys, values, plan.mask)  # (B, H, 1, D)
-        return self.out(y, residual)
 
 
 class TemporalLayer(nn.Module):
@@ -665,9 +459,23 @@ class TemporalLayer(nn.Module):
         self.norm2 = RMSNorm(cfg.dim, cfg.norm_eps, f32)
         self.gating = Gating(cfg.dim, cfg.hidden)
 
-    def forward(self, x: torch.Tensor, cache: RingKVCache, plan: StepPlan) -> torch.Tensor:
-        x = self.self_attn.forward_temporal(self.norm1(x), x, cache, plan)
-        return self.gating(self.norm2(x), residual=x)
+    def forward(
+        self, x: torch.Tensor, cache: RingKVCache, layer: int, plan: StepPlan
+    ) -> torch.Tensor:
+        """One step `x [B, 1, dim]` of rows `[0, B)`; writes this step's key and value into
+        ring layer `layer` first, then attends over the ring."""
+        attn = self.self_attn
+        b = x.shape[0]
+        qkv = attn.project_in(self.norm1(x))  # (B, 1, 3 * dim)
+        qkv = qkv.view(b, 3, attn.num_heads, attn.head_dim)  # (B, 3, H, D): T = 1
+        qk = rotate(qkv[:, :2], plan.cos, plan.sin, cache.key_dtype)  # (B, 2, H, D)
+        k, v = qk[:, 1, :, None], qkv[:, 2, :, None]  # (B, H, 1, D)
+        cache.write(layer, k, v, plan.ring_index, plan.active)
+        keys, values_t = cache.read(layer, b, plan.length)  # (B, H, L, D), (B, H, D, L)
+        q = qk[:, 0, :, None].contiguous()  # (B, H, 1, D); a strided query is slow to multiply
+        y = attend_ring(q, keys, values_t, plan.mask)  # (B, H, 1, D)
+        x = x + attn.project_out(y.reshape(b, 1, attn.dim).to(x.dtype))  # (B, 1, dim)
+        return x + self.gating(self.norm2(x))
 
 
 class Transformer(nn.Module):
@@ -676,6 +484,16 @@ class Transformer(nn.Module):
     def __init__(self, layers: list[nn.Module]) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
+
+
+@dataclass
+class DepformerViews:
+    """One layer's scratch at one codebook step: where this step's key/value go
+    (`write [B, 2, H, D]`) and the keys/values of the steps so far (`[B, H, step + 1, D]`)."""
+
+    write: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
 
 
 class DepformerLayer(nn.Module):
@@ -693,36 +511,23 @@ class DepformerLayer(nn.Module):
     def forward(self, x: torch.Tensor, step: int, kv: DepformerViews) -> torch.Tensor:
         """`x [B, d]` for codebook `step`; `kv` are this layer's scratch views for the step.
 
-        Two dimensions all along (the depformer has one position per call), and at most
-        dep_q keys: one fused scaled_dot_product_attention call costs a quarter of the
-        spelled-out matmul/softmax ops. The depformer runs this dep_q x layers times per
-        step, so every dispatched op saved here counts.
+        Two dimensions all along: the depformer has one position per call and at most dep_q
+        keys, attended with one fused `scaled_dot_product_attention` call.
         """
         attn = self.self_attn
         b = x.shape[0]
-        h = self.norm1(x)
-        qkv = linear(h, attn.in_proj_weight, attn.packed_in[step], rows=attn.rows_in(step))
-        qkv = qkv.view(b, 3, attn.num_heads, attn.head_dim)
+        qkv = attn.project_in(self.norm1(x), step)  # (B, 3 * d)
+        qkv = qkv.view(b, 3, attn.num_heads, attn.head_dim)  # (B, 3, H, D)
         kv.write.copy_(qkv[:, 1:])
-        y = F.scaled_dot_product_attention(qkv[:, 0, :, None], kv.keys, kv.values)
-        out_w, out_packed = attn.out_proj.weight, attn.packed_out[step]
-        x = linear(y.view(b, -1), out_w, out_packed, x, rows=attn.rows_out(step))
-        return self.gating[step](self.norm2(x), residual=x)
-
-
-@dataclass
-class DepformerViews:
-    """One layer's scratch at one codebook step: where this step's key/value go
-    (`write [B, 2, H, D]`) and the keys/values of the steps so far (`[B, H, step + 1, D]`)."""
-
-    write: torch.Tensor
-    keys: torch.Tensor
-    values: torch.Tensor
+        y = F.scaled_dot_product_attention(qkv[:, 0, :, None], kv.keys, kv.values)  # (B,H,1,D)
+        x = x + attn.project_out(y.view(b, -1), step)  # (B, d)
+        return x + self.gating[step](self.norm2(x))
 
 
 class DepformerScratch:
-    """Per-layer key/value scratch `[slots, 2, H, dep_q, D]` of the depformer, with its views
-    for every batch size, layer and step made once (indexing ops add up at 32 per step)."""
+    """Per-layer key/value scratch `[rows, 2, H, dep_q, D]` of the depformer, with its views
+    for every batch size, layer and step made once (the depformer runs dep_q x layers
+    attention calls per step; slicing them anew each time adds up)."""
 
     def __init__(self, buffers: list[torch.Tensor]) -> None:
         self.buffers = buffers
@@ -777,8 +582,9 @@ class LMModel(nn.Module):
         self.depformer_text_emb = nn.Embedding(cfg.text_card + 1, d)
         self.depformer = Transformer([DepformerLayer(cfg) for _ in range(cfg.depformer_num_layers)])
         self.linears = nn.ModuleList([nn.Linear(d, cfg.card, bias=False) for _ in range(cfg.dep_q)])
-        self._dep_in_cat: torch.Tensor | None = None
-        self._packed: dict[str, torch.Tensor | None] = {}
+        # Storage dtypes (keys, values) of the temporal KV cache; None = the model's dtype.
+        # A device-specific form may choose others (`cpu_fast.prepare_lm_for_cpu`).
+        self.kv_dtypes: tuple[torch.dtype, torch.dtype] | None = None
 
     # ---- facts used by the generator -------------------------------------------------------
     @property
@@ -808,61 +614,47 @@ class LMModel(nn.Module):
                     block = flat[start : start + 4096]
                     r = torch.randn(block.shape, generator=gen).clamp_(-3, 3).mul_(std)
                     block.copy_(r.to(device=p.device, dtype=p.dtype))
-        self.invalidate_caches()
 
-    def invalidate_caches(self) -> None:
-        """Forget derived weights (call after changing parameters in place or moving)."""
-        self._dep_in_cat = None
-        self.pack_weights(False)
-
-    def pack_weights(self, enable: bool = True) -> None:
-        """Keep oneDNN-packed copies of every matmul weight (CPU float32/bfloat16 only).
-
-        Faster single-step matmuls for one more copy of the weights in memory; a no-op on
-        other devices. `load_lm(..., pack=True)` (the default on CPU) calls it.
-        """
-        for module in self.modules():
-            if isinstance(module, (Attention, Gating)):
-                module.pack(enable)
-            elif isinstance(module, RMSNorm):
-                module.refresh()
-        self._packed = {}
-        if enable:
-            self._packed["text"] = pack_weight(self.text_linear.weight)
-            self._packed["dep_in"] = pack_weight(self._depformer_in_weight())
-            for i, lin in enumerate(self.linears):
-                self._packed[f"linears.{i}"] = pack_weight(lin.weight)
-
-    def _depformer_in_weight(self) -> torch.Tensor:
-        cat = self._dep_in_cat
-        w0 = self.depformer_in[0].weight
-        if cat is None or cat.device != w0.device or cat.dtype != w0.dtype:
-            cat = torch.cat([lin.weight for lin in self.depformer_in], 0).detach()
-            self._dep_in_cat = cat
-        return cat
-
-    def new_kv_caches(self, slots: int) -> nn.ModuleList:
-        """One RingKVCache per temporal layer for `slots` sessions (preallocated)."""
+    # ---- per-row state ---------------------------------------------------------------------
+    def new_kv_cache(self, rows: int) -> RingKVCache:
+        """The temporal transformer's ring KV cache for `rows` sessions (preallocated)."""
         cfg = self.config
-        hd = cfg.dim // cfg.num_heads
-        kd, vd = kv_cache_dtypes(self.dtype, self.device)
-        return nn.ModuleList(
+        kd, vd = self.kv_dtypes or (self.dtype, self.dtype)
+        return RingKVCache(
+            cfg.num_layers,
+            rows,
+            cfg.num_heads,
+            cfg.context,
+            cfg.dim // cfg.num_heads,
+            device=self.device,
+            dtype=kd,
+            value_dtype=vd,
+            values_transposed=True,  # see `attend_ring`
+        )
+
+    def new_depformer_scratch(self, batch: int) -> DepformerScratch:
+        """Key/value scratch of the depformer for up to `batch` rows (`kv` of depformer_step:
+        `scratch.views(b)[step]`)."""
+        cfg = self.config
+        hd = cfg.depformer_dim // cfg.depformer_num_heads
+        shape = (batch, 2, cfg.depformer_num_heads, cfg.dep_q, hd)
+        return DepformerScratch(
             [
-                RingKVCache(slots, cfg.num_heads, cfg.context, hd, kd, self.device, vd)
-                for _ in range(cfg.num_layers)
+                torch.zeros(shape, dtype=self.dtype, device=self.device)
+                for _ in range(cfg.depformer_num_layers)
             ]
         )
 
+    # ---- one step --------------------------------------------------------------------------
     def plan_step(
         self,
-        rows: torch.Tensor,
         steps: torch.Tensor,
         length: int,
         masked: bool,
         active: torch.Tensor | None = None,
     ) -> StepPlan:
-        """Ring index, RoPE angles and attention span for cache rows `rows = arange(B)` at
-        absolute `steps[B]`.
+        """Ring index, RoPE tables and attention span for cache rows `[0, B)` at absolute
+        `steps [B]`.
 
         `length` (a Python int, so the step has static shapes) bounds the ring entries any
         row holds after this write; `masked` says some row holds fewer (then a mask hides
@@ -872,15 +664,14 @@ class LMModel(nn.Module):
         cfg = self.config
         mask = None
         if masked:
-            count = torch.clamp(steps + 1, max=cfg.context)  # valid entries after this write
-            span = torch.arange(length, device=steps.device)
-            mask = (span[None, :] < count[:, None])[:, None, None, :]  # (B, 1, 1, L)
-        angles = rope_angles(steps, 1, cfg.dim // cfg.num_heads, cfg.max_period)[:, None]
+            kpos = ring_key_positions(steps, cfg.context, length)  # (B, L)
+            mask = ring_mask(steps[:, None], kpos, cfg.context)  # (B, 1, 1, L)
+        angles = rope_angles(steps, 1, cfg.dim // cfg.num_heads, cfg.max_period)  # (B, 1, D/2)
+        cos, sin = rope_tables(angles[:, None])  # (B, 1, 1, D): broadcast over (q, k), heads
         return StepPlan(
-            rows=rows,
-            ring_index=steps % cfg.context,
-            cos=torch.cos(angles),  # (B, 1, 1, head_dim // 2)
-            sin=torch.sin(angles),
+            ring_index=(steps % cfg.context)[:, None],
+            cos=cos,
+            sin=sin,
             length=length,
             mask=mask,
             active=active,
@@ -895,17 +686,32 @@ class LMModel(nn.Module):
         return x[:, None]
 
     def temporal_step(
-        self, tokens: torch.Tensor, caches: nn.ModuleList, plan: StepPlan
+        self, tokens: torch.Tensor, cache: RingKVCache, plan: StepPlan
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One temporal step: `(hidden [B, 1, dim], text_logits [B, text_card])`."""
-        x = self.embed(tokens)
-        for layer, cache in zip(self.transformer.layers, caches):
-            x = layer(x, cache, plan)
+        """Rows `[0, B)` one step on: `(hidden [B, 1, dim], text logits [B, text_card])`."""
+        x = self.embed(tokens)  # (B, 1, dim)
+        for i, layer in enumerate(self.transformer.layers):
+            x = layer(x, cache, i, plan)
         x = self.out_norm(x)
-        return x, linear(x, self.text_linear.weight, self._packed.get("text"))[:, 0]
+        return x, self.text_linear(x)[:, 0]
 
+    def depformer_step(
+        self, step: int, hidden: torch.Tensor, prev_token: torch.Tensor, kv: list[DepformerViews]
+    ) -> torch.Tensor:
+        """Logits `[B, card]` of codebook `step`, from the temporal output `hidden [B, 1, dim]`
+        and the previous token (the text token for step 0)."""
+        if step == 0:
+            tok = self.depformer_text_emb(prev_token)
+        else:
+            tok = self.depformer_emb[step - 1](prev_token)
+        x = self.depformer_in[step](hidden[:, 0]) + tok  # (B, d)
+        for layer, layer_kv in zip(self.depformer.layers, kv):
+            x = layer(x, step, layer_kv)
+        return self.linears[step](x)
+
+    # ---- replay ----------------------------------------------------------------------------
     def temporal_prefill(
-        self, tokens: torch.Tensor, caches: nn.ModuleList, row: int, chunk: int = 256
+        self, tokens: torch.Tensor, cache: RingKVCache, row: int, chunk: int = 256
     ) -> None:
         """Fill cache `row` (fresh, position 0) with the history whose step inputs are
         `tokens [T, K]`: what T streaming steps would have written, in T / chunk forwards.
@@ -926,96 +732,33 @@ class LMModel(nn.Module):
         for start in range(0, total, chunk):
             c = min(chunk, total - start)
             qpos = torch.arange(start, start + c, device=dev)  # (c,)
-            # position held by each filled ring entry before this chunk (entries fill in
-            # ring order, so the first min(start, ctx) are the filled ones)
-            filled = min(start, ctx)
-            j = torch.arange(filled, device=dev)
-            kpos = torch.cat([(start - 1) - torch.remainder(start - 1 - j, ctx), qpos])
-            delta = qpos[:, None] - kpos[None, :]  # (c, ctx + c)
-            allowed = (delta >= 0) & (delta < ctx)
-            angles = rope_angles(qpos[:1], c, hd, cfg.max_period)[0][:, None]  # (c, 1, hd/2)
-            cos, sin = torch.cos(angles), torch.sin(angles)
+            filled = min(start, ctx)  # ring entries written before this chunk
+            before = ring_key_positions(qpos[:1] - 1, ctx, filled)[0]  # (filled,)
+            kpos = torch.cat([before, qpos])  # (filled + c,)
+            allowed = ring_mask(qpos[None], kpos[None], ctx)[0, 0]  # (c, filled + c)
+            angles = rope_angles(qpos[:1], c, hd, cfg.max_period)[0]  # (c, hd / 2)
+            cos, sin = rope_tables(angles[:, None])  # (c, 1, hd): broadcast over heads
             ring = qpos % ctx
             x = self.embed(tokens[start : start + c]).view(1, c, cfg.dim)
-            for layer, cache in zip(self.transformer.layers, caches):
+            for i, layer in enumerate(self.transformer.layers):
                 attn = layer.self_attn
-                qkv = linear(layer.norm1(x), attn.in_proj_weight, attn.packed_in[0])
-                qkv = qkv.view(c, 3, h, hd)
-                q = rotate(qkv[:, 0], cos, sin).transpose(0, 1)  # (H, c, hd) float32
-                k = rotate(qkv[:, 1], cos, sin).to(cache.k.dtype).transpose(0, 1)
-                v = qkv[:, 2].to(cache.v_t.dtype).transpose(0, 1)  # (H, c, hd)
-                k_row, vt_row = cache.k[row], cache.v_t[row]  # (H, ctx, hd), (H, hd, ctx)
-                keys = torch.cat([k_row[:, :filled], k], dim=1).float()
-                values = torch.cat([vt_row[..., :filled].mT, v], dim=1).float()
+                qkv = attn.project_in(layer.norm1(x)).view(c, 3, h, hd)
+                q = rotate(qkv[:, 0], cos, sin, torch.float32).transpose(0, 1)  # (H, c, hd)
+                k = rotate(qkv[:, 1], cos, sin, cache.key_dtype).transpose(0, 1)
+                v = qkv[:, 2].to(cache.value_dtype).transpose(0, 1)  # (H, c, hd)
+                k_ring, vt_ring = cache.read(i, row + 1, filled)
+                keys = torch.cat([k_ring[row], k], dim=1).float()  # (H, filled + c, hd)
+                values = torch.cat([vt_ring[row].mT, v], dim=1).float()
                 y = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
-                k_row[:, ring] = k
-                vt_row[:, :, ring] = v.mT
+                cache.write_row(i, row, k, v, ring)
                 y = y.transpose(0, 1).reshape(1, c, cfg.dim).to(x.dtype)  # (1, c, dim)
-                x = linear(y, attn.out_proj.weight, attn.packed_out[0], x)
-                x = layer.gating(layer.norm2(x), residual=x)
-
-    def depformer_inputs(self, hidden: torch.Tensor) -> torch.Tensor:
-        """All dep_q input projections of the temporal output at once: `[B, dep_q, d]`."""
-        b = hidden.shape[0]
-        out = linear(hidden, self._depformer_in_weight(), self._packed.get("dep_in"))
-        return out.view(b, self.config.dep_q, -1)
-
-    def depformer_step(
-        self, step: int, dep_in: torch.Tensor, prev_token: torch.Tensor, kv: list[DepformerViews]
-    ) -> torch.Tensor:
-        """Logits `[B, card]` of codebook `step` given the previous token (text for step 0)."""
-        if step == 0:
-            tok = self.depformer_text_emb(prev_token)
-        else:
-            tok = self.depformer_emb[step - 1](prev_token)
-        x = dep_in[:, step] + tok  # (B, d)
-        for layer, layer_kv in zip(self.depformer.layers, kv):
-            x = layer(x, step, layer_kv)
-        return linear(x, self.linears[step].weight, self._packed.get(f"linears.{step}"))
-
-    def new_depformer_scratch(self, batch: int) -> DepformerScratch:
-        """Key/value scratch of the depformer for up to `batch` rows (`kv` of depformer_step:
-        `scratch.views(b)[step]`)."""
-        cfg = self.config
-        hd = cfg.depformer_dim // cfg.depformer_num_heads
-        shape = (batch, 2, cfg.depformer_num_heads, cfg.dep_q, hd)
-        return DepformerScratch(
-            [
-                torch.zeros(shape, dtype=self.dtype, device=self.device)
-                for _ in range(cfg.depformer_num_layers)
-            ]
-        )
+                x = x + attn.project_out(y)
+                x = x + layer.gating(layer.norm2(x))
 
 
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
-
-_SPLIT_PROJ = re.compile(r"^(.*\.self_attn)\.(in_projs|out_projs)\.(\d+)\.weight$")
-
-
-def _official_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Fold the reference's alternative spellings into the fused official names.
-
-    Files saved from the reference's modules carry `self_attn.in_projs.N.weight` (one per
-    depformer step); the published checkpoints carry one fused `self_attn.in_proj_weight`.
-    """
-    out: dict[str, torch.Tensor] = {}
-    split: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
-    for name, t in tensors.items():
-        m = _SPLIT_PROJ.match(name)
-        if m:
-            split.setdefault((m.group(1), m.group(2)), {})[int(m.group(3))] = t
-        elif name.endswith(".self_attn.in_proj.weight"):
-            out[name.removesuffix(".in_proj.weight") + ".in_proj_weight"] = t
-        else:
-            out[name] = t
-    for (prefix, kind), parts in split.items():
-        if sorted(parts) != list(range(len(parts))):
-            raise CheckpointError(f"{prefix}.{kind}: non-contiguous step indices {sorted(parts)}")
-        fused = torch.cat([parts[i] for i in range(len(parts))], 0)
-        out[prefix + (".in_proj_weight" if kind == "in_projs" else ".out_proj.weight")] = fused
-    return out
 
 
 def load_lm(
@@ -1024,13 +767,13 @@ def load_lm(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
-    pack: bool = True,
 ) -> LMModel:
     """Build the Moshi LM from a preset/config.json and load official weights strictly.
 
     `weights=None` gives seeded random weights (announced with a warning): the whole pipeline
-    then runs anywhere, but it says nothing meaningful. `pack` keeps oneDNN-packed copies of
-    the matmul weights on CPU (faster steps, twice the weight memory).
+    then runs anywhere, but it says nothing meaningful. Either attention layout of the file
+    loads (see `checkpoint.fold_attention_layouts`). The model is ready to run as returned;
+    `cpu_fast.prepare_lm_for_cpu` adds the faster CPU forms.
     """
     cfg, name = resolve_config(config)
     device = torch.device(device)
@@ -1046,11 +789,9 @@ def load_lm(
         )
         model.init_random(seed)
     else:
-        tensors = _official_names(read_safetensors(weights))
-        load_state_strict(model, tensors, source=str(weights))
-        model.invalidate_caches()
+        source = str(weights)
+        tensors = fold_attention_layouts(read_safetensors(weights), source=source)
+        load_state_strict(model, tensors, source=source)
     model.eval()
     model.requires_grad_(False)
-    if pack:
-        model.pack_weights()
     return model

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moshi_grpc.models.lm import LMModel, half_gemv
+from moshi_grpc.models.lm import LMModel
 
 __all__ = ["LMGen", "SamplingConfig", "StepResult", "LMGenError"]
 
@@ -161,11 +161,14 @@ class LMGen:
         dev = lm.device
         self.device = dev
         n, k = num_rows, cfg.num_codebooks
-        self.ring = cfg.max_delay + 2  # token ring length: reads lag writes by <= max_delay + 1
-        self.caches = lm.new_kv_caches(n)
+        # length of the per-row ring of delayed tokens: reads lag writes by <= max_delay + 1
+        self.token_ring = cfg.max_delay + 2
+        self.cache = lm.new_kv_cache(n)
         self.dep_scratch = lm.new_depformer_scratch(n)
-        self.steps = torch.zeros(n, dtype=torch.long, device=dev)
-        self.tokens = torch.full((n, k, self.ring), UNGENERATED, dtype=torch.long, device=dev)
+        # Each row's step counter is its KV cache position: one counter, advanced by
+        # `cache.commit` at the end of a step.
+        self.steps = self.cache.pos
+        self.tokens = torch.full((n, k, self.token_ring), UNGENERATED, dtype=torch.long, device=dev)
         self.delays = torch.tensor(cfg.delays, dtype=torch.long, device=dev)
         self.initial = torch.tensor(
             [cfg.text_card] + [cfg.card] * cfg.n_q, dtype=torch.long, device=dev
@@ -187,8 +190,6 @@ class LMGen:
         self.host_steps = [0] * n
         self.sampling: list[SamplingConfig] = [SamplingConfig.greedy()] * n
         self.seeds: list[int | None] = [None] * n
-        # Batch-1 steps of a half-precision CPU model take PyTorch's GEMV (see lm.half_gemv).
-        self.half_gemv = dev.type == "cpu" and lm.dtype in (torch.bfloat16, torch.float16)
         # A captured step (CUDA graphs), installed by the engine: (B, inputs) -> outputs.
         self.captured: CoreRunner | None = None
 
@@ -230,8 +231,7 @@ class LMGen:
     def move_row(self, src: int, dst: int) -> None:
         """Move the session of row `src` to row `dst` (its whole state; `src` becomes free)."""
         src, dst = self._check_row(src), self._check_row(dst)
-        for t in (
-            self.steps,
+        for t in (  # (the step counter moves with the cache)
             self.tokens,
             self.temperature,
             self.top_k,
@@ -239,8 +239,7 @@ class LMGen:
             self.seed_hi,
         ):
             t[dst] = t[src]
-        for cache in self.caches:
-            cache.move_row(src, dst)
+        self.cache.move_row(src, dst)
         for lst in (self.in_use, self.host_steps, self.sampling, self.seeds):
             lst[dst] = lst[src]
         self.in_use[src] = False
@@ -335,8 +334,7 @@ class LMGen:
         if self.captured is not None:
             out = self.captured(b, inputs)
         else:
-            with half_gemv(self.half_gemv and b == 1):
-                out = self.core(*inputs, shape=self.core_shape(b, act, forced))
+            out = self.core(*inputs, shape=self.core_shape(b, act, forced))
         for r in active_rows:
             self.host_steps[r] += 1
         text, audio, ready, s_text, s_audio, steps = (t.cpu() for t in out)
@@ -387,42 +385,41 @@ class LMGen:
         act2 = active[:, None]
         # 1. store the user's codes at t + delay.
         us = self.user_streams[None, :]
-        pos = (t[:, None] + self._user_delays) % self.ring  # (B, U)
+        pos = (t[:, None] + self._user_delays) % self.token_ring  # (B, U)
         tokens[rows[:, None], us, pos] = torch.where(act2, codes, tokens[rows[:, None], us, pos])
         # 2. read this step's input tokens.
-        inp = tokens[rows, :, t % self.ring]  # (B, K)
+        inp = tokens[rows, :, t % self.token_ring]  # (B, K)
         # rows that do not advance read the initial tokens (their ring may hold fillers)
         use_initial = (t[:, None] <= self.delays[None, :]) | ~act2
         inp = torch.where(use_initial, self.initial[None, :], inp)
         # 3. temporal transformer + text token.
-        plan = lm.plan_step(rows, t, shape.length, shape.masked, active)
-        hidden, text_logits = lm.temporal_step(inp, self.caches, plan)
+        plan = lm.plan_step(t, shape.length, shape.masked, active)
+        hidden, text_logits = lm.temporal_step(inp, self.cache, plan)
         text = self._sample(text_logits.float(), 0, t, shape.k_text)
         text = torch.where(forced, f_text, text)
         # 4. depformer: Moshi's dep_q codes, codebook after codebook.
         audio = f_audio
         if shape.depformer:
-            dep_in = lm.depformer_inputs(hidden)  # (B, dep_q, d)
             scratch = self.dep_scratch.views(b)
             prev = text
             sampled = []
             for q in range(cfg.dep_q):
-                logits = lm.depformer_step(q, dep_in, prev, scratch[q])
+                logits = lm.depformer_step(q, hidden, prev, scratch[q])
                 prev = self._sample(logits.float(), 1 + q, t, shape.k_audio)
                 sampled.append(prev)
             audio = torch.where(forced[:, None], f_audio, torch.stack(sampled, dim=1))
         # 5. store the sampled tokens at t + 1 and advance the active rows.
         t1 = t + active.long()
-        idx1 = (t + 1) % self.ring
+        idx1 = (t + 1) % self.token_ring
         old = tokens[rows, :, idx1]  # (B, K)
         new = old.clone()
         new[:, 0] = text
         new[:, 1 : cfg.dep_q + 1] = audio
         tokens[rows, :, idx1] = torch.where(act2, new, old)
-        t.copy_(t1)
+        self.cache.commit(b, 1, active)  # t becomes t1
         # 6. the delay-aligned frame of each ready row.
         ready = active & (t1 > self.max_delay)
-        idx = (t1[:, None] + self._out_delays) % self.ring
+        idx = (t1[:, None] + self._out_delays) % self.token_ring
         frame = tokens[rows[:, None], self._out_streams, idx]
         frame = torch.where(ready[:, None], frame, torch.full_like(frame, NOT_READY))
         not_run = torch.full_like(text, NOT_READY)
@@ -509,14 +506,14 @@ class LMGen:
             else:
                 col = torch.roll(user[:, stream - n_gen], d)
             inputs[:, stream] = torch.where(steps <= d, self.initial[stream].cpu(), col)
-        self.lm.temporal_prefill(inputs, self.caches, row, chunk)
-        ring = torch.full((k, self.ring), UNGENERATED, dtype=torch.long)
+        self.lm.temporal_prefill(inputs, self.cache, row, chunk)
+        ring = torch.full((k, self.token_ring), UNGENERATED, dtype=torch.long)
         last = total + self.max_delay
-        for p in range(max(0, last - 2 * self.ring), last + 1):  # later positions win
+        for p in range(max(0, last - 2 * self.token_ring), last + 1):  # later positions win
             for stream in range(k):
                 value = written(stream, p)
                 if value != UNGENERATED:
-                    ring[stream, p % self.ring] = value
+                    ring[stream, p % self.token_ring] = value
         self.tokens[row] = ring.to(self.device)
         self.steps[row] = total
         self.host_steps[row] = total

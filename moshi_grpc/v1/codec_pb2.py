@@ -25,39 +25,43 @@ _sym_db = _symbol_database.Default()
 from moshi_grpc.v1 import common_pb2 as moshi__grpc_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19moshi_grpc/v1/codec.proto\x12\rmoshi_grpc.v1\x1a\x1amoshi_grpc/v1/common.proto\"\x1f\n\tCodecOpen\x12\x12\n\nsession_id\x18\x01 \x01(\t\"Y\n\x08PcmFrame\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x11\n\tpcm_f32le\x18\x02 \x01(\x0c\x12+\n\x06timing\x18\x03 \x01(\x0b\x32\x1b.moshi_grpc.v1.ServerTiming\"W\n\nCodesFrame\x12\r\n\x05index\x18\x01 \x01(\x04\x12\r\n\x05\x63odes\x18\x02 \x03(\x05\x12+\n\x06timing\x18\x03 \x01(\x0b\x32\x1b.moshi_grpc.v1.ServerTiming\"k\n\rEncodeRequest\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x18.moshi_grpc.v1.CodecOpenH\x00\x12(\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x17.moshi_grpc.v1.PcmFrameH\x00\x42\x06\n\x04kind\"m\n\rDecodeRequest\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x18.moshi_grpc.v1.CodecOpenH\x00\x12*\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x19.moshi_grpc.v1.CodesFrameH\x00\x42\x06\n\x04kind\"\xa0\x01\n\x0e\x45ncodeMuxEntry\x12\x0f\n\x07session\x18\x01 \x01(\x04\x12(\n\x04open\x18\x02 \x01(\x0b\x32\x18.moshi_grpc.v1.CodecOpenH\x00\x12(\n\x05\x66rame\x18\x03 \x01(\x0b\x32\x17.moshi_grpc.v1.PcmFrameH\x00\x12\x0f\n\x05\x63lose\x18\x04 \x01(\x08H\x00\x12\x10\n\x06\x63\x61ncel\x18\x05 \x01(\x08H\x00\x42\x06\n\x04kind\"B\n\x10\x45ncodeMuxRequest\x12.\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1d.moshi_grpc.v1.EncodeMuxEntry\"|\n\x0f\x45ncodeMuxResult\x12\x0f\n\x07session\x18\x01 \x01(\x04\x12*\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x19.moshi_grpc.v1.CodesFrameH\x00\x12$\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x15.moshi_grpc.v1.MuxEndH\x00\x42\x06\n\x04kind\"D\n\x11\x45ncodeMuxResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.moshi_grpc.v1.EncodeMuxResult\"\xa2\x01\n\x0e\x44\x65\x63odeMuxEntry\x12\x0f\n\x07session\x18\x01 \x01(\x04\x12(\n\x04open\x18\x02 \x01(\x0b\x32\x18.moshi_grpc.v1.CodecOpenH\x00\x12*\n\x05\x66rame\x18\x03 \x01(\x0b\x32\x19.moshi_grpc.v1.CodesFrameH\x00\x12\x0f\n\x05\x63lose\x18\x04 \x01(\x08H\x00\x12\x10\n\x06\x63\x61ncel\x18\x05 \x01(\x08H\x00\x42\x06\n\x04kind\"B\n\x10\x44\x65\x63odeMuxRequest\x12.\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1d.moshi_grpc.v1.DecodeMuxEntry\"z\n\x0f\x44\x65\x63odeMuxResult\x12\x0f\n\x07session\x18\x01 \x01(\x04\x12(\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x17.moshi_grpc.v1.PcmFrameH\x00\x12$\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x15.moshi_grpc.v1.MuxEndH\x00\x42\x06\n\x04kind\"D\n\x11\x44\x65\x63odeMuxResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.moshi_grpc.v1.DecodeMuxResult2\xfb\x02\n\x05\x43odec\x12\x45\n\x06\x45ncode\x12\x1c.moshi_grpc.v1.EncodeRequest\x1a\x19.moshi_grpc.v1.CodesFrame(\x01\x30\x01\x12\x43\n\x06\x44\x65\x63ode\x12\x1c.moshi_grpc.v1.DecodeRequest\x1a\x17.moshi_grpc.v1.PcmFrame(\x01\x30\x01\x12>\n\x04Info\x12\x1a.moshi_grpc.v1.InfoRequest\x1a\x1a.moshi_grpc.v1.BackendInfo\x12R\n\tEncodeMux\x12\x1f.moshi_grpc.v1.EncodeMuxRequest\x1a .moshi_grpc.v1.EncodeMuxResponse(\x01\x30\x01\x12R\n\tDecodeMux\x12\x1f.moshi_grpc.v1.DecodeMuxRequest\x1a .moshi_grpc.v1.DecodeMuxResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19moshi_grpc/v1/codec.proto\x12\rmoshi_grpc.v1\x1a\x1amoshi_grpc/v1/common.proto\"\x97\x01\n\tCodecOpen\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x41\n\rtrace_context\x18\x02 \x03(\x0b\x32*.moshi_grpc.v1.CodecOpen.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Y\n\x08PcmFrame\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x11\n\tpcm_f32le\x18\x02 \x01(\x0c\x12+\n\x06timing\x18\x03 \x01(\x0b\x32\x1b.moshi_grpc.v1.ServerTiming\"W\n\nCodesFrame\x12\r\n\x05index\x18\x01 \x01(\x04\x12\r\n\x05\x63odes\x18\x02 \x03(\x05\x12+\n\x06timing\x18\x03 \x01(\x0b\x32\x1b.moshi_grpc.v1.ServerTiming\"k\n\rEncodeRequest\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x18.moshi_grpc.v1.CodecOpenH\x00\x12(\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x17.moshi_grpc.v1.PcmFrameH\x00\x42\x06\n\x04kind\"m\n\rDecodeRequest\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x18.moshi_grpc.v1.CodecOpenH\x00\x12*\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x19.moshi_grpc.v1.CodesFrameH\x00\x42\x06\n\x04kind\"\xa0\x01\n\x0e\x45ncodeMuxEntry\x12\x0f\n\x07session\x18\x01 \x01(\x04\x12(\n\x04open\x18\x02 \x01(\x0b\x32\x18.moshi_grpc.v1.CodecOpenH\x00\x12(\n\x05\x66rame\x18\x03 \x01(\x0b\x32\x17.moshi_grpc.v1.PcmFrameH\x00\x12\x0f\n\x05\x63lose\x18\x04 \x01(\x08H\x00\x12\x10\n\x06\x63\x61ncel\x18\x05 \x01(\x08H\x00\x42\x06\n\x04kind\"B\n\x10\x45ncodeMuxRequest\x12.\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1d.moshi_grpc.v1.EncodeMuxEntry\"|\n\x0f\x45ncodeMuxResult\x12\x0f\n\x07session\x18\x01 \x01(\x04\x12*\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x19.moshi_grpc.v1.CodesFrameH\x00\x12$\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x15.moshi_grpc.v1.MuxEndH\x00\x42\x06\n\x04kind\"D\n\x11\x45ncodeMuxResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.moshi_grpc.v1.EncodeMuxResult\"\xa2\x01\n\x0e\x44\x65\x63odeMuxEntry\x12\x0f\n\x07session\x18\x01 \x01(\x04\x12(\n\x04open\x18\x02 \x01(\x0b\x32\x18.moshi_grpc.v1.CodecOpenH\x00\x12*\n\x05\x66rame\x18\x03 \x01(\x0b\x32\x19.moshi_grpc.v1.CodesFrameH\x00\x12\x0f\n\x05\x63lose\x18\x04 \x01(\x08H\x00\x12\x10\n\x06\x63\x61ncel\x18\x05 \x01(\x08H\x00\x42\x06\n\x04kind\"B\n\x10\x44\x65\x63odeMuxRequest\x12.\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1d.moshi_grpc.v1.DecodeMuxEntry\"z\n\x0f\x44\x65\x63odeMuxResult\x12\x0f\n\x07session\x18\x01 \x01(\x04\x12(\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x17.moshi_grpc.v1.PcmFrameH\x00\x12$\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x15.moshi_grpc.v1.MuxEndH\x00\x42\x06\n\x04kind\"D\n\x11\x44\x65\x63odeMuxResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.moshi_grpc.v1.DecodeMuxResult2\xfb\x02\n\x05\x43odec\x12\x45\n\x06\x45ncode\x12\x1c.moshi_grpc.v1.EncodeRequest\x1a\x19.moshi_grpc.v1.CodesFrame(\x01\x30\x01\x12\x43\n\x06\x44\x65\x63ode\x12\x1c.moshi_grpc.v1.DecodeRequest\x1a\x17.moshi_grpc.v1.PcmFrame(\x01\x30\x01\x12>\n\x04Info\x12\x1a.moshi_grpc.v1.InfoRequest\x1a\x1a.moshi_grpc.v1.BackendInfo\x12R\n\tEncodeMux\x12\x1f.moshi_grpc.v1.EncodeMuxRequest\x1a .moshi_grpc.v1.EncodeMuxResponse(\x01\x30\x01\x12R\n\tDecodeMux\x12\x1f.moshi_grpc.v1.DecodeMuxRequest\x1a .moshi_grpc.v1.DecodeMuxResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moshi_grpc.v1.codec_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CODECOPEN']._serialized_start=72
-  _globals['_CODECOPEN']._serialized_end=103
-  _globals['_PCMFRAME']._serialized_start=105
-  _globals['_PCMFRAME']._serialized_end=194
-  _globals['_CODESFRAME']._serialized_start=196
-  _globals['_CODESFRAME']._serialized_end=283
-  _globals['_ENCODEREQUEST']._serialized_start=285
-  _globals['_ENCODEREQUEST']._serialized_end=392
-  _globals['_DECODEREQUEST']._serialized_start=394
-  _globals['_DECODEREQUEST']._serialized_end=503
-  _globals['_ENCODEMUXENTRY']._serialized_start=506
-  _globals['_ENCODEMUXENTRY']._serialized_end=666
-  _globals['_ENCODEMUXREQUEST']._serialized_start=668
-  _globals['_ENCODEMUXREQUEST']._serialized_end=734
-  _globals['_ENCODEMUXRESULT']._serialized_start=736
-  _globals['_ENCODEMUXRESULT']._serialized_end=860
-  _globals['_ENCODEMUXRESPONSE']._serialized_start=862
-  _globals['_ENCODEMUXRESPONSE']._serialized_end=930
-  _globals['_DECODEMUXENTRY']._serialized_start=933
-  _globals['_DECODEMUXENTRY']._serialized_end=1095
-  _globals['_DECODEMUXREQUEST']._serialized_start=1097
-  _globals['_DECODEMUXREQUEST']._serialized_end=1163
-  _globals['_DECODEMUXRESULT']._serialized_start=1165
-  _globals['_DECODEMUXRESULT']._serialized_end=1287
-  _globals['_DECODEMUXRESPONSE']._serialized_start=1289
-  _globals['_DECODEMUXRESPONSE']._serialized_end=1357
-  _globals['_CODEC']._serialized_start=1360
-  _globals['_CODEC']._serialized_end=1739
+  _globals['_CODECOPEN_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_CODECOPEN_TRACECONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_CODECOPEN']._serialized_start=73
+  _globals['_CODECOPEN']._serialized_end=224
+  _globals['_CODECOPEN_TRACECONTEXTENTRY']._serialized_start=173
+  _globals['_CODECOPEN_TRACECONTEXTENTRY']._serialized_end=224
+  _globals['_PCMFRAME']._serialized_start=226
+  _globals['_PCMFRAME']._serialized_end=315
+  _globals['_CODESFRAME']._serialized_start=317
+  _globals['_CODESFRAME']._serialized_end=404
+  _globals['_ENCODEREQUEST']._serialized_start=406
+  _globals['_ENCODEREQUEST']._serialized_end=513
+  _globals['_DECODEREQUEST']._serialized_start=515
+  _globals['_DECODEREQUEST']._serialized_end=624
+  _globals['_ENCODEMUXENTRY']._serialized_start=627
+  _globals['_ENCODEMUXENTRY']._serialized_end=787
+  _globals['_ENCODEMUXREQUEST']._serialized_start=789
+  _globals['_ENCODEMUXREQUEST']._serialized_end=855
+  _globals['_ENCODEMUXRESULT']._serialized_start=857
+  _globals['_ENCODEMUXRESULT']._serialized_end=981
+  _globals['_ENCODEMUXRESPONSE']._serialized_start=983
+  _globals['_ENCODEMUXRESPONSE']._serialized_end=1051
+  _globals['_DECODEMUXENTRY']._serialized_start=1054
+  _globals['_DECODEMUXENTRY']._serialized_end=1216
+  _globals['_DECODEMUXREQUEST']._serialized_start=1218
+  _globals['_DECODEMUXREQUEST']._serialized_end=1284
+  _globals['_DECODEMUXRESULT']._serialized_start=1286
+  _globals['_DECODEMUXRESULT']._serialized_end=1408
+  _globals['_DECODEMUXRESPONSE']._serialized_start=1410
+  _globals['_DECODEMUXRESPONSE']._serialized_end=1478
+  _globals['_CODEC']._serialized_start=1481
+  _globals['_CODEC']._serialized_end=1860
 # @@protoc_insertion_point(module_scope)

@@ -18,16 +18,25 @@ class ReplayStep(_message.Message):
     def __init__(self, user_codes: _Optional[_Iterable[int]] = ..., text_token: _Optional[int] = ..., moshi_codes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LmOpen(_message.Message):
-    __slots__ = ("session_id", "sampling", "seed", "replay")
+    __slots__ = ("session_id", "sampling", "seed", "replay", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     REPLAY_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     sampling: _common_pb2.SamplingParams
     seed: int
     replay: _containers.RepeatedCompositeFieldContainer[ReplayStep]
-    def __init__(self, session_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., replay: _Optional[_Iterable[_Union[ReplayStep, _Mapping]]] = ...) -> None: ...
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, session_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., replay: _Optional[_Iterable[_Union[ReplayStep, _Mapping]]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class UserCodes(_message.Message):
     __slots__ = ("index", "codes")

@@ -25,6 +25,7 @@ def options_from_args(args: argparse.Namespace):
         config=args.mimi_config or "mimi",
         device=args.device,
         dtype=args.dtype,
+        cpu_forms=args.cpu_forms,
         num_codebooks=args.num_codebooks,
         max_sessions=args.max_sessions,
         max_wait_ms=args.max_wait_ms,

@@ -42,6 +42,7 @@ class CodecOptions:
     inject_delay_ms: float = 0.0
     seed: int = 0
     cuda_graphs: str = "auto"  # "auto" (on for CUDA) | "on" | "off"
+    cpu_forms: str = "auto"  # auto | on | off (see moshi_grpc/models/cpu_fast.py)
     warmup_repeats: int = 3  # timed warm-up steps per bucket at load (after an untimed one)
 
 
@@ -55,9 +56,10 @@ def load_codec_model(options: CodecOptions) -> Any:
         raise ValueError(f"unknown codec model {options.model!r} (real or echo)")
     if options.dtype not in DTYPES:
         raise ValueError(f"unknown dtype {options.dtype!r}; one of {', '.join(DTYPES)}")
+    from moshi_grpc.models.cpu_fast import prepare_mimi_for_cpu
     from moshi_grpc.models.mimi import load_mimi
 
-    return load_mimi(
+    mimi = load_mimi(
         options.weights,
         device=options.device,
         dtype=DTYPES[options.dtype],
@@ -65,6 +67,9 @@ def load_codec_model(options: CodecOptions) -> Any:
         config=options.config,
         seed=options.seed,
     )
+    if mimi.device.type == "cpu":  # faster exact kernels, chosen here; the plain model elsewhere
+        prepare_mimi_for_cpu(mimi, options.cpu_forms)
+    return mimi
 
 
 class StreamerRunner:

@@ -18,8 +18,8 @@ from moshi_grpc.services.common.batching import BatchScheduler
 from moshi_grpc.services.common.errors import NotReady
 from moshi_grpc.services.common.metrics import BatcherMetrics
 from moshi_grpc.services.common.mux import Opened, serve_mux, serve_stream
+from moshi_grpc.services.common.request_streams import stream_closer
 from moshi_grpc.services.common.server import ServerState
-from moshi_grpc.services.common.streams import stream_closer
 from moshi_grpc.services.common.wire import (
     bucket_timings,
     parse_codes,

@@ -7,10 +7,19 @@ from typing import Any
 
 from moshi_grpc.services.codec.engine import CodecEngine, CodecOptions, load_codec_model
 from moshi_grpc.services.codec.servicer import SERVICE_NAME, CodecServicer
-from moshi_grpc.services.common.backend import start_model_server
+from moshi_grpc.services.common.backend import BackendKind, start_model_server
 from moshi_grpc.services.common.metrics import CodecMetrics
 from moshi_grpc.services.common.server import RunningServer, ServerConfig
 from moshi_grpc.v1 import codec_pb2_grpc
+
+KIND = BackendKind(
+    name="codec",
+    grpc_service=SERVICE_NAME,
+    metrics_type=CodecMetrics,
+    servicer_type=CodecServicer,
+    register=codec_pb2_grpc.add_CodecServicer_to_server,
+    model_of=lambda engine: engine.mimi,
+)
 
 
 async def start_codec_server(
@@ -30,15 +39,4 @@ async def start_codec_server(
         mimi = load_model() if load_model is not None else load_codec_model(options)
         return CodecEngine(mimi, options, metrics)
 
-    return await start_model_server(
-        config,
-        options,
-        "codec",
-        grpc_service=SERVICE_NAME,
-        metrics_type=CodecMetrics,
-        servicer_type=CodecServicer,
-        register=codec_pb2_grpc.add_CodecServicer_to_server,
-        make_engine=make_engine,
-        model_of=lambda engine: engine.mimi,
-        wait_ready=wait_ready,
-    )
+    return await start_model_server(config, options, KIND, make_engine, wait_ready=wait_ready)

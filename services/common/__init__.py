@@ -5,8 +5,9 @@
 - `metrics`: every Prometheus metric of the project (per-server registries)
 - `errors`: domain exceptions -> gRPC status codes, in one place
 - `batching`: slot-based cross-session batching scheduler (one runner thread per replica)
-- `streams`: request-stream helpers (idle timeout, open-then-frames protocol, slot release)
+- `request_streams`: request-stream helpers (idle timeout, open-then-frames protocol, slot release)
 - `wire`: PCM / codes wire formats and their validation
 - `flags`: shared CLI flags and `--hf-repo` download
 - `logs`: session id and RPC name in every log record
+- `tracing`: optional OpenTelemetry spans per session and backend stream (`--otel-endpoint`)
 """

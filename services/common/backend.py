@@ -12,12 +12,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
 from moshi_grpc import __version__
-from moshi_grpc.services.common import flags, logs
+from moshi_grpc.services.common import flags, logs, tracing
 from moshi_grpc.services.common.metrics import new_registry
 from moshi_grpc.services.common.server import (
     RunningServer,
@@ -83,36 +84,42 @@ async def start_backend(
     return running
 
 
+@dataclass(frozen=True)
+class BackendKind:
+    """What differs between the codec and the LM server, said once per service (in its
+    `startup.py`) so the shared start-up flow takes one description, not six callables."""
+
+    name: str  # "codec" / "lm": logs, metric labels, build info
+    grpc_service: str  # full gRPC service name, for health and reflection
+    metrics_type: Any  # `.create(registry)` builds the service's metrics
+    servicer_type: Callable[..., Any]  # `(state, idle_timeout_s, metrics=...)`
+    register: Callable[[Any, Any], None]  # the generated `add_*Servicer_to_server`
+    model_of: Callable[[Any], Any]  # the engine's network, for build info
+
+
 async def start_model_server(
     config: ServerConfig,
     options: Any,
-    service_name: str,
-    *,
-    grpc_service: str,
-    metrics_type: Any,
-    servicer_type: Callable[..., Any],
-    register: Callable[[Any, Any], None],
+    kind: BackendKind,
     make_engine: Callable[[Any], Any],
-    model_of: Callable[[Any], Any],
+    *,
     wait_ready: bool = True,
 ) -> RunningServer:
     """The body of `start_codec_server` / `start_lm_server`: one per-server metrics
     registry, a servicer that answers UNAVAILABLE until the engine is attached, the model
     loaded by `make_engine(metrics)` in a worker thread, then build info and SERVING.
 
-    `metrics_type.create(registry)` builds the service's metrics; `servicer_type(state,
-    idle_timeout_s, metrics=...)` the servicer; `register(servicer, server)` is the
-    generated `add_*Servicer_to_server`; `model_of(engine)` is the network whose
-    `config_name`/`device`/`dtype` (falling back to `options`) go into build info.
-    `running.servicer` is set; with `wait_ready=False` it returns while loading."""
+    Build info takes the model's `config_name`/`device`/`dtype`, falling back to `options`
+    (echo models have none). `running.servicer` is set; with `wait_ready=False` it returns
+    while loading."""
     registry = new_registry()
-    metrics = metrics_type.create(registry)
+    metrics = kind.metrics_type.create(registry)
     state = ServerState()
-    servicer = servicer_type(state, config.idle_timeout_s, metrics=metrics)
+    servicer = kind.servicer_type(state, config.idle_timeout_s, metrics=metrics)
 
     def attach(engine: Any, running: RunningServer) -> None:
         servicer.attach(engine)
-        model = model_of(engine)
+        model = kind.model_of(engine)
         running.server_metrics.set_build_info(
             version=__version__,
             model=engine.model_name,
@@ -121,11 +128,11 @@ async def start_model_server(
             dtype=str(getattr(model, "dtype", options.dtype)).replace("torch.", ""),
         )
 
-    service = Service(grpc_service, lambda server: register(servicer, server))
+    service = Service(kind.grpc_service, lambda server: kind.register(servicer, server))
     running = await start_backend(
         config,
         service,
-        service_name,
+        kind.name,
         load=lambda: make_engine(metrics),
         attach=attach,
         registry=registry,
@@ -177,7 +184,10 @@ def run_backend_cli(
             flags.resolve_weights(args, service_name)
         if args.max_sessions < 1:
             raise ValueError(f"--max-sessions must be >= 1, got {args.max_sessions}")
+        tracing.setup_from_args(args, service_name)
         return asyncio.run(_serve_backend(args, service_name, start, options_from_args))
     except ValueError as exc:
         log.error("%s: %s", service_name, exc)
         return 2
+    finally:
+        tracing.shutdown()  # flushes the spans still batched

@@ -133,6 +133,7 @@ class BatchScheduler:
         # joins and leaves not applied yet, in order: ("join", slot, payload) / ("leave", slot)
         self._events: list[tuple[Any, ...]] = []
         self._closed = False
+        self._held = False  # `hold()`: no tick until `release_hold()`
         self._in_use = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -206,7 +207,24 @@ class BatchScheduler:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
 
+    def hold(self) -> None:
+        """Run no tick until `release_hold()`: frames queue meanwhile, so a test decides
+        which frames share a tick instead of leaving it to their arrival times."""
+        with self._cond:
+            self._held = True
+
+    def release_hold(self) -> None:
+        with self._cond:
+            self._held = False
+            self._cond.notify()
+
     # -- introspection -------------------------------------------------------------------
+
+    @property
+    def frames_queued(self) -> int:
+        """Frames submitted and not taken by a tick yet."""
+        with self._cond:
+            return len(self._pending)
 
     @property
     def slots_in_use(self) -> int:
@@ -323,7 +341,7 @@ class BatchScheduler:
         they happen (a freed row is compacted away before the next tick)."""
         with self._cond:
             while True:
-                while not self._closed and not self._pending:
+                while not self._closed and (self._held or not self._pending):
                     if self._events:
                         events, self._events = self._events, []
                         self._cond.release()

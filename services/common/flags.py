@@ -100,6 +100,14 @@ def add_server_flags(parser: argparse.ArgumentParser, service: str) -> None:
         "health checks are exempt)",
     )
     g.add_argument("--json-logs", action="store_true", help="one JSON object per log line")
+    g.add_argument(
+        "--otel-endpoint",
+        default=None,
+        metavar="URL",
+        help="OpenTelemetry tracing: export spans (one per session and per backend stream) to "
+        "this OTLP/gRPC collector, http://HOST:4317 (plaintext) or https://... (TLS); needs "
+        "the [otel] extra (default: off)",
+    )
 
 
 def add_batching_flags(parser: argparse.ArgumentParser, default_sessions: int = 16) -> None:
@@ -143,6 +151,14 @@ def add_model_flags(parser: argparse.ArgumentParser, service: str) -> None:
     g.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     g.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights"
+    )
+    g.add_argument(
+        "--cpu-forms",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="faster exact CPU forms of the model's layers (moshi_grpc/models/cpu_fast.py): "
+        "auto = each where a measurement at load says it is faster, on, or off (the plain "
+        "model); nothing applies off CPU",
     )
     g.add_argument(
         "--hf-repo",

@@ -59,6 +59,8 @@ prometheus.io: `moshi_` prefix, base units (`_seconds`), `_total` on counters, h
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +71,8 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
 )
+from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 log = logging.getLogger(__name__)
 
@@ -337,6 +341,75 @@ class LmMetrics:
         )
 
 
+class LoopHistogram:
+    """One histogram series observed only from one event loop's thread: `observe` is a
+    bisect and two additions, without the locks of prometheus_client's `Histogram` (which
+    cost several times as much per frame on the gateway's hot path). A scrape from the
+    metrics thread reads the counts under the GIL; it may see an observation's bucket
+    before its sum, never a count going down."""
+
+    __slots__ = ("_bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds  # upper bounds, +Inf last
+        self.counts = [0] * len(bounds)  # per bucket, not cumulative
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.counts[bisect_left(self._bounds, amount)] += 1
+        self.sum += amount
+
+
+class LoopHistogramFamily:
+    """A histogram family of `LoopHistogram` series, exposed through the public custom
+    collector API with the same samples a prometheus_client `Histogram` of that name,
+    help, labels and buckets exposes (`_bucket`, `_count`, `_sum`; `_created` is off, see
+    `new_registry`). `labels(...)` and `observe(...)` as on a `Histogram`."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        *,
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._bounds = (*(float(b) for b in buckets), float("inf"))
+        self._les = tuple(floatToGoString(b) for b in self._bounds)
+        self._series: dict[tuple[str, ...], LoopHistogram] = {}
+        if not self.labelnames:  # an unlabelled histogram is exposed from the start
+            self._series[()] = LoopHistogram(self._bounds)
+        registry.register(self)
+
+    def labels(self, *values: str) -> LoopHistogram:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
+        key = tuple(str(v) for v in values)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series.setdefault(key, LoopHistogram(self._bounds))
+        return series
+
+    def observe(self, amount: float) -> None:
+        self._series[()].observe(amount)
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for key, series in list(self._series.items()):
+            total = series.sum
+            cumulative = 0
+            buckets = []
+            for le, count in zip(self._les, list(series.counts), strict=True):
+                cumulative += count
+                buckets.append((le, cumulative))
+            family.add_metric(list(key), buckets, total)
+        yield family
+
+
 @dataclass
 class GatewayMetrics:
     """Gateway metrics (used by moshi_grpc.services.gateway; defined here with the rest)."""
@@ -346,8 +419,9 @@ class GatewayMetrics:
     sessions_refused: Counter
     sessions_ended: Counter
     frames: Counter
-    frame_latency_seconds: Histogram
-    stage_seconds: Histogram
+    # Observed per frame on the event loop: `LoopHistogramFamily` (same exposition).
+    frame_latency_seconds: LoopHistogramFamily
+    stage_seconds: LoopHistogramFamily
     budget_misses: Counter
     frames_dropped: Counter
     time_to_first_audio_seconds: Histogram
@@ -386,7 +460,7 @@ class GatewayMetrics:
                 "Output frames sent to clients (silence replacements included).",
                 registry=r,
             ),
-            frame_latency_seconds=Histogram(
+            frame_latency_seconds=LoopHistogramFamily(
                 "moshi_gateway_frame_latency_seconds",
                 "Per frame: its last input byte at the gateway to its output written to the "
                 "client. A late frame is observed when its real output reached the gateway "
@@ -395,7 +469,7 @@ class GatewayMetrics:
                 buckets=LATENCY_BUCKETS,
                 registry=r,
             ),
-            stage_seconds=Histogram(
+            stage_seconds=LoopHistogramFamily(
                 "moshi_gateway_stage_seconds",
                 "Per-frame time of one backend call as the gateway sees it "
                 "(stage = encode, step, decode).",

@@ -33,18 +33,18 @@ from typing import Any, Protocol
 
 import grpc
 
-from moshi_grpc.services.common import logs
+from moshi_grpc.services.common import logs, tracing
 from moshi_grpc.services.common.batching import SlotHandle
 from moshi_grpc.services.common.errors import Draining, InvalidInput, OutOfOrder
-from moshi_grpc.services.common.server import ServerState
-from moshi_grpc.services.common.status import status_for
-from moshi_grpc.services.common.streams import (
+from moshi_grpc.services.common.request_streams import (
     check_index,
     check_known_fields,
     expect_frame,
     next_message,
     read_open,
 )
+from moshi_grpc.services.common.server import ServerState
+from moshi_grpc.services.common.status import status_for
 from moshi_grpc.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ async def serve_stream(
     if first is None:
         return
     logs.bind_session(first.session_id)
-    session = stage.open(first)
+    session = tracing.traced_open(stage, first, context)  # (a plain open when off)
     context.add_done_callback(lambda _ctx: session.close())
     log.info("%s stream opened (slot %d, replay %d)", what, session.slot.slot, session.history_len)
     index = 0
@@ -126,7 +126,10 @@ async def serve_stream(
         log.info("%s stream closed at frame %d", what, index)
 
 
-class _MuxSession:
+class _ServedSession:
+    """A session served on a backend's multiplexed stream: its slot and its frames not yet
+    submitted (the gateway's handle on the same session is `gateway.streams.MuxedCall`)."""
+
     __slots__ = ("sid", "opened", "queue", "busy", "closing", "index", "ended")
 
     def __init__(self, sid: int, opened: Opened) -> None:
@@ -153,7 +156,7 @@ class MuxServer:
         self.what = f"{stage.what}Mux"
         self.response_type = response_type
         self.state = state
-        self.sessions: dict[int, _MuxSession] = {}
+        self.sessions: dict[int, _ServedSession] = {}
         self._out = response_type()
         self._full: deque[Any] = deque()  # responses that reached the cap, oldest first
         self._wake = asyncio.Event()
@@ -188,7 +191,7 @@ class MuxServer:
                 if self.state is not None and self.state.draining:
                     raise Draining("server is draining (shutting down); retry on another replica")
                 check_known_fields(entry.open, f"{self.what}.open")
-                session = _MuxSession(sid, self.stage.open(entry.open))
+                session = _ServedSession(sid, tracing.traced_open(self.stage, entry.open))
                 self.sessions[sid] = session
                 if session.queue:
                     self._submit(session)
@@ -208,7 +211,7 @@ class MuxServer:
         except Exception as exc:  # noqa: BLE001 - mapped to this session's status
             self._fail(sid, session, exc)
 
-    def _fail(self, sid: int, session: _MuxSession | None, exc: BaseException) -> None:
+    def _fail(self, sid: int, session: _ServedSession | None, exc: BaseException) -> None:
         code, message = status_for(exc)
         if code == grpc.StatusCode.INTERNAL:
             log.error("%s session %d failed", self.what, sid, exc_info=exc)
@@ -218,7 +221,7 @@ class MuxServer:
             self._drop(session)
         self._end(sid, code.value[0], message)
 
-    def _submit(self, session: _MuxSession) -> None:
+    def _submit(self, session: _ServedSession) -> None:
         index, payload = session.queue.popleft()
         try:
             future = session.opened.slot.submit_nowait(payload)
@@ -230,7 +233,7 @@ class MuxServer:
         future.add_done_callback(functools.partial(self._done, session, index, replayed))
 
     def _done(
-        self, session: _MuxSession, index: int | None, replayed: Any, future: asyncio.Future
+        self, session: _ServedSession, index: int | None, replayed: Any, future: asyncio.Future
     ) -> None:
         session.busy = False
         if session.ended:
@@ -271,11 +274,11 @@ class MuxServer:
     def _pending(self) -> bool:
         return bool(self._full) or bool(len(self._out.results))
 
-    def _finish(self, session: _MuxSession, code: int, message: str) -> None:
+    def _finish(self, session: _ServedSession, code: int, message: str) -> None:
         self._drop(session)
         self._end(session.sid, code, message)
 
-    def _drop(self, session: _MuxSession) -> None:
+    def _drop(self, session: _ServedSession) -> None:
         session.ended = True
         session.queue.clear()
         self.sessions.pop(session.sid, None)

@@ -61,7 +61,9 @@ class Emission:
     stalled: bool = False
 
 
-class _Slot:
+class _FrameState:
+    """One frame from input to output: its clock, and the answer once it came."""
+
     __slots__ = ("index", "complete", "deadline", "cause", "pcm", "done", "stalled")
 
     def __init__(self, index: int, complete: float, deadline: float) -> None:
@@ -72,6 +74,10 @@ class _Slot:
         self.pcm: np.ndarray | None = None
         self.done = False
         self.stalled = False
+
+
+# Windows up to this many samples get their percentiles from a plain sort.
+_SMALL_WINDOW = 2048
 
 
 class LatencyWindow:
@@ -88,10 +94,22 @@ class LatencyWindow:
 
     def percentiles_ms(self, qs: tuple[float, ...] = (50, 95, 99)) -> tuple[float, ...]:
         """Percentiles in milliseconds; zeros when there is no sample."""
-        if not self._values:
+        n = len(self._values)
+        if not n:
             return tuple(0.0 for _ in qs)
-        arr = np.fromiter(self._values, dtype=np.float64, count=len(self._values))
-        return tuple(float(v) * 1000.0 for v in np.percentile(arr, qs))
+        if n > _SMALL_WINDOW:
+            arr = np.fromiter(self._values, dtype=np.float64, count=n)
+            return tuple(float(v) * 1000.0 for v in np.percentile(arr, qs))
+        # A session's summary: np.percentile's fixed cost is most of the work at this size.
+        # Same method (linear interpolation between closest ranks).
+        values = sorted(self._values)
+        out = []
+        for q in qs:
+            pos = (n - 1) * q / 100.0
+            lo = int(pos)
+            hi = min(lo + 1, n - 1)
+            out.append((values[lo] + (values[hi] - values[lo]) * (pos - lo)) * 1000.0)
+        return tuple(out)
 
 
 @dataclass(slots=True)
@@ -113,7 +131,7 @@ class FrameSequencer:
         self.budget_s = budget_s
         self.max_consecutive_misses = max_consecutive_misses
         self.max_backlog = max_backlog
-        self._slots: deque[_Slot] = deque()  # head (next to emit) ... newest
+        self._frames: deque[_FrameState] = deque()  # head (next to emit) ... newest
         self._head = 0  # index of the next frame to emit
         self._next = 0  # index of the next input frame
         # Frames sent to the backends and not answered yet: index -> complete time, oldest
@@ -143,18 +161,18 @@ class FrameSequencer:
         index = self._next
         self._next += 1
         self.frames_in += 1
-        slot = _Slot(index, now, now + self.budget_s)
-        self._slots.append(slot)
+        fs = _FrameState(index, now, now + self.budget_s)
+        self._frames.append(fs)
         sent = self._sent
         if len(sent) >= self.max_backlog:
-            slot.cause = Cause.DROPPED
-            slot.done = True
+            fs.cause = Cause.DROPPED
+            fs.done = True
             self.frames_dropped += 1
             # The oldest frame at the backends is past its deadline: they are not keeping
             # up (a stage is not answering), not the client running ahead.
             oldest = next(iter(sent.values()))
             if now >= oldest + self.budget_s:
-                slot.stalled = True
+                fs.stalled = True
                 self.frames_dropped_stalled += 1
             return Ticket(index, send=False)
         sent[index] = now
@@ -175,15 +193,15 @@ class FrameSequencer:
             latency = now - complete
             self.latency.add(latency)
             return latency
-        slot = self._slots[index - self._head]
-        if slot.done:  # answered twice: a backend protocol bug; keep the first answer
+        fs = self._frames[index - self._head]
+        if fs.done:  # answered twice: a backend protocol bug; keep the first answer
             return None
-        slot.done = True
+        fs.done = True
         if pcm is None:
-            slot.cause = Cause.INITIAL_DELAY
+            fs.cause = Cause.INITIAL_DELAY
         else:
-            slot.cause = Cause.AUDIO
-            slot.pcm = pcm
+            fs.cause = Cause.AUDIO
+            fs.pcm = pcm
         return None
 
     # ----------------------------------------------------------------- output side
@@ -191,40 +209,40 @@ class FrameSequencer:
     def poll(self, now: float) -> list[Emission]:
         """Frames that can leave now, in order: answered ones, and silence for missed ones."""
         out: list[Emission] = []
-        slots = self._slots
-        while slots:
-            slot = slots[0]
-            cause = slot.cause
-            if slot.done and (cause is not Cause.AUDIO or now < slot.deadline):
-                emission = Emission(slot.index, cause, slot.pcm, slot.complete)
+        frames = self._frames
+        while frames:
+            fs = frames[0]
+            cause = fs.cause
+            if fs.done and (cause is not Cause.AUDIO or now < fs.deadline):
+                emission = Emission(fs.index, cause, fs.pcm, fs.complete)
                 if cause is Cause.AUDIO:
                     self.consecutive_misses = 0
                 elif cause is Cause.INITIAL_DELAY:
                     self.frames_initial_delay += 1
-                elif slot.stalled:
+                elif fs.stalled:
                     self.consecutive_misses += 1
                     emission.stalled = True
                     emission.consecutive = self.consecutive_misses
-            elif now >= slot.deadline:
+            elif now >= fs.deadline:
                 # Not answered in time, or answered but not sent in time: either way the
                 # output would reach the client after its deadline, so it is a miss.
                 self.consecutive_misses += 1
                 self.frames_late += 1
                 emission = Emission(
-                    slot.index,
+                    fs.index,
                     Cause.LATE,
                     None,
-                    slot.complete,
-                    late_ms=(now - slot.deadline) * 1000.0,
+                    fs.complete,
+                    late_ms=(now - fs.deadline) * 1000.0,
                     consecutive=self.consecutive_misses,
                 )
-                if slot.done:  # its output is here, just too late to send
-                    self.latency.add(now - slot.complete)
+                if fs.done:  # its output is here, just too late to send
+                    self.latency.add(now - fs.complete)
                 else:
-                    self._late_waiting[slot.index] = slot.complete
+                    self._late_waiting[fs.index] = fs.complete
             else:
                 break
-            slots.popleft()
+            frames.popleft()
             self._head += 1
             self.frames_out += 1
             out.append(emission)
@@ -252,14 +270,14 @@ class FrameSequencer:
 
     def next_deadline(self) -> float | None:
         """When the head frame must be given up (None when nothing is waiting)."""
-        if not self._slots:
+        if not self._frames:
             return None
-        return self._slots[0].deadline
+        return self._frames[0].deadline
 
     @property
     def pending(self) -> int:
         """Frames received whose output has not left yet."""
-        return len(self._slots)
+        return len(self._frames)
 
     @property
     def exceeded(self) -> bool:
@@ -268,7 +286,7 @@ class FrameSequencer:
 
     def fail_pending(self) -> None:
         """Forget outstanding frames (session ending); they are not counted as outputs."""
-        self._slots.clear()
+        self._frames.clear()
         self._sent.clear()
 
 

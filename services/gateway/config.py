@@ -62,6 +62,12 @@ class GatewaySettings:
     # per replica, many sessions per message) or "per-session" (Encode/Step/Decode streams
     # of their own). See gateway/streams.py.
     backend_streams: str = "mux"
+    # A busy mux stream's sender waits this long after its first pending entry so that
+    # more sessions' entries share the message (fewer messages, less CPU per frame); up to
+    # this much added latency per stage, none on a stream too quiet to collect another
+    # entry in that time. 0 (the default): no waiting; CPU traded for latency on request.
+    # See gateway/streams.py `coalesce_wait`.
+    mux_coalesce_ms: float = 0.0
     refresh_interval_s: float = 0.5  # replica discovery, health and Info polling
     probe_timeout_s: float = 1.0
     # Text safety hook: a text_policy.TextPolicy every text piece passes (None = off).

@@ -65,14 +65,14 @@ class LmHistory:
         else:
             width = self._rows.shape[1]
         row = self._row(width)
-        n = self._n_user
-        row[:n] = user_codes
+        # (one list: numpy converts it faster than protobuf repeated fields read one by one)
         if text_token is None:
+            n = self._n_user
+            row[:n] = list(user_codes)
             row[n] = _NOT_READY
             row[n + 1 :] = 0
         else:
-            row[n] = text_token
-            row[n + 1 :] = moshi_codes
+            row[:] = [*user_codes, text_token, *moshi_codes]
 
     def replay(self) -> list[lm_pb2.ReplayStep]:
         """The steps as `LmOpen.replay`, oldest first."""

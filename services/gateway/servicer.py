@@ -14,7 +14,7 @@ import uuid
 
 import grpc
 
-from moshi_grpc.services.common import logs
+from moshi_grpc.services.common import logs, tracing
 from moshi_grpc.services.common.errors import (
     BackendUnavailable,
     CapacityExhausted,
@@ -23,9 +23,10 @@ from moshi_grpc.services.common.errors import (
     ServiceError,
 )
 from moshi_grpc.services.common.metrics import GatewayMetrics
+from moshi_grpc.services.common.request_streams import check_known_fields
 from moshi_grpc.services.common.server import ServerState
 from moshi_grpc.services.common.status import grpc_status
-from moshi_grpc.services.common.streams import check_known_fields
+from moshi_grpc.services.common.tracing import SessionTrace
 from moshi_grpc.services.gateway.config import GatewaySettings, session_params
 from moshi_grpc.services.gateway.replicas import NoCapacity, ReplicaPool
 from moshi_grpc.services.gateway.session import ENDED_LABEL, RetryableCapacity, Session
@@ -78,6 +79,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         await context.abort(code, message, trailing_metadata=((RETRY_AFTER_KEY, str(retry_ms)),))
 
     async def Converse(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+        trace = tracing.gateway_session(context)  # the no-op when tracing is off
+        try:
+            await self._converse(context, trace)
+        except BaseException as exc:
+            trace.failed(exc, context)
+            raise
+        finally:
+            trace.end()
+
+    async def _converse(self, context: grpc.aio.ServicerContext, trace: SessionTrace) -> None:
         first = await context.read()
         if first is grpc.aio.EOF:
             self.metrics.sessions_refused.labels("invalid").inc()
@@ -125,7 +136,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             context=context,
             metadata=self.pool.channels.metadata(),
             pool=self.pool,
+            trace=trace,
         )
+        trace.started(session)
         self._client_sessions[client] = self._client_sessions.get(client, 0) + 1
         # A vanished client cancels this handler; free the backend slots right away even if
         # the handler's `finally` runs late (grpc/grpc#37239).
@@ -186,6 +199,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 self.metrics.sessions_active.dec()
                 self.metrics.sessions_ended.labels(ENDED_LABEL.get(session.reason, "error")).inc()
                 summary = session.summary()
+                trace.ended(summary)
                 if session.audio_duration_s() > 0:
                     self.metrics.session_wall_audio_ratio.observe(
                         summary.duration_s / session.audio_duration_s()

@@ -14,15 +14,12 @@ Replies (text, events, audio frames in order, silence for frames past their dead
 `FrameSequencer`) are written by `_flush()`, called inline by whichever task made output
 possible, one writer at a time: no extra task wake-up per frame.
 
-LM failover: the gateway keeps the session's LM history (per step: the user codes sent and
-the output received; at most `GatewaySettings.lm_history_steps` steps, the LM's context). When
-the LM stream fails (UNAVAILABLE, connection lost, stream closed early) or its replica fails
-its health probe, the Step stream is re-opened on another LM replica with a free slot, with
-`LmOpen.replay` = that history (teacher-forced), and the frames that were sent but not
-answered are sent again; the session carries on. Frames whose deadline passed while moving
-are sent as silence (counted as late, and as `Failover.frames_lost`). The codec streams are
-not moved: Mimi's streaming state is not cheaply replayable, so a codec failure still ends
-the session with UNAVAILABLE.
+LM failover (`lm_link.LmLink`, which owns the Step stream): when the LM stream fails or its
+replica fails its health probe, the stream is re-opened on another LM replica and the
+session's LM history replayed; the session carries on. Frames whose deadline passed while
+moving are sent as silence (counted as late, and as `Failover.frames_lost`). The codec
+streams are not moved: Mimi's streaming state is not cheaply replayable, so a codec failure
+still ends the session with UNAVAILABLE.
 
 Misses (the budget contract, true at the default settings): a frame given up at its deadline
 (late) and a frame dropped for backlog while the oldest frame at the backends is past its
@@ -38,9 +35,9 @@ waits for room at the backends (gRPC flow control pushes back on the client): no
 dropped, and the idle timeout does not count that wait.
 
 Backend streams are per session or shared multiplexed streams (`--backend-streams`, see
-gateway/streams.py: the same interface and failure semantics either way). Each backend
-stream is opened by `_open_*` so that a failover can re-open the LM stream
-on another replica without touching the rest. Every stage remembers which gateway frame each
+gateway/streams.py: the same interface and failure semantics either way). The codec streams
+are opened by `_open_codec`, the LM stream by its `LmLink`, so that a failover can re-open
+the LM stream on another replica without touching the rest. Every stage remembers which gateway frame each
 backend message belongs to (FIFO queues: streams answer in order), because backend frame
 indices skip dropped frames.
 """
@@ -56,6 +53,7 @@ import grpc
 import numpy as np
 
 from moshi_grpc import audio
+from moshi_grpc.services.common import tracing
 from moshi_grpc.services.common.errors import (
     BackendUnavailable,
     BudgetExceeded,
@@ -69,11 +67,18 @@ from moshi_grpc.services.common.errors import (
 from moshi_grpc.services.common.metrics import GatewayMetrics
 from moshi_grpc.services.gateway.budget import Cause, Emission, FrameSequencer, StageWatch
 from moshi_grpc.services.gateway.config import GatewaySettings, SessionParams
-from moshi_grpc.services.gateway.history import LmHistory
+from moshi_grpc.services.gateway.lm_link import LmLink
 from moshi_grpc.services.gateway.replicas import Lease, Replica, ReplicaPool
-from moshi_grpc.services.gateway.streams import DECODE, ENCODE, STEP, open_stream
+from moshi_grpc.services.gateway.streams import (
+    DECODE,
+    ENCODE,
+    RetryableCapacity,
+    backend_error,
+    guarded_write,
+    open_stream,
+)
 from moshi_grpc.services.gateway.text_policy import Action, TextGuard, TextPolicyEnded
-from moshi_grpc.v1 import codec_pb2, gateway_pb2, lm_pb2
+from moshi_grpc.v1 import codec_pb2, gateway_pb2
 
 log = logging.getLogger(__name__)
 
@@ -92,19 +97,7 @@ ENDED_LABEL = {
     "text_policy": "text_policy",
 }
 
-# LM stream failures that move the session to another LM replica (when one has a free slot):
-# the replica or the connection is gone. Anything else (bad input, refusals) ends the session.
-FAILOVER_CODES = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.ABORTED,
-    }
-)
-# Tries per session: a session that keeps failing over is better ended.
-MAX_FAILOVERS = 4
+__all__ = ["ENDED_LABEL", "MaxSessionLength", "RetryableCapacity", "Session", "StageStalled"]
 
 
 class StageStalled(ServiceError):
@@ -118,23 +111,6 @@ class MaxSessionLength(ServiceError):
     """The session reached the gateway's maximum session length."""
 
     code = ErrorCode.TIMED_OUT
-
-
-class RetryableCapacity(CapacityExhausted):
-    """A backend refused the stream for lack of slots; the client may retry after a while."""
-
-    def __init__(self, message: str, retry_after_ms: int) -> None:
-        super().__init__(message)
-        self.retry_after_ms = retry_after_ms
-
-
-def backend_error(replica: Replica, stage: str, exc: grpc.aio.AioRpcError, retry_ms: int):
-    """Map a backend stream's failure to the status the client gets."""
-    code = exc.code()
-    what = f"{replica.kind} replica {replica.address} ({stage})"
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return RetryableCapacity(f"{what} has no free slot: {exc.details()}", retry_ms)
-    return BackendUnavailable(f"{what} failed: {code.name}: {exc.details()}")
 
 
 class Session:
@@ -151,8 +127,10 @@ class Session:
         context: grpc.aio.ServicerContext,
         metadata: tuple[tuple[str, str], ...] = (),
         pool: ReplicaPool | None = None,
+        trace: tracing.SessionTrace = tracing.NOOP_SESSION,
     ) -> None:
         self.session_id = session_id
+        self.trace = trace  # spans of the session and its backend streams (no-op when off)
         self.pool = pool
         self.params = params
         self.lease = lease
@@ -209,31 +187,29 @@ class Session:
         self._failure: BaseException | None = None
         self._input_done = False
         self._stop_input = False  # set at the maximum session length
-        # FIFO of (gateway frame index, time sent) per backend stage.
+        # FIFO of (gateway frame index, time sent) per codec stage (the LM's is in `lm`).
         self._enc_q: deque[tuple[int, float]] = deque()
-        # LM steps sent and not answered yet: (gateway frame, time sent, user codes).
-        self._lm_q: deque[tuple[int, float, object]] = deque()
-        # Answered LM steps, for replay on failover.
-        lm_info = lease.lm.info
-        self._lm_history = LmHistory(
-            max(1, settings.lm_history_steps),
-            lm_info.num_codebooks if lm_info is not None and lm_info.num_codebooks else None,
+        self.lm = LmLink(
+            session_id=session_id,
+            params=params,
+            lease=lease,
+            settings=settings,
+            metrics=metrics,
+            metadata=metadata,
+            pool=pool,
+            trace=trace,
+            watch=self._watch,
+            seq=self.seq,
+            emit=self._emit,
+            input_done=lambda: self._input_done,
         )
-        self._lm_index = 0  # next frame index on the current LM stream
-        self._lm_moving = False
-        self._lm_writes_done = False
-        self._lm_abandoned = None  # an LM call we cancelled because its replica is unhealthy
-        self._abandon_reason = ""
         self._closing = False
-        self.failovers = 0
-        self._failover_note: tuple[str, str, int] | None = None  # from, to, late at the move
         self._health_timer: asyncio.TimerHandle | None = None
         self._dec_q: deque[tuple[int, float]] = deque()
         self._enc_index = 0
         self._dec_index = 0
         self._enc_call = None
         self._dec_call = None
-        self._lm_call = None
         self._tasks: list[asyncio.Task] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -248,61 +224,49 @@ class Session:
     def _open_codec(self) -> None:
         codec = self.lease.codec
         mode = self.settings.backend_streams
-        self._enc_call = open_stream(codec, ENCODE, self.metadata, mode)
-        self._dec_call = open_stream(codec, DECODE, self.metadata, mode)
+        enc = self.trace.stream("encode", codec.address, mode)
+        dec = self.trace.stream("decode", codec.address, mode)
+        coalesce_s = self.settings.mux_coalesce_ms / 1000.0
+        self._enc_call = open_stream(codec, ENCODE, enc.metadata(self.metadata), mode, coalesce_s)
+        self._dec_call = open_stream(codec, DECODE, dec.metadata(self.metadata), mode, coalesce_s)
+        codec_open = codec_pb2.CodecOpen(session_id=self.session_id)
+        self._codec_opens = (enc.stamp(codec_open), dec.stamp(codec_open))
 
-    def _open_lm(self, replay: list[lm_pb2.ReplayStep] | None = None) -> None:
-        self._lm_call = open_stream(
-            self.lease.lm, STEP, self.metadata, self.settings.backend_streams
-        )
-        self._lm_open = lm_pb2.LmOpen(
-            session_id=self.session_id,
-            sampling=self.params.sampling,
-            seed=self.params.seed,
-            replay=replay or [],
-        )
+    @property
+    def failovers(self) -> int:
+        """LM moves so far."""
+        return self.lm.failovers
 
     async def open_backends(self) -> None:
         """Open the three streams and send their `open` messages."""
         self._open_codec()
-        self._open_lm()
-        codec_open = codec_pb2.CodecOpen(session_id=self.session_id)
+        self.lm.open()
+        enc_open, dec_open = self._codec_opens
         await asyncio.gather(
-            self._guarded_write(self.lease.codec, "encode", self._enc_call, codec_open, True),
-            self._guarded_write(self.lease.codec, "decode", self._dec_call, codec_open, True),
-            self._guarded_write(self.lease.lm, "step", self._lm_call, self._lm_open, True),
+            self._guarded_write(self.lease.codec, "encode", self._enc_call, enc_open, True),
+            self._guarded_write(self.lease.codec, "decode", self._dec_call, dec_open, True),
+            self.lm.send_open(),
         )
 
     async def _guarded_write(
         self, replica: Replica, stage: str, call, message, is_open: bool = False
     ) -> None:
         """Send a frame (or the `open`) on a backend stream; its failure -> the session's."""
-        try:
-            if is_open:
-                await call.open(message)
-            else:
-                await call.send(message)
-        except grpc.aio.AioRpcError as exc:
-            raise backend_error(replica, stage, exc, self.settings.retry_after_ms) from None
-        except asyncio.InvalidStateError:
-            # The call already ended: its status says why.
-            code = await call.code()
-            details = await call.details()
-            raise backend_error(
-                replica,
-                stage,
-                grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details),
-                self.settings.retry_after_ms,
-            ) from None
+        await guarded_write(replica, stage, call, message, self.settings.retry_after_ms, is_open)
 
     def cancel_backends(self) -> None:
         """Cancel every backend stream (frees their slots); safe to call more than once."""
         self._closing = True
-        for call in (self._enc_call, self._dec_call, self._lm_call):
+        for call in (self._enc_call, self._dec_call):
             if call is not None and not call.done():
                 call.cancel()
+        self.lm.cancel()
 
     # ----------------------------------------------------------------- tasks
+
+    def _emit(self, message: gateway_pb2.ConverseResponse) -> None:
+        """Queue a reply for the next `_flush()` (which swaps the list for a new one)."""
+        self._outbox.append(message)
 
     def _fail(self, exc: BaseException) -> None:
         if self._failure is None:
@@ -389,7 +353,8 @@ class Session:
         self._watch.sent("encode", now)
         index = self._enc_index
         self._enc_index += 1
-        request = codec_pb2.PcmFrame(index=index, pcm_f32le=audio.array_to_f32le(frame))
+        # The frame as a dict of PcmFrame fields: built once, inside the stream's request.
+        request = {"index": index, "pcm_f32le": audio.array_to_f32le(frame)}
         await self._guarded_write(self.lease.codec, "encode", self._enc_call, request)
 
     async def _read_encode(self) -> None:
@@ -404,15 +369,9 @@ class Session:
                 now = self.loop.time()
                 self._watch.answered("encode", now)
                 stage.observe(now - sent)
-                entry = (gw, now, msg.codes)
-                self._lm_q.append(entry)
-                if not self._lm_moving:
-                    self._watch.sent("step", now)
-                    await self._write_lm(entry[2])
+                await self.lm.forward(gw, now, msg.codes)
             self._check_clean_end(call, "encode", self.lease.codec)
-            self._lm_writes_done = True
-            if not self._lm_moving:
-                await self._lm_done_writing()
+            await self.lm.input_done()
         except asyncio.CancelledError:
             raise
         except grpc.aio.AioRpcError as exc:
@@ -420,124 +379,49 @@ class Session:
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
 
-    async def _write_lm(self, codes) -> None:
-        """Send one frame of user codes on the current LM stream. A failed write is left to
-        the LM reader, which sees the stream's error and fails over (or ends the session)."""
-        request = lm_pb2.UserCodes(index=self._lm_index, codes=codes)
-        self._lm_index += 1
-        call = self._lm_call
-        try:
-            await call.send(request)
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            pass
-        except asyncio.CancelledError:
-            # grpc.aio raises CancelledError from a write on a call that was cancelled (by a
-            # failover) under it; only a cancellation of this task itself goes on.
-            task = asyncio.current_task()
-            if not call.cancelled() or (task is not None and task.cancelling()):
-                raise
-
-    async def _lm_done_writing(self) -> None:
-        call = self._lm_call
-        try:
-            await call.done_writing()
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            pass
-        except asyncio.CancelledError:  # see _write_lm
-            task = asyncio.current_task()
-            if not call.cancelled() or (task is not None and task.cancelling()):
-                raise
-
     async def _read_lm(self) -> None:
         try:
-            while True:
-                call = self._lm_call
-                replica = self.lease.lm
-                try:
-                    await self._read_lm_stream(call)
-                    self._check_clean_end(call, "step", replica)
-                    break
-                except grpc.aio.AioRpcError as exc:
-                    error = backend_error(replica, "step", exc, self.settings.retry_after_ms)
-                    if exc.code() not in FAILOVER_CODES and self._failover_note is None:
-                        raise error from None
-                except BackendUnavailable as exc:  # closed early
-                    error = exc
-                except asyncio.CancelledError:
-                    task = asyncio.current_task()
-                    if self._lm_abandoned is not call or (task and task.cancelling()):
-                        raise
-                    error = BackendUnavailable(
-                        f"lm replica {replica.address} (step) {self._abandon_reason}"
-                    )
-                if not await self._failover(replica):
-                    if isinstance(error, RetryableCapacity):  # the replica moved to was full
-                        error = BackendUnavailable(f"{error}; no LM replica left to move to")
-                    raise error
-            if self._failover_note is not None:  # moved, but nothing was left to answer
-                self._announce_failover()
-                await self._flush()
+            if await self.lm.run(self._lm_answer):
+                await self._flush()  # the failover event
             await self._guarded_done_writing(self._dec_call)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
 
-    async def _read_lm_stream(self, call) -> None:
-        stage = self.metrics.stage_seconds.labels("step")
-        history = self._lm_history
-        while True:
-            msg = await call.read()
-            if msg is _EOF:
-                break
-            gw, sent, codes = self._lm_q.popleft()
-            now = self.loop.time()
-            self._watch.answered("step", now)
-            stage.observe(now - sent)
-            if self._failover_note is not None:
-                self._announce_failover()
-            if msg.text_piece:
-                text = msg.text_piece.replace("\u2581", " ")
-                if self._text_guard is not None:
-                    text = self._police_text(gw, text)
-                if text is not None:
-                    # (self._outbox, not a local: `_flush` swaps the list for a new one)
-                    self._outbox.append(
-                        gateway_pb2.ConverseResponse(
-                            text=gateway_pb2.TextPiece(frame_index=gw, text=text)
-                        )
+    async def _lm_answer(self, gw: int, now: float, msg) -> None:
+        """One LM step answered at `now` (already in the history): its text piece to the
+        client at once, its codes to the decoder, or silence while the LM is not ready."""
+        if msg.text_piece:
+            text = msg.text_piece.replace("\u2581", " ")
+            if self._text_guard is not None:
+                text = self._police_text(gw, text)
+            if text is not None:
+                # (self._outbox, not a local: `_flush` swaps the list for a new one)
+                self._outbox.append(
+                    gateway_pb2.ConverseResponse(
+                        text=gateway_pb2.TextPiece(frame_index=gw, text=text)
                     )
-                await self._flush()
-            if msg.ready:
-                history.append(codes, msg.text_token, msg.moshi_codes)
-                self._dec_q.append((gw, now))
-                self._watch.sent("decode", now)
-                index = self._dec_index
-                self._dec_index += 1
-                request = codec_pb2.CodesFrame(index=index, codes=msg.moshi_codes)
-                await self._guarded_write(self.lease.codec, "decode", self._dec_call, request)
-            else:
-                history.append(codes, None, ())
-                self._resolved(gw, None, now)
-                await self._flush()
+                )
+            await self._flush()
+        if msg.ready:
+            self._dec_q.append((gw, now))
+            self._watch.sent("decode", now)
+            index = self._dec_index
+            self._dec_index += 1
+            request = {"index": index, "codes": msg.moshi_codes}  # a CodesFrame
+            await self._guarded_write(self.lease.codec, "decode", self._dec_call, request)
+        else:
+            self._resolved(gw, None, now)
+            await self._flush()
 
-    # ----------------------------------------------------------------- LM failover
+    # ----------------------------------------------------------------- stage watch
 
     def _resolved(self, gw: int, pcm, now: float) -> None:
         """Frame `gw` is answered (decoded PCM, or None: LM not ready)."""
         late_latency = self.seq.resolve(gw, pcm, now)
         if late_latency is not None:  # given up as late before: its real latency counts
             self.metrics.frame_latency_seconds.observe(late_latency)
-
-    def _abandon_lm(self, reason: str) -> None:
-        """Cancel the LM call: its reader fails over (or ends the session UNAVAILABLE)."""
-        call = self._lm_call
-        if self._lm_moving or call is None or call.done() or self._lm_abandoned is call:
-            return
-        log.warning("lm replica %s %s; failing over", self.lease.lm.address, reason)
-        self._abandon_reason = reason
-        self._lm_abandoned = call
-        call.cancel()
 
     def _silent_for(self, now: float, *stages: str) -> float:
         """How long the longest-silent of `stages` has owed an answer (0: owes nothing)."""
@@ -557,7 +441,7 @@ class Session:
         now = self.loop.time()
         lm = self.lease.lm
         if lm.failures > 0 and not lm.healthy and self._silent_for(now, "step") >= interval:
-            self._abandon_lm("stopped answering health checks")
+            self.lm.abandon("stopped answering health checks")
         codec = self.lease.codec
         if (
             codec.failures > 0
@@ -584,18 +468,12 @@ class Session:
         now = self.loop.time()
         watch = self._watch
         lm = self.lease.lm
-        can_move = (
-            self.pool is not None
-            and self.settings.lm_failover
-            and self.failovers < MAX_FAILOVERS
-            and not self._lm_moving
-            and self._lm_abandoned is not self._lm_call
-        )
+        can_move = self.lm.can_move
         if can_move and self._silent_for(now, "step") >= limit / 2:
             if self.pool.failover_lm(lm) is not None:
-                self._abandon_lm(f"has not answered for {self._silent_for(now, 'step'):.1f} s")
+                self.lm.abandon(f"has not answered for {self._silent_for(now, 'step'):.1f} s")
         stage = watch.stalled(now)
-        if stage is not None and not self._lm_moving:
+        if stage is not None and not self.lm.moving:
             replica = lm if stage == "step" else self.lease.codec
             what = (
                 f"{replica.kind} replica {replica.address} ({stage}) has not answered for "
@@ -618,74 +496,6 @@ class Session:
             times.append(since + (limit / 2 if half else limit))
         at = min(times) if times else now + (limit / 2 if can_move else limit)
         self._stage_timer = self.loop.call_at(max(at, now + 0.01), self._check_stages)
-
-    async def _failover(self, failed: Replica) -> bool:
-        """Move the LM stream to another replica with a free slot; False if none (or too many
-        moves already, or the session is ending)."""
-        if self._closing or self.pool is None or not self.settings.lm_failover:
-            return False
-        if self.failovers >= MAX_FAILOVERS:
-            self.metrics.failovers.labels("lm", "failed").inc()
-            return False
-        target = self.pool.failover_lm(failed)
-        if target is None:
-            log.warning(
-                "lm replica %s failed and no other LM replica has a free slot", failed.address
-            )
-            self.metrics.failovers.labels("lm", "failed").inc()
-            return False
-        self.failovers += 1
-        self._lm_moving = True
-        try:
-            old = self._lm_call
-            if old is not None and not old.done():
-                old.cancel()
-            self.lease.move_lm(target)
-            replay = self._lm_history.replay()
-            late = self.seq.frames_late
-            if self._failover_note is not None:  # a second move before the first answered
-                late = self._failover_note[2]
-            self._failover_note = (failed.address, target.address, late)
-            self._open_lm(replay)
-            self._lm_index = len(replay)
-            self._watch.restart("step", self.loop.time(), len(self._lm_q))
-            try:
-                await self._lm_call.open(self._lm_open)
-            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-                return True  # the reader sees this stream's error and tries again
-            i = 0
-            while i < len(self._lm_q):  # frames sent to the failed replica, and newer ones
-                await self._write_lm(self._lm_q[i][2])
-                i += 1
-            if self._lm_writes_done:
-                await self._lm_done_writing()
-        finally:
-            self._lm_moving = False
-        self.metrics.failovers.labels("lm", "ok").inc()
-        log.warning(
-            "lm failover %s -> %s: replayed %d steps, resent %d frames",
-            failed.address,
-            target.address,
-            len(self._lm_history),
-            len(self._lm_q),
-        )
-        return True
-
-    def _announce_failover(self) -> None:
-        """First answer from the new replica: tell the client how many frames were lost."""
-        source, target, late = self._failover_note
-        self._failover_note = None
-        self._outbox.append(
-            gateway_pb2.ConverseResponse(
-                event=gateway_pb2.Event(
-                    failover=gateway_pb2.Failover(
-                        from_replica=source,
-                        to_replica=target,
-                        frames_lost=max(0, self.seq.frames_late - late),
-                    )
-                )
-            )
-        )
 
     async def _read_decode(self) -> None:
         call = self._dec_call
@@ -760,13 +570,13 @@ class Session:
         muted = self._text_guard is not None and self._text_guard.muted(e.index)
         pcm = e.pcm if e.pcm is not None and not muted else self._silence
         out = self._out_resampler.process(pcm)
-        return gateway_pb2.ConverseResponse(
-            audio=gateway_pb2.AudioOut(
-                frame_index=e.index,
-                data=self._encoder.encode(out),
-                silence=e.pcm is None or muted,
-            )
-        )
+        # Filled in place: a nested constructor would build the AudioOut and copy it.
+        message = gateway_pb2.ConverseResponse()
+        audio_out = message.audio
+        audio_out.frame_index = e.index
+        audio_out.data = self._encoder.encode(out)
+        audio_out.silence = e.pcm is None or muted
+        return message
 
     async def _send(self, emissions: list[Emission]) -> None:
         write = self.context.write

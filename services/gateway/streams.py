@@ -2,29 +2,34 @@
 
 `Session` talks to each backend stage (encode, step, decode) through one small interface,
 `open(msg)` / `send(frame)` / `read()` / `done_writing()` / `cancel()` / `done()` /
-`cancelled()` / `code()` / `details()`, with the semantics of a grpc.aio stream-stream call
-(read returns `grpc.aio.EOF` at a clean end and raises `AioRpcError` on failure; after
-`cancel()` reads and writes raise `CancelledError`). Two implementations:
+`cancelled()` / `code()` / `details()` (`frame`: a frame message or a dict of its fields, the
+cheaper form: the request's sub-message is then built in place, not built and copied), with
+the semantics of a grpc.aio stream-stream call (read returns `grpc.aio.EOF` at a clean end
+and raises `AioRpcError` on failure; after `cancel()` reads and writes raise
+`CancelledError`). Two implementations:
 
 - `PerSessionStream`: one RPC per session and stage (`Encode`, `Step`, `Decode`): the
   original path, kept behind `--backend-streams per-session`.
-- `MuxSession` on a `MuxStream` (the default, `--backend-streams mux`): one
+- `MuxedCall` on a `MuxStream` (the default, `--backend-streams mux`): one
   `EncodeMux` / `StepMux` / `DecodeMux` stream per (gateway, replica, stage), opened lazily
   and shared by every session pinned to that replica. A sender task drains every pending
-  entry into ONE request message each time it runs (natural batching: whatever queued while
-  the previous write was in flight; never a timer), and a reader task routes the results to
-  the sessions. A session's own error ends only that session (its `end` result carries the
-  status, raised from `read()` as an `AioRpcError`, exactly like a per-session stream
-  ending with that status). A mux stream that fails is a failure of every session on it:
-  each gets the stream's status (UNAVAILABLE when the replica died), so the session logic
-  (UNAVAILABLE to the client, or LM failover by replay) is the same in both modes.
+  entry into ONE request message each time it runs (whatever queued while the previous
+  write was in flight), and a reader task routes the results to the sessions. Optionally
+  (`--mux-coalesce-ms`, off by default: it costs latency) a busy stream's sender, once
+  woken, first waits a short window so that more sessions' entries share the message; a
+  stream too quiet to collect another entry in that time, and a lone session, do not wait
+  (`coalesce_wait`). A session's own error ends only that session (its `end` result
+  carries the status, raised from `read()` as an `AioRpcError`, exactly like a per-session
+  stream ending with that status). A mux stream that fails is a failure of every session
+  on it: each gets the stream's status (UNAVAILABLE when the replica died), so the session
+  logic (UNAVAILABLE to the client, or LM failover by replay) is the same in both modes.
 
-Why: each grpc.aio message operation costs the gateway ~50-100 us of CPU (cython, the
-completion-queue poller thread, an event-loop wake-up). Per session a frame takes 6 of them
-to the backends (a write and a read on each of three streams); multiplexed, a frame's
-entries share messages with other sessions' (measured with 120 echo sessions: ~0.8 backend
-message operations per frame, and fewer as the load grows), so the gateway's CPU per frame
-drops by a quarter to a half; the 2 operations on the client's own Converse stream remain.
+Why: each grpc.aio message operation is a large part of the gateway's CPU per frame
+(cython, the completion-queue poller thread, an event-loop wake-up). Per session a frame
+takes 6 of them to the backends (a write and a read on each of three streams); multiplexed,
+a frame's entries share messages with other sessions' (fewer message operations per frame
+as the load grows, fewer again with a coalescing window); the 2 operations on the client's
+own Converse stream remain. Figures: README, "Gateway" benchmark.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from typing import Any
 
 import grpc
 
+from moshi_grpc import audio
+from moshi_grpc.services.common.errors import BackendUnavailable, CapacityExhausted
 from moshi_grpc.services.common.status import status_code
 from moshi_grpc.v1 import codec_pb2, lm_pb2
 
@@ -52,6 +59,9 @@ _EOF = grpc.aio.EOF
 # ~2 MB, well under the 4 MiB message limit of the channels, however far a slow replica
 # lets the queue grow.
 MAX_ENTRIES_PER_MESSAGE = 256
+
+# One frame's duration: each session sends one entry per stage per frame.
+FRAME_S = audio.FRAME_SIZE / audio.MODEL_RATE
 
 
 @dataclass(frozen=True)
@@ -74,9 +84,59 @@ DECODE = StageSpec(
 STEP = StageSpec("step", "Step", lm_pb2.StepRequest, "StepMux", lm_pb2.StepMuxRequest)
 
 
+def coalesce_wait(sessions: int, coalesce_s: float) -> float:
+    """How long a mux stream's sender waits, once woken by a first entry, before sealing
+    the message: `coalesce_s` when the stream is busy enough that at least one more
+    entry is expected in that time (each session sends one entry per 80 ms frame:
+    `sessions * coalesce_s >= FRAME_S`), else 0 (one loop pass). Every message costs
+    the gateway (and the backend) CPU whatever its size, so under load fewer, larger
+    messages are cheaper; a frame waits at most `coalesce_s` per stage for it, and a
+    lightly loaded stream, where waiting would collect nothing, never waits."""
+    if coalesce_s > 0 and sessions * coalesce_s >= FRAME_S:
+        return coalesce_s
+    return 0.0
+
+
 def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     """An AioRpcError as a failed grpc.aio call raises it."""
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+class RetryableCapacity(CapacityExhausted):
+    """A backend refused the stream for lack of slots; the client may retry after a while."""
+
+    def __init__(self, message: str, retry_after_ms: int) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+
+def backend_error(
+    replica: Any, stage: str, exc: grpc.aio.AioRpcError, retry_ms: int
+) -> RetryableCapacity | BackendUnavailable:
+    """Map a backend stream's failure to the status the client gets."""
+    code = exc.code()
+    what = f"{replica.kind} replica {replica.address} ({stage})"
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return RetryableCapacity(f"{what} has no free slot: {exc.details()}", retry_ms)
+    return BackendUnavailable(f"{what} failed: {code.name}: {exc.details()}")
+
+
+async def guarded_write(
+    replica: Any, stage: str, call: Any, message: Any, retry_ms: int, is_open: bool = False
+) -> None:
+    """Send a frame (or the `open`) on a backend stream; its failure -> the session's."""
+    try:
+        if is_open:
+            await call.open(message)
+        else:
+            await call.send(message)
+    except grpc.aio.AioRpcError as exc:
+        raise backend_error(replica, stage, exc, retry_ms) from None
+    except asyncio.InvalidStateError:
+        # The call already ended: its status says why.
+        code = await call.code()
+        details = await call.details()
+        raise backend_error(replica, stage, rpc_error(code, details), retry_ms) from None
 
 
 class PerSessionStream:
@@ -100,8 +160,9 @@ class PerSessionStream:
         await self.call.write(self._request(frame=frame))
 
 
-class MuxSession:
-    """One session's view of a shared `MuxStream` (the interface of `PerSessionStream`)."""
+class MuxedCall:
+    """One session's call on a shared `MuxStream`: the interface of `PerSessionStream`, so
+    the session cannot tell the two apart (the backend's side is `mux._ServedSession`)."""
 
     __slots__ = ("_mux", "sid", "_results", "_waiter", "_end", "_cancelled", "_closed")
 
@@ -206,11 +267,14 @@ class MuxSession:
 class MuxStream:
     """One multiplexed stream to one replica for one stage, shared by many sessions."""
 
-    def __init__(self, replica: Any, spec: StageSpec, metadata: tuple = ()) -> None:
+    def __init__(
+        self, replica: Any, spec: StageSpec, metadata: tuple = (), coalesce_s: float = 0.0
+    ) -> None:
         self.replica = replica
         self.spec = spec
+        self.coalesce_s = coalesce_s  # see `coalesce_wait`
         self.loop = asyncio.get_running_loop()
-        self.sessions: dict[int, MuxSession] = {}
+        self.sessions: dict[int, MuxedCall] = {}
         self.error: grpc.aio.AioRpcError | None = None
         self._next_sid = 1
         self._request_type = spec.mux_request
@@ -230,11 +294,11 @@ class MuxStream:
     def broken(self) -> bool:
         return self.error is not None
 
-    def session(self) -> MuxSession:
+    def session(self) -> MuxedCall:
         """A new session on this stream (its `open` is sent by the caller)."""
         sid = self._next_sid
         self._next_sid += 1
-        session = MuxSession(self, sid)
+        session = MuxedCall(self, sid)
         if self.error is not None:
             session._finish(self.error)
         else:
@@ -261,14 +325,15 @@ class MuxStream:
     async def _send_loop(self) -> None:
         wake = self._wake
         call = self._call
+        coalesce_s = self.coalesce_s
         try:
             while True:
                 await wake.wait()
                 if len(self.sessions) > 1:
-                    # One loop pass (not a timer): entries from the completions that are
-                    # ready now join this message too (~10-15% less gateway CPU per frame at
-                    # 100 sessions); a lone session has nobody to wait for.
-                    await asyncio.sleep(0)
+                    # At least one loop pass: entries from the completions that are ready
+                    # now join this message too; on a busy stream, the coalescing window
+                    # (see `coalesce_wait`). A lone session has nobody to wait for.
+                    await asyncio.sleep(coalesce_wait(len(self.sessions), coalesce_s))
                 wake.clear()
                 if len(self._entries):
                     self._seal()
@@ -355,14 +420,17 @@ class MuxStream:
                 task.cancel()
 
 
-def open_stream(replica: Any, spec: StageSpec, metadata: tuple, mode: str) -> Any:
+def open_stream(
+    replica: Any, spec: StageSpec, metadata: tuple, mode: str, coalesce_s: float = 0.0
+) -> Any:
     """A session's stream for `spec` on `replica`: per session, or on the replica's shared
-    mux stream for that stage (opened now if there is none or the last one failed)."""
+    mux stream for that stage (opened now if there is none or the last one failed, with the
+    coalescing window `coalesce_s`, see `coalesce_wait`)."""
     if mode == PER_SESSION:
         call = getattr(replica.stub, spec.rpc)(metadata=metadata)
         return PerSessionStream(call, spec.request)
     mux = replica.mux.get(spec.name)
     if mux is None or mux.broken:
-        mux = MuxStream(replica, spec, metadata)
+        mux = MuxStream(replica, spec, metadata, coalesce_s)
         replica.mux[spec.name] = mux
     return mux.session()

@@ -30,6 +30,7 @@ def options_from_args(args: argparse.Namespace):
         max_wait_ms=args.max_wait_ms,
         inject_delay_ms=args.inject_delay_ms,
         cuda_graphs=args.cuda_graphs,
+        cpu_forms=args.cpu_forms,
     )
 
 

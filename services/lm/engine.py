@@ -42,6 +42,7 @@ class LmOptions:
     inject_delay_ms: float = 0.0
     seed: int = 0
     cuda_graphs: str = "auto"  # auto | on | off (see services/common/cuda_graphs.py)
+    cpu_forms: str = "auto"  # auto | on | off (see moshi_grpc/models/cpu_fast.py)
     warmup_repeats: int = 3  # timed warm-up steps per bucket at load (0: one untimed step)
 
 
@@ -90,6 +91,7 @@ def load_lm_model(options: LmOptions) -> tuple[Any, Any]:
         raise ValueError(f"unknown LM model {options.model!r} (real or echo)")
     if options.dtype not in DTYPES:
         raise ValueError(f"unknown dtype {options.dtype!r}; one of {', '.join(DTYPES)}")
+    from moshi_grpc.models.cpu_fast import prepare_lm_for_cpu
     from moshi_grpc.models.lm import load_lm
     from moshi_grpc.models.text import TextTokenizer
 
@@ -100,6 +102,7 @@ def load_lm_model(options: LmOptions) -> tuple[Any, Any]:
         dtype=DTYPES[options.dtype],
         seed=options.seed,
     )
+    prepare_lm_for_cpu(lm, options.cpu_forms)  # faster CPU kernels; nothing elsewhere
     return lm, TextTokenizer(options.tokenizer)
 
 

@@ -15,8 +15,8 @@ from moshi_grpc import __version__
 from moshi_grpc.services.common.errors import InvalidInput, NotReady
 from moshi_grpc.services.common.metrics import LmMetrics
 from moshi_grpc.services.common.mux import Opened, serve_mux, serve_stream
+from moshi_grpc.services.common.request_streams import stream_closer
 from moshi_grpc.services.common.server import ServerState
-from moshi_grpc.services.common.streams import stream_closer
 from moshi_grpc.services.common.wire import bucket_timings, parse_codes, timing_proto
 from moshi_grpc.services.lm.engine import JoinPayload, LmEngine, Prefill, StepInput
 from moshi_grpc.v1 import common_pb2, lm_pb2, lm_pb2_grpc

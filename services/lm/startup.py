@@ -5,12 +5,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from moshi_grpc.services.common.backend import start_model_server
+from moshi_grpc.services.common.backend import BackendKind, start_model_server
 from moshi_grpc.services.common.metrics import LmMetrics
 from moshi_grpc.services.common.server import RunningServer, ServerConfig
 from moshi_grpc.services.lm.engine import LmEngine, LmOptions, load_lm_model
 from moshi_grpc.services.lm.servicer import SERVICE_NAME, LmServicer
 from moshi_grpc.v1 import lm_pb2_grpc
+
+KIND = BackendKind(
+    name="lm",
+    grpc_service=SERVICE_NAME,
+    metrics_type=LmMetrics,
+    servicer_type=LmServicer,
+    register=lm_pb2_grpc.add_LMServicer_to_server,
+    model_of=lambda engine: engine.lm,
+)
 
 
 async def start_lm_server(
@@ -30,15 +39,4 @@ async def start_lm_server(
         lm, tokenizer = load_model() if load_model is not None else load_lm_model(options)
         return LmEngine(lm, tokenizer, options, metrics)
 
-    return await start_model_server(
-        config,
-        options,
-        "lm",
-        grpc_service=SERVICE_NAME,
-        metrics_type=LmMetrics,
-        servicer_type=LmServicer,
-        register=lm_pb2_grpc.add_LMServicer_to_server,
-        make_engine=make_engine,
-        model_of=lambda engine: engine.lm,
-        wait_ready=wait_ready,
-    )
+    return await start_model_server(config, options, KIND, make_engine, wait_ready=wait_ready)

@@ -1,0 +1,188 @@
+"""The LM's CPU forms (moshi_grpc/models/cpu_fast.py) compute what the plain model computes.
+
+Golden check on the committed fixture (tests/fixtures/lm: the reference's greedy tokens):
+the prepared model gives the reference's tokens, and a sampled session gives the plain
+model's tokens, bit for bit. The forms change kernels, never the model's names or results.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import FIXTURES
+
+from moshi_grpc.models import lm as lm_module
+from moshi_grpc.models.cpu_fast import LM_FORMS, PackedLinear, prepare_lm_for_cpu
+from moshi_grpc.models.lm import load_lm
+from moshi_grpc.models.lm_gen import LMGen, SamplingConfig
+
+LM_DIR = FIXTURES / "lm"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def golden() -> dict:
+    return json.loads((LM_DIR / "golden.json").read_text())
+
+
+def _load(dtype: torch.dtype = torch.float32):
+    return load_lm(LM_DIR / "model.safetensors", LM_DIR / "config.json", dtype=dtype)
+
+
+def _run(lm, codes: torch.Tensor, sampling: SamplingConfig, seed: int) -> list:
+    """(ready, text, audio, sampled text, sampled audio) of one session, step by step, in a
+    2-row generator (so batched matmuls run too) whose other row runs a sampled session."""
+    gen = LMGen(lm, 2)
+    gen.reset(0, sampling, seed=seed)
+    gen.reset(1, SamplingConfig(), seed=seed + 1)
+    out = []
+    for t in range(codes.shape[0]):
+        r = gen.step(codes[t][None].repeat(2, 1))
+        out.append(
+            (
+                bool(r.ready[0]),
+                int(r.text[0]),
+                r.audio[0].tolist(),
+                int(r.sampled_text[0]),
+                r.sampled_audio[0].tolist(),
+            )
+        )
+    return out
+
+
+def test_forms_on_give_the_reference_tokens_and_the_plain_models(golden) -> None:
+    codes = torch.tensor(golden["user_codes"])
+    plain, fast = _load(), _load()
+    names = list(fast.state_dict())
+    forms = prepare_lm_for_cpu(fast, "on")
+    if not forms["packed_linear"]:
+        pytest.skip("this torch build has no oneDNN packed linear")
+    # swapped for real: every plain matmul module is gone, the weights and names are not
+    assert not any(type(m) is torch.nn.Linear for m in fast.modules())
+    assert any(isinstance(m, PackedLinear) for m in fast.modules())
+    assert list(fast.state_dict()) == names
+    assert all(
+        torch.equal(a, b) for a, b in zip(plain.state_dict().values(), fast.state_dict().values())
+    )
+    assert not forms["kv_f32_f16"]  # a float32 model keeps its cache dtype
+
+    greedy = _run(fast, codes, SamplingConfig.greedy(), seed=0)
+    for t, (ready, text, audio, _, _) in enumerate(greedy):
+        frame = (text, audio) if ready else None
+        expected = None if golden["text"][t] is None else (golden["text"][t], golden["audio"][t])
+        assert frame == expected, f"step {t}"
+    assert greedy == _run(plain, codes, SamplingConfig.greedy(), seed=0)
+    sampled = SamplingConfig(0.8, 10, 0.9, 20)
+    assert _run(fast, codes, sampled, seed=3) == _run(plain, codes, sampled, seed=3)
+
+
+def test_prefill_with_forms_equals_plain() -> None:
+    """The replay path (multi-row matmuls through the packed projections) fills the same
+    cache as the plain model's, to float rounding, and continues with the same tokens."""
+    plain, fast = _load(), _load()
+    prepare_lm_for_cpu(fast, "on")
+    cfg = plain.config
+    g = torch.Generator().manual_seed(0)
+    total = 3 * cfg.context
+    user = torch.randint(0, cfg.card, (total, cfg.num_user_streams), generator=g)
+    text = torch.randint(0, cfg.text_card, (total,), generator=g)
+    audio = torch.randint(0, cfg.card, (total, cfg.dep_q), generator=g)
+    gens = []
+    for lm in (plain, fast):
+        gen = LMGen(lm, 1)
+        gen.reset(0, SamplingConfig.greedy(), seed=0)
+        gen.prefill(0, user, text, audio, chunk=4)
+        gens.append(gen)
+    for a, b in zip(gens[0].cache.k + gens[0].cache.v, gens[1].cache.k + gens[1].cache.v):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for t in range(6):
+        r = [gen.step(user[t][None]) for gen in gens]
+        assert r[0].text.tolist() == r[1].text.tolist()
+        assert r[0].audio.tolist() == r[1].audio.tolist()
+
+
+def test_half_precision_forms_stay_close_to_plain() -> None:
+    """bfloat16 with every form (packed bf16 matmuls, float32 keys / float16 values): the
+    cache takes the split dtypes and one step's logits stay within bf16 rounding of the
+    plain bf16 model's (the two round differently, so tokens are not compared)."""
+    plain, fast = _load(torch.bfloat16), _load(torch.bfloat16)
+    forms = prepare_lm_for_cpu(fast, "on")
+    assert forms["kv_f32_f16"]
+    gen = LMGen(fast, 1)
+    assert (gen.cache.key_dtype, gen.cache.value_dtype) == (torch.float32, torch.float16)
+    tokens = torch.tensor([[5] + [3] * 16])
+    steps = torch.tensor([0])
+    logits = []
+    for lm in (plain, fast):
+        with torch.inference_mode():
+            cache = lm.new_kv_cache(1)
+            hidden, text_logits = lm.temporal_step(tokens, cache, lm.plan_step(steps, 1, False))
+            scratch = lm.new_depformer_scratch(1).views(1)
+            dep = lm.depformer_step(0, hidden, torch.tensor([7]), scratch[0])
+        logits.append(torch.cat([text_logits.float(), dep.float()], -1))
+    assert (logits[0] - logits[1]).abs().max() <= 0.05 * logits[0].abs().max()
+
+
+def test_packed_form_takes_over_from_min_rows() -> None:
+    """Below `min_rows` input rows the plain `F.linear` runs (bit for bit); from there the
+    packed kernel, same function to float rounding."""
+    from moshi_grpc.models.cpu_fast import pack_weight
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(64, 48, bias=False)
+    packed = pack_weight(lin.weight.detach())
+    if packed is None:
+        pytest.skip("this torch build has no oneDNN packed linear")
+    form = PackedLinear(lin, packed, min_rows=4)
+    assert form.weight is lin.weight
+    with torch.inference_mode():
+        for rows in (1, 3, 4, 9):
+            x = torch.randn(rows, 64, generator=g)
+            out, plain = form(x), torch.nn.functional.linear(x, lin.weight)
+            if rows < 4:
+                assert torch.equal(out, plain)
+            torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
+        x = torch.randn(2, 3, 64, generator=g)  # leading dims count as rows: 6 >= 4
+        torch.testing.assert_close(form(x), torch.nn.functional.linear(x, lin.weight))
+
+
+def test_modes_and_devices(golden) -> None:
+    lm = _load()
+    assert prepare_lm_for_cpu(lm, "off") == dict.fromkeys(LM_FORMS, False)
+    assert any(type(m) is torch.nn.Linear for m in lm.modules())  # untouched
+    with pytest.raises(ValueError, match="auto, on or off"):
+        prepare_lm_for_cpu(lm, "fast")
+    forms = prepare_lm_for_cpu(lm, "auto")  # whatever it measures here...
+    assert set(forms) == set(LM_FORMS)
+    codes = torch.tensor(golden["user_codes"])[:12]
+    sampled = SamplingConfig(0.8, 10, 0.9, 20)  # ...the tokens stay the plain model's
+    assert _run(lm, codes, sampled, seed=1) == _run(_load(), codes, sampled, seed=1)
+    with torch.device("meta"):
+        meta = lm_module.LMModel(lm.config)
+    assert prepare_lm_for_cpu(meta, "on") == dict.fromkeys(LM_FORMS, False)  # not a CPU model
+
+
+def test_model_file_does_not_import_the_cpu_forms() -> None:
+    """Speed is applied from above: lm.py and lm_gen.py never import cpu_fast."""
+    import ast
+
+    from moshi_grpc.models import lm_gen
+
+    for module in (lm_module, lm_gen):
+        tree = ast.parse(open(module.__file__).read())
+        imported = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                imported.append(node.module or "")
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                imported += [alias.name for alias in node.names]
+        assert not any("cpu_fast" in (name or "") for name in imported), module.__name__
