@@ -132,6 +132,38 @@ def test_half_precision_forms_stay_close_to_plain() -> None:
     assert (logits[0] - logits[1]).abs().max() <= 0.05 * logits[0].abs().max()
 
 
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float32, torch.float16)])
+def test_column_attention_is_the_same_function(dtypes) -> None:
+    """`attend_ring_columns` (matrix-vector products) computes `lm.attend_ring` (row-vector
+    products) to float rounding, hidden keys included; "on" installs it in every layer."""
+    from moshi_grpc.models.cpu_fast import attend_ring_columns
+
+    kd, vd = dtypes
+    g = torch.Generator().manual_seed(0)
+    b, h, length, d = 3, 2, 37, 16
+    q = torch.randn(b, h, 1, d, generator=g).to(kd)
+    keys = torch.randn(b, h, length, d, generator=g).to(kd)
+    values_t = torch.randn(b, h, d, length, generator=g).to(vd)
+    mask = torch.rand(b, 1, 1, length, generator=g) < 0.6
+    mask[..., 0] = True  # every row sees at least one key
+    for m in (None, mask):
+        rows = lm_module.attend_ring(q, keys, values_t, m)
+        cols = attend_ring_columns(q, keys, values_t, m)
+        assert rows.shape == cols.shape == (b, h, 1, d)
+        torch.testing.assert_close(cols.float(), rows.float(), rtol=2e-3, atol=2e-3)
+    # a hidden key does not count: changing it leaves the output alone
+    hidden = (~mask[0, 0, 0]).nonzero()[0, 0]
+    moved = keys.clone()
+    moved[0, :, hidden] += 100
+    torch.testing.assert_close(
+        attend_ring_columns(q, moved, values_t, mask), attend_ring_columns(q, keys, values_t, mask)
+    )
+    lm = _load()
+    forms = prepare_lm_for_cpu(lm, "on")
+    assert forms["attend_columns"]
+    assert all(layer.attend is attend_ring_columns for layer in lm.transformer.layers)
+
+
 def test_packed_form_takes_over_from_min_rows() -> None:
     """Below `min_rows` input rows the plain `F.linear` runs (bit for bit); from there the
     packed kernel, same function to float rounding."""

@@ -556,7 +556,7 @@ def _choose_mimi_forms(
 # change), and may choose other storage dtypes for the temporal KV cache. Call it once the
 # weights are final and before making the generator (the cache is made by `LMGen`).
 
-LM_FORMS = ("packed_linear", "kv_f32_f16")
+LM_FORMS = ("packed_linear", "attend_columns", "kv_f32_f16")
 
 
 def pack_weight(w: torch.Tensor, rows: int = 1) -> torch.Tensor | None:
@@ -655,37 +655,65 @@ def _packing_min_rows(model: nn.Module, reps: int = 5) -> int | None:
     return min_rows
 
 
-def _split_kv_pays(model: nn.Module, reps: int = 5) -> bool:
-    """For a half-precision model: does attention over a full ring with float32 keys and
-    float16 values (PyTorch's reduced-precision matrix-vector kernel reads float16 at full
-    speed with float32 accumulation) beat the model-dtype cache here, summed over 1 and 4
-    rows? By 5%, like the packed form: the split cache takes 1.5x the memory."""
+def attend_ring_columns(
+    q: torch.Tensor, keys: torch.Tensor, values_t: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """`lm.attend_ring` as matrix-vector products over contiguous ring rows (keys @ q, then
+    values_t @ p): the same function; faster than the row-vector form on some CPUs and
+    dtypes, slower on others (`_choose_attention` measures)."""
+    from moshi_grpc.models.lm import _softmax_f32
+
+    scores = torch.matmul(keys, q.transpose(-1, -2)).transpose(-1, -2)  # (B, H, 1, L)
+    weights = _softmax_f32(scores.mul_(q.shape[-1] ** -0.5), mask).to(values_t.dtype)
+    out = torch.matmul(values_t, weights.transpose(-1, -2))  # (B, H, D, 1)
+    return out.transpose(-1, -2)  # (B, H, 1, D)
+
+
+def _choose_attention(model: nn.Module, split_allowed: bool, reps: int = 3) -> tuple[bool, bool]:
+    """(attend_columns, kv_f32_f16): the attention kernel and KV storage dtypes that attend
+    fastest over a full ring here, summed over 1 and 4 rows. Candidates: `lm.attend_ring` or
+    `attend_ring_columns`, on a cache in the model's dtype or, for a half-precision model,
+    float32 keys and float16 values (PyTorch's reduced-precision matrix-vector kernel reads
+    float16 at full speed with float32 accumulation; the cache then takes 1.5x the memory).
+    Another choice than the plain one must win by 5%. Which wins depends on the CPU's BLAS
+    and on the dtype, so it is measured rather than assumed."""
     from moshi_grpc.models.lm import attend_ring
 
     cfg = model.config
     h, hd, ctx = cfg.num_heads, cfg.dim // cfg.num_heads, cfg.context
     g = torch.Generator().manual_seed(0)
-
-    def attend(rows: int, kd: torch.dtype, vd: torch.dtype):
-        q = torch.randn(rows, h, 1, hd, generator=g).to(kd)
-        keys = torch.randn(rows, h, ctx, hd, generator=g).to(kd)
-        values_t = torch.randn(rows, h, hd, ctx, generator=g).to(vd)
-        return lambda: attend_ring(q, keys, values_t, None)
-
-    total_plain = total_split = 0.0
-    with torch.inference_mode():
+    kv = [(model.dtype, model.dtype)]
+    if split_allowed:
+        kv.append((torch.float32, torch.float16))
+    inputs = {}
+    for kd, vd in kv:
         for rows in (1, 4):
-            plain = attend(rows, model.dtype, model.dtype)
-            split = attend(rows, torch.float32, torch.float16)
-            plain_ms = split_ms = float("inf")
-            for _ in range(2):  # interleaved, so that a slow moment hits both
-                plain_ms = min(plain_ms, _best_ms(plain, reps))
-                split_ms = min(split_ms, _best_ms(split, reps))
-            logger.info(
-                "LM kv_f32_f16 at %d rows: %.3f ms per layer, plain %.3f", rows, split_ms, plain_ms
+            inputs[kd, vd, rows] = (
+                torch.randn(rows, h, 1, hd, generator=g).to(kd),
+                torch.randn(rows, h, ctx, hd, generator=g).to(kd),
+                torch.randn(rows, h, hd, ctx, generator=g).to(vd),
             )
-            total_plain, total_split = total_plain + plain_ms, total_split + split_ms
-    return total_split < 0.95 * total_plain
+    cost = {}
+    with torch.inference_mode():
+        for _ in range(2):  # interleaved, so that a slow moment hits every candidate
+            for columns in (False, True):
+                fn = attend_ring_columns if columns else attend_ring
+                for split, (kd, vd) in enumerate(kv):
+                    total = sum(
+                        _best_ms(lambda f=fn, a=inputs[kd, vd, rows]: f(*a, None), reps)
+                        for rows in (1, 4)
+                    )
+                    key = (columns, bool(split))
+                    cost[key] = min(cost.get(key, float("inf")), total)
+    for (columns, split), ms in cost.items():
+        logger.info(
+            "LM attention over a full ring, %s form, %s cache: %.3f ms per layer (1 + 4 rows)",
+            "columns" if columns else "rows",
+            "f32/f16" if split else "model-dtype",
+            ms,
+        )
+    best = min(cost, key=cost.get)
+    return best if cost[best] < 0.95 * cost[False, False] else (False, False)
 
 
 def _pack_lm(model: nn.Module, min_rows: int) -> bool:
@@ -723,6 +751,8 @@ def prepare_lm_for_cpu(model: nn.Module, mode: str = "auto") -> dict[str, bool]:
     - `packed_linear`: every matmul against a oneDNN-packed copy of its weight (float32 /
       bfloat16; one more copy of the weights in memory), for inputs of at least as many
       rows as the measurement found it faster from (batch size in a step).
+    - `attend_columns`: temporal attention as matrix-vector products (keys @ q) instead of
+      the model's row-vector products (q @ keys^T), where that is faster here.
     - `kv_f32_f16`: a half-precision model keeps its temporal KV cache as float32 keys and
       float16 values (1.5x a bfloat16 cache), attended in float32.
     """
@@ -736,9 +766,16 @@ def prepare_lm_for_cpu(model: nn.Module, mode: str = "auto") -> dict[str, bool]:
         if min_rows is not None:
             forms["packed_linear"] = _pack_lm(model, min_rows)
             logger.info("LM packed_linear from %d input rows on", min_rows)
-        if model.dtype in (torch.bfloat16, torch.float16) and (
-            mode == "on" or _split_kv_pays(model)
-        ):
+        half = model.dtype in (torch.bfloat16, torch.float16)
+        columns, split = (True, half) if mode == "on" else _choose_attention(model, half)
+        if columns:
+            from moshi_grpc.models.lm import TemporalLayer
+
+            for layer in model.modules():
+                if isinstance(layer, TemporalLayer):
+                    layer.attend = attend_ring_columns
+            forms["attend_columns"] = True
+        if split:
             model.kv_dtypes = (torch.float32, torch.float16)
             forms["kv_f32_f16"] = True
     logger.info(

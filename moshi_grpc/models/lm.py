@@ -431,23 +431,27 @@ def attend_ring(
     """One query per row, `q [B, H, 1, D]`, over ring keys `[B, H, L, D]` and transposed
     values `[B, H, D, L]`: softmax(q k^T / sqrt(D)) v, softmax in float32 -> `[B, H, 1, D]`.
 
-    Written out rather than `scaled_dot_product_attention`: with the values held transposed
-    (see `RingKVCache`) both products are matrix-vector products over contiguous rows."""
-    scores = torch.matmul(keys, q.transpose(-1, -2)).transpose(-1, -2)  # (B, H, 1, L)
-    weights = _softmax_f32(scores * (q.shape[-1] ** -0.5), mask).to(values_t.dtype)
-    out = torch.matmul(values_t, weights.transpose(-1, -2))  # (B, H, D, 1)
-    return out.transpose(-1, -2)  # (B, H, 1, D)
+    Written out rather than `scaled_dot_product_attention` (which wants row-major values)
+    as two row-vector times matrix products, q k^T then p v, each reading the ring through
+    a transposed view. Which product form is fastest depends on the CPU's BLAS and the
+    dtype: `cpu_fast` swaps in the matrix-vector form (`TemporalLayer.attend`) where it
+    measures faster."""
+    scores = torch.matmul(q, keys.transpose(-1, -2))  # (B, H, 1, L)
+    weights = _softmax_f32(scores.mul_(q.shape[-1] ** -0.5), mask).to(values_t.dtype)
+    return torch.matmul(weights, values_t.transpose(-1, -2))  # (B, H, 1, D)
 
 
 def _softmax_f32(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Softmax over the last dim in float32, spelled out: aten's softmax kernel always opens
     a thread-pool region, which costs more than the math for one query (and stalls on a
-    loaded machine); these elementwise ops stay single-threaded when small."""
+    loaded machine); these elementwise ops stay single-threaded when small. Works in place
+    on `scores` (a temporary of the caller's): a fresh buffer per op costs more than its
+    math at thousands of keys."""
     scores = scores.float()
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    e = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
-    return e / e.sum(dim=-1, keepdim=True)
+        scores.masked_fill_(~mask, float("-inf"))
+    e = scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+    return e.div_(e.sum(dim=-1, keepdim=True))
 
 
 class TemporalLayer(nn.Module):
@@ -458,6 +462,8 @@ class TemporalLayer(nn.Module):
         self.norm1 = RMSNorm(cfg.dim, cfg.norm_eps, f32)
         self.norm2 = RMSNorm(cfg.dim, cfg.norm_eps, f32)
         self.gating = Gating(cfg.dim, cfg.hidden)
+        # the attention kernel; a device form may replace it by an equal function (cpu_fast)
+        self.attend = attend_ring
 
     def forward(
         self, x: torch.Tensor, cache: RingKVCache, layer: int, plan: StepPlan
@@ -473,7 +479,7 @@ class TemporalLayer(nn.Module):
         cache.write(layer, k, v, plan.ring_index, plan.active)
         keys, values_t = cache.read(layer, b, plan.length)  # (B, H, L, D), (B, H, D, L)
         q = qk[:, 0, :, None].contiguous()  # (B, H, 1, D); a strided query is slow to multiply
-        y = attend_ring(q, keys, values_t, plan.mask)  # (B, H, 1, D)
+        y = self.attend(q, keys, values_t, plan.mask)  # (B, H, 1, D)
         x = x + attn.project_out(y.reshape(b, 1, attn.dim).to(x.dtype))  # (B, 1, dim)
         return x + self.gating(self.norm2(x))
 

@@ -27,10 +27,11 @@ class RingKVCache:
 
     Layer `l` holds keys `k[l] [rows, heads, capacity, head_dim]` and values `v[l]`, either
     row-major like the keys or, with `values_transposed`, as `[rows, heads, head_dim,
-    capacity]`. The transposed layout suits attention written as two matrix-vector products
-    over contiguous ring rows (keys @ q, then v^T @ p: the LM's single query per row, the
-    layout CPU BLAS streams fastest); row-major values suit `scaled_dot_product_attention`
-    (Mimi), which is several times slower over a transposed view. `pos [rows]` counts the
+    capacity]`. The transposed layout suits attention written out as two products over
+    the ring (the LM's single query per row, `lm.attend_ring`: keys and values then share
+    one layout, so either product form streams both); row-major values suit
+    `scaled_dot_product_attention` (Mimi), which is several times slower over a transposed
+    view. `pos [rows]` counts the
     steps each row has written since its reset (its next absolute position).
 
     Keys may be stored in another dtype than values (`value_dtype`; the LM's `kv_f32_f16`
