@@ -114,6 +114,16 @@ def _reserved(ranges, number: int, inclusive: bool) -> bool:
     return any(r.start <= number < r.end + inclusive for r in ranges)
 
 
+def _survivors(kind: str, old: dict, new: dict, breaks: list[str]):
+    """(name, old, new) for each named message/enum/service still there; the others are
+    appended to `breaks` as removed."""
+    for name, x in old.items():
+        if name in new:
+            yield name, x, new[name]
+        else:
+            breaks.append(f"{kind} {name} removed")
+
+
 def _kept_members(kind: str, owner: str, old, new, reserved_ranges, breaks: list[str]):
     """Pair each old numbered member (field or enum value) with the new one at its number,
     appending to `breaks` the members renumbered, or removed without reserving the number.
@@ -171,12 +181,7 @@ def breaking_changes(
                 f"{new_files[f.name].package!r}"
             )
 
-    new_msgs = _messages(new)
-    for name, m in _messages(old).items():
-        n = new_msgs.get(name)
-        if n is None:
-            breaks.append(f"message {name} removed")
-            continue
+    for name, m, n in _survivors("message", _messages(old), _messages(new), breaks):
         for where, f, g in _kept_members("field", name, m.field, n.field, n.reserved_range, breaks):
             if g.name != f.name:
                 breaks.append(f"{where} renamed to {g.name}")
@@ -187,12 +192,7 @@ def breaking_changes(
             if _oneof(n, g) != _oneof(m, f):
                 breaks.append(f"{where} oneof changed from {_oneof(m, f)} to {_oneof(n, g)}")
 
-    new_enums = _enums(new)
-    for name, e in _enums(old).items():
-        n = new_enums.get(name)
-        if n is None:
-            breaks.append(f"enum {name} removed")
-            continue
+    for name, e, n in _survivors("enum", _enums(old), _enums(new), breaks):
         names = {v.name for v in n.value}
         for where, v, w in _kept_members(
             "enum value", name, e.value, n.value, n.reserved_range, breaks
@@ -200,12 +200,7 @@ def breaking_changes(
             if w.name != v.name and v.name not in names:  # (a new alias keeps the old name)
                 breaks.append(f"{where} renamed to {w.name}")
 
-    new_services = _services(new)
-    for name, s in _services(old).items():
-        n = new_services.get(name)
-        if n is None:
-            breaks.append(f"service {name} removed")
-            continue
+    for name, s, n in _survivors("service", _services(old), _services(new), breaks):
         methods = {m.name: m for m in n.method}
         for m in s.method:
             where = f"method {name}.{m.name}"
