@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from moshi_grpc.services.common import flags
+
 log = logging.getLogger(__name__)
 
 DEMO_SECONDS = 4.0
@@ -87,19 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights"
     )
     parser.add_argument("--max-sessions", type=int, default=8, help="batch slots of each backend")
-    parser.add_argument(
-        "--cuda-graphs",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="CUDA graphs per batch bucket in the codec and LM (auto: on for --device cuda)",
-    )
-    parser.add_argument(
-        "--cpu-forms",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="faster exact CPU forms in the codec and LM (auto: each where a measurement at "
-        "load says it is faster)",
-    )
+    flags.add_cuda_graphs_flag(parser)  # both passed on to the codec and the LM
+    flags.add_cpu_forms_flag(parser)
     parser.add_argument("--budget-ms", type=int, default=200, help="default per-frame budget")
     parser.add_argument(
         "--start-timeout-s",
@@ -110,13 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--demo-seconds", type=float, default=DEMO_SECONDS, help="length of the demo input"
     )
-    parser.add_argument(
-        "--otel-endpoint",
-        default=None,
-        metavar="URL",
-        help="OpenTelemetry tracing in all three services: OTLP/gRPC collector, "
-        "http://HOST:4317 or https://... (needs the [otel] extra; default: off)",
-    )
+    flags.add_otel_flag(parser)  # passed on to all three services
 
 
 def _free_port(host: str) -> int:

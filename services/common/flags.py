@@ -100,6 +100,13 @@ def add_server_flags(parser: argparse.ArgumentParser, service: str) -> None:
         "health checks are exempt)",
     )
     g.add_argument("--json-logs", action="store_true", help="one JSON object per log line")
+    add_otel_flag(g)
+
+
+# The flags below are also `moshi-grpc up`'s, which passes them on to the services.
+
+
+def add_otel_flag(g: argparse._ActionsContainer) -> None:
     g.add_argument(
         "--otel-endpoint",
         default=None,
@@ -107,6 +114,27 @@ def add_server_flags(parser: argparse.ArgumentParser, service: str) -> None:
         help="OpenTelemetry tracing: export spans (one per session and per backend stream) to "
         "this OTLP/gRPC collector, http://HOST:4317 (plaintext) or https://... (TLS); needs "
         "the [otel] extra (default: off)",
+    )
+
+
+def add_cuda_graphs_flag(g: argparse._ActionsContainer) -> None:
+    g.add_argument(
+        "--cuda-graphs",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="capture each batch bucket's step as a CUDA graph at load (auto: on for --device "
+        "cuda); saves the per-kernel launch cost of every step",
+    )
+
+
+def add_cpu_forms_flag(g: argparse._ActionsContainer) -> None:
+    g.add_argument(
+        "--cpu-forms",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="faster exact CPU forms of the model's layers (moshi_grpc/models/cpu_fast.py): "
+        "auto = each where a measurement at load says it is faster, on, or off (the plain "
+        "model); nothing applies off CPU",
     )
 
 
@@ -124,13 +152,7 @@ def add_batching_flags(parser: argparse.ArgumentParser, default_sessions: int = 
         default=5.0,
         help="longest a frame waits for frames of other streams before its batch runs",
     )
-    g.add_argument(
-        "--cuda-graphs",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="capture each batch bucket's step as a CUDA graph at load (auto: on for --device "
-        "cuda); saves the per-kernel launch cost of every step",
-    )
+    add_cuda_graphs_flag(g)
     g.add_argument(
         "--inject-delay-ms",
         type=float,
@@ -152,14 +174,7 @@ def add_model_flags(parser: argparse.ArgumentParser, service: str) -> None:
     g.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights"
     )
-    g.add_argument(
-        "--cpu-forms",
-        default="auto",
-        choices=["auto", "on", "off"],
-        help="faster exact CPU forms of the model's layers (moshi_grpc/models/cpu_fast.py): "
-        "auto = each where a measurement at load says it is faster, on, or off (the plain "
-        "model); nothing applies off CPU",
-    )
+    add_cpu_forms_flag(g)
     g.add_argument(
         "--hf-repo",
         default=None,
