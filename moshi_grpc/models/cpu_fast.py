@@ -156,7 +156,7 @@ def _pack_f32(w: torch.Tensor) -> torch.Tensor | None:
     if packed is None:
         return None
     try:
-        torch.ops.mkldnn._linear_pointwise(w.new_zeros(1, w.shape[1]), packed, None, "none", [], "")
+        packed_linear(w.new_zeros(1, w.shape[1]), packed)
     except (RuntimeError, NotImplementedError):
         return None
     return packed
@@ -218,9 +218,7 @@ class _Linear:
         if self.rows and x.numel() <= 2 * x.shape[-1]:
             y = _rows_linear(x, self.w, self.bias, self.column_blocks)
         elif self.packed is not None and x.dtype == torch.float32:
-            # the exact GELU applied as oneDNN writes the output: the same bits, one pass
-            op, algorithm = ("gelu", "none") if self.gelu else ("none", "")
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, op, [], algorithm)
+            return packed_linear(x, self.packed, self.bias, self.gelu)
         else:
             y = F.linear(x, self.w, self.bias)
         return F.gelu(y) if self.gelu else y
@@ -429,9 +427,7 @@ class _CertifiedSearch:
             if self.rows and r.shape[0] <= 2:
                 s = _rows_linear(r, books[i], self.neg_half_norms[i])
             else:
-                s = torch.ops.mkldnn._linear_pointwise(
-                    r, self.packed[i], self.neg_half_norms[i], "none", [], ""
-                )
+                s = packed_linear(r, self.packed[i], self.neg_half_norms[i])
             top = s.topk(2, dim=-1)  # (M, 2): best and runner-up
             codes.append(top.indices[:, 0])
             tops.append(top.values)
@@ -575,10 +571,18 @@ def pack_weight(w: torch.Tensor, rows: int = 1) -> torch.Tensor | None:
         return None
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """`x [..., in] @ w.T` through `pack_weight(w)`: the same function as `F.linear(x, w)`."""
+def packed_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    gelu: bool = False,
+) -> torch.Tensor:
+    """`x [..., in] @ w.T + bias` through `pack_weight(w)`: the same function as
+    `F.linear(x, w, bias)`, then the exact GELU with `gelu`, applied as oneDNN writes the
+    output (the same bits as `F.gelu` after, in one pass)."""
     x2 = x.reshape(-1, x.shape[-1])  # (N, in): oneDNN's inner product takes 2-D input
-    y = torch.ops.mkldnn._linear_pointwise(x2, packed, None, "none", [], "")
+    op, algorithm = ("gelu", "none") if gelu else ("none", "")
+    y = torch.ops.mkldnn._linear_pointwise(x2, packed, bias, op, [], algorithm)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
