@@ -66,10 +66,16 @@ def _levels(seed: int, frames: int) -> np.ndarray:
 
 
 async def _session(
-    stub, levels: np.ndarray, *, first: int, gate: asyncio.Event | None = None
+    stub,
+    levels: np.ndarray,
+    *,
+    first: int,
+    gate: asyncio.Event | None = None,
+    res: Result | None = None,
 ) -> Result:
-    """Send `first` frames, wait for `gate` (if any), send the rest; collect everything."""
-    res = Result()
+    """Send `first` frames, wait for `gate` (if any), send the rest; collect everything
+    (into `res` when given, so a test can watch the session's progress)."""
+    res = res if res is not None else Result()
     call = stub.Converse()
     await call.write(
         gateway_pb2.ConverseRequest(
@@ -181,12 +187,14 @@ async def test_codec_replica_killed_ends_every_session_on_it(mode: str) -> None:
     try:
         async with grpc.aio.insecure_channel(gateway.address) as ch:
             stub = gateway_pb2_grpc.GatewayStub(ch)
-            results = [Result()] * 3
+            results = [Result() for _ in range(3)]
             tasks = [
-                asyncio.ensure_future(_session(stub, _levels(s, 8), first=3, gate=gate))
+                asyncio.ensure_future(
+                    _session(stub, _levels(s, 8), first=3, gate=gate, res=results[s])
+                )
                 for s in range(3)
             ]
-            await asyncio.sleep(0.3)
+            await _wait_for_audio(results, 1)  # every session is running on the codec
             await codec.stop(0)  # the codec replica dies mid-session
             gate.set()
             results = await asyncio.gather(*tasks)
@@ -215,16 +223,14 @@ async def test_lm_replica_killed_every_session_on_it_fails_over(mode: str) -> No
             tasks = []
             for s in range(n):
                 tasks.append(
-                    asyncio.ensure_future(_session(stub, levels[s], first=first, gate=gate))
+                    asyncio.ensure_future(
+                        _session(stub, levels[s], first=first, gate=gate, res=holders[s])
+                    )
                 )
-                await asyncio.sleep(0.25)  # one Info poll: sessions spread over both LMs
-            for _ in range(2000):
-                if len(gateway.servicer.sessions) == n:
-                    break
-                await asyncio.sleep(0.01)
+            await _wait_for_audio(holders, 1)  # every session placed, first frames through
             placed = [s.lease.lm.address for s in gateway.servicer.sessions.values()]
+            assert len(placed) == n
             assert placed.count(lm_a.address) >= 1 and placed.count(lm_b.address) >= 1
-            await asyncio.sleep(0.3)  # the first frames went through
             await lm_a.stop(0)  # every session on lm_a must move to lm_b
             gate.set()
             holders = await asyncio.gather(*tasks)
