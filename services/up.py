@@ -88,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights"
     )
-    parser.add_argument("--max-sessions", type=int, default=8, help="batch slots of each backend")
+    flags.add_max_sessions_flag(parser)  # passed on to the codec and the LM
     flags.add_cuda_graphs_flag(parser)  # both passed on to the codec and the LM
     flags.add_cpu_forms_flag(parser)
     parser.add_argument("--budget-ms", type=int, default=200, help="default per-frame budget")

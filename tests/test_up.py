@@ -86,3 +86,24 @@ def test_up_passes_its_backend_flags_to_each_service_and_each_service_accepts_th
         got = service.parse_args(up._service_args(args, name))
         assert (got.cpu_forms, got.cuda_graphs, got.max_sessions) == ("off", "off", 3), name
         assert got.otel_endpoint == "http://127.0.0.1:4317", name
+
+
+def test_up_backends_get_the_same_defaults_as_backends_started_alone() -> None:
+    """`up` with no flags must run the codec and LM as operators run them (same slots,
+    same forms), or a local try-out would measure a different replica."""
+    import argparse
+
+    from moshi_grpc.services import up
+    from moshi_grpc.services.codec import cli as codec_cli
+    from moshi_grpc.services.lm import cli as lm_cli
+
+    parser = argparse.ArgumentParser()
+    up.add_arguments(parser)
+    args = parser.parse_args([])
+    for name, service_cli in (("codec", codec_cli), ("lm", lm_cli)):
+        service = argparse.ArgumentParser()
+        service_cli.add_arguments(service)
+        via_up = service.parse_args(up._service_args(args, name))
+        alone = service.parse_args([])
+        for flag in ("max_sessions", "cpu_forms", "cuda_graphs", "max_wait_ms"):
+            assert getattr(via_up, flag) == getattr(alone, flag), (name, flag)

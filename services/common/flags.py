@@ -138,14 +138,21 @@ def add_cpu_forms_flag(g: argparse._ActionsContainer) -> None:
     )
 
 
-def add_batching_flags(parser: argparse.ArgumentParser, default_sessions: int = 16) -> None:
-    g = parser.add_argument_group("batching")
-    g.add_argument(
+DEFAULT_MAX_SESSIONS = 16  # a backend's slots, whether started alone or by `up`
+
+
+def add_max_sessions_flag(parser: argparse._ActionsContainer) -> None:
+    parser.add_argument(
         "--max-sessions",
         type=int,
-        default=default_sessions,
+        default=DEFAULT_MAX_SESSIONS,
         help="batch slots = concurrent streams per stream kind; extra ones get RESOURCE_EXHAUSTED",
     )
+
+
+def add_batching_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("batching")
+    add_max_sessions_flag(g)
     g.add_argument(
         "--max-wait-ms",
         type=float,
