@@ -7,39 +7,18 @@ KV cache wraps) with seeded random weights stored under the official tensor name
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from moshi_grpc.models.lm import load_lm
 from moshi_grpc.models.lm_gen import LMGen, LMGenError, SamplingConfig
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The test model is tiny: threads only add pool synchronisation on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def golden() -> dict:
-    from conftest import FIXTURES
-
-    d = FIXTURES / "lm"
-    data = json.loads((d / "golden.json").read_text())
-    data["codes"] = torch.tensor(data["user_codes"])
-    data["weights"] = d / "model.safetensors"
-    data["config"] = d / "config.json"
-    return data
-
-
-@pytest.fixture(scope="module")
-def lm(golden):
-    return load_lm(golden["weights"], golden["config"])
+def lm(lm_golden):
+    return load_lm(lm_golden["weights"], lm_golden["config"])
 
 
 def _frame(result, slot: int):
@@ -48,26 +27,26 @@ def _frame(result, slot: int):
     return int(result.text[slot]), result.audio[slot].tolist()
 
 
-def _expected(golden, t: int):
-    if golden["text"][t] is None:
+def _expected(lm_golden, t: int):
+    if lm_golden["text"][t] is None:
         return None
-    return golden["text"][t], golden["audio"][t]
+    return lm_golden["text"][t], lm_golden["audio"][t]
 
 
-def test_greedy_tokens_identical_to_reference(lm, golden) -> None:
+def test_greedy_tokens_identical_to_reference(lm, lm_golden) -> None:
     gen = LMGen(lm, 1)
     gen.reset(0, SamplingConfig.greedy(), seed=0)
-    assert golden["steps"] >= 24
-    for t in range(golden["steps"]):
-        out = gen.step(golden["codes"][t][None])
-        assert _frame(out, 0) == _expected(golden, t), f"step {t}"
-    assert int(gen.steps[0]) == golden["steps"]
+    assert lm_golden["steps"] >= 24
+    for t in range(lm_golden["steps"]):
+        out = gen.step(lm_golden["codes"][t][None])
+        assert _frame(out, 0) == _expected(lm_golden, t), f"step {t}"
+    assert int(gen.steps[0]) == lm_golden["steps"]
 
 
-def test_slots_joining_leaving_and_pausing_match_reference(lm, golden) -> None:
+def test_slots_joining_leaving_and_pausing_match_reference(lm, lm_golden) -> None:
     """Sessions in a shared batch, joining/leaving/pausing mid-run, each match the golden run."""
-    steps = golden["steps"]
-    codes = golden["codes"]
+    steps = lm_golden["steps"]
+    codes = lm_golden["codes"]
     n = 4
     gen = LMGen(lm, n)
     # slot -> (global tick it joins, ticks it is paused) ; slot 2 is a noise session that leaves
@@ -99,17 +78,17 @@ def test_slots_joining_leaving_and_pausing_match_reference(lm, golden) -> None:
         for slot in plan:
             if active[slot]:
                 t = local[slot]
-                assert _frame(out, slot) == _expected(golden, t), f"slot {slot} step {t}"
+                assert _frame(out, slot) == _expected(lm_golden, t), f"slot {slot} step {t}"
                 local[slot] += 1
     assert all(v == steps for v in local.values())
 
 
-def test_inactive_slot_state_is_untouched(lm, golden) -> None:
+def test_inactive_slot_state_is_untouched(lm, lm_golden) -> None:
     gen = LMGen(lm, 2)
     for s in range(2):
         gen.reset(s, SamplingConfig(), seed=s)
     for t in range(4):
-        gen.step(golden["codes"][t][None].repeat(2, 1))
+        gen.step(lm_golden["codes"][t][None].repeat(2, 1))
     snap = (
         gen.steps[1].clone(),
         gen.tokens[1].clone(),
@@ -117,7 +96,7 @@ def test_inactive_slot_state_is_untouched(lm, golden) -> None:
         (gen.seed_lo[1].clone(), gen.seed_hi[1].clone(), gen.temperature[1].clone()),
     )
     for t in range(4, 15):
-        gen.step(golden["codes"][t][None].repeat(2, 1), torch.tensor([True, False]))
+        gen.step(lm_golden["codes"][t][None].repeat(2, 1), torch.tensor([True, False]))
     assert torch.equal(gen.steps[1], snap[0])
     assert torch.equal(gen.tokens[1], snap[1])
     for layer, (k, v) in enumerate(snap[2]):
@@ -144,8 +123,8 @@ def _run_session(lm, codes, sampling, seed, slot=0, n=1, others=None) -> list:
     return out
 
 
-def test_seed_reproducible_whatever_the_batch(lm, golden) -> None:
-    codes = golden["codes"][:10]
+def test_seed_reproducible_whatever_the_batch(lm, lm_golden) -> None:
+    codes = lm_golden["codes"][:10]
     sc = SamplingConfig(text_temperature=0.9, text_top_k=20, audio_temperature=1.0, audio_top_k=0)
     alone = _run_session(lm, codes, sc, seed=42)
     assert _run_session(lm, codes, sc, seed=42) == alone
@@ -161,10 +140,10 @@ def test_seed_reproducible_whatever_the_batch(lm, golden) -> None:
 
 
 @pytest.mark.parametrize("sampling", [SamplingConfig.greedy(), SamplingConfig(0.8, 10, 0.9, 30)])
-def test_forced_replay_rebuilds_the_session(lm, golden, sampling) -> None:
+def test_forced_replay_rebuilds_the_session(lm, lm_golden, sampling) -> None:
     """Replaying recorded user codes + sampled tokens onto a fresh slot continues identically."""
-    codes = golden["codes"]
-    split, total = 20, golden["steps"]
+    codes = lm_golden["codes"]
+    split, total = 20, lm_golden["steps"]
     gen = LMGen(lm, 3)
     gen.reset(0, sampling, seed=7)
     gen.reset(2, SamplingConfig(), seed=99)  # unrelated neighbour
@@ -200,18 +179,18 @@ def test_forced_replay_rebuilds_the_session(lm, golden, sampling) -> None:
         assert int(r.sampled_text[0]) == int(r.sampled_text[1])
         assert torch.equal(r.sampled_audio[0], r.sampled_audio[1])
         if sampling.text_temperature == 0:
-            assert _frame(r, 0) == _expected(golden, t)
+            assert _frame(r, 0) == _expected(lm_golden, t)
 
 
-def test_ready_only_after_max_delay(lm, golden) -> None:
+def test_ready_only_after_max_delay(lm, lm_golden) -> None:
     gen = LMGen(lm, 2)
     gen.reset(0, seed=1)
-    r = gen.step(golden["codes"][:2])
+    r = gen.step(lm_golden["codes"][:2])
     assert r.ready.tolist() == [False, False]  # slot 1 was never reset: inactive
     gen.reset(1, seed=1)
-    r = gen.step(golden["codes"][:2])
+    r = gen.step(lm_golden["codes"][:2])
     assert r.ready.tolist() == [True, False]
-    r = gen.step(golden["codes"][:2])
+    r = gen.step(lm_golden["codes"][:2])
     assert r.ready.tolist() == [True, True]
     assert lm.max_delay == 1
 
@@ -284,8 +263,8 @@ def test_sampling_defaults() -> None:
     )
 
 
-def test_bfloat16_model_streams_valid_tokens(golden) -> None:
-    lm16 = load_lm(golden["weights"], golden["config"], dtype=torch.bfloat16)
+def test_bfloat16_model_streams_valid_tokens(lm_golden) -> None:
+    lm16 = load_lm(lm_golden["weights"], lm_golden["config"], dtype=torch.bfloat16)
     runs = []
     for _ in range(2):
         gen = LMGen(lm16, 2)
@@ -293,7 +272,7 @@ def test_bfloat16_model_streams_valid_tokens(golden) -> None:
         gen.reset(1, SamplingConfig(), seed=5)
         frames = []
         for t in range(12):
-            out = gen.step(golden["codes"][t][None].repeat(2, 1))
+            out = gen.step(lm_golden["codes"][t][None].repeat(2, 1))
             if t >= 1:
                 assert out.ready.all()
                 assert ((out.audio >= 0) & (out.audio < 64)).all()

@@ -7,31 +7,19 @@ model's tokens, bit for bit. The forms change kernels, never the model's names o
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from conftest import FIXTURES
 
 from moshi_grpc.models import lm as lm_module
-from moshi_grpc.models.cpu_fast import LM_FORMS, PackedLinear, prepare_lm_for_cpu
+from moshi_grpc.models.cpu_fast import LM_FORMS, PackedLinear, parse_lm_forms, prepare_lm_for_cpu
 from moshi_grpc.models.lm import load_lm
 from moshi_grpc.models.lm_gen import LMGen, SamplingConfig
 
 LM_DIR = FIXTURES / "lm"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def golden() -> dict:
-    return json.loads((LM_DIR / "golden.json").read_text())
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _load(dtype: torch.dtype = torch.float32):
@@ -59,8 +47,8 @@ def _run(lm, codes: torch.Tensor, sampling: SamplingConfig, seed: int) -> list:
     return out
 
 
-def test_forms_on_give_the_reference_tokens_and_the_plain_models(golden) -> None:
-    codes = torch.tensor(golden["user_codes"])
+def test_forms_on_give_the_reference_tokens_and_the_plain_models(lm_golden) -> None:
+    codes = lm_golden["codes"]
     plain, fast = _load(), _load()
     names = list(fast.state_dict())
     forms = prepare_lm_for_cpu(fast, "on")
@@ -78,7 +66,9 @@ def test_forms_on_give_the_reference_tokens_and_the_plain_models(golden) -> None
     greedy = _run(fast, codes, SamplingConfig.greedy(), seed=0)
     for t, (ready, text, audio, _, _) in enumerate(greedy):
         frame = (text, audio) if ready else None
-        expected = None if golden["text"][t] is None else (golden["text"][t], golden["audio"][t])
+        expected = (
+            None if lm_golden["text"][t] is None else (lm_golden["text"][t], lm_golden["audio"][t])
+        )
         assert frame == expected, f"step {t}"
     assert greedy == _run(plain, codes, SamplingConfig.greedy(), seed=0)
     sampled = SamplingConfig(0.8, 10, 0.9, 20)
@@ -187,15 +177,24 @@ def test_packed_form_takes_over_from_min_rows() -> None:
         torch.testing.assert_close(form(x), torch.nn.functional.linear(x, lin.weight))
 
 
-def test_modes_and_devices(golden) -> None:
+def test_modes_and_devices(lm_golden) -> None:
     lm = _load()
     assert prepare_lm_for_cpu(lm, "off") == dict.fromkeys(LM_FORMS, False)
     assert any(type(m) is torch.nn.Linear for m in lm.modules())  # untouched
-    with pytest.raises(ValueError, match="auto, on or off"):
+    with pytest.raises(ValueError, match="unknown LM CPU forms"):
         prepare_lm_for_cpu(lm, "fast")
+    with pytest.raises(ValueError, match="unknown LM CPU forms"):
+        parse_lm_forms("packed-linear,turbo")
+    assert parse_lm_forms("attend-columns, kv-f32-f16") == {"attend_columns", "kv_f32_f16"}
+    assert parse_lm_forms("on") == set(LM_FORMS) and parse_lm_forms("off") == set()
+    named = _load()
+    assert prepare_lm_for_cpu(named, "attend-columns") == {
+        "packed_linear": False, "attend_columns": True, "kv_f32_f16": False
+    }  # fmt: skip
+    assert any(type(m) is torch.nn.Linear for m in named.modules())  # not packed
     forms = prepare_lm_for_cpu(lm, "auto")  # whatever it measures here...
     assert set(forms) == set(LM_FORMS)
-    codes = torch.tensor(golden["user_codes"])[:12]
+    codes = lm_golden["codes"][:12]
     sampled = SamplingConfig(0.8, 10, 0.9, 20)  # ...the tokens stay the plain model's
     assert _run(lm, codes, sampled, seed=1) == _run(_load(), codes, sampled, seed=1)
     with torch.device("meta"):

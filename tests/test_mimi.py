@@ -32,18 +32,8 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures" / "mimi"
 
 
 @pytest.fixture(scope="module")
-def golden():
-    d = FIXTURES
-    g = load_file(str(d / "golden.safetensors"))
-    g["audio"] = g["audio_int16"].float() / 32767
-    g["meta"] = json.loads((d / "meta.json").read_text())
-    g["weights"] = d / "weights.safetensors"
-    return g
-
-
-@pytest.fixture(scope="module")
-def ref_mimi(golden) -> Mimi:
-    return load_mimi(golden["weights"], config="tiny", num_codebooks=8)
+def ref_mimi(mimi_golden) -> Mimi:
+    return load_mimi(mimi_golden["weights"], config="tiny", num_codebooks=8)
 
 
 @pytest.fixture(scope="module")
@@ -75,32 +65,34 @@ def _stream_decode(mimi: Mimi, codes: torch.Tensor) -> torch.Tensor:
 # --- parity with the reference ---------------------------------------------------------------
 
 
-def test_offline_codes_and_pcm_match_reference(golden, ref_mimi):
-    codes = ref_mimi.encode(golden["audio"])
+def test_offline_codes_and_pcm_match_reference(mimi_golden, ref_mimi):
+    codes = ref_mimi.encode(mimi_golden["audio"])
     assert codes.dtype == torch.int64
-    assert torch.equal(codes, golden["codes"])  # 100% identical
-    pcm = ref_mimi.decode(golden["codes"])
-    assert pcm.shape == golden["pcm"].shape
-    assert (pcm - golden["pcm"]).abs().max().item() <= 1e-4
+    assert torch.equal(codes, mimi_golden["codes"])  # 100% identical
+    pcm = ref_mimi.decode(mimi_golden["codes"])
+    assert pcm.shape == mimi_golden["pcm"].shape
+    assert (pcm - mimi_golden["pcm"]).abs().max().item() <= 1e-4
 
 
-def test_streaming_matches_reference_offline(golden, ref_mimi):
-    codes = _stream_encode(ref_mimi, golden["audio"])
-    assert torch.equal(codes, golden["codes"])
-    pcm = _stream_decode(ref_mimi, golden["codes"])
-    assert (pcm - golden["pcm"]).abs().max().item() <= 1e-4
+def test_streaming_matches_reference_offline(mimi_golden, ref_mimi):
+    codes = _stream_encode(ref_mimi, mimi_golden["audio"])
+    assert torch.equal(codes, mimi_golden["codes"])
+    pcm = _stream_decode(ref_mimi, mimi_golden["codes"])
+    assert (pcm - mimi_golden["pcm"]).abs().max().item() <= 1e-4
 
 
-def test_reference_streaming_agrees_until_its_ring_wraps(golden, ref_mimi):
+def test_reference_streaming_agrees_until_its_ring_wraps(mimi_golden, ref_mimi):
     # The reference's own streaming matches it offline only until its 10-step ring wraps
     # (see the module docstring); up to there it must match ours exactly.
     first = [
-        f for f in golden["meta"]["reference_streaming_first_frame_differing_from_offline"] if f
+        f
+        for f in mimi_golden["meta"]["reference_streaming_first_frame_differing_from_offline"]
+        if f
     ]
-    upto = min(first) if first else golden["codes"].shape[-1]
+    upto = min(first) if first else mimi_golden["codes"].shape[-1]
     assert upto >= 4
-    ours = _stream_encode(ref_mimi, golden["audio"])
-    assert torch.equal(ours[..., :upto], golden["stream_codes"][..., :upto])
+    ours = _stream_encode(ref_mimi, mimi_golden["audio"])
+    assert torch.equal(ours[..., :upto], mimi_golden["stream_codes"][..., :upto])
 
 
 # --- streaming semantics on the tiny random model ---------------------------------------------
@@ -274,8 +266,8 @@ def test_save_and_load_round_trip(tiny, tmp_path):
     assert torch.equal(again.encode(a), tiny.encode(a))
 
 
-def test_strict_loading_names_missing_unexpected_misshaped(golden, tmp_path):
-    t = load_file(str(golden["weights"]))
+def test_strict_loading_names_missing_unexpected_misshaped(mimi_golden, tmp_path):
+    t = load_file(str(mimi_golden["weights"]))
     t.pop("encoder.model.0.conv.conv.bias")
     t["encoder.extra.weight"] = torch.zeros(3)
     t["decoder_transformer.transformer.layers.1.linear1.weight"] = torch.zeros(5, 5)
@@ -291,18 +283,18 @@ def test_strict_loading_names_missing_unexpected_misshaped(golden, tmp_path):
         load_mimi(tmp_path / "nope.safetensors", config="tiny")
     # the full config does not accept the tiny file
     with pytest.raises(CheckpointError, match="mis-shaped"):
-        load_mimi(golden["weights"], config="mimi")
+        load_mimi(mimi_golden["weights"], config="mimi")
 
 
-def test_transformers_layout_loads_to_the_same_model(golden, ref_mimi, tmp_path):
-    t = load_file(str(golden["weights"]))
+def test_transformers_layout_loads_to_the_same_model(mimi_golden, ref_mimi, tmp_path):
+    t = load_file(str(mimi_golden["weights"]))
     hf = official_to_hf(t, ref_mimi.config)
     assert "encoder_transformer.layers.0.self_attn.q_proj.weight" in hf
     assert "quantizer.semantic_residual_vector_quantizer.layers.0.codebook.embed_sum" in hf
     path = tmp_path / "model.safetensors"
     save_file(hf, str(path))
     m = load_mimi(path, config="tiny")
-    assert torch.equal(m.encode(golden["audio"]), golden["codes"])
+    assert torch.equal(m.encode(mimi_golden["audio"]), mimi_golden["codes"])
 
 
 def test_random_weights_warn_and_facts(caplog):
@@ -385,22 +377,22 @@ def test_bad_streaming_inputs(tiny):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_runs(golden, dtype):
+def test_half_precision_runs(mimi_golden, dtype):
     """bf16/fp16 run end to end; codes may differ from fp32 where centroids nearly tie, so
     only a majority agreement and finite, bounded audio are required."""
-    m = load_mimi(golden["weights"], config="tiny", dtype=dtype)
-    codes = m.encode(golden["audio"])
+    m = load_mimi(mimi_golden["weights"], config="tiny", dtype=dtype)
+    codes = m.encode(mimi_golden["audio"])
     # the semantic codebook mostly agrees; deeper residual levels amplify rounding
-    assert (codes[:, 0] == golden["codes"][:, 0]).float().mean().item() > 0.5
-    pcm = m.decode(golden["codes"])
+    assert (codes[:, 0] == mimi_golden["codes"][:, 0]).float().mean().item() > 0.5
+    pcm = m.decode(mimi_golden["codes"])
     assert pcm.dtype == dtype and torch.isfinite(pcm).all()
-    err = (pcm.float() - golden["pcm"]).abs().max().item()
-    assert err < 0.1 * golden["pcm"].abs().max().item()
+    err = (pcm.float() - mimi_golden["pcm"]).abs().max().item()
+    assert err < 0.1 * mimi_golden["pcm"].abs().max().item()
     # streaming runs too; half precision rounds differently per call shape, so its codes
     # are only required to be valid (fp32 is the exact path)
-    step = m.streaming_encoder(2).step(golden["audio"][:, 0, :FRAME])
+    step = m.streaming_encoder(2).step(mimi_golden["audio"][:, 0, :FRAME])
     assert step.shape == (2, 8) and bool(((step >= 0) & (step < 2048)).all())
-    wav = m.streaming_decoder(2).step(golden["codes"][:, :, 0])
+    wav = m.streaming_decoder(2).step(mimi_golden["codes"][:, :, 0])
     assert wav.shape == (2, FRAME) and torch.isfinite(wav).all()
 
 

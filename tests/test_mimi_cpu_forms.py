@@ -10,12 +10,10 @@ path on a tie.
 from __future__ import annotations
 
 import ast
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from moshi_grpc.models import mimi as mimi_module
 from moshi_grpc.models.cpu_fast import (
@@ -52,26 +50,18 @@ FORM_SETS = [
 
 
 @pytest.fixture(scope="module")
-def golden() -> dict:
-    g = load_file(str(FIXTURES / "golden.safetensors"))
-    g["audio"] = g["audio_int16"].float() / 32767
-    g["meta"] = json.loads((FIXTURES / "meta.json").read_text())
-    return g
-
-
-@pytest.fixture(scope="module")
 def model():
     return load_mimi(FIXTURES / "weights.safetensors", config="tiny", num_codebooks=8)
 
 
 @pytest.fixture(scope="module")
-def plain(model, golden) -> dict:
+def plain(model, mimi_golden) -> dict:
     """The plain model's outputs: offline, and streamed by `_stream`."""
     prepare_mimi_for_cpu(model, "off")
     return {
-        "codes": model.encode(golden["audio"]),
-        "pcm": model.decode(golden["codes"]),
-        "stream": _stream(model, golden["audio"], golden["codes"]),
+        "codes": model.encode(mimi_golden["audio"]),
+        "pcm": model.decode(mimi_golden["codes"]),
+        "stream": _stream(model, mimi_golden["audio"], mimi_golden["codes"]),
     }
 
 
@@ -104,15 +94,15 @@ def _stream(mimi: Mimi, audio: torch.Tensor, codes: torch.Tensor):
 
 
 @pytest.mark.parametrize("forms", FORM_SETS, ids=str)
-def test_forms_give_the_plain_models_codes_and_pcm(model, golden, plain, forms) -> None:
+def test_forms_give_the_plain_models_codes_and_pcm(model, mimi_golden, plain, forms) -> None:
     assert prepare_mimi_for_cpu(model, forms) == forms
     try:
-        codes = model.encode(golden["audio"])
+        codes = model.encode(mimi_golden["audio"])
         assert torch.equal(codes, plain["codes"])
-        assert torch.equal(codes, golden["codes"])  # the reference's codes too
-        assert (model.decode(golden["codes"]) - plain["pcm"]).abs().max().item() <= 1e-5
+        assert torch.equal(codes, mimi_golden["codes"])  # the reference's codes too
+        assert (model.decode(mimi_golden["codes"]) - plain["pcm"]).abs().max().item() <= 1e-5
         for (c, p), (want_c, want_p) in zip(
-            _stream(model, golden["audio"], golden["codes"]), plain["stream"], strict=True
+            _stream(model, mimi_golden["audio"], mimi_golden["codes"]), plain["stream"], strict=True
         ):
             assert torch.equal(c, want_c)
             assert (p - want_p).abs().max().item() <= 1e-5
@@ -120,7 +110,7 @@ def test_forms_give_the_plain_models_codes_and_pcm(model, golden, plain, forms) 
         prepare_mimi_for_cpu(model, "off")
 
 
-def test_plain_streaming_is_the_offline_model(golden, plain) -> None:
+def test_plain_streaming_is_the_offline_model(mimi_golden, plain) -> None:
     """The baseline the forms are held to is itself right: streamed == offline."""
     for row, (c, p) in enumerate(plain["stream"]):
         assert torch.equal(c, plain["codes"][row])
@@ -146,13 +136,13 @@ def test_off_restores_the_plain_callables_and_modes_are_checked(model) -> None:
 
 
 def test_auto_chooses_among_the_forms_that_apply_and_nothing_applies_off_cpu(
-    model, golden, plain
+    model, mimi_golden, plain
 ) -> None:
     try:
         chosen = prepare_mimi_for_cpu(model, "auto", probe_batches=(1, 2), repeats=1)
         assert chosen == chosen & prepare_mimi_for_cpu(model, "on")  # a subset of "on"
         prepare_mimi_for_cpu(model, chosen)
-        assert torch.equal(model.encode(golden["audio"]), plain["codes"])
+        assert torch.equal(model.encode(mimi_golden["audio"]), plain["codes"])
     finally:
         prepare_mimi_for_cpu(model, "off")
     bf16 = load_mimi(None, config="tiny", dtype=torch.bfloat16)

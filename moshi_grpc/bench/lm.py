@@ -89,10 +89,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--cpu-forms",
-        choices=["auto", "on", "off"],
         default="auto",
         help="faster CPU forms of the LM's layers (models/cpu_fast.py): auto = where a "
-        "measurement at load says they are faster (default), on, or off (the plain model)",
+        "measurement at load says they are faster (default), on, off (the plain model), or "
+        "the forms to turn on, comma-separated: packed-linear,attend-columns,kv-f32-f16",
     )
     flags.add_reference(parser)
     parser.add_argument("--check-steps", type=int, default=8, help="greedy parity steps")
@@ -268,9 +268,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from moshi_grpc.models.cpu_fast import prepare_lm_for_cpu
+    from moshi_grpc.models.cpu_fast import parse_lm_forms, prepare_lm_for_cpu
     from moshi_grpc.models.lm import load_lm
 
+    try:
+        parse_lm_forms(args.cpu_forms)  # a bad name fails before any model is built
+    except ValueError as exc:
+        print(exc)
+        return 2
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     if args.replay is not None:

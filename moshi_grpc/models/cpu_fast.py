@@ -22,6 +22,30 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
+# --- Measuring: how every form is chosen ---
+
+WIN_MARGIN = 0.03  # a form replaces the plain one only if it is at least this much faster
+
+
+def _wins(form_ms: float, plain_ms: float) -> bool:
+    """The one rule of every chooser here: a form must beat the plain computation by
+    `WIN_MARGIN`, so that timing noise on a busy machine does not flip a choice (and a form
+    holding a second copy of the weights is not kept for nothing)."""
+    return form_ms < (1.0 - WIN_MARGIN) * plain_ms
+
+
+def _best_ms(fn, reps: int) -> float:
+    """Fastest of `reps` calls, in ms (the minimum is the figure least moved by a noisy
+    machine); one untimed call first."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
 # --- Mimi forms ---
 #
 # mimi.py's seams (see its docstring) are methods that `prepare_mimi_for_cpu` shadows per
@@ -500,7 +524,7 @@ def _choose_mimi_forms(
     repeats: int,
 ) -> MimiForms:
     """Greedy: from every available form on, turn each off in turn and keep it off unless
-    it is faster with it. The cost is ms per stream, summed over the probe batches, of a
+    it wins (`_wins`) with it. The cost is ms per stream, summed over the probe batches, of a
     streaming frame (encode + decode), or for the codebook search of the quantizer alone
     (its share of a frame is smaller than the frame's noise); the rows form only matters
     at batch 1."""
@@ -538,7 +562,7 @@ def _choose_mimi_forms(
             off = min(off, cost(without, sizes, search_only))
         what = "quantizer" if search_only else "frame"
         logger.info("Mimi CPU form %s (%s, ms per stream): %.2f on, %.2f off", f.name, what, on, off)  # fmt: skip
-        if not on < off:
+        if not _wins(on, off):
             current = without
     return current
 
@@ -620,23 +644,10 @@ class _PackedSteps:
         return packed_linear(x, self.packed[step])
 
 
-def _best_ms(fn, reps: int) -> float:
-    """Fastest of `reps` calls, in ms (the minimum is the figure least moved by a noisy
-    machine); one untimed call first."""
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
-
-
 def _packing_min_rows(model: nn.Module, reps: int = 5) -> int | None:
     """From how many input rows the packed form of the temporal FFN's input projection (the
     widest matmul of a step) beats `F.linear` here: the smallest of 1, 2, 4, 8 from which
-    it wins at every count tested, by 5% (a tie keeps the plain form, which reads no second
-    copy of the weights); None where it never does."""
+    it wins at every count tested (`_wins`); None where it never does."""
     w = model.transformer.layers[0].gating.linear_in.weight
     packed = pack_weight(w)
     if packed is None:
@@ -650,7 +661,7 @@ def _packing_min_rows(model: nn.Module, reps: int = 5) -> int | None:
                 plain_ms = min(plain_ms, _best_ms(lambda x=x: F.linear(x, w), reps))
                 fast_ms = min(fast_ms, _best_ms(lambda x=x: packed_linear(x, packed), reps))
             logger.info("LM packed_linear at %d rows: %.3f ms, plain %.3f", rows, fast_ms, plain_ms)
-            wins.append((rows, fast_ms < 0.95 * plain_ms))
+            wins.append((rows, _wins(fast_ms, plain_ms)))
     min_rows = None
     for rows, won in reversed(wins):
         if not won:
@@ -679,7 +690,7 @@ def _choose_attention(model: nn.Module, split_allowed: bool, reps: int = 3) -> t
     `attend_ring_columns`, on a cache in the model's dtype or, for a half-precision model,
     float32 keys and float16 values (PyTorch's reduced-precision matrix-vector kernel reads
     float16 at full speed with float32 accumulation; the cache then takes 1.5x the memory).
-    Another choice than the plain one must win by 5%. Which wins depends on the CPU's BLAS
+    Another choice than the plain one must win (`_wins`). Which wins depends on the CPU's BLAS
     and on the dtype, so it is measured rather than assumed."""
     from moshi_grpc.models.lm import attend_ring
 
@@ -717,7 +728,7 @@ def _choose_attention(model: nn.Module, split_allowed: bool, reps: int = 3) -> t
             ms,
         )
     best = min(cost, key=cost.get)
-    return best if cost[best] < 0.95 * cost[False, False] else (False, False)
+    return best if _wins(cost[best], cost[False, False]) else (False, False)
 
 
 def _pack_lm(model: nn.Module, min_rows: int) -> bool:
@@ -744,13 +755,29 @@ def _pack_lm(model: nn.Module, min_rows: int) -> bool:
     return True
 
 
+def parse_lm_forms(spec: str) -> str | frozenset[str]:
+    """ "auto" as it is; "on", "off" or comma-separated form names (e.g.
+    "packed-linear,attend-columns") as the set of forms to turn on."""
+    if spec == "auto":
+        return spec
+    if spec in ("on", "off"):
+        return frozenset(LM_FORMS if spec == "on" else ())
+    names = {f.replace("_", "-"): f for f in LM_FORMS}
+    wanted = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in names]
+    if unknown or not wanted:
+        raise ValueError(f"unknown LM CPU forms {unknown}; auto, on, off or of {list(names)}")
+    return frozenset(names[n] for n in wanted)
+
+
 def prepare_lm_for_cpu(model: nn.Module, mode: str = "auto") -> dict[str, bool]:
     """Apply the LM's CPU forms to `model` (an `lm.LMModel`) in place; which are on.
 
     `mode`: "auto" turns each form on where a short measurement here says it is faster
     (about a second for the mid preset, packing included), "on" turns on every form that
-    applies to the model's dtype, "off" none. Nothing applies off CPU: there the plain
-    model is what a CUDA graph captures. Call it once, on a freshly loaded model.
+    applies to the model's dtype, "off" none, and comma-separated names (`parse_lm_forms`)
+    those forms. Nothing applies off CPU: there the plain model is what a CUDA graph
+    captures. Call it once, on a freshly loaded model.
 
     - `packed_linear`: every matmul against a oneDNN-packed copy of its weight (float32 /
       bfloat16; one more copy of the weights in memory), for inputs of at least as many
@@ -760,18 +787,21 @@ def prepare_lm_for_cpu(model: nn.Module, mode: str = "auto") -> dict[str, bool]:
     - `kv_f32_f16`: a half-precision model keeps its temporal KV cache as float32 keys and
       float16 values (1.5x a bfloat16 cache), attended in float32.
     """
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"cpu forms mode must be auto, on or off, got {mode!r}")
+    wanted = parse_lm_forms(mode)
     forms = dict.fromkeys(LM_FORMS, False)
-    if mode == "off" or model.device.type != "cpu":
+    if not wanted or model.device.type != "cpu":
         return forms
+    half = model.dtype in (torch.bfloat16, torch.float16)
     with torch.no_grad():
-        min_rows = 1 if mode == "on" else _packing_min_rows(model)
+        if wanted == "auto":
+            min_rows = _packing_min_rows(model)
+            columns, split = _choose_attention(model, half)
+        else:  # named: on from one row, whatever a measurement would say
+            min_rows = 1 if "packed_linear" in wanted else None
+            columns, split = "attend_columns" in wanted, half and "kv_f32_f16" in wanted
         if min_rows is not None:
             forms["packed_linear"] = _pack_lm(model, min_rows)
             logger.info("LM packed_linear from %d input rows on", min_rows)
-        half = model.dtype in (torch.bfloat16, torch.float16)
-        columns, split = (True, half) if mode == "on" else _choose_attention(model, half)
         if columns:
             from moshi_grpc.models.lm import TemporalLayer
 
