@@ -4,7 +4,8 @@
   chunks (bytes, numpy arrays, a wav file), iterate over typed reply events.
 - Events: `AudioFrame`, `TextPiece`, `SessionStarted`, `BudgetMissed`, `FramesDropped`,
   `Failover`, `TextPolicyApplied`, `SessionEnded` (with a `SessionSummary`).
-- Options: `SessionOptions` (rate, encoding, sampling, seed, budget), `TlsOptions`,
+- Options: `SessionOptions` (rate, encoding, sampling, seed, budget, input pacing:
+  `REAL_TIME` for live audio, `FLOW_CONTROL` for files), `TlsOptions`,
   `RetryPolicy`; failures raise `ConverseError` (gRPC code, details, retry hint).
 - Helpers: `chunk_array`, `read_wav_chunks`, `paced` / `apaced` (real-time pacing).
 """
@@ -24,7 +25,9 @@ from .events import (
 )
 from .latency import LatencyStats
 from .options import (
+    FLOW_CONTROL,
     NO_RETRY,
+    REAL_TIME,
     ClientConfigError,
     ConverseError,
     RetryPolicy,
@@ -36,7 +39,9 @@ from .source import apaced, chunk_array, paced, read_wav_chunks
 from .sync_client import Conversation, ConverseClient
 
 __all__ = [
+    "FLOW_CONTROL",
     "NO_RETRY",
+    "REAL_TIME",
     "AsyncConversation",
     "AsyncConverseClient",
     "AudioFrame",

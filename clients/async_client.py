@@ -17,7 +17,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from .core import ClientCore, ConversationCore, _recover_status, session_from
+from .core import (
+    ClientCore,
+    ConversationCore,
+    _recover_status,
+    session_from,
+    whole_signal_fields,
+)
 from .events import ReplyEvent
 from .options import RetryPolicy, SessionOptions
 from .result import ConverseResult, EventCallback
@@ -125,7 +131,8 @@ class AsyncConverseClient(ClientCore):
         """Stream a whole mono signal, optionally paced at real time."""
         chunks = chunk_array(samples, sample_rate, chunk_ms)
         source = apaced(chunks, sample_rate) if realtime else chunks
-        return self.converse(source, sample_rate=sample_rate, **kwargs)
+        fields = whole_signal_fields(realtime, kwargs)
+        return self.converse(source, sample_rate=sample_rate, **fields)
 
     def converse_wav(
         self, path: str | Path, *, realtime: bool = False, chunk_ms: float = 80.0, **kwargs
@@ -133,4 +140,5 @@ class AsyncConverseClient(ClientCore):
         """Stream a mono wav file at its own sample rate, optionally paced at real time."""
         sample_rate, _, chunks = read_wav_chunks(path, chunk_ms)
         source = apaced(chunks, sample_rate) if realtime else chunks
-        return self.converse(source, sample_rate=sample_rate, **kwargs)
+        fields = whole_signal_fields(realtime, kwargs)
+        return self.converse(source, sample_rate=sample_rate, **fields)

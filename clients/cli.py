@@ -27,7 +27,7 @@ from .events import (
     SessionStarted,
     TextPolicyApplied,
 )
-from .options import ConverseError, RetryPolicy, SessionOptions, TlsOptions
+from .options import FLOW_CONTROL, REAL_TIME, ConverseError, RetryPolicy, SessionOptions, TlsOptions
 
 ADDR_ENV = "MOSHI_GRPC_ADDR"
 TOKEN_ENV = "MOSHI_GRPC_AUTH_TOKEN"  # the same variable the services read
@@ -123,6 +123,8 @@ def _session(args: argparse.Namespace, sample_rate: int) -> SessionOptions:
         budget_ms=args.budget_ms,
         max_consecutive_misses=args.max_consecutive_misses,
         client_id=args.client_id,
+        # a file sent as fast as the gateway keeps up is pre-recorded audio (see core.py)
+        input_pacing=REAL_TIME if args.realtime else FLOW_CONTROL,
     )
 
 

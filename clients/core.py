@@ -28,6 +28,8 @@ from .events import (
 )
 from .latency import LatencyStats, LatencyTracker, SendWindow
 from .options import (
+    FLOW_CONTROL,
+    REAL_TIME,
     RETRYABLE_CODES,
     ChannelOptions,
     ConverseError,
@@ -71,6 +73,16 @@ def _recover_status(
             "grpc/grpc#36066)"
         )
     return code, details
+
+
+def whole_signal_fields(realtime: bool, fields: dict[str, Any]) -> dict[str, Any]:
+    """Session fields for a whole file or array. Sent faster than real time it is
+    pre-recorded audio: unless the caller chose, the gateway is asked for flow control (it
+    reads the next frame only when it has room, so nothing is late or dropped because the
+    file arrived early); paced at real time it is live audio."""
+    if "session" not in fields:
+        fields.setdefault("input_pacing", REAL_TIME if realtime else FLOW_CONTROL)
+    return fields
 
 
 def session_from(session: SessionOptions | None, fields: dict[str, Any]) -> SessionOptions:

@@ -21,6 +21,14 @@ from .events import ENCODINGS, OGG_OPUS, PCM16
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 # Trailing-metadata key in which the gateway may hint how long to wait before retrying.
 RETRY_AFTER_KEY = "retry-after-ms"
+
+# How the gateway takes a session's input (SessionConfig.input_pacing).
+REAL_TIME = "real_time"  # live audio: late frames are misses, overflow is dropped
+FLOW_CONTROL = "flow_control"  # pre-recorded audio: the gateway reads only as fast as it serves
+PACINGS = {
+    REAL_TIME: gateway_pb2.INPUT_PACING_REAL_TIME,
+    FLOW_CONTROL: gateway_pb2.INPUT_PACING_FLOW_CONTROL,
+}
 RETRYABLE_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE})
 
 
@@ -152,6 +160,7 @@ class SessionOptions:
     budget_ms: int | None = None
     max_consecutive_misses: int | None = None
     client_id: str = ""
+    input_pacing: str | None = None  # REAL_TIME | FLOW_CONTROL; None = the gateway's (real time)
 
     def __post_init__(self) -> None:
         if not 8000 <= self.sample_rate <= 48000:
@@ -177,6 +186,10 @@ class SessionOptions:
                 raise ClientConfigError(f"{name} must be >= 0, got {v}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise ClientConfigError(f"seed must fit in 64 unsigned bits, got {self.seed}")
+        if self.input_pacing is not None and self.input_pacing not in PACINGS:
+            raise ClientConfigError(
+                f"input_pacing must be one of {sorted(PACINGS)}, got {self.input_pacing!r}"
+            )
 
     def to_proto(self) -> gateway_pb2.ConverseRequest:
         sampling = common_pb2.SamplingParams()
@@ -196,6 +209,8 @@ class SessionOptions:
             config.budget_ms = self.budget_ms
         if self.max_consecutive_misses is not None:
             config.max_consecutive_misses = self.max_consecutive_misses
+        if self.input_pacing is not None:
+            config.input_pacing = PACINGS[self.input_pacing]
         return gateway_pb2.ConverseRequest(config=config)
 
 

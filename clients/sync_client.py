@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from .core import ClientCore, ConversationCore, session_from
+from .core import ClientCore, ConversationCore, session_from, whole_signal_fields
 from .events import ReplyEvent
 from .options import RetryPolicy, SessionOptions
 from .result import ConverseResult, EventCallback
@@ -134,7 +134,9 @@ class ConverseClient(ClientCore):
         chunks: Iterable[Chunk] = chunk_array(samples, sample_rate, chunk_ms)
         if realtime:
             chunks = paced(chunks, sample_rate)
-        return self.converse(chunks, sample_rate=sample_rate, **kwargs)
+        return self.converse(
+            chunks, sample_rate=sample_rate, **whole_signal_fields(realtime, kwargs)
+        )
 
     def converse_wav(
         self, path: str | Path, *, realtime: bool = False, chunk_ms: float = 80.0, **kwargs
@@ -143,4 +145,6 @@ class ConverseClient(ClientCore):
         sample_rate, _, chunks = read_wav_chunks(path, chunk_ms)
         if realtime:
             chunks = paced(chunks, sample_rate)
-        return self.converse(chunks, sample_rate=sample_rate, **kwargs)
+        return self.converse(
+            chunks, sample_rate=sample_rate, **whole_signal_fields(realtime, kwargs)
+        )

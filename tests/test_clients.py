@@ -28,7 +28,9 @@ import pytest
 
 from moshi_grpc import audio
 from moshi_grpc.clients import (
+    FLOW_CONTROL,
     NO_RETRY,
+    REAL_TIME,
     AsyncConverseClient,
     AudioFrame,
     BudgetMissed,
@@ -43,6 +45,7 @@ from moshi_grpc.clients import (
     TlsOptions,
     chunk_array,
 )
+from moshi_grpc.clients.core import whole_signal_fields
 from moshi_grpc.clients.latency import LatencyTracker
 from moshi_grpc.clients.options import retry_after_ms
 from moshi_grpc.v1 import gateway_pb2, gateway_pb2_grpc
@@ -707,6 +710,66 @@ def test_sdk_reports_budget_misses_and_deadline_end(live: LiveStack) -> None:
     assert isinstance(events[-1], SessionEnded)
     assert events[-1].summary.reason == "deadline_exceeded" and conv.summary is not None
     assert conv.summary.frames_late >= 3
+
+
+def test_whole_files_stream_as_pre_recorded_audio_without_misses(live: LiveStack) -> None:
+    """`converse_array` / `converse_wav` / `converse FILE` sent faster than real time ask for
+    FLOW_CONTROL: against an LM that takes 100 ms a step, three frames in flight would queue
+    ~300 ms behind each other (misses at a 300 ms budget under REAL_TIME pacing); flow
+    control counts each frame's own time, so nothing is late. Paced at real time, the same
+    calls stay REAL_TIME."""
+    import argparse
+
+    from moshi_grpc.clients import cli as client_cli
+    from moshi_grpc.services.codec.engine import CodecOptions
+    from moshi_grpc.services.codec.startup import start_codec_server
+    from moshi_grpc.services.common.server import ServerConfig
+    from moshi_grpc.services.gateway.cli import start_gateway
+    from moshi_grpc.services.gateway.config import GatewaySettings
+    from moshi_grpc.services.lm.engine import LmOptions
+    from moshi_grpc.services.lm.startup import start_lm_server
+
+    async def start():
+        cfg = ServerConfig(host="127.0.0.1", port=0, metrics_port=None)
+        codec = await start_codec_server(cfg, CodecOptions(model="echo", max_sessions=2))
+        lm = await start_lm_server(
+            cfg, LmOptions(model="echo", max_sessions=2, max_wait_ms=0.0, inject_delay_ms=100)
+        )
+        gw = await start_gateway(
+            cfg, codec.address, lm.address, GatewaySettings(refresh_interval_s=0.1)
+        )
+        return codec, lm, gw
+
+    codec, lm, gw = live.loop.run(start())
+    try:
+        with ConverseClient(gw.address, retry=FAST_RETRY) as client:
+            conv = client.converse_array(_signal(1.2, 16000), 16000, budget_ms=300, window_frames=4)
+            assert conv.session.input_pacing == FLOW_CONTROL
+            result = conv.collect()
+    finally:
+
+        async def stop():
+            for server in (gw, lm, codec):
+                await server.stop(0)
+
+        live.loop.run(stop())
+    summary = result.summary
+    assert summary.reason == "client_closed" and summary.frames_out == 15
+    assert summary.frames_late == 0 and summary.frames_dropped == 0
+    assert not [e for e in result.events if isinstance(e, BudgetMissed)]
+    # The CLI and the other entry points choose the same way.
+    parser = argparse.ArgumentParser()
+    client_cli.add_arguments(parser)
+    for argv, pacing in (([], FLOW_CONTROL), (["--realtime"], REAL_TIME)):
+        args = parser.parse_args(["in.wav", "out.wav", *argv])
+        assert client_cli._session(args, 16000).input_pacing == pacing
+    assert whole_signal_fields(True, {})["input_pacing"] == REAL_TIME
+    assert whole_signal_fields(False, {"input_pacing": REAL_TIME})["input_pacing"] == REAL_TIME
+    with pytest.raises(ClientConfigError, match="input_pacing must be one of"):
+        SessionOptions(input_pacing="asap")
+    config = SessionOptions(input_pacing=FLOW_CONTROL).to_proto().config
+    assert config.input_pacing == gateway_pb2.INPUT_PACING_FLOW_CONTROL
+    assert not SessionOptions().to_proto().config.input_pacing  # the gateway's default
 
 
 # --------------------------------------------------------------------------- CLI and probe

@@ -4,16 +4,25 @@ what it cannot serve.
 
 Backends here are tiny real gRPC servers on loopback that answer health and `Info` with
 hand-made `BackendInfo` (so the figures are exact); time is a fake clock, so expiry and
-decay are checked without waiting.
+decay are checked without waiting. The last test runs the real echo services instead: a
+replica's idle probes (services/common/batching.py) reach admission through `Info`.
 """
 
 from __future__ import annotations
+
+import asyncio
+import time
 
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from moshi_grpc.services.codec.engine import CodecOptions
+from moshi_grpc.services.codec.startup import start_codec_server
 from moshi_grpc.services.common.errors import ErrorCode
+from moshi_grpc.services.common.server import ServerConfig
+from moshi_grpc.services.gateway.cli import start_gateway
+from moshi_grpc.services.gateway.config import GatewaySettings
 from moshi_grpc.services.gateway.replicas import (
     ChannelSettings,
     CostSettings,
@@ -23,7 +32,9 @@ from moshi_grpc.services.gateway.replicas import (
     Spec,
     bucket_for,
 )
-from moshi_grpc.v1 import codec_pb2_grpc, common_pb2, lm_pb2_grpc
+from moshi_grpc.services.lm.engine import LmOptions
+from moshi_grpc.services.lm.startup import start_lm_server
+from moshi_grpc.v1 import codec_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc, lm_pb2_grpc
 
 
 class FakeClock:
@@ -219,3 +230,67 @@ def test_unmeasured_replica_rule() -> None:
     codec = ReplicaCost("codec", CostSettings())
     codec.update(common_pb2.BackendInfo(slots_total=4, step_p50_ms=8.0), now=0.0, rtt_ms=0.5)
     assert codec.stage_ms("encode", 1, now=0.0) == pytest.approx(4.0)  # encode + decode
+
+
+async def test_idle_replica_with_a_busy_warm_up_is_admitted_once_its_probes_run_fast() -> None:
+    """Real services end to end: an LM replica whose warm-up was timed while a neighbour
+    loaded (every bucket ~300 ms, so a 200 ms budget is refused) becomes admissible again
+    with no traffic at all once the neighbour is quiet: its idle probes re-time the buckets
+    and the gateway reads them from Info. While the neighbour stays busy, it stays refused."""
+    cfg = ServerConfig(host="127.0.0.1", port=0)
+    codec = await start_codec_server(cfg, CodecOptions(model="echo", max_wait_ms=0.0))
+    lm = await start_lm_server(cfg, LmOptions(model="echo", max_wait_ms=0.0, idle_probe_s=0.02))
+    scheduler = lm.servicer.engine.scheduler
+    step = scheduler.runner.warm_up
+    busy = True
+
+    def warm_up(bucket: int) -> None:  # the neighbour shares the cores while it is busy
+        step(bucket)
+        if busy:
+            time.sleep(0.3)
+
+    scheduler.runner.warm_up = warm_up
+    scheduler.warm_ms.update(dict.fromkeys(scheduler.warm_ms, 300.0))  # the busy warm-up
+    gateway = await start_gateway(
+        cfg, codec.address, lm.address, GatewaySettings(refresh_interval_s=0.05)
+    )
+
+    async def open_session() -> grpc.StatusCode:
+        async with grpc.aio.insecure_channel(gateway.address) as ch:
+            call = gateway_pb2_grpc.GatewayStub(ch).Converse()
+            await call.write(
+                gateway_pb2.ConverseRequest(
+                    config=gateway_pb2.SessionConfig(
+                        sample_rate=24000, encoding=gateway_pb2.AUDIO_ENCODING_FLOAT32
+                    )
+                )
+            )
+            await call.done_writing()
+            try:
+                async for _ in call:
+                    pass
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+            return await call.code()
+
+    try:
+        probes = scheduler.idle_probes
+        for _ in range(2000):  # hang detector: slow probes ran, and healed nothing
+            if scheduler.idle_probes >= probes + 3:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the idle replica never probed")
+        assert await open_session() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        busy = False
+        for _ in range(400):  # hang detector: admitted once a fast probe reached the gateway
+            if await open_session() == grpc.StatusCode.OK:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the idle replica was never admitted again")
+        assert scheduler.warm_ms[1] < 300.0
+    finally:
+        await gateway.stop(0)
+        await codec.stop(0)
+        await lm.stop(0)

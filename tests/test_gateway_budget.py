@@ -307,3 +307,49 @@ def test_stage_watch_off_when_misses_never_end_the_session() -> None:
     w = StageWatch(("encode",), limit_s=0.0)
     w.sent("encode", 0.0)
     assert w.stalled(1e9) is None and w.next_check(0.0) is None
+
+
+def _pipeline(chained: bool) -> FrameSequencer:
+    """Three frames of pre-recorded input taken at once; the backends answer one per 0.15 s
+    (each frame's own time through them), the budget is 0.2 s."""
+    seq = FrameSequencer(budget_s=0.2, max_consecutive_misses=0, max_backlog=8, chained=chained)
+    for _ in range(3):
+        assert seq.add_frame(now=0.0).send
+    return seq
+
+
+def _answer_one_per_150ms(seq: FrameSequencer) -> list:
+    out = []
+    for i in range(3):
+        now = 0.15 * (i + 1)
+        out += seq.poll(now=now - 1e-9)  # whatever is due before the answer comes
+        seq.resolve(i, PCM, now=now)
+        out += seq.poll(now=now)
+    return out
+
+
+def test_flow_controlled_frames_do_not_wait_on_their_own_session_against_the_budget() -> None:
+    """Pre-recorded input (chained clocks): a frame's clock starts when the frame before it
+    left, so queueing behind its own session's frames is not a miss; live input taken at
+    once would miss (its clock ran while it queued)."""
+    chained = _answer_one_per_150ms(_pipeline(chained=True))
+    assert [(e.index, e.cause) for e in chained] == [(i, Cause.AUDIO) for i in range(3)]
+    assert [e.complete for e in chained] == pytest.approx([0.0, 0.15, 0.30])
+    live = _answer_one_per_150ms(_pipeline(chained=False))
+    assert [e.cause for e in live] == [Cause.AUDIO, Cause.LATE, Cause.LATE]
+
+
+def test_flow_controlled_session_on_a_stalled_backend_still_misses() -> None:
+    """Chained clocks do not hide a stage that stopped answering: the head frame misses at
+    its deadline, the next one a budget later, until the streak ends the session."""
+    seq = FrameSequencer(budget_s=0.25, max_consecutive_misses=3, max_backlog=8, chained=True)
+    for _ in range(4):
+        seq.add_frame(now=0.0)
+    assert seq.next_deadline() == 0.25
+    misses = []
+    for now in (0.25, 0.5, 0.75):  # exact in binary: deadlines land on them
+        misses += seq.poll(now=now)
+        if not seq.exceeded:
+            assert seq.next_deadline() == now + 0.25
+    assert [(e.cause, e.consecutive) for e in misses] == [(Cause.LATE, k) for k in (1, 2, 3)]
+    assert seq.exceeded

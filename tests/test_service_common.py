@@ -644,3 +644,85 @@ def test_hf_repo_without_network_fails_with_a_clear_message(repo_root, tmp_path)
     )
     assert proc.returncode == 2
     assert "could not download" in proc.stderr and "--mimi-weights" in proc.stderr
+
+
+# -- idle probes: warm figures heal without traffic ----------------------------------------------
+
+
+class ProbedRunner(RecordingRunner):
+    """Counts warm-up steps; each takes `step_s` (a busy neighbour: set it high)."""
+
+    def __init__(self, num_slots: int, step_s: float = 0.0) -> None:
+        super().__init__(num_slots)
+        self.step_s = step_s
+        self.warm_ups: list[int] = []
+
+    def warm_up(self, bucket) -> None:
+        self.warm_ups.append(bucket)
+        if self.step_s:
+            time.sleep(self.step_s)
+
+
+async def _until(predicate, what: str) -> None:
+    for _ in range(2000):  # hang detector, not a timing assertion
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never: {what}")
+
+
+async def test_idle_probes_heal_a_warm_up_timed_on_a_busy_machine() -> None:
+    runner = ProbedRunner(4, step_s=0.06)  # a neighbour loads its model during our warm-up
+    sched = BatchScheduler(runner, name="t", max_wait_s=0.0, idle_probe_s=0.01)
+    busy = sched.warm_up(repeats=1)
+    assert all(ms >= 60 for ms in busy.values())
+    runner.step_s = 0.0  # the neighbour is done
+    sched.start()
+    try:
+        await _until(lambda: all(sched.warm_ms[b] < 60 for b in runner.ladder), "re-timed")
+        assert sched.idle_probes >= len(runner.ladder)
+        assert sched.calls == 0 and runner.calls == []  # a probe is not a tick
+        assert all(count == 0 for _, _, _, count in sched.bucket_timings())
+        # a probe keeps the faster figure: a slow probe never raises it again
+        healed = dict(sched.warm_ms)
+        runner.step_s = 0.08
+        probes = sched.idle_probes
+        await _until(lambda: sched.idle_probes >= probes + len(runner.ladder), "slow probes")
+        assert sched.warm_ms == healed
+    finally:
+        sched.close()
+
+
+async def test_idle_probes_wait_while_any_scheduler_of_the_process_serves() -> None:
+    runner, sibling_runner = ProbedRunner(2), ProbedRunner(2)
+    sched = BatchScheduler(runner, name="encode", max_wait_s=0.0, idle_probe_s=0.005)
+    sibling = BatchScheduler(sibling_runner, name="decode", max_wait_s=0.0, idle_probe_s=0.005)
+    sched.start()
+    sibling.start()
+    try:
+        handle = sched.acquire()  # a stream on one scheduler: no probe on either
+        assert (await handle.submit(1))[0] == 10
+        runner.warm_ups.clear()
+        sibling_runner.warm_ups.clear()
+        await asyncio.sleep(0.2)  # ~40 probe intervals; with a slot held, none may run
+        assert runner.warm_ups == [] and sibling_runner.warm_ups == []
+        handle.release()
+        await _until(lambda: runner.warm_ups and sibling_runner.warm_ups, "probes resume")
+        assert runner.warm_ups[0] == 1  # smallest bucket first: an idle replica's next join
+    finally:
+        sched.close()
+        sibling.close()
+
+
+def test_idle_probe_interval_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="idle probe interval must be >= 0"):
+        BatchScheduler(RecordingRunner(1), name="t", idle_probe_s=-1.0)
+
+
+def test_warm_figures_never_grow_with_a_smaller_bucket() -> None:
+    """A smaller bucket could always be stepped as a larger one: its warm figure is capped."""
+    sched = BatchScheduler(RecordingRunner(4), name="t", idle_probe_s=0.0)
+    sched.warm_ms.update({1: 9.0, 2: 3.0, 3: 5.0, 4: 4.0})
+    assert [(b, w) for b, w, _, _ in sched.bucket_timings()] == [
+        (1, 3.0), (2, 3.0), (3, 4.0), (4, 4.0)
+    ]  # fmt: skip

@@ -44,6 +44,7 @@ class CodecOptions:
     cuda_graphs: str = "auto"  # "auto" (on for CUDA) | "on" | "off"
     cpu_forms: str = "auto"  # auto | on | off (see moshi_grpc/models/cpu_fast.py)
     warmup_repeats: int = 3  # timed warm-up steps per bucket at load (after an untimed one)
+    idle_probe_s: float = 5.0  # re-time a bucket this often while idle (0: never)
 
 
 def load_codec_model(options: CodecOptions) -> Any:
@@ -190,6 +191,7 @@ class CodecEngine:
                 max_wait_s=options.max_wait_ms / 1000.0,
                 metrics=m,
                 inject_delay_s=options.inject_delay_ms / 1000.0,
+                idle_probe_s=options.idle_probe_s,
             )
 
         self.encoder = scheduler(

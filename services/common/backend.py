@@ -184,6 +184,8 @@ def run_backend_cli(
             flags.resolve_weights(args, service_name)
         if args.max_sessions < 1:
             raise ValueError(f"--max-sessions must be >= 1, got {args.max_sessions}")
+        if args.idle_probe_s < 0:
+            raise ValueError(f"--idle-probe-s must be >= 0 (0 = off), got {args.idle_probe_s}")
         tracing.setup_from_args(args, service_name)
         return asyncio.run(_serve_backend(args, service_name, start, options_from_args))
     except ValueError as exc:

@@ -14,8 +14,14 @@ future. ONE runner thread per model replica loops:
 3. resolve every stream's future on the event loop (`loop.call_soon_threadsafe`).
 
 The model therefore never runs on the event loop (grpc/grpc#19881), and fixed shapes per
-bucket keep the model call CUDA-graph friendly. `warm_up` steps every bucket once at load,
-before the replica serves; `bucket_timings` reports those times and recent ones per bucket. A slot is freed when its stream ends for any
+bucket keep the model call CUDA-graph friendly. `warm_up` steps every bucket at load, before
+the replica serves; `bucket_timings` reports those times and recent ones per bucket, and the
+gateway's admission reads them. A warm-up timed while a neighbour loaded its model would
+otherwise stay wrong for good (an idle replica runs no ticks, so nothing new is measured,
+and admission may refuse every session on it): while every scheduler of the process is idle,
+one of them re-times one bucket every `idle_probe_s` (about) and keeps the faster figure.
+
+A slot is freed when its stream ends for any
 reason: `release()` is idempotent and is called both from the handler's `finally` and from
 `context.add_done_callback`, because `finally` blocks may not run after `stop(grace)`
 (grpc/grpc#37239). Frames still queued for a released slot are dropped and results of an
@@ -26,8 +32,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +45,11 @@ from moshi_grpc.services.common.errors import CapacityExhausted, Draining
 from moshi_grpc.services.common.metrics import BatcherMetrics
 
 log = logging.getLogger(__name__)
+
+# Idle probes time the model, so they must not overlap each other or a sibling's tick (the
+# codec's encode and decode schedulers share the process's cores).
+_PROBE_LOCK = threading.Lock()
+_SCHEDULERS: weakref.WeakSet[BatchScheduler] = weakref.WeakSet()
 
 
 class BatchRunner(Protocol):
@@ -116,11 +129,14 @@ class BatchScheduler:
         metrics: BatcherMetrics | None = None,
         inject_delay_s: float = 0.0,
         recent: int = 512,
+        idle_probe_s: float = 5.0,
     ) -> None:
         if runner.num_slots < 1:
             raise ValueError(f"{name}: need at least one slot, got {runner.num_slots}")
         if max_wait_s < 0:
             raise ValueError(f"{name}: max wait must be >= 0, got {max_wait_s}")
+        if idle_probe_s < 0:
+            raise ValueError(f"{name}: idle probe interval must be >= 0, got {idle_probe_s}")
         self.runner = runner
         self.name = name
         self.num_slots = runner.num_slots
@@ -140,7 +156,13 @@ class BatchScheduler:
         self._recent: deque[float] = deque(maxlen=recent)
         self._recent_by_bucket: dict[int, deque[float]] = {}
         self._recent_len = recent
-        self.warm_ms: dict[int, float] = {}  # bucket -> median warm-up step time (ms)
+        # bucket -> fastest step seen while idle (ms): at load, then by idle probes
+        self.warm_ms: dict[int, float] = {}
+        self.idle_probe_s = idle_probe_s
+        self.idle_probes = 0  # probes run (tests and logs read it)
+        self._next_probe = float("inf")  # set by start()
+        self._probe_at = 0  # index into the ladder of the next bucket to probe
+        self._ticking = False  # a tick is running (sibling schedulers read it, unlocked)
         self.calls = 0
         self.rows_stepped = 0  # rows passed to the model, all ticks (compute follows load)
         self.rows_log: deque[int] = deque(maxlen=recent)  # bucket of each recent tick
@@ -152,12 +174,13 @@ class BatchScheduler:
     # -- lifecycle -----------------------------------------------------------------------
 
     def warm_up(self, repeats: int = 3) -> dict[int, float]:
-        """Step every bucket of the ladder `repeats` times before serving; median ms each.
+        """Step every bucket of the ladder `repeats` times before serving; fastest ms each.
 
         Called once at load, before `start()` and before any stream joins: the first calls
         at a new shape pay for allocator growth, oneDNN/cuBLAS plans and (on CUDA) graph
-        capture, which must not land on a live session's frame. The medians are what
-        admission control reads (`bucket_timings`).
+        capture, which must not land on a live session's frame. The fastest time is the
+        step's own cost (a busy moment only adds to it); admission reads it
+        (`bucket_timings`) until ticks report recent times.
         """
         if self._thread is not None:
             raise RuntimeError(f"{self.name}: warm up before start()")
@@ -168,7 +191,7 @@ class BatchScheduler:
                 t0 = time.perf_counter()
                 self.runner.warm_up(bucket)
                 times.append(time.perf_counter() - t0)
-            self.warm_ms[bucket] = sorted(times)[len(times) // 2] * 1000.0
+            self.warm_ms[bucket] = min(times) * 1000.0
         log.info(
             "%s warmed up: %s",
             self.name,
@@ -177,12 +200,20 @@ class BatchScheduler:
         return dict(self.warm_ms)
 
     def bucket_timings(self) -> list[tuple[int, float, float, int]]:
-        """(bucket, warm-up median ms, recent median ms or 0, recent count) per bucket."""
+        """(bucket, warm ms, recent median ms or 0, recent count) per bucket. A bucket's warm
+        figure is never above a larger bucket's: a tick could always step the larger one."""
         out = []
+        ceiling = float("inf")
+        warm = {}
+        for bucket in sorted(self.runner.ladder, reverse=True):
+            ms = self.warm_ms.get(bucket, 0.0)
+            if ms > 0:
+                ceiling = min(ceiling, ms)
+                warm[bucket] = ceiling
         for bucket in self.runner.ladder:
             recent = sorted(self._recent_by_bucket.get(bucket, ()))
             p50 = recent[len(recent) // 2] * 1000.0 if recent else 0.0
-            out.append((bucket, self.warm_ms.get(bucket, 0.0), p50, len(recent)))
+            out.append((bucket, warm.get(bucket, 0.0), p50, len(recent)))
         return out
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -190,6 +221,8 @@ class BatchScheduler:
         if self._thread is not None:
             return
         self._loop = loop or asyncio.get_running_loop()
+        self._schedule_probe()
+        _SCHEDULERS.add(self)
         self._thread = threading.Thread(target=self._run_forever, name=f"{self.name}-runner")
         self._thread.daemon = True
         self._thread.start()
@@ -200,6 +233,7 @@ class BatchScheduler:
             if self._closed:
                 return
             self._closed = True
+            _SCHEDULERS.discard(self)
             items = list(self._pending.values())
             self._pending.clear()
             self._cond.notify_all()
@@ -230,6 +264,11 @@ class BatchScheduler:
     def slots_in_use(self) -> int:
         with self._cond:
             return self._in_use
+
+    @property
+    def serving(self) -> bool:
+        """A stream holds a slot or a tick is running (read unlocked by siblings' probes)."""
+        return not self._closed and (self._in_use > 0 or self._ticking)
 
     def step_percentiles_ms(self) -> tuple[float, float]:
         """p50 and p99 of recent batched call times, in ms (0, 0 before the first call)."""
@@ -350,7 +389,18 @@ class BatchScheduler:
                         finally:
                             self._cond.acquire()
                         continue
-                    self._cond.wait()
+                    if self._held or self._in_use:
+                        self._cond.wait()
+                        continue
+                    wait = self._next_probe - time.perf_counter()
+                    if wait > 0:
+                        self._cond.wait(None if wait == float("inf") else wait)
+                        continue
+                    self._cond.release()
+                    try:
+                        self._idle_probe()
+                    finally:
+                        self._cond.acquire()
                 if self._closed:
                     return None
                 deadline = min(it.arrived for it in self._pending.values()) + self.max_wait_s
@@ -394,7 +444,51 @@ class BatchScheduler:
             except Exception:  # noqa: BLE001 - the runner thread must survive
                 log.exception("%s: scheduler tick failed", self.name)
 
+    def _schedule_probe(self) -> None:
+        # jittered, so that the probes of replicas started together drift apart
+        every = self.idle_probe_s
+        self._next_probe = (
+            time.perf_counter() + every * random.uniform(0.8, 1.2) if every else float("inf")
+        )
+
+    def _idle_probe(self) -> None:
+        """Re-time one bucket of the ladder (in turn) on free rows, keep the faster figure.
+        Runs on the runner thread with no stream joined; skipped while a sibling scheduler
+        of this process serves or probes. A join arriving meanwhile waits one step."""
+        self._schedule_probe()
+        if any(s.serving for s in list(_SCHEDULERS) if s is not self):
+            return
+        if not _PROBE_LOCK.acquire(blocking=False):
+            return
+        try:
+            ladder = self.runner.ladder
+            bucket = ladder[self._probe_at % len(ladder)]
+            self._probe_at += 1
+            t0 = time.perf_counter()
+            self.runner.warm_up(bucket)
+            ms = (time.perf_counter() - t0) * 1000.0
+            self.idle_probes += 1
+            before = self.warm_ms.get(bucket)
+            if before is None or ms < before:
+                self.warm_ms[bucket] = ms
+                if before is not None and ms < 0.8 * before:
+                    log.info(
+                        "%s: B%d re-timed idle: %.1f ms (was %.1f)", self.name, bucket, ms, before
+                    )
+        except Exception:  # noqa: BLE001 - the runner thread must survive
+            log.exception("%s: idle probe failed; idle probes off", self.name)
+            self._next_probe = float("inf")
+        finally:
+            _PROBE_LOCK.release()
+
     def _run_once(self, items: list[_Item], events: list[tuple[Any, ...]]) -> None:
+        self._ticking = True
+        try:
+            self._tick(items, events)
+        finally:
+            self._ticking = False
+
+    def _tick(self, items: list[_Item], events: list[tuple[Any, ...]]) -> None:
         self._apply(events)
         start = time.perf_counter()
         results: Sequence[Any] | None = None

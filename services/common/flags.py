@@ -166,6 +166,13 @@ def add_batching_flags(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="sleep this long in every batched model call (fault testing: a slow backend)",
     )
+    g.add_argument(
+        "--idle-probe-s",
+        type=float,
+        default=5.0,
+        help="while no stream is open, re-time one batch bucket about this often and keep the "
+        "faster figure (admission reads them; heals a warm-up timed on a busy machine); 0 = off",
+    )
 
 
 def add_model_flags(parser: argparse.ArgumentParser, service: str) -> None:

@@ -14,6 +14,12 @@ unit-tested directly with a fake clock:
   and the drop is *stalled*, a miss like a late frame;
 - `max_consecutive_misses` misses in a row (late or stalled drops) mark the session as
   exceeded (0 = never);
+- pre-recorded input (`chained=True`, a session with INPUT_PACING_FLOW_CONTROL): the
+  gateway takes a frame while up to `--flow-window-frames` earlier frames of the same
+  session are still at the backends, so it would queue behind its own session's frames, a
+  wait the sender chose, not a slow backend. Its clock starts when it is taken or when the
+  frame before it left, whichever is later: the budget then bounds each frame's own time
+  through the pipeline, and a stalled stage still misses at the head frame's deadline;
 - latency (what the summary's percentiles cover): a frame's latency runs from `complete` to
   the moment its output is written to the client (`written`). A late frame counts with its
   real latency when its output finally reaches the gateway (`resolve` after give-up), or at
@@ -123,7 +129,14 @@ class Ticket:
 class FrameSequencer:
     """Tracks every frame from input to output; see the module docstring for the rules."""
 
-    def __init__(self, budget_s: float, max_consecutive_misses: int, max_backlog: int) -> None:
+    def __init__(
+        self,
+        budget_s: float,
+        max_consecutive_misses: int,
+        max_backlog: int,
+        *,
+        chained: bool = False,
+    ) -> None:
         if budget_s <= 0 or not math.isfinite(budget_s):
             raise ValueError(f"budget must be a positive number of seconds, got {budget_s}")
         if max_backlog < 1:
@@ -131,6 +144,7 @@ class FrameSequencer:
         self.budget_s = budget_s
         self.max_consecutive_misses = max_consecutive_misses
         self.max_backlog = max_backlog
+        self.chained = chained
         self._frames: deque[_FrameState] = deque()  # head (next to emit) ... newest
         self._head = 0  # index of the next frame to emit
         self._next = 0  # index of the next input frame
@@ -248,6 +262,11 @@ class FrameSequencer:
             out.append(emission)
             if self.exceeded:
                 break  # the caller ends the session now; later frames do not matter
+            if self.chained and frames and frames[0].complete < now:
+                nxt = frames[0]  # its clock starts now: the frame before it just left
+                nxt.complete, nxt.deadline = now, now + self.budget_s
+                if nxt.index in self._sent:
+                    self._sent[nxt.index] = now
         return out
 
     def written(self, emission: Emission, now: float) -> float | None:

@@ -143,6 +143,7 @@ class Session:
             params.budget_ms / 1000.0,
             params.max_consecutive_misses,
             settings.max_backlog_frames,
+            chained=params.input_pacing == gateway_pb2.INPUT_PACING_FLOW_CONTROL,
         )
         quality = settings.resample_quality
         self._in_resampler = audio.StreamResampler(params.sample_rate, audio.MODEL_RATE, quality)
@@ -334,7 +335,7 @@ class Session:
         if self.flow_control:
             # Pre-recorded input: take the frame only when the backends have room, and stop
             # reading the client meanwhile (gRPC flow control paces it). Its clock starts
-            # when the gateway takes it.
+            # when the gateway takes it, or when the frame before it left (budget.py).
             while seq.outstanding >= self._flow_window:
                 self._holding_input = True
                 self._backend_room.clear()

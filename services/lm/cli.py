@@ -29,6 +29,7 @@ def options_from_args(args: argparse.Namespace):
         max_sessions=args.max_sessions,
         max_wait_ms=args.max_wait_ms,
         inject_delay_ms=args.inject_delay_ms,
+        idle_probe_s=args.idle_probe_s,
         cuda_graphs=args.cuda_graphs,
         cpu_forms=args.cpu_forms,
     )

@@ -44,6 +44,7 @@ class LmOptions:
     cuda_graphs: str = "auto"  # auto | on | off (see services/common/cuda_graphs.py)
     cpu_forms: str = "auto"  # auto | on | off (see moshi_grpc/models/cpu_fast.py)
     warmup_repeats: int = 3  # timed warm-up steps per bucket at load (0: one untimed step)
+    idle_probe_s: float = 5.0  # re-time a bucket this often while idle (0: never)
 
 
 @dataclass(frozen=True)
@@ -254,6 +255,7 @@ class LmEngine:
             max_wait_s=options.max_wait_ms / 1000.0,
             metrics=metrics.step if metrics else None,
             inject_delay_s=options.inject_delay_ms / 1000.0,
+            idle_probe_s=options.idle_probe_s,
         )
         # Every bucket runs (and on CUDA is captured) before the replica reports SERVING.
         self.scheduler.warm_up(options.warmup_repeats)
