@@ -294,3 +294,39 @@ async def test_idle_replica_with_a_busy_warm_up_is_admitted_once_its_probes_run_
         await gateway.stop(0)
         await codec.stop(0)
         await lm.stop(0)
+
+
+async def test_a_session_that_left_since_the_last_info_is_not_counted(backends) -> None:
+    """Back to back: a client's session ends and its next one starts before the next Info
+    poll. The replica's last count still holds the first session; the gateway knows it left,
+    so the next one is predicted at bucket 1, not 2 (where recent slow samples, or simply a
+    larger bucket, could refuse it for nothing)."""
+    lm, codec, lm_addr, codec_addr = backends
+    clock = FakeClock()
+    pool = _pool(lm_addr, codec_addr, clock)
+    try:
+        await pool.refresh()
+        first = pool.lease(200)
+        clock.t += 1.0
+        lm.info = _lm_info(used=1)  # the backend counts the first session
+        codec.info.slots_in_use = 1  # its Encode and Decode streams hold one slot each
+        await pool.refresh()
+        c = next(iter(pool.codec.replicas.values()))
+        m = next(iter(pool.lm.replicas.values()))
+        assert (m.slots_used, c.slots_used) == (1, 1)
+        clock.t += 0.1
+        first.release()  # before the next poll: the last Info still counts it
+        assert (m.slots_used, c.slots_used) == (0, 0)
+        est = pool.estimate(c, m)
+        assert (est.lm_bucket, est.codec_bucket) == (1, 1)
+        second = pool.lease(200)  # placed, then counted once, on top of the stale count
+        assert (m.slots_used, c.slots_used) == (1, 1)
+        clock.t += 0.5
+        await pool.refresh()  # the backend's fresh count: the second session only
+        assert (m.slots_used, c.slots_used) == (1, 1)
+        assert not m.recent_releases and not m.recent_leases
+        clock.t += 0.1
+        second.release()
+        assert (m.slots_used, c.slots_used) == (0, 0)
+    finally:
+        await pool.stop()

@@ -325,9 +325,11 @@ class Replica:
     info: common_pb2.BackendInfo | None = None
     info_at: float = 0.0
     # Sessions this gateway pinned here now, and when recent ones were placed (those placed
-    # after the last Info answer cannot be in its slots_in_use yet).
+    # after the last Info answer cannot be in its slots_in_use yet) or left (those that left
+    # after it are still in its count).
     local_sessions: int = 0
     recent_leases: deque = field(default_factory=deque)
+    recent_releases: deque = field(default_factory=deque)
     listed: bool = True  # False once DNS stopped returning it
     failures: int = 0
     stub: object = field(default=None, repr=False)
@@ -368,7 +370,8 @@ class Replica:
         if self.info is None:
             return self.local_sessions * per
         newer = sum(1 for t in self.recent_leases if t > self.info_at)
-        return max(self.info.slots_in_use + newer * per, self.local_sessions * per)
+        gone = sum(1 for t in self.recent_releases if t > self.info_at)
+        return max(self.info.slots_in_use + (newer - gone) * per, self.local_sessions * per)
 
     def placed(self) -> None:
         """Count a session placed here (until `released`)."""
@@ -378,10 +381,15 @@ class Replica:
     def released(self) -> None:
         """Count a session gone. A session placed after the last Info answer and gone before
         the next one was never in the backend's count: forget its lease too, or a burst of
-        short sessions would look like a full replica until the next poll."""
+        short sessions would look like a full replica until the next poll. One placed
+        before it is in that count until the next answer: remember that it left, or the
+        next session would be predicted a bucket too high (back-to-back sessions of one
+        client were refused for a stale slot)."""
         self.local_sessions -= 1
         if self.recent_leases and self.recent_leases[-1] > self.info_at:
             self.recent_leases.pop()
+        else:
+            self.recent_releases.append(self.clock())
 
     @property
     def free_slots(self) -> int:
@@ -539,9 +547,9 @@ class ReplicaSet:
         replica.info = info
         replica.info_at = now = self.clock()
         replica.cost.update(info, now, rtt_ms)
-        leases = replica.recent_leases
-        while leases and leases[0] <= now:
-            leases.popleft()
+        for recent in (replica.recent_leases, replica.recent_releases):
+            while recent and recent[0] <= now:
+                recent.popleft()
 
     def healthy_count(self) -> int:
         return sum(1 for r in self.replicas.values() if r.healthy and r.listed)
