@@ -662,9 +662,10 @@ def test_sdk_mtls_and_token_against_real_gateway(live: LiveStack, tmp_path) -> N
         live.loop.run(gw.stop(0))
 
 
-def test_sdk_reports_budget_misses_and_deadline_end(live: LiveStack) -> None:
-    """A slow LM (the service's own --inject-delay-ms): typed BudgetMissed events, the summary,
-    then DEADLINE_EXCEEDED as a ConverseError marked started (never retried)."""
+@contextlib.contextmanager
+def _slow_lm_stack(live: LiveStack, lm_delay_ms: float) -> Iterator[str]:
+    """Fresh echo backends (no step-time history from earlier tests for admission to refuse
+    on) with an LM that takes `lm_delay_ms` per step, and a gateway; yields its address."""
     from moshi_grpc.services.codec.engine import CodecOptions
     from moshi_grpc.services.codec.startup import start_codec_server
     from moshi_grpc.services.common.server import ServerConfig
@@ -674,21 +675,34 @@ def test_sdk_reports_budget_misses_and_deadline_end(live: LiveStack) -> None:
     from moshi_grpc.services.lm.startup import start_lm_server
 
     async def start():
-        # Fresh backends: no step-time history from earlier tests for admission to refuse on.
         cfg = ServerConfig(host="127.0.0.1", port=0, metrics_port=None)
         codec = await start_codec_server(cfg, CodecOptions(model="echo", max_sessions=2))
-        lm = await start_lm_server(
-            cfg, LmOptions(model="echo", max_sessions=2, max_wait_ms=0.0, inject_delay_ms=150)
+        options = LmOptions(
+            model="echo", max_sessions=2, max_wait_ms=0.0, inject_delay_ms=lm_delay_ms
         )
+        lm = await start_lm_server(cfg, options)
         gw = await start_gateway(
             cfg, codec.address, lm.address, GatewaySettings(refresh_interval_s=0.1)
         )
         return codec, lm, gw
 
+    async def stop(servers):
+        for server in servers:
+            await server.stop(0)
+
     codec, lm, gw = live.loop.run(start())
-    events = []
     try:
-        with ConverseClient(gw.address, retry=FAST_RETRY) as client:
+        yield gw.address
+    finally:
+        live.loop.run(stop((gw, lm, codec)))
+
+
+def test_sdk_reports_budget_misses_and_deadline_end(live: LiveStack) -> None:
+    """A slow LM (the service's own --inject-delay-ms): typed BudgetMissed events, the summary,
+    then DEADLINE_EXCEEDED as a ConverseError marked started (never retried)."""
+    events = []
+    with _slow_lm_stack(live, lm_delay_ms=150) as gateway_address:
+        with ConverseClient(gateway_address, retry=FAST_RETRY) as client:
             conv = client.converse_array(
                 _signal(2.0, 16000), 16000, realtime=True, chunk_ms=20,
                 budget_ms=100, max_consecutive_misses=3,
@@ -696,13 +710,6 @@ def test_sdk_reports_budget_misses_and_deadline_end(live: LiveStack) -> None:
             with pytest.raises(ConverseError) as info:
                 for ev in conv:
                     events.append(ev)
-    finally:
-
-        async def stop():
-            for server in (gw, lm, codec):
-                await server.stop(0)
-
-        live.loop.run(stop())
     err = info.value
     assert err.code == grpc.StatusCode.DEADLINE_EXCEEDED and err.started and err.attempts == 1
     misses = [e for e in events if isinstance(e, BudgetMissed)]
@@ -721,38 +728,12 @@ def test_whole_files_stream_as_pre_recorded_audio_without_misses(live: LiveStack
     import argparse
 
     from moshi_grpc.clients import cli as client_cli
-    from moshi_grpc.services.codec.engine import CodecOptions
-    from moshi_grpc.services.codec.startup import start_codec_server
-    from moshi_grpc.services.common.server import ServerConfig
-    from moshi_grpc.services.gateway.cli import start_gateway
-    from moshi_grpc.services.gateway.config import GatewaySettings
-    from moshi_grpc.services.lm.engine import LmOptions
-    from moshi_grpc.services.lm.startup import start_lm_server
 
-    async def start():
-        cfg = ServerConfig(host="127.0.0.1", port=0, metrics_port=None)
-        codec = await start_codec_server(cfg, CodecOptions(model="echo", max_sessions=2))
-        lm = await start_lm_server(
-            cfg, LmOptions(model="echo", max_sessions=2, max_wait_ms=0.0, inject_delay_ms=100)
-        )
-        gw = await start_gateway(
-            cfg, codec.address, lm.address, GatewaySettings(refresh_interval_s=0.1)
-        )
-        return codec, lm, gw
-
-    codec, lm, gw = live.loop.run(start())
-    try:
-        with ConverseClient(gw.address, retry=FAST_RETRY) as client:
+    with _slow_lm_stack(live, lm_delay_ms=100) as gateway_address:
+        with ConverseClient(gateway_address, retry=FAST_RETRY) as client:
             conv = client.converse_array(_signal(1.2, 16000), 16000, budget_ms=300, window_frames=4)
             assert conv.session.input_pacing == FLOW_CONTROL
             result = conv.collect()
-    finally:
-
-        async def stop():
-            for server in (gw, lm, codec):
-                await server.stop(0)
-
-        live.loop.run(stop())
     summary = result.summary
     assert summary.reason == "client_closed" and summary.frames_out == 15
     assert summary.frames_late == 0 and summary.frames_dropped == 0
