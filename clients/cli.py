@@ -181,6 +181,7 @@ def _summary(result, in_s: float, wall_s: float, args: argparse.Namespace) -> di
         "lm_replica": st.lm_replica if st else None,
         "model": st.model if st else None,
         "budget_ms": st.budget_ms if st else None,
+        "input_pacing": REAL_TIME if args.realtime else FLOW_CONTROL,
         "attempts": result.attempts,
         "input_s": round(in_s, 3),
         "wall_s": round(wall_s, 3),
@@ -220,7 +221,8 @@ def _summary(result, in_s: float, wall_s: float, args: argparse.Namespace) -> di
 def _print_summary(s: dict) -> None:
     print(
         f"session {s['session_id']}  model {s['model']}  codec {s['codec_replica']}  "
-        f"lm {s['lm_replica']}  budget {s['budget_ms']} ms  attempts {s['attempts']}"
+        f"lm {s['lm_replica']}  budget {s['budget_ms']} ms  pacing {s['input_pacing']}  "
+        f"attempts {s['attempts']}"
     )
     print(
         f"audio: {s['input_s']:.2f} s in {s['wall_s']:.2f} s wall; frames {s['frames']} out, "
@@ -230,6 +232,7 @@ def _print_summary(s: dict) -> None:
     c = s["client_latency_ms"]
     first = "n/a" if c["first_audio"] is None else f"{c['first_audio']:.1f} ms"
     print(
+        # from the chunk's send: as a file, that includes waiting in the send window
         f"latency per frame (client): p50 {c['p50']:.1f} ms  p95 {c['p95']:.1f} ms  "
         f"p99 {c['p99']:.1f} ms  max {c['max']:.1f} ms  first audio {first}"
     )

@@ -783,6 +783,7 @@ def test_converse_cli_writes_reply_transcript_and_summary(live: LiveStack, tmp_p
     frames = math.ceil(10.5 / 0.08)
     assert rate == 16000 and len(y) == frames * 1280
     assert summary["frames"] == frames and summary["frames_dropped"] == 0
+    assert summary["input_pacing"] == FLOW_CONTROL  # a file, not paced: pre-recorded audio
     assert summary["end_reason"] == "client_closed" and summary["model"].startswith("moshi-lm/")
     assert summary["client_latency_ms"]["p50"] > 0 and summary["gateway_latency_ms"]["p99"] > 0
     text = transcript.read_text().strip()
