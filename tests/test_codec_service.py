@@ -299,3 +299,32 @@ async def test_info_reports_model_and_recent_step_times() -> None:
         assert buckets[("encode", 2)].recent_count == 0 == buckets[("decode", 1)].recent_count
     finally:
         await running.stop(0)
+
+
+async def test_streams_after_idle_probes_equal_solo_runs(tiny_mimi) -> None:
+    """Idle probes step the model on free rows between sessions: a stream opened after
+    several of them (every bucket re-timed, the rows it may take included) must still
+    equal a fresh solo run, codes exactly and pcm to the last bit."""
+    running = await start_codec_server(
+        ServerConfig(),
+        CodecOptions(max_sessions=4, max_wait_ms=0.0, idle_probe_s=0.01),
+        load_model=lambda: tiny_mimi,
+    )
+    engine = running.servicer.engine
+    frames = audio(5, 4)
+    try:
+        async with grpc.aio.insecure_channel(running.address) as ch:
+            stub = codec_pb2_grpc.CodecStub(ch)
+            await run_stream(stub, "before", audio(6, 3), None)  # rows used, then left
+            for _ in range(2000):  # hang detector: both stages probed every bucket
+                if min(engine.encoder.idle_probes, engine.decoder.idle_probes) >= 8:
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("no idle probes ran")
+            codes, pcm, _ = await run_stream(stub, "after", frames, None)
+    finally:
+        await running.stop(0)
+    want_codes, want_pcm = solo(tiny_mimi, frames)
+    assert codes == want_codes
+    assert pcm == want_pcm

@@ -321,3 +321,34 @@ async def test_info_reports_warmed_up_buckets_from_the_first_serving_moment(tiny
             assert counts[1] == 3 and sum(counts.values()) == 3  # one session: bucket 1
     finally:
         await running.stop(0)
+
+
+async def test_sessions_after_idle_probes_equal_solo_runs(tiny_lm) -> None:
+    """Idle probes step the generator on free rows between sessions: sessions opened after
+    several of them (greedy and seeded sampling) still equal fresh solo runs."""
+    lm, _ = tiny_lm
+    card = lm.config.card
+    sampled = common_pb2.SamplingParams(
+        text_temperature=0.8, text_top_k=10, audio_temperature=0.9, audio_top_k=20
+    )
+    running = await start(tiny_lm, max_sessions=4, max_wait_ms=0.0, idle_probe_s=0.01)
+    scheduler = running.servicer.engine.scheduler
+    try:
+        async with grpc.aio.insecure_channel(running.address) as ch:
+            stub = lm_pb2_grpc.LMStub(ch)
+            await session(stub, "before", user_codes(9, 4, card), sampling=sampled, seed=5)
+            for _ in range(2000):  # hang detector: every bucket probed twice
+                if scheduler.idle_probes >= 2 * len(scheduler.runner.ladder):
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("no idle probes ran")
+            greedy_codes, sampled_codes = user_codes(1, 6, card), user_codes(2, 6, card)
+            (greedy, _), (drawn, _) = await asyncio.gather(
+                session(stub, "g", greedy_codes),
+                session(stub, "s", sampled_codes, sampling=sampled, seed=1234),
+            )
+    finally:
+        await running.stop(0)
+    assert [as_tuple(o) for o in greedy] == solo(lm, greedy_codes, GREEDY, None)
+    assert [as_tuple(o) for o in drawn] == solo(lm, sampled_codes, sampled, 1234)
