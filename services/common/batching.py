@@ -391,6 +391,7 @@ class BatchScheduler:
                         continue
                     if self._held or self._in_use:
                         self._cond.wait()
+                        self._schedule_probe()  # probes only after idle_probe_s of quiet
                         continue
                     wait = self._next_probe - time.perf_counter()
                     if wait > 0:
