@@ -509,13 +509,25 @@ async def test_vanished_client_frees_backend_slots_quickly(repo_root) -> None:
             await asyncio.sleep(0.01)
         assert freed is not None, "backend slots were not freed after the client vanished"
         print(f"backend slots freed {freed * 1000:.0f} ms after the client was killed")
-        # The handler's own bookkeeping may finish a moment after the slots are free.
+
+        # The handler's own bookkeeping may finish a moment after the slots are free. Most
+        # often grpc.aio cancels the handler ("cancelled"); sometimes it first reads the dead
+        # stream as ended, exactly like a half-close, and the session finishes its last
+        # frames ("completed"): context.cancelled() and code() say nothing either way
+        # (checked), so the gateway cannot tell. Either way it is counted once, and ended.
+        def ended(m) -> float:
+            return sum(
+                metric_value(m, "moshi_gateway_sessions_ended_total", reason=r)
+                for r in ("cancelled", "completed")
+            )
+
         for _ in range(300):
             metrics = scrape(stack.gateway.server.metrics_url)
-            if metric_value(metrics, "moshi_gateway_sessions_ended_total", reason="cancelled"):
+            if ended(metrics):
                 break
             await asyncio.sleep(0.05)
-        assert metric_value(metrics, "moshi_gateway_sessions_ended_total", reason="cancelled") == 1
+        assert ended(metrics) == 1
+        assert metric_value(metrics, "moshi_gateway_sessions_ended_total") == 1  # all reasons
         assert metric_value(metrics, "moshi_gateway_sessions_active") == 0
     finally:
         if proc.returncode is None:

@@ -196,10 +196,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             await session.close()
             lease.release()
             if started:
-                if session.reason == "client_closed" and context.cancelled():
-                    # grpc.aio reads a vanished client's stream as ended, like a half-close;
-                    # by now the call itself says it was cancelled.
-                    session.reason = "cancelled"
                 self.metrics.sessions_active.dec()
                 self.metrics.sessions_ended.labels(ENDED_LABEL.get(session.reason, "error")).inc()
                 summary = session.summary()
