@@ -17,7 +17,11 @@ from typing import Any
 
 import torch
 
-from moshi_grpc.services.common.batching import BatchScheduler
+from moshi_grpc.services.common.batching import (
+    DEFAULT_IDLE_PROBE_S,
+    DEFAULT_MAX_SESSIONS,
+    BatchScheduler,
+)
 from moshi_grpc.services.common.buckets import RowTable
 from moshi_grpc.services.common.cuda_graphs import BucketGraphs, use_cuda_graphs
 from moshi_grpc.services.common.metrics import BatcherMetrics, CodecMetrics
@@ -37,14 +41,14 @@ class CodecOptions:
     device: str = "cpu"
     dtype: str = "float32"
     num_codebooks: int = 8
-    max_sessions: int = 16
+    max_sessions: int = DEFAULT_MAX_SESSIONS
     max_wait_ms: float = 5.0
     inject_delay_ms: float = 0.0
     seed: int = 0
     cuda_graphs: str = "auto"  # "auto" (on for CUDA) | "on" | "off"
     cpu_forms: str = "auto"  # auto | on | off (see moshi_grpc/models/cpu_fast.py)
     warmup_repeats: int = 3  # timed warm-up steps per bucket at load (after an untimed one)
-    idle_probe_s: float = 5.0  # re-time a bucket this often while idle (0: never)
+    idle_probe_s: float = DEFAULT_IDLE_PROBE_S
 
 
 def load_codec_model(options: CodecOptions) -> Any:

@@ -46,6 +46,10 @@ from moshi_grpc.services.common.metrics import BatcherMetrics
 
 log = logging.getLogger(__name__)
 
+# Defaults of a backend's batching, wherever it is configured from (flags, `up`, options).
+DEFAULT_MAX_SESSIONS = 16  # slots
+DEFAULT_IDLE_PROBE_S = 5.0  # re-time one bucket this often while idle (0: never)
+
 # Idle probes time the model, so they must not overlap each other or a sibling's tick (the
 # codec's encode and decode schedulers share the process's cores).
 _PROBE_LOCK = threading.Lock()
@@ -129,7 +133,7 @@ class BatchScheduler:
         metrics: BatcherMetrics | None = None,
         inject_delay_s: float = 0.0,
         recent: int = 512,
-        idle_probe_s: float = 5.0,
+        idle_probe_s: float = DEFAULT_IDLE_PROBE_S,
     ) -> None:
         if runner.num_slots < 1:
             raise ValueError(f"{name}: need at least one slot, got {runner.num_slots}")

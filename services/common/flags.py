@@ -14,6 +14,7 @@ import logging
 import os
 from pathlib import Path
 
+from moshi_grpc.services.common.batching import DEFAULT_IDLE_PROBE_S, DEFAULT_MAX_SESSIONS
 from moshi_grpc.services.common.server import AUTH_ENV, ServerConfig
 
 log = logging.getLogger(__name__)
@@ -138,9 +139,6 @@ def add_cpu_forms_flag(g: argparse._ActionsContainer) -> None:
     )
 
 
-DEFAULT_MAX_SESSIONS = 16  # a backend's slots, whether started alone or by `up`
-
-
 def add_max_sessions_flag(parser: argparse._ActionsContainer) -> None:
     parser.add_argument(
         "--max-sessions",
@@ -169,7 +167,7 @@ def add_batching_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--idle-probe-s",
         type=float,
-        default=5.0,
+        default=DEFAULT_IDLE_PROBE_S,
         help="while no stream is open, re-time one batch bucket about this often and keep the "
         "faster figure (admission reads them; heals a warm-up timed on a busy machine); 0 = off",
     )
