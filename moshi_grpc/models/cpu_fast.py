@@ -34,6 +34,17 @@ def _wins(form_ms: float, plain_ms: float) -> bool:
     return form_ms < (1.0 - WIN_MARGIN) * plain_ms
 
 
+def _form_names(spec: str, forms: tuple[str, ...], model: str) -> frozenset[str]:
+    """The forms a comma-separated spec names, spelt with dashes ("conv-matmul") and returned
+    as their field names ("conv_matmul"); an unknown name is an error."""
+    names = {f.replace("_", "-"): f for f in forms}
+    wanted = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in names]
+    if unknown:
+        raise ValueError(f"unknown {model} CPU forms {unknown}; auto, on, off or of {list(names)}")
+    return frozenset(names[n] for n in wanted)
+
+
 def _best_ms(fn, reps: int) -> float:
     """Fastest of `reps` calls, in ms (the minimum is the figure least moved by a noisy
     machine); one untimed call first."""
@@ -102,12 +113,8 @@ class MimiForms:
         turn on (e.g. "conv-matmul,onednn-packed,fast-search")."""
         if spec in ("auto", "on", "off"):
             return spec
-        names = {f.name.replace("_", "-"): f.name for f in fields(cls)}
-        wanted = [n.strip() for n in spec.split(",") if n.strip()]
-        unknown = [n for n in wanted if n not in names]
-        if unknown:
-            raise ValueError(f"unknown Mimi CPU forms {unknown}; auto, on, off or of {list(names)}")
-        return cls(**{names[n]: True for n in wanted})
+        wanted = _form_names(spec, tuple(f.name for f in fields(cls)), "Mimi")
+        return cls(**dict.fromkeys(wanted, True))
 
     def __and__(self, other: MimiForms) -> MimiForms:
         both = {f.name: getattr(self, f.name) and getattr(other, f.name) for f in fields(self)}
@@ -762,12 +769,11 @@ def parse_lm_forms(spec: str) -> str | frozenset[str]:
         return spec
     if spec in ("on", "off"):
         return frozenset(LM_FORMS if spec == "on" else ())
-    names = {f.replace("_", "-"): f for f in LM_FORMS}
-    wanted = [n.strip() for n in spec.split(",") if n.strip()]
-    unknown = [n for n in wanted if n not in names]
-    if unknown or not wanted:
-        raise ValueError(f"unknown LM CPU forms {unknown}; auto, on, off or of {list(names)}")
-    return frozenset(names[n] for n in wanted)
+    wanted = _form_names(spec, LM_FORMS, "LM")
+    if not wanted:  # "" or ",": say so rather than run the plain model unasked
+        dashed = [f.replace("_", "-") for f in LM_FORMS]
+        raise ValueError(f"unknown LM CPU forms []; auto, on, off or of {dashed}")
+    return wanted
 
 
 def prepare_lm_for_cpu(model: nn.Module, mode: str = "auto") -> dict[str, bool]:
