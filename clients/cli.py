@@ -27,7 +27,7 @@ from .events import (
     SessionStarted,
     TextPolicyApplied,
 )
-from .options import FLOW_CONTROL, REAL_TIME, ConverseError, RetryPolicy, SessionOptions, TlsOptions
+from .options import ConverseError, RetryPolicy, SessionOptions, TlsOptions, pacing_for
 
 ADDR_ENV = "MOSHI_GRPC_ADDR"
 TOKEN_ENV = "MOSHI_GRPC_AUTH_TOKEN"  # the same variable the services read
@@ -123,8 +123,7 @@ def _session(args: argparse.Namespace, sample_rate: int) -> SessionOptions:
         budget_ms=args.budget_ms,
         max_consecutive_misses=args.max_consecutive_misses,
         client_id=args.client_id,
-        # a file sent as fast as the gateway keeps up is pre-recorded audio (see core.py)
-        input_pacing=REAL_TIME if args.realtime else FLOW_CONTROL,
+        input_pacing=pacing_for(args.realtime),
     )
 
 
@@ -181,7 +180,7 @@ def _summary(result, in_s: float, wall_s: float, args: argparse.Namespace) -> di
         "lm_replica": st.lm_replica if st else None,
         "model": st.model if st else None,
         "budget_ms": st.budget_ms if st else None,
-        "input_pacing": REAL_TIME if args.realtime else FLOW_CONTROL,
+        "input_pacing": pacing_for(args.realtime),
         "attempts": result.attempts,
         "input_s": round(in_s, 3),
         "wall_s": round(wall_s, 3),

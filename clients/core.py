@@ -28,14 +28,13 @@ from .events import (
 )
 from .latency import LatencyStats, LatencyTracker, SendWindow
 from .options import (
-    FLOW_CONTROL,
-    REAL_TIME,
     RETRYABLE_CODES,
     ChannelOptions,
     ConverseError,
     RetryPolicy,
     SessionOptions,
     TlsOptions,
+    pacing_for,
     retry_after_ms,
 )
 
@@ -76,12 +75,10 @@ def _recover_status(
 
 
 def whole_signal_fields(realtime: bool, fields: dict[str, Any]) -> dict[str, Any]:
-    """Session fields for a whole file or array. Sent faster than real time it is
-    pre-recorded audio: unless the caller chose, the gateway is asked for flow control (it
-    reads the next frame only when it has room, so nothing is late or dropped because the
-    file arrived early); paced at real time it is live audio."""
+    """Session fields for a whole file or array: its pacing (`pacing_for`) unless the caller
+    chose one or passed a whole `SessionOptions`."""
     if "session" not in fields:
-        fields.setdefault("input_pacing", REAL_TIME if realtime else FLOW_CONTROL)
+        fields.setdefault("input_pacing", pacing_for(realtime))
     return fields
 
 

@@ -29,6 +29,14 @@ PACINGS = {
     REAL_TIME: gateway_pb2.INPUT_PACING_REAL_TIME,
     FLOW_CONTROL: gateway_pb2.INPUT_PACING_FLOW_CONTROL,
 }
+
+
+def pacing_for(realtime: bool) -> str:
+    """The pacing of a whole file or array: paced at real time it is live audio, sent as fast
+    as the gateway keeps up it is pre-recorded (nothing late because it came early)."""
+    return REAL_TIME if realtime else FLOW_CONTROL
+
+
 RETRYABLE_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE})
 
 
