@@ -303,11 +303,6 @@ class FrameSequencer:
         k = self.max_consecutive_misses
         return k > 0 and self.consecutive_misses >= k
 
-    def fail_pending(self) -> None:
-        """Forget outstanding frames (session ending); they are not counted as outputs."""
-        self._frames.clear()
-        self._sent.clear()
-
 
 class StageWatch:
     """Is a backend stage still answering? One FIFO of send times per stage (streams answer

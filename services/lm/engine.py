@@ -268,10 +268,6 @@ class LmEngine:
     def model_name(self) -> str:
         return "moshi-lm-echo" if self.options.model == "echo" else "moshi-lm"
 
-    @property
-    def supports_replay(self) -> bool:
-        return True
-
     def piece(self, token: int) -> str:
         return self.tokenizer.piece(token) if self.tokenizer is not None else ""
 
