@@ -7,6 +7,7 @@ import base64
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -19,27 +20,72 @@ import pytest
 import tomllib
 from conftest import REPO_ROOT
 
-ROOTS = {
-    "moshi_grpc": "moshi_grpc",
-    "moshi_grpc.services": "services",
-    "moshi_grpc.clients": "clients",
-}
-
 
 def _packages_on_disk() -> set[str]:
+    """Every package under moshi_grpc/, following its symlinks to services/ and clients/."""
     found = set()
-    for prefix, folder in ROOTS.items():
-        base = REPO_ROOT / folder
-        for init in base.rglob("__init__.py"):
-            rel = init.parent.relative_to(base)
-            found.add(".".join([prefix, *rel.parts]) if rel.parts else prefix)
+    base = REPO_ROOT / "moshi_grpc"
+    for dirpath, _dirs, files in os.walk(base, followlinks=True):
+        if "__init__.py" in files:
+            rel = Path(dirpath).relative_to(base)
+            found.add(".".join(["moshi_grpc", *rel.parts]))
     return found
 
 
-def test_pyproject_lists_every_package() -> None:
+def test_packages_are_discovered_and_cover_every_folder() -> None:
+    """No hand-kept package table: setuptools finds `moshi_grpc*`, and the deployables and
+    the SDK are inside that tree through symlinks, so nothing can be forgotten."""
     config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
-    listed = set(config["tool"]["setuptools"]["packages"])
-    assert listed == _packages_on_disk(), "update [tool.setuptools] packages in pyproject.toml"
+    setuptools_cfg = config["tool"]["setuptools"]
+    assert "package-dir" not in setuptools_cfg
+    assert setuptools_cfg["packages"]["find"]["include"] == ["moshi_grpc*"]
+    for name in ("services", "clients"):
+        link = REPO_ROOT / "moshi_grpc" / name
+        assert link.is_symlink() and link.resolve() == (REPO_ROOT / name).resolve(), link
+    packages = _packages_on_disk()
+    assert {"moshi_grpc.services.gateway", "moshi_grpc.clients", "moshi_grpc.models"} <= packages
+
+
+def test_every_module_imports_from_its_file_path_in_a_bare_checkout() -> None:
+    """A reader of the checkout (editor, type checker, structure tool) derives a module's
+    import path from its file path: `services/gateway/session.py` is
+    `moshi_grpc.services.gateway.session`. Checked with the repo root alone on sys.path (no
+    install): every module's spec points at that very file."""
+    pairs = []
+    for folder in ("moshi_grpc", "services", "clients"):
+        for path in sorted((REPO_ROOT / folder).rglob("*.py")):
+            rel = path.relative_to(REPO_ROOT).with_suffix("")
+            parts = list(rel.parts)
+            if parts[0] != "moshi_grpc":
+                parts.insert(0, "moshi_grpc")
+            if parts[-1] == "__init__":
+                parts.pop()
+            pairs.append((".".join(parts), str(path.resolve())))
+    probe = (
+        "import importlib.util, json, os, sys\n"
+        "sys.path[:] = [p for p in sys.path if 'site-packages' in p or 'lib/python' in p]\n"
+        "sys.path.insert(0, os.getcwd())\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f)]\n"
+        "bad = []\n"
+        "for name, want in json.loads(sys.stdin.read()):\n"
+        "    spec = importlib.util.find_spec(name)\n"
+        "    got = os.path.realpath(spec.origin) if spec and spec.origin else None\n"
+        "    if got != want: bad.append((name, got, want))\n"
+        "print(json.dumps(bad))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        input=json.dumps(pairs),
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [], out.stdout
+    assert len(pairs) > 50
 
 
 def test_no_package_named_moshi() -> None:
@@ -230,7 +276,7 @@ def test_base_install_has_sdk_converse_gateway_and_no_torch(tmp_path: Path) -> N
     src = tmp_path / "src"  # a copy: building must not write into the work tree
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
     for name in ("moshi_grpc", "services", "clients"):
-        shutil.copytree(REPO_ROOT / name, src / name, ignore=ignore)
+        shutil.copytree(REPO_ROOT / name, src / name, ignore=ignore, symlinks=True)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO_ROOT / name, src / name)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
