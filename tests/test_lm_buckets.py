@@ -40,7 +40,7 @@ SAMPLED = SamplingConfig(0.8, 10, 0.9, 20)
 
 
 def _runner(lm, slots: int = SLOTS) -> GenRunner:
-    return GenRunner(LMGen(lm, slots), slots, lm.config.num_user_streams, lm.config.dep_q, False)
+    return GenRunner(LMGen(lm, slots), slots, False)
 
 
 def _solo(lm, codes, sampling, seed) -> list[tuple]:
@@ -116,13 +116,13 @@ def test_compute_follows_load(lm, codes) -> None:
     five step a bucket of 8; an idle neighbour below a busy row is masked, not dropped."""
     runner = _runner(lm)
     stepped = []
-    inner = runner.gen.step
+    inner = runner.gen.core
 
-    def counting(user_codes, active=None, **kw):
-        stepped.append(user_codes.shape[0])
-        return inner(user_codes, active, **kw)
+    def counting(codes, *inputs, shape):
+        stepped.append(codes.shape[0])  # the rows the model computes
+        return inner(codes, *inputs, shape=shape)
 
-    runner.gen.step = counting
+    runner.gen.core = counting
     runner.join(7, JoinPayload(SamplingConfig.greedy(), 0))
     for t in range(3):
         runner.run([7], [StepInput(codes[t])])
@@ -246,7 +246,7 @@ def test_cuda_graph_step_equals_eager(lm) -> None:
     cfg = cuda_lm.config
     runners = {}
     for graphs in (False, True):
-        runner = GenRunner(LMGen(cuda_lm, 4), 4, cfg.num_user_streams, cfg.dep_q, graphs)
+        runner = GenRunner(LMGen(cuda_lm, 4), 4, graphs)
         for b in runner.ladder:
             runner.warm_up(b)
         for s in range(3):

@@ -150,9 +150,13 @@ def _ours(args, weights: Path | None, batches: list[int]) -> dict[int, tuple[flo
     import torch
 
     from moshi_grpc.models.cpu_fast import mimi_exact_reruns
+    from moshi_grpc.services.common.device import synchronize
 
     mimi = _load(args, weights)
-    sync = torch.cuda.synchronize if str(args.device).startswith("cuda") else (lambda: None)
+
+    def sync() -> None:
+        synchronize(mimi.device)
+
     out = {}
     g = torch.Generator().manual_seed(0)
     for b in batches:
@@ -293,9 +297,10 @@ def _time_ticks(
     warmup: int,
     seed: int,
     cpu_out: list[float] | None = None,
-) -> tuple[list[float], list[float]]:
+) -> tuple[list[float], list[float], int]:
     """ms of encode and decode per tick, `sessions` streams joined (then left) on the
-    runners, every one with a frame each tick (`cpu_out` gets process CPU ms per tick)."""
+    runners, every one with a frame each tick (`cpu_out` gets process CPU ms per tick), and
+    the bucket the runners stepped."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -304,11 +309,12 @@ def _time_ticks(
         enc.join(s, None)
         dec.join(s, None)
     enc_ms, dec_ms, cpu_ms = [], [], []
+    bucket = 0
     try:
         for i in range(warmup + ticks):
             pcm = list((0.1 * torch.randn(sessions, mimi.frame_size, generator=g)).unbind(0))
             c0, t0 = time.process_time(), time.perf_counter()
-            codes, _ = enc.run(slots, pcm)
+            codes, bucket = enc.run(slots, pcm)
             t1 = time.perf_counter()
             dec.run(slots, codes)
             t2, c2 = time.perf_counter(), time.process_time()
@@ -322,7 +328,7 @@ def _time_ticks(
             dec.leave(s)
     if cpu_out is not None:
         cpu_out.extend(cpu_ms)
-    return enc_ms, dec_ms
+    return enc_ms, dec_ms, bucket
 
 
 def time_codec_buckets(
@@ -370,12 +376,12 @@ def time_codec_buckets(
                 enc.warm_up(b)
                 dec.warm_up(b)
         for n in counts:
-            e, d = _time_ticks(mimi, enc, dec, n, ticks, warmup, seed)
+            e, d, bucket = _time_ticks(mimi, enc, dec, n, ticks, warmup, seed)
             t = [x + y for x, y in zip(e, d)]
             out.append(
                 CodecBucketTiming(
                     n,
-                    enc.rows_log[-1],
+                    bucket,
                     use_graphs,
                     (_pct(e, 0.5), _pct(e, 0.99)),
                     (_pct(d, 0.5), _pct(d, 0.99)),
@@ -444,9 +450,10 @@ def _run_load(args: argparse.Namespace) -> int:
         for n, m in pairs if r % 2 == 0 else pairs[::-1]:
             enc, dec = runners[m]
             cpu: list[float] = []
-            e, d = _time_ticks(mimi, enc, dec, n, args.frames, args.warmup, seed=r, cpu_out=cpu)
+            e, d, buckets[(n, m)] = _time_ticks(
+                mimi, enc, dec, n, args.frames, args.warmup, seed=r, cpu_out=cpu
+            )
             t = [x + y for x, y in zip(e, d)]
-            buckets[(n, m)] = enc.rows_log[-1]
             results[(n, m)].append(tuple(statistics.median(v) for v in (e, d, t, cpu)))
     print(
         f"{'sessions':>8} {'slots':>5} {'bucket':>6} {'enc ms':>8} {'dec ms':>8} "

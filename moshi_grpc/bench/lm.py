@@ -124,16 +124,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def fake_history(gen, fill: int, seed: int = 0) -> None:
-    """Put every slot `fill` steps into a conversation: random past keys/values and tokens."""
+    """Put every row `fill` steps into a conversation: random past keys/values and tokens."""
     import torch
 
     lm = gen.lm
     cfg = lm.config
     g = torch.Generator().manual_seed(seed)
-    for slot in range(gen.num_slots):
-        gen.reset(slot, seed=slot)
+    for row in range(gen.num_rows):
+        gen.reset(row, seed=row)
     gen.steps[:] = fill
-    gen.host_steps[:] = [fill] * gen.num_slots
+    gen.host_steps[:] = [fill] * gen.num_rows
     for buf in (*gen.cache.k, *gen.cache.v):
         buf.copy_((torch.randn(buf.shape, generator=g) * 0.5).to(buf.dtype))
     text = torch.randint(0, cfg.text_card, gen.tokens[:, :1].shape, generator=g)

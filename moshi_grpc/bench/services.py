@@ -290,7 +290,7 @@ def _bench_lm(args: argparse.Namespace, sessions: list[int], common: dict) -> No
     lm_tok = load_lm_model(LmOptions(**kw))
     lm = lm_tok[0]
     cfg = lm.config
-    n_user, dep_q = int(cfg.num_user_streams), int(cfg.dep_q)
+    n_user = int(cfg.num_user_streams)
 
     class _Runner(GenRunner):
         """Sessions joined with the server's default sampling, seed = slot."""
@@ -299,7 +299,7 @@ def _bench_lm(args: argparse.Namespace, sessions: list[int], common: dict) -> No
             super().join(slot, JoinPayload(None, slot))
 
     def make_runner(m: int) -> _Runner:
-        return _Runner(make_generator(lm, m), m, n_user, dep_q, False)
+        return _Runner(make_generator(kw["model"], lm, m), m, False)
 
     for n in sessions:
         inputs = [StepInput(torch.randint(0, int(cfg.card), (n_user,))) for _ in range(n)]

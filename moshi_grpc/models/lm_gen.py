@@ -10,8 +10,9 @@ never on B or on who else shares the batch.
 The step core has static shapes for a given B and never reads the device from the host (no
 `.item()`, `.tolist()`, `nonzero`, branches on tensor values, CPU generators): sampling
 parameters live in device tensors, and randomness is a counter-based hash of (seed, step,
-stream, rank), so the core can be captured in a CUDA graph (`services/lm/engine.py`). The
-host keeps a mirror of the step counters for the attention span (a Python int per call).
+stream, rank), so the core can be captured in a CUDA graph (`services/lm/engine.py` replays
+it). The host keeps a mirror of each row's step counter (a Python int) for the attention span
+of an eager step; `None` there means the row holds no session.
 
 Token timing (acoustic delays). At step t a row first stores the user's codes of step t for
 user stream k at ring position t + delay_k, then reads every stream at position t (streams
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -110,7 +111,108 @@ class CoreShape:
 # forced text (B,), forced audio (B, dep_q). Outputs: text, audio, ready, sampled text,
 # sampled audio, steps (all (B, ...) on the device).
 CoreInputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-CoreRunner = Callable[[int, CoreInputs], tuple[torch.Tensor, ...]]
+
+
+@dataclass(frozen=True)
+class StreamLayout:
+    """The 1 + n_q token streams of a step and their acoustic delays: the one home of the
+    delay arithmetic (the step core, the prefill and the failover replay planner read it).
+
+    Stream 0 is the text, streams 1..dep_q Moshi's audio codebooks (both sampled by the
+    model: the *generated* streams), the rest the user's codebooks. The token a row samples
+    for generated stream j at step s is read back by step s + 1 (as input), and emitted to
+    the client, delay-aligned, by step s + max_delay - delay_j. User codes of step s are
+    read by step s + delay_j. A step t <= delay_j reads stream j's initial token instead.
+    """
+
+    delays: tuple[int, ...]
+    dep_q: int
+
+    @classmethod
+    def of(cls, config: object) -> StreamLayout:
+        """From any config with `delays` and `dep_q` (the LM's or the echo's)."""
+        return cls(tuple(int(d) for d in config.delays), int(config.dep_q))
+
+    @property
+    def max_delay(self) -> int:
+        return max(self.delays)
+
+    @property
+    def generated(self) -> int:
+        """Streams the model samples: text + Moshi's dep_q codebooks."""
+        return self.dep_q + 1
+
+    @property
+    def num_streams(self) -> int:
+        return len(self.delays)
+
+    def step_inputs(
+        self, user: torch.Tensor, sampled: torch.Tensor, initial: torch.Tensor
+    ) -> torch.Tensor:
+        """What steps 0..T-1 read, `[T, K]`, from the user's codes `user [T, U]`, the tokens
+        each step sampled `sampled [T, generated]` and the initial tokens `initial [K]`."""
+        total = user.shape[0]
+        out = torch.empty(total, self.num_streams, dtype=torch.long)
+        steps = torch.arange(total)
+        for stream, d in enumerate(self.delays):
+            if stream < self.generated:  # sampled at step t - 1
+                col = torch.cat([torch.zeros(1, dtype=torch.long), sampled[:-1, stream]])
+            else:  # the user's codes of step t - d
+                col = torch.roll(user[:, stream - self.generated], d)
+            out[:, stream] = torch.where(steps <= d, initial[stream], col)
+        return out
+
+    def ring_after(
+        self, user: torch.Tensor, sampled: torch.Tensor, ring: int, fill: int
+    ) -> torch.Tensor:
+        """The token ring `[K, ring]` (entries `fill` where nothing was written) a row holds
+        after T steps: generated streams hold step p - 1's token at position p, user streams
+        step s's codes at s + delay. Later positions overwrite earlier ones."""
+        total = user.shape[0]
+        out = torch.full((self.num_streams, ring), fill, dtype=torch.long)
+        last = total + self.max_delay
+        for p in range(max(0, last - 2 * ring), last + 1):
+            for stream, d in enumerate(self.delays):
+                if stream < self.generated:
+                    s, value = p - 1, sampled
+                    col = stream
+                else:
+                    s, value = p - d, user
+                    col = stream - self.generated
+                if 0 <= s < total:
+                    out[stream, p % ring] = value[s, col]
+        return out
+
+    def replay_prefix(
+        self, emitted: list[tuple[int, list[int]] | None]
+    ) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """From what a session emitted per step (`(text, audio)` delay-aligned, or None
+        while not ready) recover what each step *sampled*: `(prefix, text [T], audio [T,
+        dep_q])`, where `prefix` is the longest run of steps from 0 whose every read-back
+        token is known. Steps past it (at least the last max_delay, whose tokens were not
+        emitted yet) must run again; draws are a function of (seed, step), so they sample the
+        same tokens again. Entries no later step reads (delayed codebooks of the first
+        steps) stay 0."""
+        n = len(emitted)
+        text = torch.zeros(n, dtype=torch.long)
+        audio = torch.zeros((n, self.dep_q), dtype=torch.long)
+        prefix = 0
+        for s in range(n - self.max_delay):
+            for j in range(self.generated):
+                if s < self.delays[j]:
+                    continue  # never read back (the initial token is read instead)
+                out = emitted[s + self.max_delay - self.delays[j]]
+                if out is None:
+                    break
+                if j == 0:
+                    text[s] = out[0]
+                else:
+                    audio[s, j - 1] = out[1][j - 1]
+            else:
+                prefix = s + 1
+                continue
+            break
+        return prefix, text, audio
 
 
 def _draws(top_k: int, vocab: int) -> int:
@@ -156,7 +258,8 @@ class LMGen:
             raise LMGenError(f"num_rows must be a positive integer, got {num_rows!r}")
         cfg = lm.config
         self.lm = lm
-        self.num_slots = num_rows  # (the name the scheduler and older callers use)
+        self.num_rows = num_rows
+        self.layout = StreamLayout.of(cfg)
         self.max_delay = cfg.max_delay
         dev = lm.device
         self.device = dev
@@ -185,18 +288,16 @@ class LMGen:
         self._gen_streams = torch.arange(1, cfg.dep_q + 1, device=dev)[None, :]  # (1, dep_q)
         self._out_streams = torch.arange(cfg.dep_q + 1, device=dev)  # text + Moshi's audio
         self._out_delays = self.delays[None, : cfg.dep_q + 1] - self.max_delay
-        # host-side mirror of the rows (never read back from the device)
-        self.in_use = [False] * n
-        self.host_steps = [0] * n
+        # Host-side mirror of the rows (never read back from the device): each row's step
+        # counter, None where the row holds no session (never reset, freed or moved away).
+        self.host_steps: list[int | None] = [None] * n
         self.sampling: list[SamplingConfig] = [SamplingConfig.greedy()] * n
         self.seeds: list[int | None] = [None] * n
-        # A captured step (CUDA graphs), installed by the engine: (B, inputs) -> outputs.
-        self.captured: CoreRunner | None = None
 
     # ---- row management ------------------------------------------------------------------
     def _check_row(self, row: int) -> int:
-        if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < self.num_slots:
-            raise LMGenError(f"row must be an integer in [0, {self.num_slots}), got {row!r}")
+        if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < self.num_rows:
+            raise LMGenError(f"row must be an integer in [0, {self.num_rows}), got {row!r}")
         return row
 
     def reset(self, row: int, sampling: SamplingConfig | None = None, seed: int | None = None):
@@ -218,15 +319,14 @@ class LMGen:
         self.top_k[row, 1] = _draws(sampling.audio_top_k, cfg.card)
         self.seed_lo[row] = seed & _M32
         self.seed_hi[row] = (seed >> 32) & _M32
-        self.in_use[row] = True
         self.host_steps[row] = 0
         self.sampling[row] = sampling
         self.seeds[row] = seed
         # The ring KV cache needs no clearing: a row attends only to entries it wrote.
 
     def free(self, row: int) -> None:
-        """Mark `row` unused (its session ended); it must be reset before stepping again."""
-        self.in_use[self._check_row(row)] = False
+        """`row`'s session ended: it must be reset before stepping again."""
+        self.host_steps[self._check_row(row)] = None
 
     def move_row(self, src: int, dst: int) -> None:
         """Move the session of row `src` to row `dst` (its whole state; `src` becomes free)."""
@@ -240,9 +340,9 @@ class LMGen:
         ):
             t[dst] = t[src]
         self.cache.move_row(src, dst)
-        for lst in (self.in_use, self.host_steps, self.sampling, self.seeds):
+        for lst in (self.host_steps, self.sampling, self.seeds):
             lst[dst] = lst[src]
-        self.in_use[src] = False
+        self.host_steps[src] = None
 
     def seed_of(self, row: int) -> int | None:
         """The seed a row's session runs with (the drawn one when reset got None)."""
@@ -296,13 +396,13 @@ class LMGen:
         if not isinstance(user_codes, torch.Tensor) or user_codes.dim() != 2:
             raise LMGenError("user_codes must be a [B, n_user] torch.Tensor")
         b = user_codes.shape[0]
-        if not 1 <= b <= self.num_slots:
-            raise LMGenError(f"user_codes must have 1..{self.num_slots} rows, got {b}")
+        if not 1 <= b <= self.num_rows:
+            raise LMGenError(f"user_codes must have 1..{self.num_rows} rows, got {b}")
         codes = self._as_long("user_codes", user_codes, (b, cfg.num_user_streams))
         act = self._as_mask("active", active, b)
         if act is None:
-            act = torch.tensor(self.in_use[:b], dtype=torch.bool)
-        not_reset = [i for i in range(b) if act[i] and not self.in_use[i]]
+            act = torch.tensor([h is not None for h in self.host_steps[:b]], dtype=torch.bool)
+        not_reset = [i for i in range(b) if act[i] and self.host_steps[i] is None]
         if not_reset:
             raise LMGenError(f"row(s) {not_reset} are active but were never reset")
         forced = self._as_mask("force", force, b)
@@ -327,23 +427,24 @@ class LMGen:
         self._check_range("force_text", f_text, frows, cfg.text_card)
         self._check_range("force_audio", f_audio, frows, cfg.card)
 
-        active_rows = rows.tolist()
         inputs = tuple(
             t.to(self.device, non_blocking=True) for t in (codes, act, forced, f_text, f_audio)
         )
-        if self.captured is not None:
-            out = self.captured(b, inputs)
-        else:
-            out = self.core(*inputs, shape=self.core_shape(b, act, forced))
-        for r in active_rows:
-            self.host_steps[r] += 1
+        out = self.core(*inputs, shape=self.core_shape(b, act, forced))
+        self.advance(rows.tolist())
         text, audio, ready, s_text, s_audio, steps = (t.cpu() for t in out)
         return StepResult(text, audio, ready, s_text, s_audio, steps)
+
+    def advance(self, rows: Iterable[int]) -> None:
+        """Keep the host mirror in step with the device: `rows` advanced one step. Whoever
+        runs the core (eagerly or by replaying its graph) calls this after every run."""
+        for r in rows:
+            self.host_steps[r] += 1
 
     def core_shape(self, b: int, active: torch.Tensor, forced: torch.Tensor) -> CoreShape:
         """The static values of an eager step of rows `[0, b)`, from the host mirror only."""
         cfg = self.lm.config
-        counts = [min(self.host_steps[r] + 1, cfg.context) for r in range(b)]
+        counts = [min((self.host_steps[r] or 0) + 1, cfg.context) for r in range(b)]
         length = max(counts)
         k_text = k_audio = 0
         free_running = False
@@ -356,6 +457,14 @@ class LMGen:
                 if sc.audio_temperature > 0:
                     k_audio = max(k_audio, _draws(sc.audio_top_k, cfg.card))
         return CoreShape(length, min(counts) < length, k_text, k_audio, free_running)
+
+    def widest_shape(self, sampling: SamplingConfig) -> CoreShape:
+        """The costliest eager step rows sampling with `sampling` can take: the whole
+        context attended (masked), their top-k candidates drawn (what a warm-up times)."""
+        cfg = self.lm.config
+        k_text = _draws(sampling.text_top_k, cfg.text_card) if sampling.text_temperature else 0
+        k_audio = _draws(sampling.audio_top_k, cfg.card) if sampling.audio_temperature else 0
+        return CoreShape(cfg.context, True, k_text, k_audio)
 
     def full_shape(self) -> CoreShape:
         """The static values of a captured step: valid for any rows and parameters."""
@@ -473,7 +582,7 @@ class LMGen:
         """
         row = self._check_row(row)
         cfg = self.lm.config
-        if not self.in_use[row] or self.host_steps[row] != 0:
+        if self.host_steps[row] != 0:
             raise LMGenError(f"prefill needs a freshly reset row; row {row} is not")
         total = int(user_codes.shape[0])
         if tuple(user_codes.shape) != (total, cfg.num_user_streams):
@@ -484,36 +593,10 @@ class LMGen:
             return
         user = user_codes.to("cpu", torch.long)
         sampled = torch.cat([text.to("cpu", torch.long)[:, None], audio.to("cpu", torch.long)], 1)
-        delays = cfg.delays
-        n_gen = cfg.dep_q + 1
-        k = cfg.num_codebooks
-
-        def written(stream: int, p: int) -> int:
-            """What the ring holds at position p for `stream` after `total` steps, or
-            UNGENERATED where no step wrote it."""
-            if stream < n_gen:  # sampled at step p - 1, written at p
-                return int(sampled[p - 1, stream]) if 1 <= p <= total else UNGENERATED
-            s = p - delays[stream]  # the user's codes of step s, written at s + delay
-            return int(user[s, stream - n_gen]) if 0 <= s < total else UNGENERATED
-
-        # inputs of steps 0..T-1 (as `core` step 2 reads them)
-        inputs = torch.empty(total, k, dtype=torch.long)
-        steps = torch.arange(total)
-        for stream in range(k):
-            d = delays[stream]
-            if stream < n_gen:
-                col = torch.cat([torch.zeros(1, dtype=torch.long), sampled[:-1, stream]])
-            else:
-                col = torch.roll(user[:, stream - n_gen], d)
-            inputs[:, stream] = torch.where(steps <= d, self.initial[stream].cpu(), col)
+        layout = self.layout
+        inputs = layout.step_inputs(user, sampled, self.initial.cpu())
         self.lm.temporal_prefill(inputs, self.cache, row, chunk)
-        ring = torch.full((k, self.token_ring), UNGENERATED, dtype=torch.long)
-        last = total + self.max_delay
-        for p in range(max(0, last - 2 * self.token_ring), last + 1):  # later positions win
-            for stream in range(k):
-                value = written(stream, p)
-                if value != UNGENERATED:
-                    ring[stream, p % self.token_ring] = value
+        ring = layout.ring_after(user, sampled, self.token_ring, UNGENERATED)
         self.tokens[row] = ring.to(self.device)
         self.steps[row] = total
         self.host_steps[row] = total

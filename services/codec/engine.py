@@ -10,7 +10,6 @@ A tick steps only the smallest bucket of rows holding the streams with a frame
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,13 +21,13 @@ from moshi_grpc.services.common.batching import (
     DEFAULT_MAX_SESSIONS,
     BatchScheduler,
 )
-from moshi_grpc.services.common.buckets import RowTable
-from moshi_grpc.services.common.cuda_graphs import BucketGraphs, use_cuda_graphs
+from moshi_grpc.services.common.buckets import TickPlan
+from moshi_grpc.services.common.cuda_graphs import use_cuda_graphs
+from moshi_grpc.services.common.device import exact_float32, torch_dtype
 from moshi_grpc.services.common.metrics import BatcherMetrics, CodecMetrics
+from moshi_grpc.services.common.runner import RowRunner
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -59,15 +58,15 @@ def load_codec_model(options: CodecOptions) -> Any:
         return EchoMimi(num_codebooks=options.num_codebooks)
     if options.model != "real":
         raise ValueError(f"unknown codec model {options.model!r} (real or echo)")
-    if options.dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {options.dtype!r}; one of {', '.join(DTYPES)}")
+    dtype = torch_dtype(options.dtype)
     from moshi_grpc.models.cpu_fast import prepare_mimi_for_cpu
     from moshi_grpc.models.mimi import load_mimi
 
+    exact_float32(options.device, dtype)
     mimi = load_mimi(
         options.weights,
         device=options.device,
-        dtype=DTYPES[options.dtype],
+        dtype=dtype,
         num_codebooks=options.num_codebooks,
         config=options.config,
         seed=options.seed,
@@ -77,100 +76,70 @@ def load_codec_model(options: CodecOptions) -> Any:
     return mimi
 
 
-class StreamerRunner:
-    """Adapts a Mimi streaming encoder/decoder to the scheduler's BatchRunner protocol.
+class StreamerRunner(RowRunner):
+    """A Mimi streaming encoder or decoder as a `RowRunner`.
 
-    Live streams are packed into the streamer's rows [0, live) (`RowTable`): a join takes
-    row `live` and resets it; a leave moves the last live row into the freed one. A tick
-    steps only rows [0, bucket), the smallest bucket of the ladder holding every row with a
-    frame: its input is (bucket, ...), frames at their rows, zeros elsewhere. Rows of live
-    streams without a frame are masked (state kept); when there are none, the step runs
-    unmasked (the host decides this from the plan, never from tensor values).
-
-    With `graphs` (CUDA), each bucket's step is captured at warm-up, unmasked and (from
-    bucket 2) masked, and ticks replay it (`BucketGraphs`).
+    A tick's input is `(bucket, *row_shape)`: frames at their rows, zeros elsewhere. Rows of
+    live streams without a frame are masked (state kept); when there are none, the step runs
+    unmasked (the host decides this from the plan, never from tensor values). In graph mode
+    each bucket's step is captured unmasked and (from bucket 2) masked.
     """
 
     def __init__(
         self,
         streamer: Any,
-        num_slots: int,
+        num_rows: int,
         row_shape: tuple[int, ...],
         dtype: torch.dtype,
         *,
         graphs: bool = False,
-        log_rows: int = 4096,
     ) -> None:
-        self.streamer = streamer
-        self.num_slots = num_slots
-        self.table = RowTable(num_slots)
-        self.ladder = self.table.ladder
-        self._row_shape = row_shape
-        self._dtype = dtype  # of the payloads
         mimi = streamer.mimi
-        self.device = torch.device(mimi.device)
+        super().__init__(num_rows, mimi.device, graphs)
+        self.streamer = streamer
+        self._row_shape = row_shape
         # what the step takes: pcm in the model dtype, codes as int64
         self._step_dtype = mimi.dtype if dtype.is_floating_point else torch.long
-        self.graphs = BucketGraphs(self._step) if graphs else None
-        self.rows_log: deque[int] = deque(maxlen=log_rows)  # rows passed to the model per call
 
-    def _step(self, x: torch.Tensor, active: torch.Tensor | None = None) -> tuple[torch.Tensor]:
+    def reset_row(self, row: int, payload: Any) -> None:
+        self.streamer.reset_rows([row])
+
+    def move_row(self, src: int, dst: int) -> None:
+        self.streamer.move_row(src, dst)
+
+    def shape(self, plan: TickPlan, payloads: Sequence[torch.Tensor]) -> bool:
+        return plan.masked
+
+    def warm_shapes(self, bucket: int) -> list[bool]:
+        return [False, True] if bucket > 1 else [False]
+
+    def inputs(
+        self, plan: TickPlan, payloads: Sequence[torch.Tensor], masked: bool
+    ) -> tuple[torch.Tensor, ...]:
+        rows = torch.tensor(plan.rows, dtype=torch.long)
+        x = torch.zeros((plan.bucket, *self._row_shape), dtype=self._step_dtype)
+        x.index_copy_(0, rows, torch.stack(list(payloads)).to(self._step_dtype))
+        if not masked:
+            return (x,)
+        active = torch.zeros(plan.bucket, dtype=torch.bool)
+        active[rows] = True
+        return x, active
+
+    def example_inputs(self, bucket: int, masked: bool) -> tuple[torch.Tensor, ...]:
+        x = torch.zeros((bucket, *self._row_shape), dtype=self._step_dtype)
+        return (x, torch.ones(bucket, dtype=torch.bool)) if masked else (x,)
+
+    def step(
+        self, masked: bool, x: torch.Tensor, active: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor]:
         return (self.streamer.step_unchecked(x, active),)
 
-    @torch.inference_mode()
-    def join(self, slot: int, open_payload: Any) -> None:
-        self.streamer.reset_rows([self.table.join(slot)])
-
-    @torch.inference_mode()
-    def leave(self, slot: int) -> None:
-        move = self.table.leave(slot)
-        if move is not None:
-            self.streamer.move_row(move.src, move.dst)
-
-    @torch.inference_mode()
-    def run(
-        self, slots: Sequence[int], payloads: Sequence[torch.Tensor]
-    ) -> tuple[list[torch.Tensor], int]:
-        plan = self.table.plan(slots)
-        b = plan.bucket
-        rows = torch.tensor(plan.rows, dtype=torch.long)
-        x = torch.zeros((b, *self._row_shape), dtype=self._dtype)
-        x.index_copy_(0, rows, torch.stack(list(payloads)).to(self._dtype))
-        active = None
-        if plan.masked:
-            active = torch.zeros(b, dtype=torch.bool)
-            active[rows] = True
-        self.rows_log.append(b)
-        if self.graphs is not None:
-            key = (b, active is not None)
-            if key not in self.graphs:  # capture steps real rows: only at load
-                raise RuntimeError(f"no CUDA graph for bucket {b}: warm_up() every bucket first")
-            (out,) = self.graphs.run(key, (x,) if active is None else (x, active))
-        else:
-            x = x.to(self.device, self._step_dtype)
-            (out,) = self._step(x, None if active is None else active.to(self.device))
-        picked = out.index_select(0, rows.to(out.device)).cpu()
-        return list(picked.unbind(0)), b
-
-    @torch.inference_mode()
-    def warm_up(self, bucket: int) -> None:
-        """One step of rows [0, bucket) (free: at load), then those rows reset. With graphs,
-        the first call per bucket captures its graphs (masked too, from bucket 2)."""
-        if self.table.live:
-            raise RuntimeError("warm up before any stream joins")
-        x = torch.zeros((bucket, *self._row_shape), device=self.device, dtype=self._step_dtype)
-        if self.graphs is not None:
-            if (bucket, False) not in self.graphs:
-                self.graphs.capture((bucket, False), (x,))
-                if bucket > 1:
-                    active = torch.ones(bucket, dtype=torch.bool, device=self.device)
-                    self.graphs.capture((bucket, True), (x, active))
-            self.graphs.run((bucket, False), (x,))
-        else:
-            self._step(x)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.streamer.reset_rows(range(bucket))
+    def results(
+        self, plan: TickPlan, outputs: tuple[torch.Tensor, ...], payloads: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        (out,) = outputs
+        rows = torch.tensor(plan.rows, dtype=torch.long, device=out.device)
+        return list(out.index_select(0, rows).cpu().unbind(0))
 
 
 class CodecEngine:

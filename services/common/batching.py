@@ -74,9 +74,10 @@ class BatchRunner(Protocol):
         are inactive this tick. Returns one result per listed slot, in the same order, and
         the number of rows the call stepped (its bucket)."""
 
-    def warm_up(self, bucket: int) -> None:
+    def warm_up(self, bucket: int) -> float:
         """Run one step at `bucket` on free rows (at load, before any stream joins; on CUDA
-        this also captures the bucket's graph)."""
+        this also captures the bucket's graph); the seconds of the step alone (resets and
+        capture excluded, the device synchronised)."""
 
 
 @dataclass(frozen=True)
@@ -190,11 +191,7 @@ class BatchScheduler:
             raise RuntimeError(f"{self.name}: warm up before start()")
         for bucket in self.runner.ladder:
             self.runner.warm_up(bucket)  # the first call: plans, allocations, capture
-            times = []
-            for _ in range(max(1, repeats)):
-                t0 = time.perf_counter()
-                self.runner.warm_up(bucket)
-                times.append(time.perf_counter() - t0)
+            times = [self.runner.warm_up(bucket) for _ in range(max(1, repeats))]
             self.warm_ms[bucket] = min(times) * 1000.0
         log.info(
             "%s warmed up: %s",
@@ -469,9 +466,7 @@ class BatchScheduler:
             ladder = self.runner.ladder
             bucket = ladder[self._probe_at % len(ladder)]
             self._probe_at += 1
-            t0 = time.perf_counter()
-            self.runner.warm_up(bucket)
-            ms = (time.perf_counter() - t0) * 1000.0
+            ms = self.runner.warm_up(bucket) * 1000.0
             self.idle_probes += 1
             before = self.warm_ms.get(bucket)
             if before is None or ms < before:

@@ -91,6 +91,10 @@ class RowTable:
         self._row_of[moved] = row
         return Move(src=last, dst=row)
 
+    def find_row(self, slot: int) -> int | None:
+        """`slot`'s row, or None when it holds none (not joined, or left)."""
+        return self._row_of[slot]
+
     def row_of(self, slot: int) -> int:
         row = self._row_of[slot]
         if row is None:

@@ -1,10 +1,10 @@
 """Zero-cost stand-in for the Moshi LM and its generator (`--model echo`).
 
-Same interface as `moshi_grpc.models.lm_gen.LMGen`: per-slot reset with sampling params and
-seed, batched `step(user_codes, active)`. Moshi's codes at step t are the user's codes of
+Same contract as `moshi_grpc.models.lm_gen.LMGen` (see `EchoLMGen`): per-row reset, batched
+steps of rows [0, B). Moshi's codes at step t are the user's codes of
 step t - max_delay (an echo with the model's delay), the text token is padding, and the
-first max_delay steps of a slot are not ready — the same delay semantics as the real model.
-Per-slot state (a step counter and a small history ring) makes slot mix-ups visible.
+first max_delay steps of a row are not ready — the same delay semantics as the real model.
+Per-row state (a step counter and a small history ring) makes slot mix-ups visible.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from moshi_grpc.models.lm_gen import StreamLayout
 
 
 @dataclass(frozen=True)
@@ -42,31 +44,28 @@ class EchoLM:
         self.dtype = torch.float32
 
 
-@dataclass
-class EchoStepOutput:
-    text: torch.Tensor  # (N,) long
-    audio: torch.Tensor  # (N, dep_q) long
-    ready: torch.Tensor  # (N,) bool
-
-
 class EchoLMGen:
-    """Rows `[0, B)` per step, like `LMGen` (see its docstring for the row protocol)."""
+    """Rows `[0, B)` per step, with the generator contract of `LMGen` that the engine's
+    runner uses (`reset`, `free`, `move_row`, `prefill`, `core`, `core_shape`,
+    `full_shape`, `widest_shape`, `advance`): the runner does not tell the two apart."""
 
     def __init__(self, lm: EchoLM, num_rows: int) -> None:
         cfg = lm.config
         self.lm = lm
-        self.num_slots = num_rows
+        self.num_rows = num_rows
+        self.device = lm.device
+        self.layout = StreamLayout.of(cfg)
         self.max_delay = cfg.max_delay
         self._steps = torch.zeros(num_rows, dtype=torch.long)
         self._history = torch.zeros(num_rows, cfg.max_delay + 1, cfg.dep_q, dtype=torch.long)
-        self.captured = None
+        self._rows = torch.arange(num_rows)
 
     def reset(self, row: int, sampling: Any = None, seed: int | None = None) -> None:
         self._steps[row] = 0
         self._history[row] = 0
 
     def free(self, row: int) -> None:
-        pass
+        """Stateless between sessions: a reset clears everything."""
 
     def move_row(self, src: int, dst: int) -> None:
         self._steps[dst] = self._steps[src]
@@ -80,28 +79,40 @@ class EchoLMGen:
             self._history[row, s % ring] = user_codes[s, : self._history.shape[-1]]
         self._steps[row] = total
 
-    def step(
+    # The echo has no attention span or sampling: one static shape serves every step.
+    def core_shape(self, b: int, active: torch.Tensor, forced: torch.Tensor) -> str:
+        return "echo"
+
+    def full_shape(self) -> str:
+        return "echo"
+
+    def widest_shape(self, sampling: Any) -> str:
+        return "echo"
+
+    def advance(self, rows: Any) -> None:
+        """No host mirror: the step counters live in `_steps`."""
+
+    def core(
         self,
-        user_codes: torch.Tensor,
-        active: torch.Tensor | None = None,
-        force_text: torch.Tensor | None = None,
-        force_audio: torch.Tensor | None = None,
-        force: torch.Tensor | None = None,
-    ) -> EchoStepOutput:
-        """Forced tokens (replay) are ignored: the echo's output depends on user codes only."""
-        n = user_codes.shape[0]
-        if active is None:
-            active = torch.ones(n, dtype=torch.bool)
+        codes: torch.Tensor,
+        active: torch.Tensor,
+        forced: torch.Tensor,
+        f_text: torch.Tensor,
+        f_audio: torch.Tensor,
+        *,
+        shape: str,
+    ) -> tuple[torch.Tensor, ...]:
+        """Forced tokens (replay) are ignored: the echo's output depends on user codes only.
+        Returns (text, audio, ready, sampled text, sampled audio, steps) like `LMGen.core`."""
+        n = codes.shape[0]
         ring = self.max_delay + 1
         steps, history = self._steps[:n], self._history[:n]
-        pos = steps % ring
-        rows = torch.arange(n)
+        rows = self._rows[:n]
         written = history.clone()
-        written[rows, pos] = user_codes.long()
+        written[rows, steps % ring] = codes.long()
         history.copy_(torch.where(active.view(-1, 1, 1), written, history))
-        out_pos = (steps - self.max_delay) % ring
-        audio = history[rows, out_pos].clone()
+        audio = history[rows, (steps - self.max_delay) % ring].clone()
         ready = active & (steps >= self.max_delay)
         steps.copy_(torch.where(active, steps + 1, steps))
         text = torch.full((n,), self.lm.config.text_padding_id, dtype=torch.long)
-        return EchoStepOutput(text=text, audio=audio, ready=ready)
+        return text, audio, ready, text, audio, steps.clone()

@@ -5,30 +5,32 @@ sampling parameters and seed when it joins. Live sessions stay packed into the f
 a tick steps only the smallest bucket of rows holding its frames (services/common/buckets.py).
 Replay (failover) rebuilds a row from the recorded history in one prefill (`Prefill`, a few
 batched forwards of the temporal transformer), then the last steps, whose tokens were not
-emitted yet, run as ordinary steps.
+emitted yet, run as ordinary steps. The runner is a `RowRunner` (services/common/runner.py):
+the same slots -> rows -> bucket -> eager-or-replayed step loop as the codec's.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from moshi_grpc.models.lm_gen import SamplingConfig
 from moshi_grpc.services.common.batching import (
     DEFAULT_IDLE_PROBE_S,
     DEFAULT_MAX_SESSIONS,
     BatchScheduler,
 )
-from moshi_grpc.services.common.buckets import RowTable
-from moshi_grpc.services.common.cuda_graphs import BucketGraphs, use_cuda_graphs
+from moshi_grpc.services.common.buckets import TickPlan
+from moshi_grpc.services.common.cuda_graphs import use_cuda_graphs
+from moshi_grpc.services.common.device import exact_float32, torch_dtype
 from moshi_grpc.services.common.metrics import LmMetrics
+from moshi_grpc.services.common.runner import RowRunner
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -86,33 +88,40 @@ class JoinPayload:
     seed: int | None
 
 
+# What `--model` selects, by name: the `Info` model name. The option is the one place where
+# the echo is told apart: `load_lm_model` loads it, `make_generator` builds its generator,
+# and every other part (runner, scheduler, servicer) drives either through one contract.
+MODEL_NAMES = {"real": "moshi-lm", "echo": "moshi-lm-echo"}
+
+
 def load_lm_model(options: LmOptions) -> tuple[Any, Any]:
     """(lm, tokenizer-or-None) described by `options`."""
+    if options.model not in MODEL_NAMES:
+        raise ValueError(f"unknown LM model {options.model!r} ({' or '.join(MODEL_NAMES)})")
     if options.model == "echo":
         from moshi_grpc.services.lm.echo import EchoLM
 
         return EchoLM(), None
-    if options.model != "real":
-        raise ValueError(f"unknown LM model {options.model!r} (real or echo)")
-    if options.dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {options.dtype!r}; one of {', '.join(DTYPES)}")
+    dtype = torch_dtype(options.dtype)
     from moshi_grpc.models.cpu_fast import prepare_lm_for_cpu
     from moshi_grpc.models.lm import load_lm
     from moshi_grpc.models.text import TextTokenizer
 
+    exact_float32(options.device, dtype)
     lm = load_lm(
         options.weights,
         config=options.config,
         device=options.device,
-        dtype=DTYPES[options.dtype],
+        dtype=dtype,
         seed=options.seed,
     )
     prepare_lm_for_cpu(lm, options.cpu_forms)  # faster CPU kernels; nothing elsewhere
     return lm, TextTokenizer(options.tokenizer)
 
 
-def make_generator(lm: Any, num_rows: int) -> Any:
-    if getattr(lm, "config_name", "") == "echo":
+def make_generator(model: str, lm: Any, num_rows: int) -> Any:
+    """The generator over `num_rows` rows of `lm`, loaded as `--model model`."""
+    if model == "echo":
         from moshi_grpc.services.lm.echo import EchoLMGen
 
         return EchoLMGen(lm, num_rows)
@@ -121,39 +130,88 @@ def make_generator(lm: Any, num_rows: int) -> Any:
     return LMGen(lm, num_rows)
 
 
-class GenRunner:
-    """The scheduler's BatchRunner over a generator: slots map to rows kept packed
-    (`RowTable`), and a tick steps the smallest bucket of rows holding its frames."""
+class GenRunner(RowRunner):
+    """A generator (`LMGen`, or the echo's) as a `RowRunner`.
 
-    def __init__(self, gen: Any, num_slots: int, n_user: int, dep_q: int, graphs: bool) -> None:
+    The step's static shape is the generator's `CoreShape`: eagerly the tightest one for the
+    tick (attention span from the host mirror of the step counters, top-k widths from the
+    rows' sampling), in graph mode the full one (whole context, full vocabularies) so one
+    graph per bucket serves every tick. A `Prefill` payload (failover replay) rebuilds its
+    row before the tick's step, on the host's schedule (it is not captured).
+    """
+
+    def __init__(self, gen: Any, num_rows: int, graphs: bool) -> None:
+        super().__init__(num_rows, gen.device, graphs)
         self.gen = gen
-        self.num_slots = num_slots
-        self.n_user = n_user
-        self.dep_q = dep_q
-        self.table = RowTable(num_slots)
-        self.ladder = self.table.ladder
-        self.graphs: BucketGraphs | None = None
-        if graphs and hasattr(gen, "core"):
-            shape = gen.full_shape()
-            self.graphs = BucketGraphs(lambda *inputs: gen.core(*inputs, shape=shape))
-            gen.captured = self.graphs.run
+        cfg = gen.lm.config
+        self.n_user = int(cfg.num_user_streams)
+        self.dep_q = int(cfg.dep_q)
 
-    @torch.inference_mode()
-    def join(self, slot: int, payload: JoinPayload) -> None:
-        self.gen.reset(self.table.join(slot), payload.sampling, payload.seed)
+    def reset_row(self, row: int, payload: JoinPayload) -> None:
+        self.gen.reset(row, payload.sampling, payload.seed)
 
-    @torch.inference_mode()
-    def leave(self, slot: int) -> None:
-        try:
-            row = self.table.row_of(slot)
-        except RuntimeError:
-            return  # left before its join was applied
-        move = self.table.leave(slot)
-        if move is None:
-            self.gen.free(row)
-        else:
-            self.gen.move_row(move.src, move.dst)
-            self.gen.free(move.src)
+    def move_row(self, src: int, dst: int) -> None:
+        self.gen.move_row(src, dst)
+
+    def free_row(self, row: int) -> None:
+        self.gen.free(row)
+
+    def prepare_rows(self, bucket: int) -> None:
+        for row in range(bucket):
+            self.gen.reset(row, SamplingConfig(), seed=row)
+
+    def shape(self, plan: TickPlan, payloads: Sequence[StepInput]) -> Hashable:
+        if self.graphs is not None:
+            return self.gen.full_shape()
+        active = torch.zeros(plan.bucket, dtype=torch.bool)
+        forced = torch.zeros(plan.bucket, dtype=torch.bool)
+        for p, row in zip(payloads, plan.rows):
+            active[row] = True
+            forced[row] = p.force_text is not None
+        return self.gen.core_shape(plan.bucket, active, forced)
+
+    def warm_shapes(self, bucket: int) -> list[Hashable]:
+        if self.graphs is not None:
+            return [self.gen.full_shape()]
+        return [self.gen.widest_shape(SamplingConfig())]
+
+    def inputs(
+        self, plan: TickPlan, payloads: Sequence[StepInput], shape: Hashable
+    ) -> tuple[torch.Tensor, ...]:
+        b = plan.bucket
+        codes = torch.zeros((b, self.n_user), dtype=torch.long)
+        active = torch.zeros(b, dtype=torch.bool)
+        force = torch.zeros(b, dtype=torch.bool)
+        force_text = torch.zeros(b, dtype=torch.long)
+        force_audio = torch.zeros((b, self.dep_q), dtype=torch.long)
+        for p, row in zip(payloads, plan.rows):
+            codes[row] = p.user_codes
+            active[row] = True
+            if p.force_text is not None:
+                force[row] = True
+                force_text[row] = p.force_text
+                force_audio[row] = p.force_audio
+        return codes, active, force, force_text, force_audio
+
+    def example_inputs(self, bucket: int, shape: Hashable) -> tuple[torch.Tensor, ...]:
+        return (
+            torch.zeros((bucket, self.n_user), dtype=torch.long),
+            torch.ones(bucket, dtype=torch.bool),
+            torch.zeros(bucket, dtype=torch.bool),
+            torch.zeros(bucket, dtype=torch.long),
+            torch.zeros((bucket, self.dep_q), dtype=torch.long),
+        )
+
+    def step(self, shape: Hashable, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.gen.core(*inputs, shape=shape)
+
+    def results(
+        self, plan: TickPlan, outputs: tuple[torch.Tensor, ...], payloads: Sequence[StepInput]
+    ) -> list[StepOut]:
+        text, audio, ready = (t.cpu() for t in outputs[:3])
+        self.gen.advance(plan.rows)
+        ready, text, audio = ready.tolist(), text.tolist(), audio.tolist()
+        return [StepOut(bool(ready[r]), int(text[r]), audio[r]) for r in plan.rows]
 
     @torch.inference_mode()
     def run(
@@ -168,70 +226,10 @@ class GenRunner:
                 stepped.append(i)
         if not stepped:
             return results, 0
-        plan = self.table.plan([slots[i] for i in stepped])
-        b = plan.bucket
-        codes = torch.zeros((b, self.n_user), dtype=torch.long)
-        active = torch.zeros(b, dtype=torch.bool)
-        for i, row in zip(stepped, plan.rows):
-            codes[row] = payloads[i].user_codes
-            active[row] = True
-        kwargs: dict[str, Any] = {}
-        forced = [
-            (i, row) for i, row in zip(stepped, plan.rows) if payloads[i].force_text is not None
-        ]
-        if forced:
-            force = torch.zeros(b, dtype=torch.bool)
-            force_text = torch.zeros(b, dtype=torch.long)
-            force_audio = torch.zeros((b, self.dep_q), dtype=torch.long)
-            for i, row in forced:
-                force[row] = True
-                force_text[row] = payloads[i].force_text
-                force_audio[row] = payloads[i].force_audio
-            kwargs = {"force_text": force_text, "force_audio": force_audio, "force": force}
-        out = self.gen.step(codes, active, **kwargs)
-        ready, text, audio = out.ready.tolist(), out.text.tolist(), out.audio.tolist()
-        for i, row in zip(stepped, plan.rows):
-            results[i] = StepOut(bool(ready[row]), int(text[row]), audio[row])
-        return results, b
-
-    @torch.inference_mode()
-    def warm_up(self, bucket: int) -> None:
-        """One step of rows `[0, bucket)` (all free at load) with default sampling, at the
-        longest attention span; on CUDA the first call per bucket captures its graph."""
-        from moshi_grpc.models.lm_gen import SamplingConfig
-
-        gen = self.gen
-        for row in range(bucket):
-            gen.reset(row, SamplingConfig(), seed=row)
-        codes = torch.zeros((bucket, self.n_user), dtype=torch.long)
-        active = torch.ones(bucket, dtype=torch.bool)
-        if self.graphs is not None:
-            inputs = _core_inputs(codes, active, self.dep_q, gen.device)
-            if bucket not in self.graphs:
-                self.graphs.capture(bucket, inputs)
-            self.graphs.run(bucket, inputs)
-            torch.cuda.synchronize()
-        elif hasattr(gen, "core"):
-            shape = gen.full_shape()
-            warm = type(shape)(shape.length, True, min(25, shape.k_text), min(250, shape.k_audio))
-            gen.core(*_core_inputs(codes, active, self.dep_q, gen.device), shape=warm)
-        else:
-            gen.step(codes, active)
-        for row in range(bucket):
-            gen.reset(row)
-            gen.free(row)
-
-
-def _core_inputs(codes: torch.Tensor, active: torch.Tensor, dep_q: int, device: Any) -> tuple:
-    b = codes.shape[0]
-    host = (
-        codes,
-        active,
-        torch.zeros(b, dtype=torch.bool),
-        torch.zeros(b, dtype=torch.long),
-        torch.zeros((b, dep_q), dtype=torch.long),
-    )
-    return tuple(t.to(device) for t in host)
+        outs, bucket = super().run([slots[i] for i in stepped], [payloads[i] for i in stepped])
+        for i, out in zip(stepped, outs):
+            results[i] = out
+        return results, bucket
 
 
 class LmEngine:
@@ -248,11 +246,9 @@ class LmEngine:
         self.n_user = int(cfg.num_user_streams)
         self.card = int(cfg.card)
         self.text_card = int(cfg.text_card)
-        self.delays = [int(d) for d in cfg.delays]
-        self.max_delay = max(self.delays)
-        self.gen = make_generator(lm, options.max_sessions)
-        graphs = use_cuda_graphs(options.cuda_graphs, getattr(lm, "device", "cpu"))
-        self.runner = GenRunner(self.gen, options.max_sessions, self.n_user, self.dep_q, graphs)
+        self.gen = make_generator(options.model, lm, options.max_sessions)
+        graphs = use_cuda_graphs(options.cuda_graphs, lm.device)
+        self.runner = GenRunner(self.gen, options.max_sessions, graphs)
         self.scheduler = BatchScheduler(
             self.runner,
             name="lm-step",
@@ -266,7 +262,7 @@ class LmEngine:
 
     @property
     def model_name(self) -> str:
-        return "moshi-lm-echo" if self.options.model == "echo" else "moshi-lm"
+        return MODEL_NAMES[self.options.model]
 
     def piece(self, token: int) -> str:
         return self.tokenizer.piece(token) if self.tokenizer is not None else ""

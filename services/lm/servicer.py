@@ -43,18 +43,16 @@ def sampling_from_proto(params: common_pb2.SamplingParams) -> Any:
 def parse_replay(replay: Any, engine: LmEngine) -> list[StepInput | Prefill]:
     """Validate the history and turn it into one prefill plus the steps left to run.
 
-    The history holds what each step emitted (delay-aligned): the token the model sampled for
-    stream j at step s was emitted at step s + max_delay - delay_j, and a later step reads it
-    only when s >= delay_j. The longest prefix of steps whose read tokens are all in the
-    history is rebuilt in one prefill (a few batched forwards, no sampling); the remaining
-    steps (at least the last max_delay, whose tokens were not emitted yet) run as ordinary
-    steps: draws are a function of (seed, step), so with the same seed and sampling they
-    sample the same tokens again and the session continues exactly as it would have.
+    The history holds what each step emitted (delay-aligned); the generator's stream layout
+    (`StreamLayout.replay_prefix`) recovers what each step sampled and how long a prefix of
+    the history can be rebuilt in one prefill (a few batched forwards, no sampling). The
+    remaining steps (at least the last max_delay, whose tokens were not emitted yet) run as
+    ordinary steps: draws are a function of (seed, step), so with the same seed and
+    sampling they sample the same tokens again and the session continues exactly as it
+    would have.
     """
     steps = list(replay)
-    n = len(steps)
-    emitted_text: list[int | None] = []
-    emitted_audio: list[list[int] | None] = []
+    emitted: list[tuple[int, list[int]] | None] = []
     user: list[torch.Tensor] = []
     for s, step in enumerate(steps):
         user.append(
@@ -69,40 +67,20 @@ def parse_replay(replay: Any, engine: LmEngine) -> list[StepInput | Prefill]:
             audio = parse_codes(
                 step.moshi_codes, engine.dep_q, engine.card, f"replay[{s}].moshi_codes"
             )
-            emitted_text.append(int(step.text_token))
-            emitted_audio.append(audio.tolist())
+            emitted.append((int(step.text_token), audio.tolist()))
         else:
             if len(step.moshi_codes):
                 raise InvalidInput(
                     f"replay[{s}].moshi_codes must be empty when text_token is unset"
                 )
-            emitted_text.append(None)
-            emitted_audio.append(None)
-    if n == 0:
+            emitted.append(None)
+    if not steps:
         return []
-    delays, max_delay = engine.delays, engine.max_delay
-    text = torch.zeros(n, dtype=torch.long)
-    audio = torch.zeros((n, engine.dep_q), dtype=torch.long)
-    prefix = 0
-    for s in range(n - max_delay):
-        for j in range(engine.dep_q + 1):  # stream 0: text; 1..dep_q: Moshi's codebooks
-            if s < delays[j]:
-                continue  # never read back (overwritten by the initial token)
-            at = s + max_delay - delays[j]
-            if emitted_text[at] is None:
-                break
-            if j == 0:
-                text[s] = emitted_text[at]
-            else:
-                audio[s, j - 1] = emitted_audio[at][j - 1]
-        else:
-            prefix = s + 1
-            continue
-        break
+    prefix, text, audio = engine.gen.layout.replay_prefix(emitted)
     out: list[StepInput | Prefill] = []
     if prefix:
         out.append(Prefill(torch.stack(user[:prefix]), text[:prefix], audio[:prefix]))
-    out.extend(StepInput(user[s]) for s in range(prefix, n))
+    out.extend(StepInput(user[s]) for s in range(prefix, len(steps)))
     return out
 
 
