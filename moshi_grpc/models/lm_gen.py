@@ -232,20 +232,25 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def gumbel_noise(
-    seed_lo: torch.Tensor, seed_hi: torch.Tensor, step: torch.Tensor, stream: int, n: int
+    seed_lo: torch.Tensor,
+    seed_hi: torch.Tensor,
+    step: torch.Tensor,
+    stream: int,
+    tokens: torch.Tensor,
 ) -> torch.Tensor:
-    """Gumbel(0, 1) noise `[B, n]` for candidate ranks 0..n-1 of one stream at one step.
+    """Gumbel(0, 1) noise `[B, n]` for the candidate token ids `tokens [B, n]` of one stream
+    at one step.
 
-    A pure function of (seed, step, stream, rank): a row's draws never depend on the batch,
-    on the number of candidates others keep, or on how often the row was stepped before;
-    replaying a session reproduces them without any generator state.
+    A pure function of (seed, step, stream, token id): a row's draws never depend on the
+    batch, on the order candidates come in, on the number of candidates others keep, or on
+    how often the row was stepped before; replaying a session reproduces them without any
+    generator state.
     """
     h = _mix32(seed_lo)
     h = _mix32(h ^ seed_hi)
     h = _mix32(h ^ (step & _M32))
     h = _mix32(h ^ stream)  # (B,)
-    rank = torch.arange(n, device=h.device)
-    bits = _mix32(_mix32(h[:, None] ^ rank[None, :]) ^ 0x5BD1E995)  # (B, n)
+    bits = _mix32(_mix32(h[:, None] ^ tokens) ^ 0x5BD1E995)  # (B, n)
     u = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
     return -torch.log(-torch.log(u))
 
@@ -442,10 +447,17 @@ class LMGen:
             self.host_steps[r] += 1
 
     def core_shape(self, b: int, active: torch.Tensor, forced: torch.Tensor) -> CoreShape:
-        """The static values of an eager step of rows `[0, b)`, from the host mirror only."""
+        """The static values of an eager step of rows `[0, b)`, from the host mirror only.
+
+        The attention always spans the whole ring (masked where a row holds fewer steps), as
+        in a captured step: attending over fewer entries would round the softmax sums
+        differently, so a row's tokens would depend on its neighbours' histories and on
+        eager or captured stepping. (A masked entry adds an exact zero; the reduction over
+        a different length does not keep the order of the others.) Only the sampling widths
+        are sized to the batch, which `_sample` makes row-exact."""
         cfg = self.lm.config
         counts = [min((self.host_steps[r] or 0) + 1, cfg.context) for r in range(b)]
-        length = max(counts)
+        length = cfg.context
         k_text = k_audio = 0
         free_running = False
         for r in range(b):
@@ -541,11 +553,18 @@ class LMGen:
     ) -> torch.Tensor:
         """One token per row of `logits [B, V]` (float32), each row with its own parameters.
 
-        Greedy rows (temperature 0) take the argmax. Sampled rows keep their top_k logits
-        and take the Gumbel-max of them: argmax(logit / T + g) is a draw from the softmax
-        restricted to those candidates, with `g` a function of the row's seed, step, stream
-        and the candidate's rank (see `gumbel_noise`). `kmax` (static) is the most
-        candidates any row keeps; 0 when every row is greedy.
+        Greedy rows (temperature 0) take the argmax (the first maximum). Sampled rows keep
+        their top_k candidates and take the Gumbel-max of them: argmax(logit / T + g) is a
+        draw from the softmax restricted to those candidates, with `g` a function of the
+        row's seed, step, stream and the candidate's token id (see `gumbel_noise`). `kmax`
+        (static) is the most candidates any row keeps; 0 when every row is greedy.
+
+        The candidates are defined by the row alone, whatever `kmax` (it is the widest row
+        of the batch eagerly, the whole vocabulary in a captured step): the tokens above the
+        row's k-th largest value, then the tokens equal to it by increasing id until there
+        are k. `topk`'s order among equal values is unspecified and differs with its k, and
+        half-precision logits tie often; this is what keeps a row's draws independent of
+        its neighbours and of eager or captured stepping.
         """
         greedy = logits.argmax(-1)
         if kmax == 0:
@@ -553,11 +572,18 @@ class LMGen:
         col = 0 if stream == 0 else 1
         b = logits.shape[0]
         temp = self.temperature[:b, col]
-        safe = torch.where(temp > 0, temp, torch.ones_like(temp))
-        vals, ids = (logits / safe[:, None]).topk(kmax, dim=-1)  # (B, kmax), descending
-        g = gumbel_noise(self.seed_lo[:b], self.seed_hi[:b], step, stream, kmax)
-        keep = torch.arange(kmax, device=logits.device)[None, :] < self.top_k[:b, col, None]
-        score = torch.where(keep, vals + g, torch.full_like(vals, -math.inf))
+        scaled = logits / torch.where(temp > 0, temp, torch.ones_like(temp))[:, None]
+        k = self.top_k[:b, col, None].clamp(1, kmax)  # (B, 1) this row's candidates
+        vals = scaled.topk(kmax, dim=-1).values  # (B, kmax) descending: well defined, unlike ids
+        kth = vals.gather(-1, k - 1)  # (B, 1) the row's k-th largest value
+        above = scaled > kth
+        tied = scaled == kth
+        room = k - above.sum(-1, keepdim=True)  # tied tokens to take, >= 1
+        chosen = above | (tied & (tied.cumsum(-1) <= room))  # (B, V): exactly k per row
+        ids = chosen.to(scaled.dtype).topk(kmax, dim=-1).indices  # the k, then any others
+        valid = chosen.gather(-1, ids)
+        g = gumbel_noise(self.seed_lo[:b], self.seed_hi[:b], step, stream, ids)
+        score = torch.where(valid, scaled.gather(-1, ids) + g, torch.full_like(g, -math.inf))
         picked = ids.gather(-1, score.argmax(-1, keepdim=True))[:, 0]
         return torch.where(temp > 0, picked, greedy)
 
