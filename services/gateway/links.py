@@ -29,7 +29,7 @@ import asyncio
 import logging
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 
@@ -76,9 +76,8 @@ class LinkContext:
         return self.params.budget_ms / 1000.0 + k * FRAME_S if k > 0 else 0.0
 
 
-@dataclass(frozen=True)
-class Moved:
-    """A link moved to another replica of its backend (LM failover)."""
+class Moved(NamedTuple):
+    """A link moved from replica address `source` to `target` (LM failover)."""
 
     source: str
     target: str

@@ -77,40 +77,24 @@ def decoded(msg: codec_pb2.PcmFrame) -> Outcome:
     return Outcome(pcm=pcm)
 
 
-ENCODE = Stage(
-    "encode",
-    CODEC,
-    Rpcs("Encode", codec_pb2.EncodeRequest, "EncodeMux", codec_pb2.EncodeMuxRequest),
-    takes=FRAMES,
-    gives=USER_CODES,
-    open=codec_open,
-    request=pcm_request,
-    answer=encoded,
-    link=StageLink,
-)
-STEP = Stage(
-    "step",
-    LM,
-    Rpcs("Step", lm_pb2.StepRequest, "StepMux", lm_pb2.StepMuxRequest),
-    takes=USER_CODES,
-    gives=MOSHI_CODES,
-    open=lm_open,
-    request=codes_request,
-    answer=stepped,
-    link=LmLink,
-    phase=True,
-)
-DECODE = Stage(
-    "decode",
-    CODEC,
-    Rpcs("Decode", codec_pb2.DecodeRequest, "DecodeMux", codec_pb2.DecodeMuxRequest),
-    takes=MOSHI_CODES,
-    gives=OUTPUT,
-    open=codec_open,
-    request=codes_request,
-    answer=decoded,
-    link=StageLink,
-)
+def _codec_stage(rpc: str, takes: str, gives: str, request: Any, answer: Any) -> Stage:
+    """A stage of the codec service (RPC `rpc`), on a plain link: never moved."""
+    rpcs = Rpcs.named(codec_pb2, rpc)
+    return Stage(rpc.lower(), CODEC, rpcs, takes, gives, codec_open, request, answer, StageLink)
+
+
+def _lm_stage(rpc: str, takes: str, gives: str, answer: Any) -> Stage:
+    """A stage of the LM service (RPC `rpc`), on an LmLink: moved when its replica fails.
+    The LM steps every session together: a frame may wait one whole step (`phase`)."""
+    rpcs = Rpcs.named(lm_pb2, rpc)
+    return Stage(
+        rpc.lower(), LM, rpcs, takes, gives, lm_open, codes_request, answer, LmLink, phase=True
+    )
+
+
+ENCODE = _codec_stage("Encode", FRAMES, USER_CODES, pcm_request, encoded)
+STEP = _lm_stage("Step", USER_CODES, MOSHI_CODES, stepped)
+DECODE = _codec_stage("Decode", MOSHI_CODES, OUTPUT, codes_request, decoded)
 
 # Admission picks the LM replica first: it is the scarce one.
 MOSHI = Pipeline("moshi", backends=(LM, CODEC), stages=(ENCODE, STEP, DECODE))

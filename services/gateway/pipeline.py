@@ -56,6 +56,13 @@ class Rpcs:
     mux: str  # e.g. "EncodeMux"
     mux_request: type
 
+    @classmethod
+    def named(cls, module: Any, rpc: str) -> Rpcs:
+        """`rpc` and `<rpc>Mux` of a generated `*_pb2` module, with their requests named
+        `<rpc>Request` / `<rpc>MuxRequest` (our protos' convention)."""
+        mux = f"{rpc}Mux"
+        return cls(rpc, getattr(module, f"{rpc}Request"), mux, getattr(module, f"{mux}Request"))
+
 
 @dataclass(slots=True)
 class Outcome:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -50,23 +51,17 @@ def client_key(client_id: str, peer: str | None) -> str:
     return peer
 
 
+@dataclass(eq=False)
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     """Converse: one conversation per stream, pinned to one replica per backend of the
     pipeline that `admission` places sessions for."""
 
-    def __init__(
-        self,
-        admission: Admission,
-        settings: GatewaySettings,
-        metrics: GatewayMetrics,
-        state: ServerState | None = None,
-    ) -> None:
-        self.admission = admission
-        self.settings = settings
-        self.metrics = metrics
-        self.state = state
-        self.sessions: dict[str, Session] = {}
-        self._client_sessions: dict[str, int] = {}
+    admission: Admission
+    settings: GatewaySettings
+    metrics: GatewayMetrics
+    state: ServerState | None = None  # the server's (draining: refuse new sessions)
+    sessions: dict[str, Session] = field(default_factory=dict)  # live, by session id
+    _client_sessions: dict[str, int] = field(default_factory=dict)  # live, by client key
 
     async def _refuse(
         self, context: grpc.aio.ServicerContext, reason: str, exc: BaseException, retry_ms: int

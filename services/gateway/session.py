@@ -71,15 +71,10 @@ class Session:
         metadata: tuple[tuple[str, str], ...] = (),
         trace: tracing.SessionTrace = tracing.NOOP_SESSION,
     ) -> None:
-        self.session_id = session_id
-        self.params = params
-        self.pipeline = pipeline
-        self.lease = lease
-        self.settings = settings
-        self.metrics = metrics
-        self.context = context
-        self.metadata = metadata
-        self.trace = trace  # spans of the session and its backend streams (no-op when off)
+        self.session_id, self.params, self.lease = session_id, params, lease
+        self.pipeline, self.settings, self.metrics = pipeline, settings, metrics
+        self.context = context  # the client's Converse call
+        self._open_ctx = OpenContext(session_id, params, lease, metadata)
         self.loop = asyncio.get_running_loop()
         self._started_wall = time.monotonic()
         self.flow_control = params.input_pacing == gateway_pb2.INPUT_PACING_FLOW_CONTROL
@@ -119,7 +114,7 @@ class Session:
 
     async def open_backends(self) -> None:
         """Run the pipeline's start steps, then open every stage's stream."""
-        ctx = OpenContext(self.session_id, self.params, self.lease, self.metadata)
+        ctx = self._open_ctx
         for step in self.pipeline.start:
             await step(ctx)
         for link in self.links:
