@@ -81,7 +81,6 @@ class Admission:
         self.pipeline = pipeline
         self.cost = cost
         self.retry_after_ms = retry_after_ms
-        self.last_estimate: Estimate | None = None
         self._order = [s.name for s in pipeline.stages]
         # Parts are added in the order the stages first use each backend (for `describe`).
         seen = dict.fromkeys(s.backend.kind for s in pipeline.stages)
@@ -163,10 +162,9 @@ class Admission:
                 retry,
             )
             parts[kind] = self._part(chosen[kind], now)
-        self.last_estimate = self._sum(parts)
         for replica in chosen.values():
             replica.placed()
-        return Lease(chosen)
+        return Lease(chosen, self._sum(parts))
 
     def move_target(self, backend: Backend, failed: Replica) -> Replica | None:
         """Where a running session moves off `failed`: the least-loaded other available

@@ -179,17 +179,17 @@ class LmLink(StageLink):
         return [Moved(failed.address, target.address)]
 
     def _target(self, reason: MoveReason, failed: Replica) -> Replica | None:
+        """Where to move, or None; a failed move is counted unless it was for a stall (the
+        stalled-stage rule decides about that one)."""
         if self._closed or not self.ctx.settings.lm_failover:
             return None
-        failed_moves = self.ctx.metrics.failovers.labels(self.stage.backend.kind, "failed")
-        if self.failovers >= MAX_FAILOVERS:
-            if reason is not MoveReason.STALL:
-                failed_moves.inc()
-            return None
-        target = self.ctx.admission.move_target(self.stage.backend, failed)
+        target = None
+        if self.failovers < MAX_FAILOVERS:
+            target = self.ctx.admission.move_target(self.stage.backend, failed)
+            if target is None and reason is not MoveReason.STALL:
+                log.warning("%s failed and no other LM replica has a free slot", self._where())
         if target is None and reason is not MoveReason.STALL:
-            log.warning("%s failed and no other LM replica has a free slot", self._where())
-            failed_moves.inc()
+            self.ctx.metrics.failovers.labels(self.stage.backend.kind, "failed").inc()
         return target
 
     async def _resend(self) -> None:

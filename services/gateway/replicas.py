@@ -19,7 +19,7 @@ import grpc
 
 from moshi_grpc.services.common.buckets import bucket_for, bucket_ladder
 from moshi_grpc.services.gateway.config import CostSettings
-from moshi_grpc.services.gateway.cost import ReplicaCost
+from moshi_grpc.services.gateway.cost import Estimate, ReplicaCost
 from moshi_grpc.services.gateway.pipeline import Backend
 from moshi_grpc.v1 import common_pb2
 
@@ -149,9 +149,11 @@ def least_loaded(replicas: Iterable[Replica]) -> Replica:
 
 @dataclass
 class Lease:
-    """A session's pinned replica per backend kind; `release()` is idempotent."""
+    """A session's pinned replica per backend kind, and the frame latency admission
+    predicted for it there; `release()` is idempotent."""
 
     replicas: dict[str, Replica]
+    estimate: Estimate | None = None
     _released: bool = False
 
     def release(self) -> None:

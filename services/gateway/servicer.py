@@ -120,9 +120,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except NoCapacity as exc:
             await self._refuse(context, exc.reason, exc, exc.retry_after_ms)
             return
-        if admission.last_estimate is not None:
-            estimate_s = admission.last_estimate.total_ms / 1000.0
-            self.metrics.admission_estimate_seconds.observe(estimate_s)
+        if lease.estimate is not None:
+            self.metrics.admission_estimate_seconds.observe(lease.estimate.total_ms / 1000.0)
         session_id = uuid.uuid4().hex[:16]
         logs.bind_session(session_id)
         session = Session(

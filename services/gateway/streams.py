@@ -1,13 +1,11 @@
 """A session's backend streams, per session or multiplexed (`--backend-streams`).
 
-A session's link to each backend stage (links.py) talks to its stream through one small
-interface, `open(msg)` / `send(frame)` / `read()` / `done_writing()` / `close()` / `done()` /
-`code()` / `details()` (`frame`: a frame message or a dict of its fields, the cheaper form:
-the request's sub-message is then built in place, not built and copied), with the semantics
-of a grpc.aio stream-stream call (read returns `grpc.aio.EOF` at a clean end and raises
-`AioRpcError` on failure), except for `close()`: our side drops the stream (the backend
-frees the slot), and from then on `read()` returns `CLOSED` and writes are dropped. Two
-implementations:
+A session's link to a stage (links.py) uses one interface, `open(msg)` / `send(frame)` /
+`read()` / `done_writing()` / `close()` / `done()` / `code()` / `details()` (`frame`: a
+message or, cheaper, a dict of its fields, built in place inside the request), with a
+grpc.aio stream-stream call's semantics (`read` returns `grpc.aio.EOF` at a clean end, raises
+`AioRpcError` on failure), except `close()`: our side drops the stream (the backend frees
+the slot), and `read()` returns `CLOSED` from then on, writes are dropped. Two kinds:
 
 - `PerSessionStream`: one RPC per session and stage (`Encode`, `Step`, `Decode`): the
   original path, kept behind `--backend-streams per-session`.
