@@ -127,7 +127,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         session = Session(
             session_id=session_id,
             params=params,
-            pipeline=admission.pipeline,
             lease=lease,
             admission=admission,
             settings=self.settings,

@@ -44,7 +44,7 @@ from moshi_grpc.services.gateway.budget import FrameSequencer
 from moshi_grpc.services.gateway.config import GatewaySettings, SessionParams
 from moshi_grpc.services.gateway.ending import Ending, MaxSessionLength
 from moshi_grpc.services.gateway.links import LinkContext, Reply, StageLink
-from moshi_grpc.services.gateway.pipeline import OpenContext, Pipeline
+from moshi_grpc.services.gateway.pipeline import OpenContext
 from moshi_grpc.services.gateway.replicas import Lease
 from moshi_grpc.services.gateway.streams import FRAME_S
 from moshi_grpc.services.gateway.text_hook import TextHook
@@ -62,7 +62,6 @@ class Session:
         *,
         session_id: str,
         params: SessionParams,
-        pipeline: Pipeline,
         lease: Lease,
         admission: Admission,
         settings: GatewaySettings,
@@ -72,7 +71,8 @@ class Session:
         trace: tracing.SessionTrace = tracing.NOOP_SESSION,
     ) -> None:
         self.session_id, self.params, self.lease = session_id, params, lease
-        self.pipeline, self.settings, self.metrics = pipeline, settings, metrics
+        self.settings, self.metrics = settings, metrics
+        self.pipeline = pipeline = admission.pipeline  # what the session runs
         self.context = context  # the client's Converse call
         self._open_ctx = OpenContext(session_id, params, lease, metadata)
         self.loop = asyncio.get_running_loop()
