@@ -27,14 +27,14 @@ from .core import (
 from .events import ReplyEvent
 from .options import RetryPolicy, SessionOptions
 from .result import ConverseResult, EventCallback
-from .source import AsyncReplaySource, Chunk, apaced, chunk_array, read_wav_chunks
+from .source import AsyncRetrySource, Chunk, apaced, chunk_array, read_wav_chunks
 
 
 class AsyncConversation(ConversationCore):
     """One Converse session: `async for` over it for its reply events, once."""
 
-    def _make_source(self, chunks: Iterable[Chunk] | AsyncIterable[Chunk]) -> AsyncReplaySource:
-        return AsyncReplaySource(
+    def _make_source(self, chunks: Iterable[Chunk] | AsyncIterable[Chunk]) -> AsyncRetrySource:
+        return AsyncRetrySource(
             chunks,
             self._session.encoding,
             on_sent=self._tracker.on_sent,

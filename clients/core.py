@@ -2,7 +2,7 @@
 reply-to-event conversion, the start-only retry decision and summary handling.
 
 `ConversationCore` holds one session's state; `Conversation` (grpc) and `AsyncConversation`
-(grpc.aio) only add their own replay source and the loop that reads the call, so both
+(grpc.aio) only add their own retry source and the loop that reads the call, so both
 retry, time out and report the same way.
 """
 
@@ -126,7 +126,7 @@ class ClientCore:
 
 
 class ConversationCore:
-    """One session's state and decisions; subclasses make the replay source and read the
+    """One session's state and decisions; subclasses make the retry source and read the
     call."""
 
     def __init__(
@@ -159,7 +159,7 @@ class ConversationCore:
         self._source = self._make_source(chunks)
 
     def _make_source(self, chunks: Any) -> Any:
-        """The transport's replay source (`ReplaySource` / `AsyncReplaySource`)."""
+        """The transport's retry source (`RetrySource` / `AsyncRetrySource`)."""
         raise NotImplementedError
 
     def cancel(self) -> None:

@@ -50,7 +50,7 @@ class LatencyTracker:
         self.reset()
 
     def reset(self) -> None:
-        """Forget everything (a retried session start replays the audio from frame 0)."""
+        """Forget everything (a retried session start sends the audio again from frame 0)."""
         self._sent_samples = 0
         self._frame_sent_at: list[float] = []
         self._latencies_ms: list[float] = []

@@ -107,7 +107,8 @@ class RetryPolicy:
 
     Only RESOURCE_EXHAUSTED (overload: no free slot) and UNAVAILABLE (draining or failed
     backend) are retried, and only before the session started: once audio has gone through the
-    model a retry would replay a conversation, which is the caller's decision, not the SDK's.
+    model a retry would start the conversation over, which is the caller's decision, not the
+    SDK's.
     A `retry-after-ms` hint from the gateway is honoured as the minimum wait.
     """
 

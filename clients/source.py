@@ -1,7 +1,8 @@
-"""Audio sources for a session: chunking, real-time pacing, and replay for retried starts.
+"""Audio sources for a session: chunking, real-time pacing, and the audio a retried start
+sends again.
 
 A session start may be refused (RESOURCE_EXHAUSTED/UNAVAILABLE) after some audio was already
-pulled from the caller's iterator. `ReplaySource` / `AsyncReplaySource` remember every chunk
+pulled from the caller's iterator. `RetrySource` / `AsyncRetrySource` remember every chunk
 pulled before the session started so that the next attempt sends exactly the same audio; once
 started they forget what was sent.
 """
@@ -235,8 +236,8 @@ def _audio_request(data: bytes) -> gateway_pb2.ConverseRequest:
     return gateway_pb2.ConverseRequest(audio=gateway_pb2.AudioChunk(data=data))
 
 
-class _ReplayBuffer:
-    """What both replay sources share: chunks pulled from the caller, kept from absolute
+class _RetryBuffer:
+    """What both retry sources share: chunks pulled from the caller, kept from absolute
     index `_base` on until the session has started, so a refused attempt's retry resends
     them; the current attempt's `generation` (an older attempt's stream stops)."""
 
@@ -287,8 +288,9 @@ class _ReplayBuffer:
         return self._encoder.finish() if item is None else self._encoder.encode(item)
 
 
-class ReplaySource(_ReplayBuffer):
-    """The caller's chunks, pulled once, replayable until the session has started.
+class RetrySource(_RetryBuffer):
+    """The caller's chunks, pulled once, sent again by each retry until the session has
+    started.
 
     gRPC's sync client consumes request iterators on its own thread, so pulls are serialised
     by a lock: a refused attempt's generator may still be inside `next()` when the retry
@@ -356,8 +358,8 @@ class ReplaySource(_ReplayBuffer):
             i += 1
 
 
-class AsyncReplaySource(_ReplayBuffer):
-    """`ReplaySource` for asyncio: one event loop, so only the pull needs serialising.
+class AsyncRetrySource(_RetryBuffer):
+    """`RetrySource` for asyncio: one event loop, so only the pull needs serialising.
 
     It also holds audio back until the session has started (first reply) or `start_gate_s`
     passed. grpc.aio reports a failed write as INTERNAL and overwrites the server's real status

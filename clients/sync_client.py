@@ -23,7 +23,7 @@ from .core import ClientCore, ConversationCore, session_from, whole_signal_field
 from .events import ReplyEvent
 from .options import RetryPolicy, SessionOptions
 from .result import ConverseResult, EventCallback
-from .source import Chunk, ReplaySource, chunk_array, paced, read_wav_chunks
+from .source import Chunk, RetrySource, chunk_array, paced, read_wav_chunks
 
 
 class Conversation(ConversationCore):
@@ -34,8 +34,8 @@ class Conversation(ConversationCore):
     `attempts` (session starts tried).
     """
 
-    def _make_source(self, chunks: Iterable[Chunk]) -> ReplaySource:
-        return ReplaySource(
+    def _make_source(self, chunks: Iterable[Chunk]) -> RetrySource:
+        return RetrySource(
             chunks,
             self._session.encoding,
             on_sent=self._tracker.on_sent,

@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moshi_grpc.services.common import flags
+from moshi_grpc.services.common.flags import DEFAULT_PORTS
 
 log = logging.getLogger(__name__)
 
 DEMO_SECONDS = 4.0
 DEMO_RATE = 16000
-DEFAULT_PORTS = {"gateway": (50051, 9091), "codec": (50052, 9092), "lm": (50053, 9093)}
 # The demo is a demonstration, not a latency test: its session asks for a generous per-frame
 # budget so that admission control never refuses it on a slow or busy machine (the small
 # random presets on a laptop CPU can take a few hundred ms per step); late frames are still

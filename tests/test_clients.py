@@ -101,7 +101,7 @@ class ScriptedGateway(gateway_pb2_grpc.GatewayServicer):
         cfg = first.config
         s.configs.append(cfg)
         if s.calls <= s.refuse:
-            if s.read_before_refuse:  # as a gateway may, so the client's replay is exercised
+            if s.read_before_refuse:  # as a gateway may, so the client's resend is exercised
                 await request_iterator.__anext__()
             if s.retry_after_ms is not None:
                 context.set_trailing_metadata((("retry-after-ms", str(s.retry_after_ms)),))
@@ -276,7 +276,7 @@ def test_latency_tracker_maps_chunks_to_frames() -> None:
 # --------------------------------------------------------------------------- scripted server
 
 
-def test_sync_retries_refused_start_and_replays_audio(scripted) -> None:
+def test_sync_retries_refused_start_and_resends_audio(scripted) -> None:
     script, server = scripted
     script.refuse, script.retry_after_ms = 2, 30
     signal = _signal()
@@ -287,7 +287,7 @@ def test_sync_retries_refused_start_and_replays_audio(scripted) -> None:
     # The hint (30 ms) is the floor of both waits even though the backoff asks for 10-20 ms.
     assert len(conv.retry_delays) == 2 and min(conv.retry_delays) >= 0.03
     # Every sample reached the server in the successful attempt (chunks pulled by the refused
-    # attempts were replayed, none lost, none duplicated).
+    # attempts were sent again, none lost, none duplicated).
     sent = audio.encode_samples(signal, "pcm16")
     assert b"".join(script.received) == sent
     assert result.frames == len(signal) // FRAME
@@ -403,7 +403,7 @@ def test_float32_encoding_and_bad_chunks(scripted) -> None:
 
 async def test_async_retries_and_events(scripted_here) -> None:
     script, addr = scripted_here
-    # The async client holds audio back until the session started (see AsyncReplaySource).
+    # The async client holds audio back until the session started (see AsyncRetrySource).
     script.refuse, script.retry_after_ms, script.read_before_refuse = 1, 20, False
     signal = _signal()
 

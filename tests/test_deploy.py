@@ -388,7 +388,7 @@ def test_k8s_gateway_resolves_headless_services_by_dns() -> None:
         ports = {p["port"] for p in services[name]["spec"]["ports"]}
         assert int(m.group(3)) in ports
     # The services' own DNS-resolver format is what the gateway accepts.
-    from moshi_grpc.services.gateway.replicas import parse_specs
+    from moshi_grpc.services.gateway.discovery import parse_specs
 
     assert len(parse_specs(args.codec_addr + args.lm_addr)) == 2
 

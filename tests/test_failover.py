@@ -324,7 +324,7 @@ async def test_no_other_lm_replica_ends_with_unavailable() -> None:
     try:
         for _ in range(100):  # until the gateway has seen b full
             await asyncio.sleep(0.05)
-            if not gateway.pool.lm.replicas[b.address].available:
+            if not gateway.pool.sets["lm"].replicas[b.address].available:
                 break
         _, chunks = _frames(4)
         stub = gateway_pb2_grpc.GatewayStub(channel)
@@ -375,7 +375,7 @@ async def test_frozen_lm_replica_is_left_when_its_health_probe_fails(
         channel = grpc.aio.insecure_channel(gateway.address)
         for _ in range(100):
             await asyncio.sleep(0.05)
-            if not gateway.pool.lm.replicas[other.address].available:
+            if not gateway.pool.sets["lm"].replicas[other.address].available:
                 break
         n, cut = 10, 3
 
@@ -384,7 +384,7 @@ async def test_frozen_lm_replica_is_left_when_its_health_probe_fails(
             hog.cancel()  # free the other replica's slot
             for _ in range(100):  # until the gateway sees the slot free
                 await asyncio.sleep(0.05)
-                if gateway.pool.lm.replicas[other.address].available:
+                if gateway.pool.sets["lm"].replicas[other.address].available:
                     break
             proc.signal(signal.SIGSTOP)
 

@@ -235,8 +235,8 @@ def test_kill9_backend_mid_session(procs: ProcStack, victim: str) -> None:
     )
     after = procs.gateway_metrics()
     assert (
-        metric_value(after, "moshi_gateway_sessions_ended_total", reason="backend_error")
-        - (metric_value(before, "moshi_gateway_sessions_ended_total", reason="backend_error"))
+        metric_value(after, "moshi_gateway_sessions_ended_total", reason="backend_failed")
+        - (metric_value(before, "moshi_gateway_sessions_ended_total", reason="backend_failed"))
         >= 1
     )
     assert metric_value(
@@ -304,7 +304,7 @@ def test_sigstop_lm_mid_session_then_sigcont(procs: ProcStack) -> None:
         return metric_value(after, name, **labels) - metric_value(before, name, **labels)
 
     assert delta("moshi_gateway_budget_misses_total") >= summary.frames_late
-    assert delta("moshi_gateway_sessions_ended_total", reason="budget_exceeded") == 1
+    assert delta("moshi_gateway_sessions_ended_total", reason="deadline_exceeded") == 1
     assert delta("grpc_server_handled_total", grpc_code="DEADLINE_EXCEEDED") == 1
     assert run_session(gw.address, 3).code == grpc.StatusCode.OK
 

@@ -292,7 +292,7 @@ async def test_slow_backend_misses_become_silence_then_deadline_exceeded() -> No
     assert metric_value(metrics, "moshi_gateway_budget_misses_total") >= 3
     assert metric_value(metrics, "moshi_gateway_frames_dropped_total", reason="budget") >= 3
     assert (
-        metric_value(metrics, "moshi_gateway_sessions_ended_total", reason="budget_exceeded") == 1
+        metric_value(metrics, "moshi_gateway_sessions_ended_total", reason="deadline_exceeded") == 1
     )
 
 
@@ -349,7 +349,7 @@ async def test_admission_refuses_when_recent_step_times_exceed_the_budget() -> N
         x = audio.speech_like(0.5, 24000)
         warm = [config_msg(24000, FLOAT32, budget_ms=5000)] + audio_msgs(x, FLOAT32, [1920])
         assert (await converse(stack.stub, warm, pace_s=0.02)).code == grpc.StatusCode.OK
-        lm_set = stack.gateway.pool.lm
+        lm_set = stack.gateway.pool.sets["lm"]
         for _ in range(100):  # the pool polls Info every 0.1 s
             if all(r.step_p99_ms >= 100 for r in lm_set.replicas.values()):
                 break
@@ -513,12 +513,12 @@ async def test_vanished_client_frees_backend_slots_quickly(repo_root) -> None:
         # The handler's own bookkeeping may finish a moment after the slots are free. Most
         # often grpc.aio cancels the handler ("cancelled"); sometimes it first reads the dead
         # stream as ended, exactly like a half-close, and the session finishes its last
-        # frames ("completed"): context.cancelled() and code() say nothing either way
+        # frames ("client_closed"): context.cancelled() and code() say nothing either way
         # (checked), so the gateway cannot tell. Either way it is counted once, and ended.
         def ended(m) -> float:
             return sum(
                 metric_value(m, "moshi_gateway_sessions_ended_total", reason=r)
-                for r in ("cancelled", "completed")
+                for r in ("cancelled", "client_closed")
             )
 
         for _ in range(300):
@@ -551,7 +551,7 @@ async def test_metrics_are_valid_prometheus_exposition() -> None:
     frames = reply.event("ended")[-1].summary.frames_out
     assert frames == 10
     assert metric_value(m, "moshi_gateway_sessions_started_total") == 1
-    assert metric_value(m, "moshi_gateway_sessions_ended_total", reason="completed") == 1
+    assert metric_value(m, "moshi_gateway_sessions_ended_total", reason="client_closed") == 1
     assert metric_value(m, "moshi_gateway_sessions_active") == 0
     assert metric_value(m, "moshi_gateway_frames_total") == frames
     assert metric_value(m, "moshi_gateway_frame_latency_seconds_count") == frames

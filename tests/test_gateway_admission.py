@@ -1,4 +1,4 @@
-"""Admission from measured cost (services/gateway/replicas.py): the gateway predicts a new
+"""Admission from measured cost (services/gateway/admission.py, cost.py): the gateway predicts a new
 session's frame latency from the replicas' per-bucket step times (Info.buckets) and refuses
 what it cannot serve.
 
@@ -20,17 +20,13 @@ from moshi_grpc.services.codec.engine import CodecOptions
 from moshi_grpc.services.codec.startup import start_codec_server
 from moshi_grpc.services.common.errors import ErrorCode
 from moshi_grpc.services.common.server import ServerConfig
+from moshi_grpc.services.gateway.admission import Admission, NoCapacity
 from moshi_grpc.services.gateway.cli import start_gateway
-from moshi_grpc.services.gateway.config import GatewaySettings
-from moshi_grpc.services.gateway.replicas import (
-    ChannelSettings,
-    CostSettings,
-    NoCapacity,
-    ReplicaCost,
-    ReplicaPool,
-    Spec,
-    bucket_for,
-)
+from moshi_grpc.services.gateway.config import CostSettings, GatewaySettings
+from moshi_grpc.services.gateway.cost import ReplicaCost
+from moshi_grpc.services.gateway.discovery import ChannelSettings, ReplicaPool, Spec
+from moshi_grpc.services.gateway.moshi_pipeline import CODEC, LM, MOSHI
+from moshi_grpc.services.gateway.replicas import Replica
 from moshi_grpc.services.lm.engine import LmOptions
 from moshi_grpc.services.lm.startup import start_lm_server
 from moshi_grpc.v1 import codec_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc, lm_pb2_grpc
@@ -117,44 +113,54 @@ async def backends():
     await codec_server.stop(0)
 
 
-def _pool(lm_addr: str, codec_addr: str, clock, **cost) -> ReplicaPool:
+def _admission(lm_addr: str, codec_addr: str, clock, **cost) -> Admission:
     host, port = codec_addr.rsplit(":", 1)
     lhost, lport = lm_addr.rsplit(":", 1)
-    return ReplicaPool(
-        [Spec(host, int(port), False)],
-        [Spec(lhost, int(lport), False)],
+    settings = CostSettings(**cost)
+    pool = ReplicaPool(
+        {CODEC: [Spec(host, int(port), False)], LM: [Spec(lhost, int(lport), False)]},
         ChannelSettings(),
         clock=clock,
-        cost=CostSettings(**cost),
-        retry_after_ms=500,
+        cost=settings,
     )
+    return Admission(pool, MOSHI, settings, retry_after_ms=500)
+
+
+def _pair(admission: Admission) -> tuple[Replica, Replica]:
+    sets = admission.pool.sets
+    return next(iter(sets["codec"].replicas.values())), next(iter(sets["lm"].replicas.values()))
 
 
 def test_bucket_ladder() -> None:
-    assert [bucket_for(n, 8) for n in (1, 2, 3, 4, 5, 8)] == [1, 2, 4, 4, 8, 8]
-    assert bucket_for(5, 6) == 6  # capped at the slots
-    assert bucket_for(3, 0) == 4
+    def bucket(sessions: int, slots: int) -> int:  # where the next session would be stepped
+        info = common_pb2.BackendInfo(slots_total=slots, slots_in_use=sessions - 1)
+        replica = Replica(LM, "a:1", channel=None, healthy=True, info=info, stub=object())
+        return replica.join_bucket
+
+    assert [bucket(n, 8) for n in (1, 2, 3, 4, 5, 8)] == [1, 2, 4, 4, 8, 8]
+    assert bucket(5, 6) == 6  # capped at the slots
+    with pytest.raises(ValueError, match="at least one slot"):
+        bucket(3, 0)  # a replica without slots has no bucket (and is never available)
 
 
 async def test_prediction_adds_up_at_the_bucket_the_session_would_join(backends) -> None:
     lm, codec, lm_addr, codec_addr = backends
     clock = FakeClock()
-    pool = _pool(lm_addr, codec_addr, clock, batch_wait_ms=5.0)
+    admission = _admission(lm_addr, codec_addr, clock, batch_wait_ms=5.0)
     try:
         lm.info = _lm_info(used=3)  # a 4th session lands in bucket 4
-        await pool.refresh()
-        c = next(iter(pool.codec.replicas.values()))
-        m = next(iter(pool.lm.replicas.values()))
-        est = pool.estimate(c, m)
-        assert (est.lm_bucket, est.codec_bucket) == (4, 1)
-        assert est.step_ms == pytest.approx(9.0) and est.phase_ms == pytest.approx(9.0)
-        assert est.encode_ms == est.decode_ms == pytest.approx(1.0)
+        await admission.pool.refresh()
+        c, m = _pair(admission)
+        est = admission.estimate({"codec": c, "lm": m})
+        assert (est.buckets["lm"], est.buckets["codec"]) == (4, 1)
+        assert est.stage_ms["step"] == pytest.approx(9.0) and est.phase_ms == pytest.approx(9.0)
+        assert est.stage_ms["encode"] == est.stage_ms["decode"] == pytest.approx(1.0)
         assert est.wait_ms == pytest.approx(15.0)
         assert est.network_ms > 0  # the measured Info round trips
         expected = 1.0 + 9.0 + 1.0 + 15.0 + 9.0 + est.network_ms
         assert est.total_ms == pytest.approx(expected)
     finally:
-        await pool.stop()
+        await admission.pool.stop()
 
 
 async def test_replica_admits_again_once_a_burst_is_over(backends) -> None:
@@ -164,44 +170,44 @@ async def test_replica_admits_again_once_a_burst_is_over(backends) -> None:
     after the TTL the same replica admits the same request."""
     lm, codec, lm_addr, codec_addr = backends
     clock = FakeClock()
-    pool = _pool(lm_addr, codec_addr, clock, sample_ttl_s=30.0)
+    admission = _admission(lm_addr, codec_addr, clock, sample_ttl_s=30.0)
     try:
-        await pool.refresh()
-        pool.lease(100).release()  # idle: warm-up times fit
+        await admission.pool.refresh()
+        admission.lease(100).release()  # idle: warm-up times fit
         lm.info = _lm_info(recent={1: (80.0, 40)})  # the burst
-        await pool.refresh()
+        await admission.pool.refresh()
         with pytest.raises(NoCapacity, match="cannot meet the 100 ms budget") as err:
-            pool.lease(100)
+            admission.lease(100)
         assert err.value.reason == "budget"
         assert err.value.code == ErrorCode.NO_CAPACITY  # RESOURCE_EXHAUSTED on the wire
         assert 29_000 <= err.value.retry_after_ms <= 30_000  # when the samples expire
         clock.t += 15.0
-        await pool.refresh()  # same figures: no new steps, no new sample
+        await admission.pool.refresh()  # same figures: no new steps, no new sample
         with pytest.raises(NoCapacity):
-            pool.lease(100)
+            admission.lease(100)
         clock.t += 15.1
-        await pool.refresh()
-        pool.lease(100).release()  # the burst is over: admitted again
+        await admission.pool.refresh()
+        admission.lease(100).release()  # the burst is over: admitted again
     finally:
-        await pool.stop()
+        await admission.pool.stop()
 
 
 async def test_fresh_replica_refuses_a_1ms_budget(backends) -> None:
     lm, codec, lm_addr, codec_addr = backends
-    pool = _pool(lm_addr, codec_addr, FakeClock())
+    admission = _admission(lm_addr, codec_addr, FakeClock())
     try:
-        await pool.refresh()
+        await admission.pool.refresh()
         with pytest.raises(NoCapacity, match="cannot meet the 1 ms budget") as err:
-            pool.lease(1)
+            admission.lease(1)
         # It never could, even idle: the hint is the default, not an expiry.
         assert err.value.retry_after_ms == 500
-        pool.lease(200).release()
+        admission.lease(200).release()
     finally:
-        await pool.stop()
+        await admission.pool.stop()
 
 
 def test_recent_samples_decay_and_expire() -> None:
-    cost = ReplicaCost("lm", CostSettings(sample_ttl_s=30.0))
+    cost = ReplicaCost(LM, CostSettings(sample_ttl_s=30.0))
     info = _lm_info(recent={1: (50.0, 10)})
     cost.update(info, now=0.0, rtt_ms=1.0)
     assert cost.stage_ms("step", 1, now=0.0) == pytest.approx(50.0)
@@ -218,7 +224,7 @@ def test_recent_samples_decay_and_expire() -> None:
 def test_unmeasured_replica_rule() -> None:
     """No bucket timings (an older backend): each stage costs `unmeasured_stage_ms`, or the
     replica's reported step p50 while it keeps changing (steps ran), until it expires."""
-    cost = ReplicaCost("lm", CostSettings(unmeasured_stage_ms=10.0, sample_ttl_s=30.0))
+    cost = ReplicaCost(LM, CostSettings(unmeasured_stage_ms=10.0, sample_ttl_s=30.0))
     old = common_pb2.BackendInfo(slots_total=4)
     cost.update(old, now=0.0, rtt_ms=0.5)
     assert not cost.measured and cost.stage_ms("step", 1, now=0.0) == 10.0
@@ -226,7 +232,7 @@ def test_unmeasured_replica_rule() -> None:
     assert cost.stage_ms("step", 1, now=1.0) == pytest.approx(70.0)
     cost.update(common_pb2.BackendInfo(slots_total=4, step_p50_ms=70.0), now=40.0, rtt_ms=0.5)
     assert cost.stage_ms("step", 1, now=40.0) == 10.0  # unchanged figure: expired
-    codec = ReplicaCost("codec", CostSettings())
+    codec = ReplicaCost(CODEC, CostSettings())
     codec.update(common_pb2.BackendInfo(slots_total=4, step_p50_ms=8.0), now=0.0, rtt_ms=0.5)
     assert codec.stage_ms("encode", 1, now=0.0) == pytest.approx(4.0)  # encode + decode
 
@@ -300,30 +306,29 @@ async def test_a_session_that_left_since_the_last_info_is_not_counted(backends) 
     larger bucket, could refuse it for nothing)."""
     lm, codec, lm_addr, codec_addr = backends
     clock = FakeClock()
-    pool = _pool(lm_addr, codec_addr, clock)
+    admission = _admission(lm_addr, codec_addr, clock)
     try:
-        await pool.refresh()
-        first = pool.lease(200)
+        await admission.pool.refresh()
+        first = admission.lease(200)
         clock.t += 1.0
         lm.info = _lm_info(used=1)  # the backend counts the first session
         codec.info.slots_in_use = 1  # its Encode and Decode streams hold one slot each
-        await pool.refresh()
-        c = next(iter(pool.codec.replicas.values()))
-        m = next(iter(pool.lm.replicas.values()))
+        await admission.pool.refresh()
+        c, m = _pair(admission)
         assert (m.slots_used, c.slots_used) == (1, 1)
         clock.t += 0.1
         first.release()  # before the next poll: the last Info still counts it
         assert (m.slots_used, c.slots_used) == (0, 0)
-        est = pool.estimate(c, m)
-        assert (est.lm_bucket, est.codec_bucket) == (1, 1)
-        second = pool.lease(200)  # placed, then counted once, on top of the stale count
+        est = admission.estimate({"codec": c, "lm": m})
+        assert (est.buckets["lm"], est.buckets["codec"]) == (1, 1)
+        second = admission.lease(200)  # placed, then counted once, on top of the stale count
         assert (m.slots_used, c.slots_used) == (1, 1)
         clock.t += 0.5
-        await pool.refresh()  # the backend's fresh count: the second session only
+        await admission.pool.refresh()  # the backend's fresh count: the second session only
         assert (m.slots_used, c.slots_used) == (1, 1)
         assert not m.recent_releases and not m.recent_leases
         clock.t += 0.1
         second.release()
         assert (m.slots_used, c.slots_used) == (0, 0)
     finally:
-        await pool.stop()
+        await admission.pool.stop()

@@ -57,3 +57,17 @@ def test_gateway_registry_names_are_unchanged() -> None:
     assert 'moshi_gateway_frame_latency_seconds_bucket{le="0.08"} 1.0' in text
     assert 'moshi_gateway_stage_seconds_count{stage="step"} 1.0' in text
     assert "# TYPE moshi_gateway_stage_seconds histogram" in text
+
+
+def test_sessions_ended_reasons_are_the_summary_reasons() -> None:
+    """One vocabulary: the metric's documented labels are the end reasons, which are the
+    summary's `reason` strings (the gateway labels the metric with `EndReason.value`)."""
+    from moshi_grpc.services.common import metrics
+    from moshi_grpc.services.gateway.ending import EndReason
+
+    (row,) = [r for r in metrics.__doc__.splitlines() if "sessions_ended_total" in r]
+    documented = row.rsplit("(", 1)[1].split(")")[0].split(", ")
+    assert sorted(documented) == sorted(r.value for r in EndReason)
+    registry = new_registry()
+    help_text = GatewayMetrics.create(registry).sessions_ended._documentation
+    assert all(r.value in help_text for r in EndReason)

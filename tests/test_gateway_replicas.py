@@ -16,12 +16,11 @@ from moshi_grpc.services.codec.engine import CodecOptions
 from moshi_grpc.services.codec.startup import start_codec_server
 from moshi_grpc.services.common.errors import ErrorCode
 from moshi_grpc.services.common.server import ServerConfig
+from moshi_grpc.services.gateway.admission import NoCapacity, choose
 from moshi_grpc.services.gateway.cli import start_gateway
 from moshi_grpc.services.gateway.config import GatewaySettings
-from moshi_grpc.services.gateway.replicas import (
+from moshi_grpc.services.gateway.discovery import (
     ChannelSettings,
-    NoCapacity,
-    Replica,
     ReplicaSet,
     ReplicaSpecError,
     Spec,
@@ -29,6 +28,8 @@ from moshi_grpc.services.gateway.replicas import (
     parse_specs,
     resolve_addresses,
 )
+from moshi_grpc.services.gateway.moshi_pipeline import CODEC, LM
+from moshi_grpc.services.gateway.replicas import Replica
 from moshi_grpc.services.lm.engine import LmOptions
 from moshi_grpc.services.lm.startup import start_lm_server
 from moshi_grpc.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -81,11 +82,11 @@ async def test_resolve_addresses_uses_getaddrinfo() -> None:
 def _replica(kind: str, address: str, total: int, used: int, p99: float = 1.0, **kw) -> Replica:
     channel = grpc.aio.insecure_channel(address)  # never used: no RPC is made
     info = common_pb2.BackendInfo(slots_total=total, slots_in_use=used, step_p99_ms=p99, **kw)
-    return Replica(kind, address, channel, healthy=True, info=info)
+    return Replica({"lm": LM, "codec": CODEC}[kind], address, channel, healthy=True, info=info)
 
 
 async def test_choose_least_loaded_then_fastest() -> None:
-    rs = ReplicaSet("lm", [], ChannelSettings())
+    rs = ReplicaSet(LM, [], ChannelSettings())
     for r in (
         _replica("lm", "a:1", 4, 3, p99=8.0),
         _replica("lm", "b:1", 8, 2, p99=30.0),
@@ -93,29 +94,29 @@ async def test_choose_least_loaded_then_fastest() -> None:
         _replica("lm", "d:1", 2, 0, draining=True),
     ):
         rs.replicas[r.address] = r
-    assert rs.choose(100, lambda r: r.step_p99_ms).address == "c:1"
+    assert choose(rs, 100, lambda r: r.step_p99_ms).address == "c:1"
     # Sessions placed since the last poll count: c fills up, b becomes the least loaded.
     rs.replicas["c:1"].local_sessions = 3
-    assert rs.choose(100, lambda r: r.step_p99_ms).address == "b:1"
+    assert choose(rs, 100, lambda r: r.step_p99_ms).address == "b:1"
     # Budget: replicas whose recent step p99 does not fit are skipped, or refused if none fits.
-    assert rs.choose(20, lambda r: r.step_p99_ms).address in {"a:1", "c:1"}
+    assert choose(rs, 20, lambda r: r.step_p99_ms).address in {"a:1", "c:1"}
     with pytest.raises(NoCapacity, match="cannot meet the 5 ms budget") as err:
-        rs.choose(5, lambda r: r.step_p99_ms)
+        choose(rs, 5, lambda r: r.step_p99_ms)
     assert err.value.reason == "budget" and err.value.code == ErrorCode.NO_CAPACITY
     for r in rs.replicas.values():
         await r.channel.close()
 
 
 async def test_choose_refuses_full_or_unhealthy_sets() -> None:
-    rs = ReplicaSet("codec", [], ChannelSettings())
+    rs = ReplicaSet(CODEC, [], ChannelSettings())
     full = _replica("codec", "a:1", 2, 2)
     rs.replicas["a:1"] = full
     with pytest.raises(NoCapacity, match="no codec replica has a free slot") as err:
-        rs.choose(100, lambda r: 0.0)
+        choose(rs, 100, lambda r: 0.0)
     assert err.value.reason == "capacity"
     full.healthy = False
     with pytest.raises(NoCapacity, match="no healthy codec replica") as err:
-        rs.choose(100, lambda r: 0.0)
+        choose(rs, 100, lambda r: 0.0)
     assert err.value.code == ErrorCode.UNAVAILABLE
     await full.channel.close()
 
@@ -165,7 +166,7 @@ async def test_dns_name_expands_to_every_replica_and_sessions_spread() -> None:
     )
     calls = []
     try:
-        assert set(gateway.pool.codec.replicas) == set(answer)
+        assert set(gateway.pool.sets["codec"].replicas) == set(answer)
         stub = gateway_pb2_grpc.GatewayStub(grpc.aio.insecure_channel(gateway.address))
         placed = []
         for _ in range(4):
@@ -174,14 +175,16 @@ async def test_dns_name_expands_to_every_replica_and_sessions_spread() -> None:
             placed.append(started.codec_replica)
             # Let the pool's Info view catch up with the sessions placed so far.
             for _ in range(250):
-                seen = sum(r.info.slots_in_use for r in gateway.pool.codec.replicas.values())
+                seen = sum(
+                    r.info.slots_in_use for r in gateway.pool.sets["codec"].replicas.values()
+                )
                 if seen == len(calls):
                     break
                 await asyncio.sleep(0.02)
         assert sorted(placed) == sorted(answer * 2)  # 2 + 2: least-loaded alternates
         answer[:] = [codecs[0].address]  # pod 1 leaves DNS
         for _ in range(100):
-            if not gateway.pool.codec.replicas[codecs[1].address].listed:
+            if not gateway.pool.sets["codec"].replicas[codecs[1].address].listed:
                 break
             await asyncio.sleep(0.02)
         for _ in range(2):
@@ -203,7 +206,7 @@ async def test_backend_health_is_watched() -> None:
         _cfg(), codec.address, lm.address, GatewaySettings(refresh_interval_s=0.05)
     )
     try:
-        replica = gateway.pool.lm.replicas[lm.address]
+        replica = gateway.pool.sets["lm"].replicas[lm.address]
         assert replica.healthy and replica.info.slots_total == 4
         await lm.set_serving(False)  # e.g. reloading: NOT_SERVING
         for _ in range(100):

@@ -55,7 +55,7 @@ def test_gateway_workers_share_one_port_and_their_metrics_add_up(tmp_path) -> No
         scraped = [scrape(u) for u in urls()]
         started = sum(metric_value(m, "moshi_gateway_sessions_started_total") for m in scraped)
         ended = sum(
-            metric_value(m, "moshi_gateway_sessions_ended_total", reason="completed")
+            metric_value(m, "moshi_gateway_sessions_ended_total", reason="client_closed")
             for m in scraped
         )
         frames = sum(metric_value(m, "moshi_gateway_frames_total") for m in scraped)

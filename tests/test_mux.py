@@ -357,7 +357,8 @@ async def test_big_bursts_are_split_under_the_message_limit() -> None:
     split them into capped messages, and every session gets its answer."""
     from types import SimpleNamespace
 
-    from moshi_grpc.services.gateway.streams import DECODE, ENCODE, MUX, open_stream
+    from moshi_grpc.services.gateway.moshi_pipeline import DECODE, ENCODE
+    from moshi_grpc.services.gateway.streams import MUX, open_stream
 
     n = 600
     # (a generous max wait: all 600 frames go through one batched call, so all 600 results

@@ -144,7 +144,7 @@ async def test_sessions_share_one_stream_per_replica_and_stage(
         async with grpc.aio.insecure_channel(gateway.address) as ch:
             stub = gateway_pb2_grpc.GatewayStub(ch)
             results = await asyncio.gather(*(_session(stub, lv, first=frames) for lv in levels))
-            replica = next(iter(gateway.pool.codec.replicas.values()))
+            replica = next(iter(gateway.pool.sets["codec"].replicas.values()))
             mux_streams = sorted(replica.mux)
         codec_m = scrape(codec.metrics_url)
         lm_m = scrape(lm.metrics_url)
@@ -231,7 +231,7 @@ async def test_lm_replica_killed_every_session_on_it_fails_over(mode: str) -> No
                     )
                 )
             await _wait_for_audio(holders, 1)  # every session placed, first frames through
-            placed = [s.lease.lm.address for s in gateway.servicer.sessions.values()]
+            placed = [s.lease.replicas["lm"].address for s in gateway.servicer.sessions.values()]
             assert len(placed) == n
             assert placed.count(lm_a.address) >= 1 and placed.count(lm_b.address) >= 1
             await lm_a.stop(0)  # every session on lm_a must move to lm_b

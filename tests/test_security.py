@@ -251,7 +251,7 @@ async def test_lm_token_auth_every_rpc() -> None:
 
 async def test_gateway_token_auth_and_backend_token() -> None:
     """Client -> gateway token and gateway -> backend token are separate secrets."""
-    from moshi_grpc.services.gateway.replicas import ChannelSettings
+    from moshi_grpc.services.gateway.discovery import ChannelSettings
 
     backend_token = "backend-" + TOKEN
     codec = await start_codec(auth_token=backend_token)
@@ -401,7 +401,7 @@ def test_tls_config_errors_are_clear(tmp_path: Path, pki: Pki) -> None:
 async def test_gateway_reaches_tls_backends_only_with_their_ca(pki: Pki) -> None:
     """Backends with TLS on refuse the gateway's plain connections (no session admitted);
     with the CA configured the same stack serves; the public side can be TLS too."""
-    from moshi_grpc.services.gateway.replicas import ChannelSettings
+    from moshi_grpc.services.gateway.discovery import ChannelSettings
 
     tls = {"tls_cert": str(pki.path("server.crt")), "tls_key": str(pki.path("server.key"))}
     codec = await start_codec(**tls)

@@ -195,7 +195,7 @@ async def test_lm_failover_adds_a_step_span_in_the_same_trace(exporter) -> None:
                 message = await call.read()
                 answered += message.WhichOneof("kind") == "audio"
             (session,) = gateway.servicer.sessions.values()
-            first_lm = session.lease.lm.address
+            first_lm = session.lease.replicas["lm"].address
             await next(lm for lm in lms if lm.address == first_lm).stop(0)
             for _ in range(3):
                 await call.write(audio_chunk)

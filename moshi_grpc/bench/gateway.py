@@ -284,7 +284,8 @@ async def _direct_session(replicas, mode: str, frames: int, phase: float, pcm: b
     per-session or shared multiplexed backend streams (the gateway's own stream classes)."""
     import grpc
 
-    from moshi_grpc.services.gateway.streams import DECODE, ENCODE, STEP, open_stream
+    from moshi_grpc.services.gateway.moshi_pipeline import DECODE, ENCODE, STEP
+    from moshi_grpc.services.gateway.streams import open_stream
     from moshi_grpc.v1 import codec_pb2, lm_pb2
 
     codec, lm = replicas
@@ -341,7 +342,7 @@ async def _direct_session(replicas, mode: str, frames: int, phase: float, pcm: b
             t.cancel()
         for stream in (enc, dec, step):
             if not stream.done():
-                stream.cancel()
+                stream.close()
 
 
 class _Target:

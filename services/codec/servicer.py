@@ -14,6 +14,7 @@ import torch
 
 from moshi_grpc import __version__
 from moshi_grpc.services.codec.engine import CodecEngine
+from moshi_grpc.services.common.backend import model_identity
 from moshi_grpc.services.common.batching import BatchScheduler
 from moshi_grpc.services.common.errors import NotReady
 from moshi_grpc.services.common.metrics import BatcherMetrics
@@ -154,11 +155,12 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         mimi = engine.mimi
         e50, e99 = engine.encoder.step_percentiles_ms()
         d50, d99 = engine.decoder.step_percentiles_ms()
+        ident = model_identity(mimi, engine.options)
         return common_pb2.BackendInfo(
             model_name=engine.model_name,
-            config_name=str(getattr(mimi, "config_name", engine.options.config)),
-            dtype=str(getattr(mimi, "dtype", engine.options.dtype)).replace("torch.", ""),
-            device=str(getattr(mimi, "device", engine.options.device)),
+            config_name=ident.config,
+            dtype=ident.dtype,
+            device=ident.device,
             slots_total=engine.options.max_sessions,
             slots_in_use=max(engine.encoder.slots_in_use, engine.decoder.slots_in_use),
             step_p50_ms=e50 + d50,

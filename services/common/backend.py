@@ -85,6 +85,25 @@ async def start_backend(
 
 
 @dataclass(frozen=True)
+class ModelIdentity:
+    """What a replica runs, as build info and `Info` report it."""
+
+    config: str
+    device: str
+    dtype: str  # without the "torch." prefix
+
+
+def model_identity(model: Any, options: Any) -> ModelIdentity:
+    """The model's own config name, device and dtype, else its options' (echo models have
+    none)."""
+    return ModelIdentity(
+        config=str(getattr(model, "config_name", options.config)),
+        device=str(getattr(model, "device", options.device)),
+        dtype=str(getattr(model, "dtype", options.dtype)).replace("torch.", ""),
+    )
+
+
+@dataclass(frozen=True)
 class BackendKind:
     """What differs between the codec and the LM server, said once per service (in its
     `startup.py`) so the shared start-up flow takes one description, not six callables."""
@@ -109,8 +128,7 @@ async def start_model_server(
     registry, a servicer that answers UNAVAILABLE until the engine is attached, the model
     loaded by `make_engine(metrics)` in a worker thread, then build info and SERVING.
 
-    Build info takes the model's `config_name`/`device`/`dtype`, falling back to `options`
-    (echo models have none). `running.servicer` is set; with `wait_ready=False` it returns
+    Build info names the model (`model_identity`). `running.servicer` is set; with `wait_ready=False` it returns
     while loading."""
     registry = new_registry()
     metrics = kind.metrics_type.create(registry)
@@ -119,13 +137,13 @@ async def start_model_server(
 
     def attach(engine: Any, running: RunningServer) -> None:
         servicer.attach(engine)
-        model = kind.model_of(engine)
+        ident = model_identity(kind.model_of(engine), options)
         running.server_metrics.set_build_info(
             version=__version__,
             model=engine.model_name,
-            config=str(getattr(model, "config_name", options.config)),
-            device=str(getattr(model, "device", options.device)),
-            dtype=str(getattr(model, "dtype", options.dtype)).replace("torch.", ""),
+            config=ident.config,
+            device=ident.device,
+            dtype=ident.dtype,
         )
 
     service = Service(kind.grpc_service, lambda server: kind.register(servicer, server))

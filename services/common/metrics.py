@@ -42,7 +42,7 @@ prometheus.io: `moshi_` prefix, base units (`_seconds`), `_total` on counters, h
 | `moshi_gateway_sessions_active` | gauge | | live Converse sessions |
 | `moshi_gateway_sessions_started_total` | counter | | sessions admitted |
 | `moshi_gateway_sessions_refused_total` | counter | reason | sessions refused (capacity, budget, draining, invalid, backend_unavailable, per_client) |
-| `moshi_gateway_sessions_ended_total` | counter | reason | sessions ended (completed, cancelled, budget_exceeded, backend_error, idle_timeout, error, draining, max_session_length, text_policy) |
+| `moshi_gateway_sessions_ended_total` | counter | reason | sessions ended, by the summary's reason (client_closed, deadline_exceeded, backend_failed, cancelled, idle_timeout, max_session_length, text_policy, error) |
 | `moshi_gateway_frames_total` | counter | | output frames sent to clients (silence replacements included) |
 | `moshi_gateway_frame_latency_seconds` | histogram | | per frame: its last input byte at the gateway -> its output written to the client; a late frame when its real output reached the gateway (or the session ended); dropped frames not observed |
 | `moshi_gateway_stage_seconds` | histogram | stage | per-frame time in one backend call as the gateway sees it (encode, step, decode) |
@@ -450,8 +450,9 @@ class GatewayMetrics:
             ),
             sessions_ended=Counter(
                 "moshi_gateway_sessions_ended_total",
-                "Sessions ended (reason = completed, cancelled, budget_exceeded, "
-                "backend_error, idle_timeout, error, draining, max_session_length).",
+                "Sessions ended, by the reason their summary gives (client_closed, "
+                "deadline_exceeded, backend_failed, cancelled, idle_timeout, "
+                "max_session_length, text_policy, error).",
                 ["reason"],
                 registry=r,
             ),

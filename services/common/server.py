@@ -140,12 +140,14 @@ class ServerState:
         await self._event().wait()
 
 
-def _read(path: str | None, what: str) -> bytes | None:
+def read_pem(path: str | None, flag: str) -> bytes | None:
+    """The bytes of the PEM file a flag names (None when unset); ValueError naming the flag
+    when there is no such file."""
     if not path:
         return None
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"{what} file not found: {path}")
+        raise ValueError(f"{flag} file not found: {path}")
     return p.read_bytes()
 
 
@@ -154,9 +156,9 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
         return None
     if not (config.tls_cert and config.tls_key):
         raise ValueError("TLS needs both --tls-cert and --tls-key")
-    cert = _read(config.tls_cert, "--tls-cert")
-    key = _read(config.tls_key, "--tls-key")
-    ca = _read(config.tls_client_ca, "--tls-client-ca")
+    cert = read_pem(config.tls_cert, "--tls-cert")
+    key = read_pem(config.tls_key, "--tls-key")
+    ca = read_pem(config.tls_client_ca, "--tls-client-ca")
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
     )

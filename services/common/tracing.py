@@ -308,8 +308,7 @@ class _SessionSpan(SessionTrace):
                 "moshi.encoding": str(params.encoding),
                 "moshi.sample_rate": int(params.sample_rate),
                 "moshi.budget_ms": int(params.budget_ms),
-                "moshi.codec_replica": lease.codec.address,
-                "moshi.lm_replica": lease.lm.address,
+                **{f"moshi.{k}_replica": r.address for k, r in lease.replicas.items()},
             }
         )
 

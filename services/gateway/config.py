@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from moshi_grpc import audio
@@ -20,6 +20,17 @@ ENCODING_NAMES = {
 
 MAX_BUDGET_MS = 10_000
 MIN_BUDGET_MS = 1
+
+
+@dataclass(frozen=True)
+class CostSettings:
+    """How a new session's frame cost is predicted (admission, gateway/cost.py)."""
+
+    batch_wait_ms: float = 5.0  # the backends' batching wait per stage (their --max-wait-ms)
+    # The cost assumed per stage on a replica whose Info reports no bucket timings yet.
+    unmeasured_stage_ms: float = 10.0
+    # How long a measured sample counts (it decays with a half-life of a third of that).
+    sample_ttl_s: float = 30.0
 
 
 @dataclass
@@ -49,13 +60,7 @@ class GatewaySettings:
     lm_failover: bool = True
     lm_history_steps: int = 3000
     retry_after_ms: int = 1000  # hint for refused sessions
-    # Admission from measured cost (replicas.ReplicaCost): the backends' batching wait
-    # per stage (their --max-wait-ms), the cost assumed per stage for a replica whose Info
-    # reports no bucket timings yet, and how long a measured sample counts (it decays with
-    # a half-life of a third of that, then expires).
-    batch_wait_ms: float = 5.0
-    unmeasured_stage_ms: float = 10.0
-    cost_sample_ttl_s: float = 30.0
+    cost: CostSettings = field(default_factory=CostSettings)  # admission from measured cost
     # An error ending waits this long for a reply being written before the summary.
     summary_wait_s: float = 2.0
     # How sessions reach the backends: "mux" (one shared EncodeMux/StepMux/DecodeMux stream

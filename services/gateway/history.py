@@ -1,7 +1,7 @@
 """A session's LM history for failover replay, in a compact bounded ring buffer.
 
 Per answered LM step: the user codes sent and, when the step was ready, the text token and
-Moshi codes received. One int32 row per step (about 70 bytes with 8+8 codebooks), grown on
+Moshi codes received. One int32 row per step (72 bytes with 8+8 codebooks), grown on
 demand up to `capacity` steps; older steps are forgotten. The default capacity is the LM's
 context (3000 steps = 240 s): a replay longer than that could not change the model's state
 any more than its last 3000 steps do, and it bounds both the gateway's memory and the replay
@@ -17,8 +17,6 @@ from collections.abc import Sequence
 import numpy as np
 
 from moshi_grpc.v1 import lm_pb2
-
-_NOT_READY = -1
 
 
 class LmHistory:
@@ -61,18 +59,18 @@ class LmHistory:
         """Record one answered step (`text_token` None: not ready, no output yet)."""
         if self._rows is None:
             self._n_user = len(user_codes)
-            width = self._n_user + 1 + (self._n_moshi or self._n_user)
+            width = self._n_user + 2 + (self._n_moshi or self._n_user)
         else:
             width = self._rows.shape[1]
         row = self._row(width)
-        # (one list: numpy converts it faster than protobuf repeated fields read one by one)
+        # Columns: user codes, ready (0/1), text token, Moshi codes. (One list: numpy converts
+        # it faster than protobuf repeated fields read one by one.)
         if text_token is None:
             n = self._n_user
             row[:n] = list(user_codes)
-            row[n] = _NOT_READY
-            row[n + 1 :] = 0
+            row[n:] = 0
         else:
-            row[:] = [*user_codes, text_token, *moshi_codes]
+            row[:] = [*user_codes, 1, text_token, *moshi_codes]
 
     def replay(self) -> list[lm_pb2.ReplayStep]:
         """The steps as `LmOpen.replay`, oldest first."""
@@ -82,12 +80,12 @@ class LmHistory:
         n = self._n_user
         out = []
         for row in rows:
-            if row[n] == _NOT_READY:
-                out.append(lm_pb2.ReplayStep(user_codes=row[:n]))
-            else:
+            if row[n]:
                 out.append(
                     lm_pb2.ReplayStep(
-                        user_codes=row[:n], text_token=row[n], moshi_codes=row[n + 1 :]
+                        user_codes=row[:n], text_token=row[n + 1], moshi_codes=row[n + 2 :]
                     )
                 )
+            else:
+                out.append(lm_pb2.ReplayStep(user_codes=row[:n]))
         return out

@@ -1,42 +1,41 @@
-"""A session's link to the LM: the Step stream, its history, and failover by replay.
+"""A session's link to the LM: the Step stream, its history, and the one owner of moving it.
 
-The gateway keeps the session's LM history (per step: the user codes sent and the output
-received; at most `GatewaySettings.lm_history_steps` steps, the LM's context). When the LM
-stream fails (UNAVAILABLE, connection lost, stream closed early) or the session abandons it
-(its replica fails its health probe, or it stopped answering: see `Session._check_stages`),
-the Step stream is re-opened on another LM replica with a free slot, with `LmOpen.replay` =
-that history (teacher-forced), and the frames that were sent but not answered are sent
-again; the session carries on. The first answer from the new replica queues a `Failover`
-event for the client, with the frames given up as late since the move (`frames_lost`).
+The link keeps the session's LM history (per step: the user codes sent and the output
+received; at most `GatewaySettings.lm_history_steps` steps, the LM's context). `move(reason)`
+is the only place that decides to move the session to another LM replica, for one of three
+reasons, each noticed by the link itself:
 
-Everything else about an answer (text to the client, codes to the decoder, silence while the
-LM is not ready) is the session's: `run` hands each answered step to its `on_answer`.
+- ERROR: its stream failed (UNAVAILABLE, connection lost, ...) or ended before the session
+  was done with it (seen by its reader);
+- HEALTH: its replica fails its health probe while the session waits on it (its clock);
+- STALL: it has not answered for half the stalled-stage limit (its clock; the whole limit
+  ends the session, links.py).
+
+A move pins the session to the least-loaded other LM replica with a free slot, opens the
+Step stream there with `LmOpen.replay` = the history (teacher-forced), and sends again the
+frames the old replica had not answered; the session carries on. The move returns its event
+(`links.Moved`), which the link's reader hands to the session with its next reply (the
+session tells the client with the first answer from the new replica). When it cannot move
+(failover off, no free replica, too many moves), an error or a failed health check ends the
+session (UNAVAILABLE), and a stall is left to the stalled-stage rule.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
-from collections.abc import Awaitable, Callable
+from enum import Enum
+from typing import Any
 
 import grpc
 
-from moshi_grpc.services.common import tracing
-from moshi_grpc.services.common.errors import BackendUnavailable
-from moshi_grpc.services.common.metrics import GatewayMetrics
-from moshi_grpc.services.gateway.budget import FrameSequencer, StageWatch
-from moshi_grpc.services.gateway.config import GatewaySettings, SessionParams
+from moshi_grpc.services.common.errors import BackendUnavailable, ServiceError
+from moshi_grpc.services.gateway.ending import StageStalled
 from moshi_grpc.services.gateway.history import LmHistory
-from moshi_grpc.services.gateway.replicas import Lease, Replica, ReplicaPool
-from moshi_grpc.services.gateway.streams import (
-    STEP,
-    RetryableCapacity,
-    backend_error,
-    guarded_write,
-    open_stream,
-)
-from moshi_grpc.v1 import gateway_pb2, lm_pb2
+from moshi_grpc.services.gateway.links import LinkContext, Moved, Reply, StageLink
+from moshi_grpc.services.gateway.pipeline import Stage
+from moshi_grpc.services.gateway.replicas import Replica
+from moshi_grpc.services.gateway.streams import CLOSED, RetryableCapacity, backend_error
 
 log = logging.getLogger(__name__)
 
@@ -53,287 +52,194 @@ FAILOVER_CODES = frozenset(
         grpc.StatusCode.ABORTED,
     }
 )
-# Tries per session: a session that keeps failing over is better ended.
+# Moves per session: a session that keeps failing over is better ended.
 MAX_FAILOVERS = 4
 
-# (gateway frame index, when the LM answered it, the step's response)
-OnAnswer = Callable[[int, float, lm_pb2.StepOutput], Awaitable[None]]
+
+class MoveReason(str, Enum):
+    """Why the LM link considers moving (see the module docstring)."""
+
+    ERROR = "error"
+    HEALTH = "health"
+    STALL = "stall"
 
 
-class LmLink:
-    """One session's LM Step stream, moved to another replica when it fails."""
+class LmLink(StageLink):
+    """The Step stream of one session, moved to another LM replica when it fails."""
 
-    def __init__(
-        self,
-        *,
-        session_id: str,
-        params: SessionParams,
-        lease: Lease,
-        settings: GatewaySettings,
-        metrics: GatewayMetrics,
-        metadata: tuple[tuple[str, str], ...],
-        pool: ReplicaPool | None,
-        trace: tracing.SessionTrace = tracing.NOOP_SESSION,
-        watch: StageWatch,
-        seq: FrameSequencer,
-        emit: Callable[[gateway_pb2.ConverseResponse], None],
-        input_done: Callable[[], bool],
-    ) -> None:
-        """`emit` queues a reply to the client (the failover event); `input_done` says
-        whether the client's input has ended (a stream that ends before that failed)."""
-        self.session_id = session_id
-        self.params = params
-        self.lease = lease
-        self.settings = settings
-        self.metrics = metrics
-        self.metadata = metadata
-        self.pool = pool
-        self.trace = trace
-        self.loop = asyncio.get_running_loop()
-        self._watch = watch
-        self._seq = seq
-        self._emit = emit
-        self._input_done = input_done
-        self.call = None
-        self._open_msg: lm_pb2.LmOpen | None = None
-        # Steps sent and not answered yet: (gateway frame, time sent, user codes).
-        self.queue: deque[tuple[int, float, object]] = deque()
-        # Answered steps, for replay on failover.
-        lm_info = lease.lm.info
+    def __init__(self, stage: Stage, ctx: LinkContext) -> None:
+        super().__init__(stage, ctx)
+        info = self.replica.info
         self.history = LmHistory(
-            max(1, settings.lm_history_steps),
-            lm_info.num_codebooks if lm_info is not None and lm_info.num_codebooks else None,
+            max(1, ctx.settings.lm_history_steps),
+            info.num_codebooks if info is not None and info.num_codebooks else None,
         )
-        self._index = 0  # next frame index on the current stream
-        self.moving = False
-        self._writes_done = False
-        self._abandoned = None  # a call we cancelled because its replica is unhealthy
-        self._abandon_reason = ""
-        self.closing = False  # the session is ending: no more moves
         self.failovers = 0
-        self._note: tuple[str, str, int] | None = None  # from, to, late at the move
+        self._move_after_s = self.watch.limit_s / 2
+        self._moving = False  # a move's open and resends are not all sent yet
+        self._resume = False  # the reader sends them before it reads again
+        self._proven = True  # the replica answered since the last move
+        self._events: list[Moved] = []  # produced by the clock, for the next reply
 
     # ----------------------------------------------------------------- the stream
 
-    def open(self, replay: list[lm_pb2.ReplayStep] | None = None) -> None:
-        """Open a Step stream on the leased LM replica (its `open` is sent by `send_open`)."""
-        mode = self.settings.backend_streams
-        span = self.trace.stream("step", self.lease.lm.address, mode)  # ends the previous one
-        self.call = open_stream(
-            self.lease.lm,
-            STEP,
-            span.metadata(self.metadata),
-            mode,
-            self.settings.mux_coalesce_ms / 1000.0,
-        )
-        self._open_msg = span.stamp(
-            lm_pb2.LmOpen(
-                session_id=self.session_id,
-                sampling=self.params.sampling,
-                seed=self.params.seed,
-                replay=replay or [],
-            )
-        )
+    async def forward(self, frame: int, now: float, payload: Any) -> None:
+        """Send frame `frame`'s user codes, unless a move is under way (it sends every
+        frame still owed). A failed write is left to the reader, which moves."""
+        self.queue.append((frame, now, payload))
+        self.watch.sent(self.stage.name, now)
+        if not self._moving:
+            await self._send(payload)
 
-    async def send_open(self) -> None:
-        await guarded_write(
-            self.lease.lm, "step", self.call, self._open_msg, self.settings.retry_after_ms, True
-        )
-
-    def cancel(self) -> None:
-        """Cancel the stream (frees its slot) and allow no more moves."""
-        self.closing = True
-        call = self.call
-        if call is not None and not call.done():
-            call.cancel()
-
-    async def forward(self, gw: int, now: float, codes) -> None:
-        """Gateway frame `gw`'s user codes (encoded at `now`): send them, unless a move is
-        in progress (the move sends every step still queued)."""
-        self.queue.append((gw, now, codes))
-        if not self.moving:
-            self._watch.sent("step", now)
-            await self._write(codes)
+    async def _send(self, payload: Any) -> None:
+        request = self.stage.request(self._index, payload)
+        self._index += 1
+        try:
+            await self.call.send(request)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass
 
     async def input_done(self) -> None:
-        """No more user codes: half-close the stream (after a move in progress, if any)."""
         self._writes_done = True
-        if not self.moving:
-            await self._done_writing()
+        if not self._moving:
+            await self._half_close()
 
-    async def _write(self, codes) -> None:
-        """Send one frame of user codes on the current stream. A failed write is left to
-        the reader, which sees the stream's error and fails over (or ends the session)."""
-        request = {"index": self._index, "codes": codes}  # a UserCodes (see streams.py)
-        self._index += 1
-        call = self.call
-        try:
-            await call.send(request)
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            pass
-        except asyncio.CancelledError:
-            # grpc.aio raises CancelledError from a write on a call that was cancelled (by a
-            # failover) under it; only a cancellation of this task itself goes on.
-            task = asyncio.current_task()
-            if not call.cancelled() or (task is not None and task.cancelling()):
-                raise
-
-    async def _done_writing(self) -> None:
-        call = self.call
-        try:
-            await call.done_writing()
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            pass
-        except asyncio.CancelledError:  # see _write
-            task = asyncio.current_task()
-            if not call.cancelled() or (task is not None and task.cancelling()):
-                raise
-
-    async def run(self, on_answer: OnAnswer) -> bool:
-        """Read answers until the stream ends cleanly, failing over as needed; raises what
-        ends the session. True when a failover event was queued at the end (nothing was
-        left to answer after the move): the caller flushes it."""
+    async def read(self) -> Reply | None:
+        """The next answer or the events of a move; None at the clean end. Raises what ends
+        the session."""
         while True:
+            if self._events:
+                events, self._events = tuple(self._events), []
+                return Reply(events=events)
+            if self._resume:
+                self._resume = False
+                await self._resend()
             call = self.call
-            replica = self.lease.lm
             try:
-                await self._read(call, on_answer)
-                if not self._input_done():
-                    raise BackendUnavailable(
-                        f"{replica.kind} replica {replica.address} (step) closed the stream early"
-                    )
-                break
+                msg = await call.read()
             except grpc.aio.AioRpcError as exc:
-                error = backend_error(replica, "step", exc, self.settings.retry_after_ms)
-                if exc.code() not in FAILOVER_CODES and self._note is None:
+                if call is not self.call:
+                    continue  # a stream the session left: its end is not the session's
+                retry_ms = self.ctx.settings.retry_after_ms
+                error = backend_error(self.replica, self.stage.name, exc, retry_ms)
+                if exc.code() not in FAILOVER_CODES and self._proven:
                     raise error from None
-            except BackendUnavailable as exc:  # closed early
-                error = exc
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if self._abandoned is not call or (task and task.cancelling()):
-                    raise
-                error = BackendUnavailable(
-                    f"lm replica {replica.address} (step) {self._abandon_reason}"
-                )
-            if not await self._failover(replica):
+            else:
+                if call is not self.call:
+                    continue  # the stream the session left: what it still owed was resent
+                if msg is CLOSED:
+                    if self._error is not None:
+                        raise self._error
+                    return None
+                if msg is not _EOF:
+                    self._proven = True
+                    return self._answered(msg)
+                if self._writes_done:
+                    return None
+                error = BackendUnavailable(f"{self._where()} closed the stream early")
+            self._events += self.move(MoveReason.ERROR, error)
+            if self._error is not None:
+                raise self._error
+
+    def _answered(self, msg: Any) -> Reply:
+        codes = self.queue[0][2]
+        reply = super()._answered(msg)
+        if msg.ready:
+            self.history.append(codes, msg.text_token, msg.moshi_codes)
+        else:
+            self.history.append(codes, None, ())
+        return reply
+
+    # ----------------------------------------------------------------- moving
+
+    def move(self, reason: MoveReason, error: ServiceError) -> list[Moved]:
+        """Move the session's LM to another replica for `reason` (`error`: what ends the
+        session when it cannot move). Returns the move's events; none when it stays."""
+        failed = self.replica
+        target = self._target(reason, failed)
+        if target is None:
+            if reason is not MoveReason.STALL:
                 if isinstance(error, RetryableCapacity):  # the replica moved to was full
                     error = BackendUnavailable(f"{error}; no LM replica left to move to")
-                raise error
-        if self._note is not None:  # moved, but nothing was left to answer
-            self._announce()
-            return True
-        return False
-
-    async def _read(self, call, on_answer: OnAnswer) -> None:
-        stage = self.metrics.stage_seconds.labels("step")
-        history = self.history
-        queue = self.queue
-        loop = self.loop
-        watch = self._watch
-        while True:
-            msg = await call.read()
-            if msg is _EOF:
-                break
-            gw, sent, codes = queue.popleft()
-            now = loop.time()
-            watch.answered("step", now)
-            stage.observe(now - sent)
-            if self._note is not None:
-                self._announce()
-            if msg.ready:
-                history.append(codes, msg.text_token, msg.moshi_codes)
-            else:
-                history.append(codes, None, ())
-            await on_answer(gw, now, msg)
-
-    # ----------------------------------------------------------------- failover
-
-    @property
-    def can_move(self) -> bool:
-        """A move is still possible (failover on, tries left, not moving or abandoned)."""
-        return (
-            self.pool is not None
-            and self.settings.lm_failover
-            and self.failovers < MAX_FAILOVERS
-            and not self.moving
-            and self._abandoned is not self.call
-        )
-
-    def abandon(self, reason: str) -> None:
-        """Cancel the call: its reader fails over (or ends the session UNAVAILABLE)."""
-        call = self.call
-        if self.moving or call is None or call.done() or self._abandoned is call:
-            return
-        log.warning("lm replica %s %s; failing over", self.lease.lm.address, reason)
-        self._abandon_reason = reason
-        self._abandoned = call
-        call.cancel()
-
-    async def _failover(self, failed: Replica) -> bool:
-        """Move the stream to another replica with a free slot; False if none (or too many
-        moves already, or the session is ending)."""
-        if self.closing or self.pool is None or not self.settings.lm_failover:
-            return False
-        if self.failovers >= MAX_FAILOVERS:
-            self.metrics.failovers.labels("lm", "failed").inc()
-            return False
-        target = self.pool.failover_lm(failed)
-        if target is None:
-            log.warning(
-                "lm replica %s failed and no other LM replica has a free slot", failed.address
-            )
-            self.metrics.failovers.labels("lm", "failed").inc()
-            return False
+                self._fail(error)
+            return []
+        log.warning("%s: %s; moving to %s", self._where(), error, target.address)
         self.failovers += 1
-        self.moving = True
+        self._moving = self._resume = True
+        self._proven = False
+        old = self.call
+        self.ctx.lease.move(self.stage.backend.kind, target)
+        replay = self.history.replay()
+        message = self.stage.open(self._open_ctx)
+        message.replay.extend(replay)
+        self._connect(message)
+        old.close()  # frees its slot (if the replica is still there)
+        self._index = len(replay)
+        self.watch.restart(self.stage.name, self.loop.time(), len(self.queue))
+        return [Moved(failed.address, target.address)]
+
+    def _target(self, reason: MoveReason, failed: Replica) -> Replica | None:
+        """Where to move, or None; a failed move is counted unless it was for a stall (the
+        stalled-stage rule decides about that one)."""
+        if self._closed or not self.ctx.settings.lm_failover:
+            return None
+        target = None
+        if self.failovers < MAX_FAILOVERS:
+            target = self.ctx.admission.move_target(self.stage.backend, failed)
+            if target is None and reason is not MoveReason.STALL:
+                log.warning("%s failed and no other LM replica has a free slot", self._where())
+        if target is None and reason is not MoveReason.STALL:
+            self.ctx.metrics.failovers.labels(self.stage.backend.kind, "failed").inc()
+        return target
+
+    async def _resend(self) -> None:
+        """After a move: the open (with the replay), then every frame still owed."""
         try:
-            old = self.call
-            if old is not None and not old.done():
-                old.cancel()
-            self.lease.move_lm(target)
-            replay = self.history.replay()
-            late = self._seq.frames_late
-            if self._note is not None:  # a second move before the first answered
-                late = self._note[2]
-            self._note = (failed.address, target.address, late)
-            self.open(replay)
-            self._index = len(replay)
-            self._watch.restart("step", self.loop.time(), len(self.queue))
             try:
                 await self.call.open(self._open_msg)
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-                return True  # the reader sees this stream's error and tries again
+                return  # the reader sees this stream's error and moves again
             i = 0
             while i < len(self.queue):  # frames sent to the failed replica, and newer ones
-                await self._write(self.queue[i][2])
+                await self._send(self.queue[i][2])
                 i += 1
             if self._writes_done:
-                await self._done_writing()
+                await self._half_close()
         finally:
-            self.moving = False
-        self.metrics.failovers.labels("lm", "ok").inc()
+            self._moving = False
+        self.ctx.metrics.failovers.labels(self.stage.backend.kind, "ok").inc()
         log.warning(
-            "lm failover %s -> %s: replayed %d steps, resent %d frames",
-            failed.address,
-            target.address,
+            "%s: replayed %d steps, resent %d frames",
+            self._where(),
             len(self.history),
             len(self.queue),
         )
-        return True
 
-    def _announce(self) -> None:
-        """First answer from the new replica: tell the client how many frames were lost."""
-        source, target, late = self._note
-        self._note = None
-        self._emit(
-            gateway_pb2.ConverseResponse(
-                event=gateway_pb2.Event(
-                    failover=gateway_pb2.Failover(
-                        from_replica=source,
-                        to_replica=target,
-                        frames_lost=max(0, self._seq.frames_late - late),
-                    )
-                )
-            )
-        )
+    # ----------------------------------------------------------------- the clock
+
+    @property
+    def _may_move(self) -> bool:
+        settings = self.ctx.settings
+        return settings.lm_failover and self.failovers < MAX_FAILOVERS and not self._closed
+
+    def _next_check(self, now: float) -> float:
+        at = super()._next_check(now)
+        if self._may_move:
+            move_at = self.watch.next_check(now, self._move_after_s)
+            if move_at is not None and move_at > now:  # (past: retried every probe interval)
+                at = min(at, move_at)
+        return at
+
+    def _check(self, now: float) -> None:
+        if self._moving:
+            return  # its stage watch restarted at the move
+        if self._gone(now):
+            self._events += self.move(MoveReason.HEALTH, self._gone_error())
+            return
+        if self._may_move and self.watch.stalled(now, self._move_after_s) is not None:
+            silent = f"has not answered for {self._silent_for(now):.1f} s"
+            moved = self.move(MoveReason.STALL, StageStalled(f"{self._where()} {silent}"))
+            if moved:
+                self._events += moved
+                return
+        super()._check(now)

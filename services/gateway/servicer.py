@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -27,10 +28,12 @@ from moshi_grpc.services.common.request_streams import check_known_fields
 from moshi_grpc.services.common.server import ServerState
 from moshi_grpc.services.common.status import grpc_status
 from moshi_grpc.services.common.tracing import SessionTrace
+from moshi_grpc.services.gateway import replies
+from moshi_grpc.services.gateway.admission import Admission, NoCapacity
 from moshi_grpc.services.gateway.config import GatewaySettings, session_params
-from moshi_grpc.services.gateway.replicas import NoCapacity, ReplicaPool
-from moshi_grpc.services.gateway.session import ENDED_LABEL, RetryableCapacity, Session
-from moshi_grpc.v1 import gateway_pb2, gateway_pb2_grpc
+from moshi_grpc.services.gateway.session import Session
+from moshi_grpc.services.gateway.streams import RetryableCapacity
+from moshi_grpc.v1 import gateway_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +51,17 @@ def client_key(client_id: str, peer: str | None) -> str:
     return peer
 
 
+@dataclass(eq=False)
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    """Converse: one conversation per stream, pinned to one codec and one LM replica."""
+    """Converse: one conversation per stream, pinned to one replica per backend of the
+    pipeline that `admission` places sessions for."""
 
-    def __init__(
-        self,
-        pool: ReplicaPool,
-        settings: GatewaySettings,
-        metrics: GatewayMetrics,
-        state: ServerState | None = None,
-    ) -> None:
-        self.pool = pool
-        self.settings = settings
-        self.metrics = metrics
-        self.state = state
-        self.sessions: dict[str, Session] = {}
-        self._client_sessions: dict[str, int] = {}
+    admission: Admission
+    settings: GatewaySettings
+    metrics: GatewayMetrics
+    state: ServerState | None = None  # the server's (draining: refuse new sessions)
+    sessions: dict[str, Session] = field(default_factory=dict)  # live, by session id
+    _client_sessions: dict[str, int] = field(default_factory=dict)  # live, by client key
 
     async def _refuse(
         self, context: grpc.aio.ServicerContext, reason: str, exc: BaseException, retry_ms: int
@@ -116,26 +114,25 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             )
             await self._refuse(context, "per_client", exc, retry_ms)
             return
+        admission = self.admission
         try:
-            lease = self.pool.lease(params.budget_ms)
+            lease = admission.lease(params.budget_ms)
         except NoCapacity as exc:
             await self._refuse(context, exc.reason, exc, exc.retry_after_ms)
             return
-        if self.pool.last_estimate is not None:
-            self.metrics.admission_estimate_seconds.observe(
-                self.pool.last_estimate.total_ms / 1000.0
-            )
+        if lease.estimate is not None:
+            self.metrics.admission_estimate_seconds.observe(lease.estimate.total_ms / 1000.0)
         session_id = uuid.uuid4().hex[:16]
         logs.bind_session(session_id)
         session = Session(
             session_id=session_id,
             params=params,
             lease=lease,
+            admission=admission,
             settings=self.settings,
             metrics=self.metrics,
             context=context,
-            metadata=self.pool.channels.metadata(),
-            pool=self.pool,
+            metadata=admission.pool.channels.metadata(),
             trace=trace,
         )
         trace.started(session)
@@ -157,14 +154,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             self.sessions[session_id] = session
             self.metrics.sessions_started.inc()
             self.metrics.sessions_active.inc()
-            await context.write(self._started_event(session))
+            await context.write(replies.started(session_id, params, lease, admission.pipeline))
             log.info(
-                "session started: %d Hz %s, budget %d ms, codec %s, lm %s, client %r",
+                "session started: %d Hz %s, budget %d ms, %s, client %r",
                 params.sample_rate,
                 params.encoding,
                 params.budget_ms,
-                lease.codec.address,
-                lease.lm.address,
+                ", ".join(f"{k} {r.address}" for k, r in lease.replicas.items()),
                 params.client_id,
             )
             try:
@@ -173,7 +169,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 raise
             except Exception as exc:
                 # Error ending: no reply after the summary, and none cut in half by it.
-                if await session.quiesce(self.settings.summary_wait_s):
+                if await session.writer.quiesce(self.settings.summary_wait_s):
                     await self._end(session, context)
                 else:
                     log.warning("client not reading: ending without the summary")
@@ -197,7 +193,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             lease.release()
             if started:
                 self.metrics.sessions_active.dec()
-                self.metrics.sessions_ended.labels(ENDED_LABEL.get(session.reason, "error")).inc()
+                self.metrics.sessions_ended.labels(session.ending.reason.value).inc()
                 summary = session.summary()
                 trace.ended(summary)
                 if session.audio_duration_s() > 0:
@@ -217,35 +213,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     summary.duration_s,
                 )
 
-    @staticmethod
-    def _started_event(session: Session) -> gateway_pb2.ConverseResponse:
-        lease = session.lease
-        lm_info = lease.lm.info
-        model = f"{lm_info.model_name}/{lm_info.config_name}" if lm_info else ""
-        return gateway_pb2.ConverseResponse(
-            event=gateway_pb2.Event(
-                started=gateway_pb2.SessionStarted(
-                    session_id=session.session_id,
-                    codec_replica=lease.codec.address,
-                    lm_replica=lease.lm.address,
-                    budget_ms=session.params.budget_ms,
-                    max_consecutive_misses=session.params.max_consecutive_misses,
-                    sample_rate=session.params.sample_rate,
-                    model=model,
-                    input_pacing=session.params.input_pacing,
-                )
-            )
-        )
-
     async def _end(self, session: Session, context: grpc.aio.ServicerContext) -> None:
         """Send the SessionEnded summary (best effort: the client may be gone)."""
-        summary = session.summary()
         try:
-            await context.write(
-                gateway_pb2.ConverseResponse(
-                    event=gateway_pb2.Event(ended=gateway_pb2.SessionEnded(summary=summary))
-                )
-            )
+            await context.write(replies.ended(session.summary()))
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - the client is gone; nothing else to tell it

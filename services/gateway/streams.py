@@ -1,12 +1,11 @@
 """A session's backend streams, per session or multiplexed (`--backend-streams`).
 
-`Session` talks to each backend stage (encode, step, decode) through one small interface,
-`open(msg)` / `send(frame)` / `read()` / `done_writing()` / `cancel()` / `done()` /
-`cancelled()` / `code()` / `details()` (`frame`: a frame message or a dict of its fields, the
-cheaper form: the request's sub-message is then built in place, not built and copied), with
-the semantics of a grpc.aio stream-stream call (read returns `grpc.aio.EOF` at a clean end
-and raises `AioRpcError` on failure; after `cancel()` reads and writes raise
-`CancelledError`). Two implementations:
+A session's link to a stage (links.py) uses one interface, `open(msg)` / `send(frame)` /
+`read()` / `done_writing()` / `close()` / `done()` / `code()` / `details()` (`frame`: a
+message or, cheaper, a dict of its fields, built in place inside the request), with a
+grpc.aio stream-stream call's semantics (`read` returns `grpc.aio.EOF` at a clean end, raises
+`AioRpcError` on failure), except `close()`: our side drops the stream (the backend frees
+the slot), and `read()` returns `CLOSED` from then on, writes are dropped. Two kinds:
 
 - `PerSessionStream`: one RPC per session and stage (`Encode`, `Step`, `Decode`): the
   original path, kept behind `--backend-streams per-session`.
@@ -37,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -45,7 +43,6 @@ import grpc
 from moshi_grpc import audio
 from moshi_grpc.services.common.errors import BackendUnavailable, CapacityExhausted
 from moshi_grpc.services.common.status import status_code
-from moshi_grpc.v1 import codec_pb2, lm_pb2
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +52,16 @@ MODES = (MUX, PER_SESSION)
 
 _EOF = grpc.aio.EOF
 
+
+class _Closed:
+    """What `read()` returns on a stream our side closed (`close()`)."""
+
+    def __repr__(self) -> str:
+        return "CLOSED"
+
+
+CLOSED = _Closed()
+
 # Entries per mux message at most (backends answer with the same cap): 256 PCM frames are
 # ~2 MB, well under the 4 MiB message limit of the channels, however far a slow replica
 # lets the queue grow.
@@ -62,26 +69,6 @@ MAX_ENTRIES_PER_MESSAGE = 256
 
 # One frame's duration: each session sends one entry per stage per frame.
 FRAME_S = audio.FRAME_SIZE / audio.MODEL_RATE
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """One backend stage: its per-session and multiplexed RPCs and their messages."""
-
-    name: str  # "encode", "step", "decode" (the gateway's stage labels)
-    rpc: str
-    request: type
-    mux_rpc: str
-    mux_request: type
-
-
-ENCODE = StageSpec(
-    "encode", "Encode", codec_pb2.EncodeRequest, "EncodeMux", codec_pb2.EncodeMuxRequest
-)
-DECODE = StageSpec(
-    "decode", "Decode", codec_pb2.DecodeRequest, "DecodeMux", codec_pb2.DecodeMuxRequest
-)
-STEP = StageSpec("step", "Step", lm_pb2.StepRequest, "StepMux", lm_pb2.StepMuxRequest)
 
 
 def coalesce_wait(sessions: int, coalesce_s: float) -> float:
@@ -139,32 +126,67 @@ async def guarded_write(
         raise backend_error(replica, stage, rpc_error(code, details), retry_ms) from None
 
 
+def _cancelling() -> bool:
+    """Whether the running task itself is being cancelled (not just a call under it)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class PerSessionStream:
-    """One RPC per session and stage: a thin wrapper over the grpc.aio call."""
+    """One RPC per session and stage: a thin wrapper over the grpc.aio call.
+
+    grpc.aio raises CancelledError from a read or write that a `cancel()` of the call
+    interrupts; after our own `close()` those read as CLOSED and are dropped instead, so a
+    closed stream behaves like a closed `MuxedCall`. A cancellation of the task goes on."""
 
     def __init__(self, call: Any, request_type: type) -> None:
         self.call = call
         self._request = request_type
-        self.read = call.read
-        self.done_writing = call.done_writing
-        self.cancel = call.cancel
+        self._closed = False
         self.done = call.done
-        self.cancelled = call.cancelled
         self.code = call.code
         self.details = call.details
 
+    async def read(self) -> Any:
+        if self._closed:
+            return CLOSED
+        try:
+            return await self.call.read()
+        except asyncio.CancelledError:
+            if self._closed and not _cancelling():
+                return CLOSED
+            raise
+
+    async def _write(self, write: Any, *message: Any) -> None:
+        if self._closed:
+            return
+        try:
+            await write(*message)
+        except asyncio.CancelledError:
+            if not self._closed or _cancelling():
+                raise
+
     async def open(self, message: Any) -> None:
-        await self.call.write(self._request(open=message))
+        await self._write(self.call.write, self._request(open=message))
 
     async def send(self, frame: Any) -> None:
-        await self.call.write(self._request(frame=frame))
+        await self._write(self.call.write, self._request(frame=frame))
+
+    async def done_writing(self) -> None:
+        await self._write(self.call.done_writing)
+
+    def close(self) -> None:
+        """Cancel the call (the backend frees the slot); reads return CLOSED from now on."""
+        if not self._closed:
+            self._closed = True
+            self.call.cancel()
 
 
 class MuxedCall:
     """One session's call on a shared `MuxStream`: the interface of `PerSessionStream`, so
     the session cannot tell the two apart (the backend's side is `mux._ServedSession`)."""
 
-    __slots__ = ("_mux", "sid", "_results", "_waiter", "_end", "_cancelled", "_closed")
+    __slots__ = ("_mux", "sid", "_results", "_waiter", "_end", "_closed", "_half_closed")
 
     def __init__(self, mux: MuxStream, sid: int) -> None:
         self._mux = mux
@@ -172,40 +194,37 @@ class MuxedCall:
         self._results: deque[Any] = deque()
         self._waiter: asyncio.Future | None = None
         self._end: Any = None  # None while open, then _EOF or the AioRpcError that ended it
-        self._cancelled = False
-        self._closed = False  # our side sent `close`
+        self._closed = False  # our side closed it: `close()`
+        self._half_closed = False  # our side sent `close` (done writing)
 
     # -- writing (never blocks: the entry joins the stream's next message) ------------------
 
-    def _check(self) -> None:
-        if self._cancelled:
-            raise asyncio.CancelledError()
-        if isinstance(self._end, grpc.aio.AioRpcError):
+    def _writable(self) -> bool:
+        if isinstance(self._end, grpc.aio.AioRpcError) and not self._closed:
             raise self._end
+        return self._end is None and not self._closed
 
     async def open(self, message: Any) -> None:
-        self._check()
-        self._mux.put(self.sid, "open", message)
+        if self._writable():
+            self._mux.put(self.sid, "open", message)
 
     async def send(self, frame: Any) -> None:
-        self._check()
-        if self._end is None:
+        if self._writable():
             self._mux.put(self.sid, "frame", frame)
 
     async def done_writing(self) -> None:
-        self._check()
-        if self._end is None and not self._closed:
-            self._closed = True
+        if self._writable() and not self._half_closed:
+            self._half_closed = True
             self._mux.put(self.sid, "close", True)
 
     # -- reading ------------------------------------------------------------------------
 
     async def read(self) -> Any:
         while True:
+            if self._closed:
+                return CLOSED  # answers still queued are dropped with the session
             if self._results:
                 return self._results.popleft()
-            if self._cancelled:
-                raise asyncio.CancelledError()
             end = self._end
             if end is not None:
                 if end is _EOF:
@@ -234,29 +253,22 @@ class MuxedCall:
 
     # -- state --------------------------------------------------------------------------
 
-    def cancel(self) -> bool:
-        """Drop the session now: the backend frees its slot; reads raise CancelledError."""
-        if self._cancelled or self._end is not None:
-            return False
-        self._cancelled = True
-        self._mux.forget(self.sid, cancel=True)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.cancel()
-        return True
+    def close(self) -> None:
+        """Drop the session now: the backend frees its slot; reads return CLOSED."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._end is None:
+            self._mux.forget(self.sid, cancel=True)
+        self._wake()
 
     def done(self) -> bool:
-        return self._cancelled or self._end is not None
-
-    def cancelled(self) -> bool:
-        return self._cancelled
+        return self._closed or self._end is not None
 
     async def code(self) -> grpc.StatusCode:
-        if self._cancelled:
-            return grpc.StatusCode.CANCELLED
         if isinstance(self._end, grpc.aio.AioRpcError):
             return self._end.code()
-        return grpc.StatusCode.OK
+        return grpc.StatusCode.CANCELLED if self._closed else grpc.StatusCode.OK
 
     async def details(self) -> str:
         if isinstance(self._end, grpc.aio.AioRpcError):
@@ -268,26 +280,26 @@ class MuxStream:
     """One multiplexed stream to one replica for one stage, shared by many sessions."""
 
     def __init__(
-        self, replica: Any, spec: StageSpec, metadata: tuple = (), coalesce_s: float = 0.0
+        self, replica: Any, stage: Any, metadata: tuple = (), coalesce_s: float = 0.0
     ) -> None:
         self.replica = replica
-        self.spec = spec
+        self.name = stage.name
         self.coalesce_s = coalesce_s  # see `coalesce_wait`
         self.loop = asyncio.get_running_loop()
         self.sessions: dict[int, MuxedCall] = {}
         self.error: grpc.aio.AioRpcError | None = None
         self._next_sid = 1
-        self._request_type = spec.mux_request
-        self._request = spec.mux_request()
+        self._request_type = stage.rpcs.mux_request
+        self._request = self._request_type()
         self._entries = self._request.entries
         self._full: deque[Any] = deque()  # requests that reached the cap, oldest first
         self._wake = asyncio.Event()
-        self._call = getattr(replica.stub, spec.mux_rpc)(metadata=metadata)
+        self._call = getattr(replica.stub, stage.rpcs.mux)(metadata=metadata)
         self._sender = self.loop.create_task(
-            self._send_loop(), name=f"mux-send:{spec.name}:{replica.address}"
+            self._send_loop(), name=f"mux-send:{self.name}:{replica.address}"
         )
         self._reader = self.loop.create_task(
-            self._read_loop(), name=f"mux-read:{spec.name}:{replica.address}"
+            self._read_loop(), name=f"mux-read:{self.name}:{replica.address}"
         )
 
     @property
@@ -382,7 +394,7 @@ class MuxStream:
         except grpc.aio.AioRpcError as exc:
             self._failed(exc)
         except Exception as exc:  # noqa: BLE001
-            log.exception("%s mux stream to %s: bad response", self.spec.name, self.replica.address)
+            log.exception("%s mux stream to %s: bad response", self.name, self.replica.address)
             self._failed(rpc_error(grpc.StatusCode.INTERNAL, f"bad mux response: {exc!r}"))
 
     def _failed(self, error: grpc.aio.AioRpcError) -> None:
@@ -393,7 +405,7 @@ class MuxStream:
         if self.sessions:
             log.warning(
                 "%s mux stream to %s failed (%s: %s): %d session(s) on it",
-                self.spec.name,
+                self.name,
                 self.replica.address,
                 error.code().name,
                 error.details(),
@@ -421,16 +433,17 @@ class MuxStream:
 
 
 def open_stream(
-    replica: Any, spec: StageSpec, metadata: tuple, mode: str, coalesce_s: float = 0.0
+    replica: Any, stage: Any, metadata: tuple, mode: str, coalesce_s: float = 0.0
 ) -> Any:
-    """A session's stream for `spec` on `replica`: per session, or on the replica's shared
+    """A session's stream for `stage` (a `pipeline.Stage`: its name and RPCs) on `replica`:
+    per session, or on the replica's shared
     mux stream for that stage (opened now if there is none or the last one failed, with the
     coalescing window `coalesce_s`, see `coalesce_wait`)."""
     if mode == PER_SESSION:
-        call = getattr(replica.stub, spec.rpc)(metadata=metadata)
-        return PerSessionStream(call, spec.request)
-    mux = replica.mux.get(spec.name)
+        call = getattr(replica.stub, stage.rpcs.per_session)(metadata=metadata)
+        return PerSessionStream(call, stage.rpcs.request)
+    mux = replica.mux.get(stage.name)
     if mux is None or mux.broken:
-        mux = MuxStream(replica, spec, metadata, coalesce_s)
-        replica.mux[spec.name] = mux
+        mux = MuxStream(replica, stage, metadata, coalesce_s)
+        replica.mux[stage.name] = mux
     return mux.session()

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from moshi_grpc import __version__
+from moshi_grpc.services.common.backend import model_identity
 from moshi_grpc.services.common.errors import InvalidInput, NotReady
 from moshi_grpc.services.common.metrics import LmMetrics
 from moshi_grpc.services.common.mux import Opened, serve_mux, serve_stream
@@ -166,11 +167,12 @@ class LmServicer(lm_pb2_grpc.LMServicer):
         engine = self._engine()
         lm = engine.lm
         p50, p99 = engine.scheduler.step_percentiles_ms()
+        ident = model_identity(lm, engine.options)
         return common_pb2.BackendInfo(
             model_name=engine.model_name,
-            config_name=str(getattr(lm, "config_name", engine.options.config)),
-            dtype=str(getattr(lm, "dtype", engine.options.dtype)).replace("torch.", ""),
-            device=str(getattr(lm, "device", engine.options.device)),
+            config_name=ident.config,
+            dtype=ident.dtype,
+            device=ident.device,
             slots_total=engine.options.max_sessions,
             slots_in_use=engine.scheduler.slots_in_use,
             step_p50_ms=p50,
