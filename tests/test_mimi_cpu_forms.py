@@ -26,10 +26,10 @@ from moshi_grpc.models.cpu_fast import (
 )
 from moshi_grpc.models.mimi import (
     PRESETS,
+    ConvStates,
     Mimi,
     StreamingConv1d,
     StreamingConvTranspose1d,
-    _States,
     load_mimi,
 )
 
@@ -172,7 +172,7 @@ def _stream_layer(layer, x: torch.Tensor, chunks: list[int]) -> torch.Tensor:
     state = layer.init_state(x.shape[0], x.device, x.dtype)
     outs, t = [], 0
     for c in chunks:
-        states = _States(state)
+        states = ConvStates(state)
         outs.append(layer(x[:, t : t + c], states))
         state, t = states.new, t + c
     return torch.cat(outs, 1)

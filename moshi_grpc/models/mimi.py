@@ -1,4 +1,4 @@
-"""Mimi, the neural audio codec of Moshi, in one file: 24 kHz mono audio <-> 12.5 Hz RVQ codes.
+"""Mimi, the neural audio codec of Moshi: 24 kHz mono audio <-> 12.5 Hz RVQ codes.
 
 Read top to bottom:
 
@@ -10,14 +10,15 @@ Read top to bottom:
    fresh (zero) state, so streaming equals offline by construction.
 3. The SEANet encoder/decoder, the two transformers (RoPE, context 250 steps at 25 Hz,
    layer scale), the learned down/upsampling 25 Hz <-> 12.5 Hz and the split RVQ.
-4. `Mimi` (offline `encode`/`decode`), `MimiStreamingEncoder`/`MimiStreamingDecoder`
-   (one 80 ms frame per row per call over a row prefix, per-row reset, move and masks)
-   and `load_mimi`.
+4. `Mimi`: offline `encode`/`decode`, and `encode_frames`/`decode_frames`, the forward
+   passes from given states that the streamers (`mimi_streaming.py`: rows of state, one
+   80 ms frame per row per call) run; `load_mimi`.
 
 The exact model in plain torch (conv1d, conv_transpose1d, linear, matmul, softmax, cdist),
 ready as soon as it is built or loaded. Activations are time-major (N, T, C), the
 transformer's layout; the convolutions see their input as (N, C, T) views. Input checks
-live in `validation.py`, the Hugging Face name conversion in `mimi_hf.py`.
+live in `validation.py`, the Hugging Face name conversion in `mimi_hf.py`. Module and
+parameter names are the official checkpoint's tensor names: loading is a strict copy.
 
 Device seams: each module lists in `device_seams` the methods that a device-specific form
 may replace per instance with a function of the same result (`cpu_fast.py` does, from
@@ -25,17 +26,13 @@ above; this file never imports it): `StreamingConv1d.apply_conv`,
 `StreamingConvTranspose1d.apply_convtr`, the four matmuls of `TransformerLayer`, and
 `ResidualVQ.project_in/project_out/codebooks/quantize`.
 
-Module and parameter names reproduce the official checkpoint's tensor names, so loading is
-a strict, name-for-name copy.
-
-Streaming state: every tensor has the row (a stream's place) as its first dimension, and a
-step runs on a row prefix [0, B) of the preallocated rows (a replica steps only the bucket
-that holds its live streams). All state is written in place: conv caches copied in at the
-end of a step (`torch.where(active, new, old)` for masked rows), the transformer KV caches
-are ring buffers written at per-row positions (see `_attend` for inactive rows), so a
-captured CUDA graph replays the same addresses. No Python branch looks at per-row values
-and nothing waits on the device inside a step. Every op computes each row alone, so a
-stream's output does not depend on the rows beside it (see `attend`).
+Streaming state has the row (a stream's place) as its first dimension; a step runs on a
+row prefix and writes every state in place (conv caches with `torch.where` for masked
+rows, the transformers' ring KV caches at per-row positions: see `_attend`), with no
+Python branch on per-row values and no wait on the device, so it can be captured. Rows
+never mix: a row's output depends on its own input and state only (the attention is
+written out for that, see `attend`), up to the last bits where a matmul kernel rounds one
+or two rows differently from more.
 
 Exactness note: the attention of a query at step p sees steps p-249..p (context 250). A
 streaming frame brings two 25 Hz steps at once, so the ring holds context + 1 steps; the
@@ -58,7 +55,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -73,14 +70,10 @@ from moshi_grpc.models.checkpoint import (
 from moshi_grpc.models.mimi_hf import hf_to_official, is_hf_layout
 from moshi_grpc.models.rope import rope_angles, rope_tables, rotate
 from moshi_grpc.models.streaming import RingKVCache, ring_key_positions, ring_mask
-from moshi_grpc.models.validation import (
-    MimiInputError,
-    check_active,
-    check_batch,
-    check_codes,
-    check_pcm,
-    check_rows,
-)
+from moshi_grpc.models.validation import MimiInputError, check_codes, check_pcm
+
+if TYPE_CHECKING:
+    from moshi_grpc.models.mimi_streaming import MimiStreamingDecoder, MimiStreamingEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +83,6 @@ __all__ = [
     "Mimi",
     "MimiConfig",
     "MimiInputError",
-    "MimiStreamingDecoder",
-    "MimiStreamingEncoder",
     "load_mimi",
     "save_mimi",
 ]
@@ -184,7 +175,7 @@ def _resolve_config(config: str | MimiConfig) -> MimiConfig:
 # --------------------------------------------------------------------------------------------
 
 
-class _States:
+class ConvStates:
     """Reads the old per-row conv states in order and collects the new ones."""
 
     def __init__(self, old: Sequence[torch.Tensor]):
@@ -256,7 +247,7 @@ class StreamingConv1d(nn.Module):
             state.append(torch.ones(n, device=device, dtype=torch.bool))  # "first call" flag
         return state
 
-    def forward(self, x: torch.Tensor, states: _States) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, states: ConvStates) -> torch.Tensor:
         """x (N, T, Cin), T a multiple of the stride -> (N, T / stride, Cout)."""
         if self.context:
             prev = states.take()  # (N, context, Cin)
@@ -326,7 +317,7 @@ class StreamingConvTranspose1d(nn.Module):
     def init_state(self, n: int, device, dtype) -> list[torch.Tensor]:
         return [torch.zeros(n, self.steps - 1, self.in_channels, device=device, dtype=dtype)]
 
-    def forward(self, x: torch.Tensor, states: _States) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, states: ConvStates) -> torch.Tensor:
         """x (N, T, Cin) -> (N, T * stride, Cout)."""
         if self.steps == 2:  # the previous call's last step feeds this call's first block
             x = torch.cat([states.take(), x], dim=1)  # (N, 1 + T, Cin)
@@ -357,14 +348,14 @@ class SEANetResnetBlock(nn.Module):
         self.block = nn.Sequential(nn.ELU(), convs[0], nn.ELU(), convs[1])
         self.convs = convs  # plain references for the step; `block` gives them their names
 
-    def forward(self, x: torch.Tensor, states: _States) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, states: ConvStates) -> torch.Tensor:
         # direct .forward calls: see `_run_seq`
         y = self.convs[0].forward(F.elu(x), states)  # x is still needed: out of place
         y = self.convs[1].forward(F.elu(y, inplace=True), states)
         return y.add_(x)
 
 
-def _run_seq(model: nn.Sequential, x: torch.Tensor, states: _States) -> torch.Tensor:
+def _run_seq(model: nn.Sequential, x: torch.Tensor, states: ConvStates) -> torch.Tensor:
     """ELU in place: every layer's output is a fresh tensor read by nothing but the next
     layer, and at larger batches a fresh one per ELU costs memory bandwidth. Layers are
     stepped through `.forward` directly: these internal layers carry no hooks, and
@@ -402,7 +393,7 @@ class SEANetEncoder(nn.Module):
         layers += [nn.ELU(), out]
         self.model = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor, states: _States) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, states: ConvStates) -> torch.Tensor:
         return _run_seq(self.model, x, states)
 
 
@@ -428,7 +419,7 @@ class SEANetDecoder(nn.Module):
         layers += [nn.ELU(), StreamingConv1d(c.n_filters, 1, c.last_kernel_size)]
         self.model = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor, states: _States) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, states: ConvStates) -> torch.Tensor:
         return _run_seq(self.model, x, states)
 
 
@@ -605,7 +596,7 @@ class Downsample(nn.Module):
             dim, dim, 2 * stride, stride, bias=False, replicate=True, latent_rate=True
         )
 
-    def forward(self, x: torch.Tensor, states: _States) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, states: ConvStates) -> torch.Tensor:
         return self.conv.forward(x, states)
 
 
@@ -616,7 +607,7 @@ class Upsample(nn.Module):
         super().__init__()
         self.convtr = StreamingConvTranspose1d(dim, dim, 2 * stride, stride, groups=dim, bias=False)
 
-    def forward(self, x: torch.Tensor, states: _States) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, states: ConvStates) -> torch.Tensor:
         return self.convtr.forward(x, states)
 
 
@@ -785,23 +776,23 @@ class Mimi(nn.Module):
         return self.quantizer.rvq_first.input_proj.weight.dtype
 
     # -- state ---------------------------------------------------------------------------------
-    def _encoder_state(self, n: int) -> list[torch.Tensor]:
+    def encoder_state(self, n: int) -> list[torch.Tensor]:
         d, t = self.device, self.dtype
         return _init_seq(self.encoder, n, d, t) + _init_seq(self.downsample, n, d, t)
 
-    def _decoder_state(self, n: int) -> list[torch.Tensor]:
+    def decoder_state(self, n: int) -> list[torch.Tensor]:
         d, t = self.device, self.dtype
         return _init_seq(self.upsample, n, d, t) + _init_seq(self.decoder, n, d, t)
 
     # -- shared forward passes (offline: cache None, fresh states) -----------------------------
-    def _encode_frames(self, pcm, states: _States, cache, active) -> torch.Tensor:
+    def encode_frames(self, pcm, states: ConvStates, cache, active) -> torch.Tensor:
         """pcm (N, 1, T) -> codes (N, K, T / frame_size)."""
         x = self.encoder(pcm.transpose(1, 2), states)  # (N, 2F, C) at 25 Hz
         x = self.encoder_transformer(x, cache, active)
         x = self.downsample(x, states)  # (N, F, C) at 12.5 Hz
         return self.quantizer.encode(x, self.num_codebooks).transpose(1, 2)
 
-    def _decode_frames(self, codes, states: _States, cache, active) -> torch.Tensor:
+    def decode_frames(self, codes, states: ConvStates, cache, active) -> torch.Tensor:
         """codes (N, K, F) -> pcm (N, 1, F * frame_size)."""
         x = self.quantizer.decode(codes.transpose(1, 2))  # (N, F, C)
         x = self.upsample(x, states)  # (N, 2F, C)
@@ -819,151 +810,27 @@ class Mimi(nn.Module):
         check_pcm(pcm, offline=True)
         pad = (-pcm.shape[-1]) % self.frame_size
         x = F.pad(pcm.to(self.device, self.dtype), (0, pad))
-        return self._encode_frames(x, _States(self._encoder_state(x.shape[0])), None, None)
+        return self.encode_frames(x, ConvStates(self.encoder_state(x.shape[0])), None, None)
 
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes int (B, K, F) -> pcm (B, 1, F * 1920) in the model dtype."""
         check_codes(codes, self.num_codebooks, self.cardinality, offline=True)
         codes = codes.to(self.device, torch.long)
-        return self._decode_frames(codes, _States(self._decoder_state(codes.shape[0])), None, None)
+        return self.decode_frames(codes, ConvStates(self.decoder_state(codes.shape[0])), None, None)
 
     # -- streaming API ---------------------------------------------------------------------------
     def streaming_encoder(self, num_rows: int) -> MimiStreamingEncoder:
+        """State for `num_rows` streams, one frame of pcm each per step (mimi_streaming.py)."""
+        from moshi_grpc.models.mimi_streaming import MimiStreamingEncoder
+
         return MimiStreamingEncoder(self, num_rows)
 
     def streaming_decoder(self, num_rows: int) -> MimiStreamingDecoder:
+        """State for `num_rows` streams, one frame of codes each per step."""
+        from moshi_grpc.models.mimi_streaming import MimiStreamingDecoder
+
         return MimiStreamingDecoder(self, num_rows)
-
-
-class _Streamer:
-    """Rows of streaming state shared by the encoder and decoder.
-
-    `num_rows` rows are preallocated; a step runs on the row prefix [0, B) of them, for
-    any B <= num_rows, and leaves rows >= B untouched (a replica steps only the bucket
-    holding its live sessions, see services/common/buckets.py). Every state tensor (conv
-    caches, KV rings, positions) is written in place, so a captured CUDA graph replays the
-    same addresses. `step` checks its inputs, then runs `step_unchecked`, which makes no
-    host synchronisation (no `.item()`, no branch on tensor values); of the CPU forms,
-    only the certified codebook search breaks that (see cpu_fast.py).
-    """
-
-    def __init__(self, mimi: Mimi, num_rows: int, transformer: Transformer, states):
-        if num_rows < 1:
-            raise ValueError(f"num_rows must be >= 1, got {num_rows}")
-        self.mimi, self.num_rows = mimi, num_rows
-        with torch.inference_mode():
-            self._fresh = states(num_rows)
-            self._states = [s.clone() for s in self._fresh]
-            self._cache = transformer.new_cache(
-                num_rows, mimi.config.resample_stride, mimi.device, mimi.dtype
-            )
-            # every prefix's views made once: a step then looks them up (a traced step
-            # guards on what it read, so nothing it reads may change between calls)
-            self._views = {b: [s[:b] for s in self._states] for b in range(1, num_rows + 1)}
-            for b in range(1, num_rows + 1):
-                self._cache.prefix(b)
-
-    def state_tensors(self) -> list[torch.Tensor]:
-        """Every state tensor (conv caches, KV rings, positions), row first."""
-        return [*self._states, *self._cache.tensors()]
-
-    @property
-    def positions(self) -> torch.Tensor:
-        """Frames processed by each row since its last reset."""
-        return self._cache.pos // self.mimi.config.resample_stride
-
-    def _device_mask(self, active: torch.Tensor | None) -> torch.Tensor | None:
-        """A checked `active` as `step_unchecked` takes it: None when every row advances
-        (the same as the mask, minus the masking)."""
-        if active is None or bool(active.all()):
-            return None
-        return active.to(self.mimi.device)
-
-    def _commit(self, b: int, new: list[torch.Tensor], active: torch.Tensor | None) -> None:
-        """The step's new conv states into rows [0, b), in place (masked rows keep theirs)."""
-        for old, n in zip(self._views[b], new, strict=True):
-            if active is not None:
-                n = torch.where(active.view((-1,) + (1,) * (n.dim() - 1)), n, old)
-            old.copy_(n)
-
-    @torch.inference_mode()
-    def reset_rows(self, rows: Sequence[int]) -> None:
-        """Those rows start a fresh conversation; the others are untouched."""
-        rows = check_rows(rows, self.num_rows)
-        if not rows:
-            return
-        idx = torch.tensor(rows, dtype=torch.long, device=self.mimi.device)
-        for s, f in zip(self._states, self._fresh, strict=True):
-            s.index_copy_(0, idx, f.index_select(0, idx))
-        self._cache.reset_rows(idx)
-
-    @torch.inference_mode()
-    def move_row(self, src: int, dst: int) -> None:
-        """Row `src`'s whole state (conv caches, KV rings, position) copied into row `dst`."""
-        check_rows((src, dst), self.num_rows)
-        if src == dst:
-            return
-        for s in self._states:
-            s[dst].copy_(s[src])
-        self._cache.move_row(src, dst)
-
-
-class MimiStreamingEncoder(_Streamer):
-    """Many streams, one 80 ms frame each per `step`, batched: stream i = row i."""
-
-    def __init__(self, mimi: Mimi, num_rows: int):
-        super().__init__(mimi, num_rows, mimi.encoder_transformer, mimi._encoder_state)
-
-    @torch.inference_mode()
-    def step(self, pcm: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
-        """pcm (B, 1920) float -> codes (B, K) int64 for rows [0, B). Inactive rows: state
-        kept, output unspecified. Rows >= B: untouched."""
-        m = self.mimi
-        b = check_batch(pcm, "pcm", m.frame_size, self.num_rows)
-        check_active(active, b)
-        check_pcm(pcm, offline=False, active=active)
-        return self.step_unchecked(pcm.to(m.device, m.dtype), self._device_mask(active))
-
-    def step_unchecked(self, pcm: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
-        """`step` on checked inputs already on the model's device and dtype; `active` None
-        (every row of the prefix advances) or a (B,) bool device tensor. No host
-        synchronisation (capturable); call it under `torch.inference_mode()`."""
-        b = pcm.shape[0]
-        if active is not None:
-            pcm = torch.where(active.view(-1, 1), pcm, torch.zeros_like(pcm))
-        states = _States(self._views[b])
-        codes = self.mimi._encode_frames(pcm.unsqueeze(1), states, self._cache.prefix(b), active)
-        self._commit(b, states.new, active)
-        return codes[:, :, 0]
-
-
-class MimiStreamingDecoder(_Streamer):
-    """Many streams, one frame of codes each per `step`, batched: stream i = row i."""
-
-    def __init__(self, mimi: Mimi, num_rows: int):
-        super().__init__(mimi, num_rows, mimi.decoder_transformer, mimi._decoder_state)
-
-    @torch.inference_mode()
-    def step(self, codes: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
-        """codes (B, K) int -> pcm (B, 1920) for rows [0, B). Inactive rows: state kept,
-        output unspecified. Rows >= B: untouched."""
-        m = self.mimi
-        b = check_batch(codes, "codes", m.num_codebooks, self.num_rows, exact=False)
-        check_active(active, b)
-        check_codes(codes, m.num_codebooks, m.cardinality, offline=False, active=active)
-        return self.step_unchecked(codes.to(m.device, torch.long), self._device_mask(active))
-
-    def step_unchecked(self, codes: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
-        """`step` on checked int64 codes already on the model's device; `active` as in
-        `MimiStreamingEncoder.step_unchecked`. Capturable."""
-        b = codes.shape[0]
-        if active is not None:
-            codes = torch.where(active.view(-1, 1), codes, torch.zeros_like(codes))
-        states = _States(self._views[b])
-        pcm = self.mimi._decode_frames(codes.unsqueeze(-1), states, self._cache.prefix(b), active)
-        self._commit(b, states.new, active)
-        return pcm[:, 0]
 
 
 # --------------------------------------------------------------------------------------------

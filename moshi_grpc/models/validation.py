@@ -1,25 +1,38 @@
-"""Input checks of the codec's public calls, kept out of the model file.
+"""Input checks of the models' public calls and configurations, kept out of the model files.
 
-The model (`mimi.py`) computes; these functions decide, before any computation, whether an
-input is one the model can take, and raise `MimiInputError` (a `ValueError`, mapped to a
-gRPC status by the services) naming what is wrong. They read tensor values (NaN, code
-ranges), so they run on the host before a step, never inside a captured one: the checked
-calls (`step`, `encode`, `decode`) call them, the `step_unchecked` paths do not.
+The models (`mimi.py`, `lm.py`) compute; these functions decide, before any computation,
+whether an input is one the model can take, and raise a `ValueError` subclass naming what
+is wrong (mapped to a gRPC status by the services):
+
+- the codec's audio, codes, batches, masks and rows (`MimiInputError`). They read tensor
+  values (NaN, code ranges), so they run on the host before a step, never inside a
+  captured one: the checked calls (`step`, `encode`, `decode`) call them, the
+  `step_unchecked` paths do not;
+- the LM's kyutai `config.json` (`LMConfigError`): every key known, none missing, and only
+  the variants this implementation runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    from moshi_grpc.models.lm import LMConfig
+
 __all__ = [
+    "LMConfigError",
     "MimiInputError",
     "check_active",
     "check_batch",
     "check_codes",
     "check_pcm",
+    "check_lm_config",
     "check_rows",
+    "parse_lm_config",
 ]
 
 
@@ -98,3 +111,128 @@ def check_rows(rows: Iterable[int], num_rows: int) -> list[int]:
     if any(not 0 <= int(r) < num_rows for r in rows):
         raise MimiInputError(f"rows must be in 0..{num_rows - 1}, got {rows}")
     return [int(r) for r in rows]
+
+
+# --- the LM's configuration ----------------------------------------------------------------
+
+
+class LMConfigError(ValueError):
+    """The LM configuration is malformed, incomplete or asks for an unsupported variant."""
+
+
+# Keys of a kyutai config.json that describe files or tooling, not the network: accepted and
+# kept in `LMConfig.extra` so a real config.json loads as is.
+_METADATA_KEYS = {
+    "moshi_name",
+    "mimi_name",
+    "mimi_config_name",
+    "tokenizer_name",
+    "lora_name",
+    "model_type",
+    "lm_gen_config",
+    "tts_config",
+    "stt_config",
+    "model_id",
+    "depformer_causal",  # deprecated upstream, ignored there too
+}
+
+# Keys the reference accepts whose only supported value here is the neutral one.
+_NEUTRAL_KEYS: dict[str, Any] = {
+    "text_card_out": None,
+    "demux_second_stream": False,
+    "demux_second_text_stream": False,
+    "norm_emb": False,
+    "bias_proj": False,
+    "depformer_norm": None,
+    "depformer_weights_per_step_schedule": None,
+    "depformer_low_rank_embeddings": None,
+    "extra_heads_num_heads": 0,
+    "extra_heads_dim": 6,
+    "kv_repeat": 1,
+    "depformer_kv_repeat": 1,
+    "conditioners": None,
+    "fuser": None,
+    "cross_attention": False,
+    "lora": False,
+    "quantize": False,
+}
+
+
+def parse_lm_config(cls: type[LMConfig], raw: dict[str, Any]) -> LMConfig:
+    """`cls` (an `LMConfig`) from an official config.json dict, checked."""
+    if not isinstance(raw, dict):
+        raise LMConfigError(f"LM config must be a JSON object, got {type(raw).__name__}")
+    names = {f.name for f in fields(cls)} - {"extra"}
+    optional = {"existing_text_end_padding_id"}
+    unknown = sorted(set(raw) - names - _METADATA_KEYS - set(_NEUTRAL_KEYS))
+    missing = sorted(names - optional - set(raw))
+    problems = []
+    if unknown:
+        problems.append(f"unknown keys: {', '.join(unknown)}")
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing)}")
+    if problems:
+        raise LMConfigError("invalid LM config; " + "; ".join(problems))
+    for key, neutral in _NEUTRAL_KEYS.items():
+        if key == "extra_heads_dim":  # meaningless without extra heads
+            continue
+        if key in raw and raw[key] != neutral and raw[key] not in (None, [], {}):
+            raise LMConfigError(f"unsupported LM config value {key}={raw[key]!r}")
+    kwargs = {k: raw[k] for k in names if k in raw}
+    kwargs["delays"] = list(kwargs["delays"])
+    extra = {k: raw[k] for k in raw if k in _METADATA_KEYS}
+    cfg = cls(**kwargs, extra=extra)
+    cfg.validate()
+    return cfg
+
+
+def check_lm_config(cfg: LMConfig) -> None:
+    """Reject values the LM does not run (rather than run them wrongly)."""
+    fixed = {
+        "causal": (cfg.causal, True),
+        "layer_scale": (cfg.layer_scale, None),
+        "depformer_layer_scale": (cfg.depformer_layer_scale, None),
+        "gating": (cfg.gating, "silu"),
+        "depformer_gating": (cfg.depformer_gating, "silu"),
+        "positional_embedding": (cfg.positional_embedding, "rope"),
+        "depformer_pos_emb": (cfg.depformer_pos_emb, "none"),
+        "depformer_multi_linear": (cfg.depformer_multi_linear, True),
+        "depformer_weights_per_step": (cfg.depformer_weights_per_step, True),
+    }
+    for key, (value, want) in fixed.items():
+        if value != want:
+            raise LMConfigError(f"unsupported LM config value {key}={value!r} (need {want!r})")
+    if cfg.norm not in ("rms_norm_f32", "rms_norm"):
+        raise LMConfigError(f"unsupported norm {cfg.norm!r} (rms_norm_f32 or rms_norm)")
+    ints = {
+        "dim": cfg.dim,
+        "text_card": cfg.text_card,
+        "n_q": cfg.n_q,
+        "dep_q": cfg.dep_q,
+        "card": cfg.card,
+        "num_heads": cfg.num_heads,
+        "num_layers": cfg.num_layers,
+        "context": cfg.context,
+        "depformer_dim": cfg.depformer_dim,
+        "depformer_num_heads": cfg.depformer_num_heads,
+        "depformer_num_layers": cfg.depformer_num_layers,
+    }
+    for key, value in ints.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise LMConfigError(f"LM config {key} must be a positive integer, got {value!r}")
+    if cfg.dep_q > cfg.n_q:
+        raise LMConfigError(f"dep_q ({cfg.dep_q}) cannot exceed n_q ({cfg.n_q})")
+    if cfg.dim % cfg.num_heads or (cfg.dim // cfg.num_heads) % 2:
+        raise LMConfigError("dim must split into num_heads heads of even size")
+    if cfg.depformer_dim % cfg.depformer_num_heads:
+        raise LMConfigError("depformer_dim must be divisible by depformer_num_heads")
+    if len(cfg.delays) != cfg.num_codebooks or any(
+        not isinstance(d, int) or d < 0 for d in cfg.delays
+    ):
+        raise LMConfigError(
+            f"delays must be {cfg.num_codebooks} non-negative integers, got {cfg.delays!r}"
+        )
+    for key in ("existing_text_padding_id", "existing_text_end_padding_id"):
+        value = getattr(cfg, key)
+        if not isinstance(value, int) or not 0 <= value < cfg.text_card:
+            raise LMConfigError(f"{key} must be a text token id, got {value!r}")
