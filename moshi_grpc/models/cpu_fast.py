@@ -123,7 +123,8 @@ def _prepare(kind: type[CpuForms], model: nn.Module, forms: str | CpuForms, **pr
             chosen = wanted & available
         _restore(model)
         chosen.install(model, copies)
-    logger.info("%s CPU forms (%s): %s", kind.model, forms if isinstance(forms, str) else "explicit", chosen)  # fmt: skip
+    mode = forms if isinstance(forms, str) else "explicit"
+    logger.info("%s CPU forms (%s): %s", kind.model, mode, chosen)
     return chosen
 
 
@@ -567,10 +568,11 @@ def _install_mimi_forms(mimi: nn.Module, forms: MimiForms, build: _Copies) -> No
                 _replace(m, seam, form)
         elif isinstance(m, ResidualVQ):
             key = id(m)
-            if matmuls:
-                w_in, w_out = m.input_proj.weight[:, :, 0], m.output_proj.weight[:, :, 0]
-                _replace(m, "project_in", build.linear(("pin", key), w_in, None, forms, wide_blocks=False))  # fmt: skip
-                _replace(m, "project_out", build.linear(("pout", key), w_out, None, forms, wide_blocks=False))  # fmt: skip
+            for seam, conv in (("project_in", m.input_proj), ("project_out", m.output_proj)):
+                if matmuls:
+                    w = conv.weight[:, :, 0]  # a 1x1 conv: (out, in)
+                    form = build.linear((seam, key), w, None, forms, wide_blocks=False)
+                    _replace(m, seam, form)
             if not (forms.codebook_tables or forms.fast_search):
                 continue
             tables = build.get(("tables", key), lambda m=m: _CodebookTables(m, levels[id(m)]))
