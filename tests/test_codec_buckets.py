@@ -5,10 +5,13 @@ stepped in buckets (services/common/buckets.py), with steps that can be captured
   and `reset_rows` carry or clear a stream's whole state.
 - Bucket invariance: a stream's codes are the same alone (bucket 1), in a bucket of 4 and
   in a bucket of 16 while others join, leave (moving it to another row) and idle (masked).
-  Its pcm is bit-identical across buckets >= 2; with the CPU forms' rows form on, bucket 1
-  differs in the last bits (its 25 Hz-side matmuls take that form), bounded below, and is
-  bit-identical too with that form off. The plain model and the CPU forms both hold this
-  (moshi_grpc/models/cpu_fast.py).
+  Its pcm is bit-identical while the buckets it runs in hold 4 rows or more. A step over 1
+  or 2 rows takes other matmul kernels, whose last bits differ (the plain model's
+  F.linear / conv1d / cdist through MKL's and oneDNN's small-batch paths on this AMD EPYC;
+  the CPU forms' rows form by design), carried in the stream's state for a context: pcm
+  then stays within a bound (measured 7.5e-7 against a bound of 4e-6). With the rows form
+  off, every matmul runs through oneDNN's packed kernels, which give every bucket the same
+  bits. The plain model and the CPU forms both hold this (moshi_grpc/models/cpu_fast.py).
 - Compute follows load: rows passed to the model per tick (the bucket `run` reports).
 - Capturable: every bucket's encode and decode step traces as one graph with
   `torch.compile(fullgraph=True, backend="eager")`, plain and with the CPU forms; on CUDA,
@@ -189,13 +192,19 @@ def test_a_stream_gives_the_same_codes_and_pcm_alone_in_4_and_in_16(tiny, forms)
 
     assert torch.equal(codes4, codes1)
     assert torch.equal(codes16, codes1)
-    assert torch.equal(pcm16, pcm4)  # buckets >= 2: the same kernels, bit for bit
+    # buckets of 4 rows and more: the same kernels, bit for bit, until the bucket-4 run
+    # steps 2 rows (tick 4: its last live row idles)
+    wide = rows4.index(2)
+    assert wide >= 3
+    assert torch.equal(pcm16[:wide], pcm4[:wide])
     if forms == "rows-off":  # every bucket through oneDNN's packed kernels: bit for bit
+        assert torch.equal(pcm16, pcm4)
         assert torch.equal(pcm1, pcm4)
-    # bucket 1 vs >= 2 with the rows form: the two-row form against oneDNN's packed kernel
-    # round differently, carried in the stream's state (the plain model's kernels too)
-    err = (pcm1 - pcm4).abs().max().item()
-    assert err <= 4e-6 * max(1.0, pcm4.abs().max().item()), err
+    # 1 or 2 rows vs 4 or more: other kernels round differently, carried in the state
+    peak = max(1.0, pcm4.abs().max().item())
+    for other in (pcm1, pcm16):
+        err = (other - pcm4).abs().max().item()
+        assert err <= 4e-6 * peak, err
 
 
 def test_one_session_on_a_16_slot_engine_steps_one_row(tiny) -> None:

@@ -283,6 +283,95 @@ def test_bfloat16_model_streams_valid_tokens(lm_golden) -> None:
         assert torch.equal(ta, tb) and torch.equal(aa, ab)
 
 
+def _replayed(lm, history, chunk: int | None):
+    """The KV cache after a history `(user [T, U], text [T], audio [T, dep_q])`: stepped one
+    step at a time with forced tokens (`chunk` None), or prefilled in chunks."""
+    user, text, audio = history
+    gen = LMGen(lm, 1)
+    gen.reset(0, SamplingConfig.greedy(), seed=0)
+    if chunk is None:
+        force = torch.ones(1, dtype=torch.bool)
+        for t in range(user.shape[0]):
+            gen.step(
+                user[t][None], force=force, force_text=text[t][None], force_audio=audio[t][None]
+            )
+    else:
+        gen.prefill(0, user, text, audio, chunk)
+    return gen.cache
+
+
+@torch.inference_mode()
+def _next_logits(lm, cache, tokens: torch.Tensor) -> list[list[torch.Tensor]]:
+    """Per step of `tokens [N, K]` (teacher-forced: the same inputs whatever a cache holds),
+    the text logits then each codebook's depformer logits, float32."""
+    cfg = lm.config
+    scratch = lm.new_depformer_scratch(1).views(1)
+    out = []
+    for t in range(tokens.shape[0]):
+        steps = cache.pos.clone()
+        plan = lm.plan_step(steps, min(int(steps[0]) + 1, cfg.context), True)
+        hidden, text_logits = lm.temporal_step(tokens[t][None], cache, plan)
+        cache.commit(1, 1)
+        logits, prev = [text_logits.float()], tokens[t][None, 0]
+        for q in range(cfg.dep_q):
+            logits.append(lm.depformer_step(q, hidden, prev, scratch[q]).float())
+            prev = tokens[t][None, 1 + q] % cfg.card
+        out.append(logits)
+    return out
+
+
+@pytest.mark.parametrize(
+    "dtype, forms", [(torch.bfloat16, "off"), (torch.bfloat16, "on"), (torch.float32, "off")]
+)
+def test_prefill_is_the_steps_arithmetic_in_half_precision_too(dtype, forms) -> None:
+    """A failover prefill runs the step's layer code, dtype for dtype (`temporal_prefill`).
+    One step per chunk is then the step itself while the ring has not wrapped (same
+    shapes, same key order): in bfloat16 bit for bit (on this CPU; the old prefill, which
+    attended in float32, was not), in float32 to the last bits (the step reads the ring's
+    values through a strided view, the prefill a copy). In chunks, only the matmuls' row
+    and key counts differ: in bfloat16 (plain and with the CPU forms) that rounds
+    differently in the last bits, so the next steps' logits stay within 3 % of their peak
+    and their greedy tokens agree (all of the text's, 90 % of the audio codebooks' on
+    random weights, whose near-flat logits tie easily); in float32 within 1e-5 of the
+    peak, every token equal."""
+    from moshi_grpc.models.cpu_fast import prepare_lm_for_cpu
+    from moshi_grpc.models.lm import PRESETS
+
+    lm = load_lm(None, dict(PRESETS["small"], context=64), dtype=dtype, seed=0)
+    prepare_lm_for_cpu(lm, forms)
+    cfg = lm.config
+    g = torch.Generator().manual_seed(0)
+    total, n = 160, 16  # the 64-step ring wraps twice
+    history = (
+        torch.randint(0, cfg.card, (total, cfg.num_user_streams), generator=g),
+        torch.randint(0, cfg.text_card, (total,), generator=g),
+        torch.randint(0, cfg.card, (total, cfg.dep_q), generator=g),
+    )
+    head = tuple(h[:48] for h in history)
+    for a, b in zip(_replayed(lm, head, None).tensors(), _replayed(lm, head, 1).tensors()):
+        if dtype == torch.bfloat16:
+            assert torch.equal(a, b)
+        else:  # float32 BLAS reads the ring's strided values another way than a copy
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    stepped, chunked = _replayed(lm, history, None), _replayed(lm, history, 48)
+    tokens = torch.cat(
+        [
+            torch.randint(0, cfg.text_card, (n, 1), generator=g),
+            torch.randint(0, cfg.card, (n, cfg.n_q), generator=g),
+        ],
+        1,
+    )
+    want, got = _next_logits(lm, stepped, tokens), _next_logits(lm, chunked, tokens)
+    peak = max(step[0].abs().max().item() for step in want)
+    tol = (0.03 if dtype == torch.bfloat16 else 1e-5) * peak
+    audio_same = 0
+    for w, o in zip(want, got):
+        assert (w[0] - o[0]).abs().max().item() <= tol
+        assert int(w[0].argmax()) == int(o[0].argmax())
+        audio_same += sum(int(x.argmax()) == int(y.argmax()) for x, y in zip(w[1:], o[1:]))
+    assert audio_same >= (0.9 if dtype == torch.bfloat16 else 1.0) * n * cfg.dep_q
+
+
 def test_small_preset_with_bundled_tokenizer() -> None:
     from moshi_grpc.models.text import TextTokenizer
 

@@ -12,8 +12,8 @@ import torch
 from conftest import FIXTURES
 
 from moshi_grpc.models import lm as lm_module
-from moshi_grpc.models.cpu_fast import LM_FORMS, PackedLinear, parse_lm_forms, prepare_lm_for_cpu
-from moshi_grpc.models.lm import load_lm
+from moshi_grpc.models.cpu_fast import LMForms, prepare_lm_for_cpu
+from moshi_grpc.models.lm import Attention, Linear, load_lm
 from moshi_grpc.models.lm_gen import LMGen, SamplingConfig
 
 LM_DIR = FIXTURES / "lm"
@@ -52,16 +52,18 @@ def test_forms_on_give_the_reference_tokens_and_the_plain_models(lm_golden) -> N
     plain, fast = _load(), _load()
     names = list(fast.state_dict())
     forms = prepare_lm_for_cpu(fast, "on")
-    if not forms["packed_linear"]:
+    if not forms.packed_linear:
         pytest.skip("this torch build has no oneDNN packed linear")
-    # swapped for real: every plain matmul module is gone, the weights and names are not
-    assert not any(type(m) is torch.nn.Linear for m in fast.modules())
-    assert any(isinstance(m, PackedLinear) for m in fast.modules())
+    # swapped for real: every matmul seam computes by a form, the weights and names stay
+    linears = [m for m in fast.modules() if isinstance(m, Linear)]
+    attns = [m for m in fast.modules() if isinstance(m, Attention)]
+    assert linears and all("forward" in m.__dict__ for m in linears)
+    assert attns and all({"project_in", "project_out"} <= set(m.__dict__) for m in attns)
     assert list(fast.state_dict()) == names
     assert all(
         torch.equal(a, b) for a, b in zip(plain.state_dict().values(), fast.state_dict().values())
     )
-    assert not forms["kv_f32_f16"]  # a float32 model keeps its cache dtype
+    assert not forms.kv_f32_f16  # a float32 model keeps its cache dtype
 
     greedy = _run(fast, codes, SamplingConfig.greedy(), seed=0)
     for t, (ready, text, audio, _, _) in enumerate(greedy):
@@ -106,7 +108,7 @@ def test_half_precision_forms_stay_close_to_plain() -> None:
     plain bf16 model's (the two round differently, so tokens are not compared)."""
     plain, fast = _load(torch.bfloat16), _load(torch.bfloat16)
     forms = prepare_lm_for_cpu(fast, "on")
-    assert forms["kv_f32_f16"]
+    assert forms.kv_f32_f16
     gen = LMGen(fast, 1)
     assert (gen.cache.key_dtype, gen.cache.value_dtype) == (torch.float32, torch.float16)
     tokens = torch.tensor([[5] + [3] * 16])
@@ -150,56 +152,64 @@ def test_column_attention_is_the_same_function(dtypes) -> None:
     )
     lm = _load()
     forms = prepare_lm_for_cpu(lm, "on")
-    assert forms["attend_columns"]
+    assert forms.attend_columns
     assert all(layer.attend is attend_ring_columns for layer in lm.transformer.layers)
 
 
 def test_packed_form_takes_over_from_min_rows() -> None:
-    """Below `min_rows` input rows the plain `F.linear` runs (bit for bit); from there the
-    packed kernel, same function to float rounding."""
-    from moshi_grpc.models.cpu_fast import pack_weight
-
-    g = torch.Generator().manual_seed(0)
-    lin = torch.nn.Linear(64, 48, bias=False)
-    packed = pack_weight(lin.weight.detach())
-    if packed is None:
+    """Below `packed_from_rows` input rows the plain `F.linear` runs (bit for bit); from
+    there the packed kernel, same function to float rounding."""
+    lm = _load()
+    forms = prepare_lm_for_cpu(lm, LMForms(packed_linear=True, packed_from_rows=4))
+    if not forms.packed_linear:
         pytest.skip("this torch build has no oneDNN packed linear")
-    form = PackedLinear(lin, packed, min_rows=4)
-    assert form.weight is lin.weight
+    assert str(forms).startswith("packed-linear on (from 4 rows), attend-columns off")
+    lin = lm.transformer.layers[0].gating.linear_in
+    g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         for rows in (1, 3, 4, 9):
-            x = torch.randn(rows, 64, generator=g)
-            out, plain = form(x), torch.nn.functional.linear(x, lin.weight)
+            x = torch.randn(rows, lin.in_features, generator=g)
+            out, plain = lin(x), torch.nn.functional.linear(x, lin.weight)
             if rows < 4:
                 assert torch.equal(out, plain)
             torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
-        x = torch.randn(2, 3, 64, generator=g)  # leading dims count as rows: 6 >= 4
-        torch.testing.assert_close(form(x), torch.nn.functional.linear(x, lin.weight))
+        x = torch.randn(2, 3, lin.in_features, generator=g)  # leading dims count as rows
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight))
 
 
 def test_modes_and_devices(lm_golden) -> None:
     lm = _load()
-    assert prepare_lm_for_cpu(lm, "off") == dict.fromkeys(LM_FORMS, False)
-    assert any(type(m) is torch.nn.Linear for m in lm.modules())  # untouched
+    assert prepare_lm_for_cpu(lm, "off") == LMForms()
+    assert not any(s in m.__dict__ for m in lm.modules() for s in _seams(m))  # untouched
     with pytest.raises(ValueError, match="unknown LM CPU forms"):
         prepare_lm_for_cpu(lm, "fast")
     with pytest.raises(ValueError, match="unknown LM CPU forms"):
-        parse_lm_forms("packed-linear,turbo")
-    assert parse_lm_forms("attend-columns, kv-f32-f16") == {"attend_columns", "kv_f32_f16"}
-    assert parse_lm_forms("on") == set(LM_FORMS) and parse_lm_forms("off") == set()
+        LMForms.parse("packed-linear,turbo")
+    with pytest.raises(ValueError, match="unknown LM CPU forms"):
+        LMForms.parse(",")  # say so rather than run the plain model unasked
+    assert LMForms.parse("attend-columns, kv-f32-f16") == LMForms(
+        attend_columns=True, kv_f32_f16=True
+    )
+    assert LMForms.parse("on") == "on" and LMForms.parse("auto") == "auto"
     named = _load()
-    assert prepare_lm_for_cpu(named, "attend-columns") == {
-        "packed_linear": False, "attend_columns": True, "kv_f32_f16": False
-    }  # fmt: skip
-    assert any(type(m) is torch.nn.Linear for m in named.modules())  # not packed
+    assert prepare_lm_for_cpu(named, "attend-columns") == LMForms(attend_columns=True)
+    assert not any("forward" in m.__dict__ for m in named.modules())  # not packed
     forms = prepare_lm_for_cpu(lm, "auto")  # whatever it measures here...
-    assert set(forms) == set(LM_FORMS)
+    assert forms == forms & prepare_lm_for_cpu(_load(), "on")  # ...among what applies...
     codes = lm_golden["codes"][:12]
     sampled = SamplingConfig(0.8, 10, 0.9, 20)  # ...the tokens stay the plain model's
     assert _run(lm, codes, sampled, seed=1) == _run(_load(), codes, sampled, seed=1)
+    # "off" after "on" gives the plain model back, seam by seam
+    prepare_lm_for_cpu(lm, "on")
+    assert prepare_lm_for_cpu(lm, "off") == LMForms()
+    assert not any(s in m.__dict__ for m in lm.modules() for s in _seams(m))
     with torch.device("meta"):
         meta = lm_module.LMModel(lm.config)
-    assert prepare_lm_for_cpu(meta, "on") == dict.fromkeys(LM_FORMS, False)  # not a CPU model
+    assert prepare_lm_for_cpu(meta, "on") == LMForms()  # not a CPU model
+
+
+def _seams(module: torch.nn.Module) -> tuple[str, ...]:
+    return getattr(type(module), "device_seams", ())
 
 
 def test_model_file_does_not_import_the_cpu_forms() -> None:
@@ -217,3 +227,49 @@ def test_model_file_does_not_import_the_cpu_forms() -> None:
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 imported += [alias.name for alias in node.names]
         assert not any("cpu_fast" in (name or "") for name in imported), module.__name__
+
+
+def test_cpu_forms_reach_the_models_through_public_seams_only() -> None:
+    """cpu_fast.py imports only public names of the model files and touches no private
+    attribute but its own; every seam it replaces is declared by the model (`_replace`
+    refuses others)."""
+    import ast
+
+    from moshi_grpc.models import cpu_fast, mimi
+
+    tree = ast.parse(open(cpu_fast.__file__).read())
+    imported = [
+        a.name
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("moshi_grpc.models")
+        for a in n.names
+    ]
+    assert imported and not [n for n in imported if n.startswith("_")]
+    own = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)} | {
+        t.attr
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Assign, ast.AnnAssign))
+        for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+        if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"
+    }
+
+    def root(node: ast.expr) -> str:
+        while isinstance(node, ast.Attribute):
+            node = node.value
+        return node.id if isinstance(node, ast.Name) else ""
+
+    private = {
+        n.attr
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute)
+        and n.attr.startswith("_")
+        and not n.attr.endswith("__")
+        and root(n) != "torch"  # torch's own ops (torch.ops.mkldnn._linear_pointwise)
+    }
+    assert private <= own, private - own
+    for model in (mimi, lm_module):
+        for name in dir(model):
+            seams = getattr(getattr(model, name), "device_seams", ())
+            assert all(not s.startswith("_") for s in seams)
+    with pytest.raises(AttributeError, match="not a device seam"):
+        cpu_fast._replace(_load(), "embed", lambda *a: None)

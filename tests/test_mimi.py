@@ -1,4 +1,4 @@
-"""Mimi codec: parity with the reference, streaming == offline, per-slot state, loading, inputs.
+"""Mimi codec: parity with the reference, streaming == offline, per-row state, loading, inputs.
 
 Golden fixtures (tests/fixtures/mimi/) come from tools/make_mimi_golden.py run with the public
 reference (moshi 0.2.13) on the "tiny" config: seeded random weights saved with the official
@@ -23,9 +23,9 @@ from moshi_grpc.models.mimi import (
     MimiConfig,
     MimiInputError,
     load_mimi,
-    official_to_hf,
     save_mimi,
 )
+from moshi_grpc.models.mimi_hf import official_to_hf
 
 FRAME = 1920
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "mimi"
@@ -108,8 +108,8 @@ def test_streaming_equals_offline_past_the_context(tiny):
     assert torch.allclose(_stream_decode(tiny, codes), pcm, atol=1e-5, rtol=0)
 
 
-def test_batched_slots_with_joins_masks_and_resets_equal_solo_runs(tiny):
-    """3 slots: slot 0 runs straight, slot 1 joins late and idles in the middle, slot 2 is
+def test_batched_rows_with_joins_masks_and_resets_equal_solo_runs(tiny):
+    """3 rows: row 0 runs straight, row 1 joins late and idles in the middle, row 2 is
     reset mid-way into a new conversation. Each must equal its own solo offline run."""
     n, ticks = 3, 12
     a = _audio(4, ticks, seed=2)
@@ -121,7 +121,7 @@ def test_batched_slots_with_joins_masks_and_resets_equal_solo_runs(tiny):
     }
     want = {k: tiny.encode(v) for k, v in solo_audio.items()}
     want_pcm = {k: tiny.decode(v) for k, v in want.items()}
-    # schedule: which conversation each slot feeds at each tick (None = inactive)
+    # schedule: which conversation each row feeds at each tick (None = inactive)
     plan = {0: [0] * 12, 1: [None, None, 1, 1, 1, None, None, 1, 1, 1, 1, 1]}
     plan[2] = [2] * 5 + [3] * 7
     enc, dec = tiny.streaming_encoder(n), tiny.streaming_decoder(n)
@@ -130,69 +130,69 @@ def test_batched_slots_with_joins_masks_and_resets_equal_solo_runs(tiny):
     fed = {k: 0 for k in want}
     for t in range(ticks):
         if t == 5:
-            enc.reset([2])
-            dec.reset(torch.tensor([False, False, True]))
+            enc.reset_rows([2])
+            dec.reset_rows([2])
         pcm = torch.full((n, FRAME), float("nan"))  # inactive rows: garbage is ignored
         codes_in = torch.full((n, 8), -7, dtype=torch.long)
         active = torch.zeros(n, dtype=torch.bool)
-        for slot in range(n):
-            conv = plan[slot][t]
+        for row in range(n):
+            conv = plan[row][t]
             if conv is None:
                 continue
             i = fed[conv]
-            pcm[slot] = solo_audio[conv][0, 0, i * FRAME : (i + 1) * FRAME]
-            codes_in[slot] = want[conv][0, :, i]
-            active[slot] = True
+            pcm[row] = solo_audio[conv][0, 0, i * FRAME : (i + 1) * FRAME]
+            codes_in[row] = want[conv][0, :, i]
+            active[row] = True
         out = enc.step(pcm, active)
         wav = dec.step(codes_in, active)
-        for slot in range(n):
-            conv = plan[slot][t]
+        for row in range(n):
+            conv = plan[row][t]
             if conv is not None:
-                got[conv].append(out[slot])
-                got_pcm[conv].append(wav[slot])
+                got[conv].append(out[row])
+                got_pcm[conv].append(wav[row])
                 fed[conv] += 1
     for k in want:
         assert torch.equal(torch.stack(got[k], -1), want[k][0]), k
         assert torch.allclose(torch.cat(got_pcm[k]), want_pcm[k][0, 0], atol=1e-5, rtol=0), k
 
 
-def test_idle_ticks_after_the_ring_wrapped_leave_the_slot_exact(tiny):
-    """An idle slot writes into its ring entries without advancing (see KVCache): after the
+def test_idle_ticks_after_the_ring_wrapped_leave_the_row_exact(tiny):
+    """An idle row writes into its ring entries without advancing (see `_attend`): after the
     tiny config's 11-entry ring has wrapped, idle ticks must still not change its output."""
     a = _audio(2, 12, seed=9)
     want = tiny.encode(a)
     want_pcm = tiny.decode(want)
-    idle = {7, 8}  # slot 1 has no frame on these ticks (14 steps in: the ring wrapped)
+    idle = {7, 8}  # row 1 has no frame on these ticks (14 steps in: the ring wrapped)
     enc, dec = tiny.streaming_encoder(2), tiny.streaming_decoder(2)
     got, got_pcm, fed = [[], []], [[], []], [0, 0]
     for t in range(12 + len(idle)):
         active = torch.tensor([t < 12, t not in idle and fed[1] < 12])
         pcm = torch.zeros(2, FRAME)
         codes = torch.zeros(2, 8, dtype=torch.long)
-        for slot in (0, 1):
-            if active[slot]:
-                pcm[slot] = a[slot, 0, fed[slot] * FRAME : (fed[slot] + 1) * FRAME]
-                codes[slot] = want[slot, :, fed[slot]]
+        for row in (0, 1):
+            if active[row]:
+                pcm[row] = a[row, 0, fed[row] * FRAME : (fed[row] + 1) * FRAME]
+                codes[row] = want[row, :, fed[row]]
         out, wav = enc.step(pcm, active), dec.step(codes, active)
-        for slot in (0, 1):
-            if active[slot]:
-                got[slot].append(out[slot])
-                got_pcm[slot].append(wav[slot])
-                fed[slot] += 1
-    for slot in (0, 1):
-        assert torch.equal(torch.stack(got[slot], -1), want[slot])
-        assert torch.allclose(torch.cat(got_pcm[slot]), want_pcm[slot, 0], atol=1e-5, rtol=0)
+        for row in (0, 1):
+            if active[row]:
+                got[row].append(out[row])
+                got_pcm[row].append(wav[row])
+                fed[row] += 1
+    for row in (0, 1):
+        assert torch.equal(torch.stack(got[row], -1), want[row])
+        assert torch.allclose(torch.cat(got_pcm[row]), want_pcm[row, 0], atol=1e-5, rtol=0)
 
 
-def test_reset_of_one_slot_leaves_others_bit_identical(tiny):
+def test_reset_of_one_row_leaves_others_bit_identical(tiny):
     a = _audio(2, 6, seed=4)
     e1, e2 = tiny.streaming_encoder(2), tiny.streaming_encoder(2)
     d1, d2 = tiny.streaming_decoder(2), tiny.streaming_decoder(2)
     codes = tiny.encode(a)
     for i in range(6):
         if i == 3:
-            e2.reset([1])
-            d2.reset([1])
+            e2.reset_rows([1])
+            d2.reset_rows([1])
         f = a[:, 0, i * FRAME : (i + 1) * FRAME]
         assert torch.equal(e1.step(f)[0], e2.step(f)[0])
         assert torch.equal(d1.step(codes[:, :, i])[0], d2.step(codes[:, :, i])[0])
@@ -205,8 +205,8 @@ def test_inactive_step_leaves_state_untouched(tiny):
     out1 = [e1.step(a[:, 0, i * FRAME : (i + 1) * FRAME]) for i in range(5)]
     out2 = []
     for i in range(5):
-        if i == 2:  # a tick where slot 1 has no frame: random data, masked
-            # slot 0 consumes an extra random frame (so it diverges); slot 1 must not notice
+        if i == 2:  # a tick where row 1 has no frame: random data, masked
+            # row 0 consumes an extra random frame (so it diverges); row 1 must not notice
             e2.step(torch.randn(2, FRAME), torch.tensor([True, False]))
         out2.append(e2.step(a[:, 0, i * FRAME : (i + 1) * FRAME]))
     for i in range(5):
@@ -215,7 +215,7 @@ def test_inactive_step_leaves_state_untouched(tiny):
 
 
 def test_all_true_mask_steps_like_no_mask(tiny):
-    """An all-True mask takes the unmasked path; it must advance every slot the same way."""
+    """An all-True mask takes the unmasked path; it must advance every row the same way."""
     a = _audio(2, 4, seed=6)
     e1, e2 = tiny.streaming_encoder(2), tiny.streaming_encoder(2)
     d1, d2 = tiny.streaming_decoder(2), tiny.streaming_decoder(2)
@@ -226,7 +226,7 @@ def test_all_true_mask_steps_like_no_mask(tiny):
         assert torch.equal(c1, c2)
         assert torch.equal(d1.step(c1), d2.step(c2, every))
     assert e2.positions.tolist() == [4, 4]
-    # a partial mask after all-True ticks still holds the masked slot back
+    # a partial mask after all-True ticks still holds the masked row back
     e2.step(torch.randn(2, FRAME), torch.tensor([False, True]))
     assert e2.positions.tolist() == [4, 5]
 
@@ -368,8 +368,10 @@ def test_bad_streaming_inputs(tiny):
         dec.step(torch.full((2, 8), 4096))
     with pytest.raises(MimiInputError, match="codebooks"):
         dec.step(torch.zeros(2, 4, dtype=torch.long))
-    with pytest.raises(MimiInputError, match="slot"):
-        enc.reset([5])
+    with pytest.raises(MimiInputError, match="rows must be in 0..1"):
+        enc.reset_rows([5])
+    with pytest.raises(MimiInputError, match="rows must be in 0..1"):
+        enc.move_row(0, 2)
     with pytest.raises(ValueError):
         tiny.streaming_encoder(0)
     # a failed call leaves the state as it was

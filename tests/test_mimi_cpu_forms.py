@@ -18,18 +18,18 @@ import torch
 from moshi_grpc.models import mimi as mimi_module
 from moshi_grpc.models.cpu_fast import (
     MimiForms,
+    _Copies,
     _MatmulConv,
     _MatmulConvTranspose,
-    _MimiBuild,
     mimi_exact_reruns,
     prepare_mimi_for_cpu,
 )
 from moshi_grpc.models.mimi import (
     PRESETS,
+    ConvStates,
     Mimi,
     StreamingConv1d,
     StreamingConvTranspose1d,
-    _States,
     load_mimi,
 )
 
@@ -124,12 +124,16 @@ def test_off_restores_the_plain_callables_and_modes_are_checked(model) -> None:
     assert prepare_mimi_for_cpu(model, "off") == MimiForms()
     assert layer.apply_conv.__func__ is StreamingConv1d.apply_conv
     assert not any("quantize" in m.__dict__ for m in model.modules())
-    with pytest.raises(ValueError, match="auto, on or off"):
+    with pytest.raises(ValueError, match="unknown Mimi CPU forms"):
         prepare_mimi_for_cpu(model, "fast")
     with pytest.raises(ValueError, match="unknown Mimi CPU forms"):
         MimiForms.parse("rows,turbo")
     assert MimiForms.parse("rows, fast-search") == MimiForms(rows=True, fast_search=True)
     assert MimiForms.parse("auto") == "auto"
+    assert prepare_mimi_for_cpu(model, "rows,codebook-tables") == MimiForms(
+        rows=True, codebook_tables=True
+    )
+    assert prepare_mimi_for_cpu(model, "off") == MimiForms()
     assert str(MimiForms(rows=True)) == (
         "conv-matmul off, onednn-packed off, rows on, fast-search off, codebook-tables off"
     )
@@ -168,7 +172,7 @@ def _stream_layer(layer, x: torch.Tensor, chunks: list[int]) -> torch.Tensor:
     state = layer.init_state(x.shape[0], x.device, x.dtype)
     outs, t = [], 0
     for c in chunks:
-        states = _States(state)
+        states = ConvStates(state)
         outs.append(layer(x[:, t : t + c], states))
         state, t = states.new, t + c
     return torch.cat(outs, 1)
@@ -196,13 +200,13 @@ def test_matmul_conv_forms_equal_the_plain_conv(
     torch.manual_seed(0)
     layer = StreamingConv1d(cin, cout, kernel, stride, dilation, latent_rate=latent_rate)
     x = torch.randn(2, 24 * stride, cin)
-    conv = layer.conv.conv
+    conv = layer.conv.conv  # the nn.Conv1d of the checkpoint's nesting
     pad = (kernel - 1) * dilation + 1 - stride
     with torch.inference_mode():
         want = conv(torch.nn.functional.pad(x.transpose(1, 2), (pad, 0))).transpose(1, 2)
         whole = _stream_layer(layer, x, [24 * stride])
         torch.testing.assert_close(whole, want, atol=1e-5, rtol=1e-5)
-        layer.apply_conv = _MatmulConv(layer, _MimiBuild(), forms)
+        layer.apply_conv = _MatmulConv(layer, _Copies(), forms)
         assert layer.apply_conv.tap_groups == tap_groups
         fast = _stream_layer(layer, x, [24 * stride])
         parts = _stream_layer(layer, x, [5 * stride, stride, 18 * stride])
@@ -224,7 +228,7 @@ def test_matmul_transposed_conv_equals_the_plain_one(forms, kernel, groups, bias
         want = layer.convtr.convtr(x.transpose(1, 2))[..., : 20 * 4].transpose(1, 2)
         whole = _stream_layer(layer, x, [20])
         plain_parts = _stream_layer(layer, x, [1, 7, 12])
-        layer.apply_convtr = _MatmulConvTranspose(layer, _MimiBuild(), forms)
+        layer.apply_convtr = _MatmulConvTranspose(layer, _Copies(), forms)
         fast = _stream_layer(layer, x, [20])
         parts = _stream_layer(layer, x, [1, 7, 12])
     torch.testing.assert_close(whole, want, atol=1e-5, rtol=1e-5)

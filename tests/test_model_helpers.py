@@ -163,6 +163,20 @@ def test_ring_prefix_reset_and_move_row() -> None:
     assert cache.nbytes_per_row() == 2 * 2 * (2 * 5 * 4 * 4)
 
 
+def test_ring_row_view_writes_that_row_in_place() -> None:
+    """`row(r)`: one row wherever it lies, as a one-row cache (what a prefill writes)."""
+    cache = _ring()
+    view = cache.row(2)
+    assert view.rows == 1
+    k = torch.full((1, 2, 3, 4), 5.0)
+    view.write(0, k, 2 * k, torch.tensor([[0, 1, 2]]))
+    assert cache.k[0][2, :, :3].eq(5).all() and not cache.k[0][:2].any()
+    keys, _ = view.read(0, 1, 3)
+    assert keys.data_ptr() == cache.k[0][2].data_ptr()
+    with pytest.raises(IndexError):
+        cache.row(3)
+
+
 def test_ring_mask_matches_a_brute_force_history() -> None:
     """After writing steps 0..last one by one, ring entry j holds the newest step p with
     p % capacity == j; a query at step q sees exactly the held steps in (q - context, q]."""

@@ -276,11 +276,9 @@ def codec_runners(mimi: Any, num_slots: int, graphs: bool = False) -> tuple[Any,
 
 def state_bytes_per_slot(streamer: Any) -> int:
     """Bytes of one row of a Mimi streamer's state (0 for the echo stand-in)."""
-    cache = getattr(streamer, "_cache", None)
-    if cache is None:
+    if not hasattr(streamer, "state_tensors"):
         return 0
-    tensors = (*streamer._states, *cache.tensors())
-    return sum(t[0].numel() * t.element_size() for t in tensors)
+    return sum(t[0].numel() * t.element_size() for t in streamer.state_tensors())
 
 
 def _pct(values: Sequence[float], q: float) -> float:

@@ -268,11 +268,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from moshi_grpc.models.cpu_fast import parse_lm_forms, prepare_lm_for_cpu
+    from moshi_grpc.models.cpu_fast import LMForms, prepare_lm_for_cpu
     from moshi_grpc.models.lm import load_lm
 
     try:
-        parse_lm_forms(args.cpu_forms)  # a bad name fails before any model is built
+        LMForms.parse(args.cpu_forms)  # a bad name fails before any model is built
     except ValueError as exc:
         print(exc)
         return 2

@@ -2,12 +2,20 @@
 
 The model files (`mimi.py`, `lm.py`) are the math in plain torch and never import this
 module. The code that runs a model on CPU (the codec and LM engines, the benchmarks) calls
-the `prepare_*` function of its model after loading it; that swaps a layer's plain
-callables for forms that compute the same function with kernels that are faster on CPU
-(pre-blocked oneDNN weights, BLAS-friendly operand layouts, certified shortcuts). Each form
-is turned on only where a short measurement at load says it is faster on this machine (a
-form tuned on one CPU can be slower on another), or as the caller forces it. A golden test
-(tests/test_mimi_cpu_forms.py) shows that the forms equal the plain model.
+`prepare_mimi_for_cpu` / `prepare_lm_for_cpu` after loading it; that swaps some of the
+model's computations for forms that compute the same function with kernels that are faster
+on CPU (pre-blocked oneDNN weights, BLAS-friendly operand layouts, certified shortcuts).
+
+One mechanism for both models: a model module lists its device seams in `device_seams`
+(public methods or attributes that a device form may replace); a form replaces a seam for
+that instance only (`_replace`), and `_restore` puts every seam back (the plain model). One
+forms API for both models: `MimiForms` and `LMForms` (a `CpuForms` each: which forms are
+on) share `parse` (a spec: auto, on, off or form names), `available` (what applies to this
+model here), `choose` (measure), `install` and `str` (describe); the `prepare_*` functions
+run that flow. Each form is turned on only where a short measurement at load says it is
+faster on this machine (a form tuned on one CPU can be slower on another), or as the
+caller forces it. Tests (tests/test_mimi_cpu_forms.py, test_lm_cpu_forms.py) show that the
+forms equal the plain model.
 """
 
 from __future__ import annotations
@@ -15,12 +23,110 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, fields, replace
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 logger = logging.getLogger(__name__)
+
+# --- The one mechanism: device seams ---
+
+
+def _replace(module: nn.Module, seam: str, form: Any) -> None:
+    """`module`'s seam `seam` computes by `form`, for this instance only (an instance
+    attribute shadows the class's method or value; not `nn.Module.__setattr__`: a form is
+    no submodule and holds no state-dict entry)."""
+    if seam not in getattr(type(module), "device_seams", ()):
+        raise AttributeError(f"{type(module).__name__}.{seam} is not a device seam")
+    module.__dict__[seam] = form
+
+
+def _restore(model: nn.Module) -> None:
+    """Every seam of every module of `model` back to its plain form."""
+    for module in model.modules():
+        for seam in getattr(type(module), "device_seams", ()):
+            module.__dict__.pop(seam, None)
+
+
+# --- The one forms API ---
+
+
+@dataclass(frozen=True)
+class CpuForms:
+    """Which CPU forms of a model are on: one bool field per form (see the subclasses)."""
+
+    model: ClassVar[str]
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls) if f.type == "bool")
+
+    @classmethod
+    def parse(cls, spec: str) -> str | CpuForms:
+        """`auto`, `on` or `off` as they are; else comma-separated names of the forms to
+        turn on, spelt with dashes (e.g. "conv-matmul,fast-search"); an unknown name, or
+        none, is an error."""
+        if spec in ("auto", "on", "off"):
+            return spec
+        names = {n.replace("_", "-"): n for n in cls.names()}
+        wanted = [n.strip() for n in spec.split(",") if n.strip()]
+        unknown = [n for n in wanted if n not in names]
+        if unknown or not wanted:
+            raise ValueError(
+                f"unknown {cls.model} CPU forms {unknown}; auto, on, off or of {list(names)}"
+            )
+        return cls(**dict.fromkeys((names[n] for n in wanted), True))
+
+    def items(self) -> list[tuple[str, bool]]:
+        """(form, on) pairs, in declaration order."""
+        return [(n, getattr(self, n)) for n in self.names()]
+
+    @property
+    def any(self) -> bool:
+        return any(on for _, on in self.items())
+
+    def __and__(self, other: CpuForms) -> CpuForms:
+        return replace(self, **{n: on and getattr(other, n) for n, on in self.items()})
+
+    def __str__(self) -> str:
+        return ", ".join(f"{n.replace('_', '-')} {'on' if on else 'off'}" for n, on in self.items())
+
+    # per model: what applies here, how "auto" measures, how forms are put in place
+    @classmethod
+    def available(cls, model: nn.Module) -> CpuForms:
+        raise NotImplementedError
+
+    @classmethod
+    def choose(cls, model: nn.Module, available: CpuForms, copies: _Copies, **probe) -> CpuForms:
+        raise NotImplementedError
+
+    def install(self, model: nn.Module, copies: _Copies) -> None:
+        raise NotImplementedError
+
+
+def _prepare(kind: type[CpuForms], model: nn.Module, forms: str | CpuForms, **probe) -> Any:
+    """The flow of both `prepare_*`: parse, keep what applies here ("auto": measure), put
+    the result in place of the plain seams (all of them first restored), say which."""
+    wanted = kind.parse(forms) if isinstance(forms, str) else forms
+    available = kind.available(model)
+    copies = _Copies()
+    with torch.no_grad():
+        if wanted == "off" or not available.any:
+            chosen = kind()
+        elif wanted == "on":
+            chosen = available
+        elif wanted == "auto":
+            chosen = kind.choose(model, available, copies, **probe)
+        else:
+            chosen = wanted & available
+        _restore(model)
+        chosen.install(model, copies)
+    mode = forms if isinstance(forms, str) else "explicit"
+    logger.info("%s CPU forms (%s): %s", kind.model, mode, chosen)
+    return chosen
+
 
 # --- Measuring: how every form is chosen ---
 
@@ -32,17 +138,6 @@ def _wins(form_ms: float, plain_ms: float) -> bool:
     `WIN_MARGIN`, so that timing noise on a busy machine does not flip a choice (and a form
     holding a second copy of the weights is not kept for nothing)."""
     return form_ms < (1.0 - WIN_MARGIN) * plain_ms
-
-
-def _form_names(spec: str, forms: tuple[str, ...], model: str) -> frozenset[str]:
-    """The forms a comma-separated spec names, spelt with dashes ("conv-matmul") and returned
-    as their field names ("conv_matmul"); an unknown name is an error."""
-    names = {f.replace("_", "-"): f for f in forms}
-    wanted = [n.strip() for n in spec.split(",") if n.strip()]
-    unknown = [n for n in wanted if n not in names]
-    if unknown:
-        raise ValueError(f"unknown {model} CPU forms {unknown}; auto, on, off or of {list(names)}")
-    return frozenset(names[n] for n in wanted)
 
 
 def _best_ms(fn, reps: int) -> float:
@@ -59,10 +154,9 @@ def _best_ms(fn, reps: int) -> float:
 
 # --- Mimi forms ---
 #
-# mimi.py's seams (see its docstring) are methods that `prepare_mimi_for_cpu` shadows per
-# instance (deleting the instance attribute restores the plain form):
-# `StreamingConv1d.apply_conv`, `StreamingConvTranspose1d.apply_convtr`, the four matmuls
-# of `TransformerLayer`, and `ResidualVQ.project_in/project_out/codebooks/quantize`.
+# mimi.py's seams (see its docstring): `StreamingConv1d.apply_conv`,
+# `StreamingConvTranspose1d.apply_convtr`, the four matmuls of `TransformerLayer`, and
+# `ResidualVQ.project_in/project_out/codebooks/quantize`.
 #
 # - conv-matmul: convolutions as matmuls on the time-major input against weights laid out
 #   once. oneDNN's convolution re-lays its weight out on every call, which dominates at one
@@ -87,44 +181,43 @@ def _best_ms(fn, reps: int) -> float:
 # - codebook-tables: the centroids and the exact search's padded tables computed once,
 #   not per call (less work whatever the machine: "auto" turns it on without measuring).
 
-_MIMI_SEAMS = (
-    "apply_conv", "apply_convtr", "in_proj", "out_proj", "feed_forward_in",
-    "feed_forward_out", "project_in", "project_out", "codebooks", "quantize",
-)  # fmt: skip
-
 
 @dataclass(frozen=True)
-class MimiForms:
+class MimiForms(CpuForms):
     """Which of Mimi's CPU forms are on (see above)."""
 
+    model: ClassVar[str] = "Mimi"
     conv_matmul: bool = False
     onednn_packed: bool = False
     rows: bool = False
     fast_search: bool = False
     codebook_tables: bool = False
 
-    @property
-    def any(self) -> bool:
-        return any(getattr(self, f.name) for f in fields(self))
+    @classmethod
+    def available(cls, model: nn.Module) -> MimiForms:
+        if model.device.type != "cpu":
+            return cls()
+        packs = _pack_f32(torch.zeros(2, 2)) is not None  # a build with oneDNN's inner product
+        f32 = model.dtype == torch.float32
+        # the search runs on float32 residuals and codebooks whatever the model dtype
+        return cls(
+            conv_matmul=True, onednn_packed=packs and f32, rows=True, fast_search=packs,
+            codebook_tables=True,
+        )  # fmt: skip
 
     @classmethod
-    def parse(cls, spec: str) -> str | MimiForms:
-        """`auto`, `on` or `off` as they are; else comma-separated names of the forms to
-        turn on (e.g. "conv-matmul,onednn-packed,fast-search")."""
-        if spec in ("auto", "on", "off"):
-            return spec
-        wanted = _form_names(spec, tuple(f.name for f in fields(cls)), "Mimi")
-        return cls(**dict.fromkeys(wanted, True))
+    def choose(
+        cls,
+        model: nn.Module,
+        available: CpuForms,
+        copies: _Copies,
+        probe_batches: tuple[int, ...] = (1, 4),
+        repeats: int = 3,
+    ) -> MimiForms:
+        return _choose_mimi_forms(model, available, copies, probe_batches, repeats)
 
-    def __and__(self, other: MimiForms) -> MimiForms:
-        both = {f.name: getattr(self, f.name) and getattr(other, f.name) for f in fields(self)}
-        return MimiForms(**both)
-
-    def __str__(self) -> str:
-        return ", ".join(
-            f"{f.name.replace('_', '-')} {'on' if getattr(self, f.name) else 'off'}"
-            for f in fields(self)
-        )
+    def install(self, model: nn.Module, copies: _Copies) -> None:
+        _install_mimi_forms(model, self, copies)
 
 
 def prepare_mimi_for_cpu(
@@ -139,45 +232,17 @@ def prepare_mimi_for_cpu(
     `forms`: "auto" turns each form on only where it makes a streaming frame faster here,
     measured at load on `probe_batches` streams (greedily, one form at a time, best of
     `repeats`: some 40 frames, seconds for the published config); "on" every form that
-    applies to the model's dtype; "off" none (the plain model); or an explicit `MimiForms`
-    (limited to those that apply). Off CPU nothing applies: the plain model is what a CUDA graph
-    captures. Call it again after changing weights or buffers (the forms hold copies).
+    applies to the model's dtype; "off" none (the plain model); or form names / an explicit
+    `MimiForms` (limited to those that apply). Off CPU nothing applies: the plain model is
+    what a CUDA graph captures. Call it again after changing weights or buffers (the forms
+    hold copies).
     """
-    if isinstance(forms, str) and forms not in ("auto", "on", "off"):
-        raise ValueError(f"cpu forms mode must be auto, on or off, got {forms!r}")
-    build = _MimiBuild()
-    available = _mimi_forms_available(mimi)
-    if forms == "off" or not available.any:
-        chosen = MimiForms()
-    elif forms == "on":
-        chosen = available
-    elif isinstance(forms, MimiForms):
-        chosen = forms & available
-    else:
-        with torch.no_grad():
-            chosen = _choose_mimi_forms(mimi, available, build, probe_batches, repeats)
-    with torch.no_grad():
-        _install_mimi_forms(mimi, chosen, build)
-    mode = forms if isinstance(forms, str) else "explicit"
-    logger.info("Mimi CPU forms (%s): %s", mode, chosen)
-    return chosen
+    return _prepare(MimiForms, mimi, forms, probe_batches=probe_batches, repeats=repeats)
 
 
 def mimi_exact_reruns(mimi: nn.Module) -> int:
     """Codebook levels the certified search handed back to the exact path (near-ties)."""
     return sum(getattr(m.__dict__.get("quantize"), "exact_reruns", 0) for m in mimi.modules())
-
-
-def _mimi_forms_available(mimi: nn.Module) -> MimiForms:
-    if mimi.device.type != "cpu":
-        return MimiForms()
-    packs = _pack_f32(torch.zeros(2, 2)) is not None  # a build with oneDNN's inner product
-    f32 = mimi.dtype == torch.float32
-    # the search runs on float32 residuals and codebooks whatever the model dtype
-    return MimiForms(
-        conv_matmul=True, onednn_packed=packs and f32, rows=True, fast_search=packs,
-        codebook_tables=True,
-    )  # fmt: skip
 
 
 def _pack_f32(w: torch.Tensor) -> torch.Tensor | None:
@@ -255,7 +320,7 @@ class _Linear:
         return F.gelu(y) if self.gelu else y
 
 
-class _MimiBuild:
+class _Copies:
     """Weight copies made for the forms, kept while forms are tried at load."""
 
     def __init__(self) -> None:
@@ -278,8 +343,8 @@ class _MimiBuild:
 class _MatmulConv:
     """`StreamingConv1d.apply_conv` as matmuls (shift-add or im2col, see above)."""
 
-    def __init__(self, layer: nn.Module, build: _MimiBuild, forms: MimiForms):
-        w, b = layer.conv.conv.weight.detach(), layer.conv.conv.bias  # (Cout, Cin, K)
+    def __init__(self, layer: nn.Module, build: _Copies, forms: MimiForms):
+        w, b = layer.weight.detach(), layer.bias  # (Cout, Cin, K)
         cout, cin, k = w.shape
         s, d = layer.stride, layer.dilation
         m = k // s
@@ -334,11 +399,11 @@ class _MatmulConvTranspose:
     """`StreamingConvTranspose1d.apply_convtr` as one matmul on (step b - 1, step b) pairs
     (depthwise: elementwise products)."""
 
-    def __init__(self, layer: nn.Module, build: _MimiBuild, forms: MimiForms):
-        w, b = layer.convtr.convtr.weight.detach(), layer.convtr.convtr.bias  # (Cin, Cout/g, K)
+    def __init__(self, layer: nn.Module, build: _Copies, forms: MimiForms):
+        w, b = layer.weight.detach(), layer.bias  # (Cin, Cout/g, K)
         cin, s, m = w.shape[0], layer.stride, layer.steps
         self.stride, self.steps = s, m
-        self.cout = layer.convtr.convtr.out_channels
+        self.cout = layer.out_channels
         w = w.view(cin, w.shape[1], m, s).flip(2)  # (Cin, Cout/g, m, S): the older step first
         bias = None if b is None else b.detach().repeat(s).contiguous()  # (S * Cout,)
         if layer.groups == 1:  # (S * Cout, m * Cin): rows (p, cout), columns (step, cin)
@@ -378,7 +443,7 @@ class _CodebookTables:
         if levels:
             books = rvq.codebooks(levels)  # the plain model's centroids, bit for bit
         else:
-            books = torch.zeros(0, *rvq.vq.layers[0]._codebook.embedding_sum.shape)
+            books = torch.zeros(0, rvq.bins, rvq.dim)
         norms = books.pow(2).sum(-1, keepdim=True)
         self.books = books  # (levels, bins, dim) float32
         self.padded = torch.cat([books, torch.ones_like(norms), norms], -1)  # (.., dim + 2)
@@ -474,8 +539,8 @@ class _CertifiedSearch:
         return codes[:good], residuals[good] if good < len(codes) else r
 
 
-def _install_mimi_forms(mimi: nn.Module, forms: MimiForms, build: _MimiBuild) -> None:
-    """Shadow mimi's seams with `forms` (the plain methods where a form is off)."""
+def _install_mimi_forms(mimi: nn.Module, forms: MimiForms, build: _Copies) -> None:
+    """Replace mimi's seams by `forms` (they are plain on entry)."""
     from moshi_grpc.models.mimi import (
         ResidualVQ,
         StreamingConv1d,
@@ -483,50 +548,50 @@ def _install_mimi_forms(mimi: nn.Module, forms: MimiForms, build: _MimiBuild) ->
         TransformerLayer,
     )
 
-    for module in mimi.modules():
-        for name in _MIMI_SEAMS:
-            module.__dict__.pop(name, None)
-    if not forms.any:
-        return
     matmuls = forms.onednn_packed or forms.rows
     n_sem, k = mimi.config.semantic_codebooks, mimi.num_codebooks
     levels = {id(mimi.quantizer.rvq_first): min(k, n_sem), id(mimi.quantizer.rvq_rest): max(k - n_sem, 0)}  # fmt: skip
     for m in mimi.modules():
         if isinstance(m, StreamingConv1d) and forms.conv_matmul:
-            m.apply_conv = _MatmulConv(m, build, forms)
+            _replace(m, "apply_conv", _MatmulConv(m, build, forms))
         elif isinstance(m, StreamingConvTranspose1d) and forms.conv_matmul:
-            m.apply_convtr = _MatmulConvTranspose(m, build, forms)
+            _replace(m, "apply_convtr", _MatmulConvTranspose(m, build, forms))
         elif isinstance(m, TransformerLayer) and matmuls:
             key, a = id(m), m.self_attn
-            m.in_proj = build.linear(("in", key), a.in_proj_weight, None, forms, wide_blocks=False)
-            m.out_proj = build.linear(("out", key), a.out_proj.weight, None, forms, wide_blocks=False)  # fmt: skip
-            m.feed_forward_in = build.linear(("ff1", key), m.linear1.weight, None, forms, wide_blocks=False, gelu=True)  # fmt: skip
-            m.feed_forward_out = build.linear(("ff2", key), m.linear2.weight, None, forms, wide_blocks=True)  # fmt: skip
+            for seam, w, gelu, wide in (
+                ("in_proj", a.in_proj_weight, False, False),
+                ("out_proj", a.out_proj.weight, False, False),
+                ("feed_forward_in", m.linear1.weight, True, False),
+                ("feed_forward_out", m.linear2.weight, False, True),
+            ):
+                form = build.linear((seam, key), w, None, forms, wide_blocks=wide, gelu=gelu)
+                _replace(m, seam, form)
         elif isinstance(m, ResidualVQ):
             key = id(m)
-            if matmuls:
-                w_in, w_out = m.input_proj.weight[:, :, 0], m.output_proj.weight[:, :, 0]
-                m.project_in = build.linear(("pin", key), w_in, None, forms, wide_blocks=False)
-                m.project_out = build.linear(("pout", key), w_out, None, forms, wide_blocks=False)
+            for seam, conv in (("project_in", m.input_proj), ("project_out", m.output_proj)):
+                if matmuls:
+                    w = conv.weight[:, :, 0]  # a 1x1 conv: (out, in)
+                    form = build.linear((seam, key), w, None, forms, wide_blocks=False)
+                    _replace(m, seam, form)
             if not (forms.codebook_tables or forms.fast_search):
                 continue
             tables = build.get(("tables", key), lambda m=m: _CodebookTables(m, levels[id(m)]))
-            m.codebooks = tables.codebooks
+            _replace(m, "codebooks", tables.codebooks)
             packed = None
             if forms.fast_search and tables.books.shape[0]:
                 packed = build.get(
                     ("search", key), lambda t=tables: [_pack_f32(b) for b in t.books]
                 )
             if packed and all(p is not None for p in packed):
-                m.quantize = _CertifiedSearch(tables, packed, forms.rows)
+                _replace(m, "quantize", _CertifiedSearch(tables, packed, forms.rows))
             else:
-                m.quantize = tables.quantize
+                _replace(m, "quantize", tables.quantize)
 
 
 def _choose_mimi_forms(
     mimi: nn.Module,
     available: MimiForms,
-    build: _MimiBuild,
+    build: _Copies,
     batches: tuple[int, ...],
     repeats: int,
 ) -> MimiForms:
@@ -550,6 +615,7 @@ def _choose_mimi_forms(
         mimi.quantizer.encode(latent, mimi.num_codebooks)
 
     def cost(forms: MimiForms, sizes: tuple[int, ...], search_only: bool) -> float:
+        _restore(mimi)
         _install_mimi_forms(mimi, forms, build)
         run, reps = (search, 3) if search_only else (frame, 1)
         with torch.inference_mode():
@@ -557,18 +623,18 @@ def _choose_mimi_forms(
 
     current = available
     cost(current, batches, False)  # untimed: first touch of the copies and probe states
-    for f in fields(MimiForms):
-        if not getattr(current, f.name) or f.name == "codebook_tables":  # never slower
+    for name in MimiForms.names():
+        if not getattr(current, name) or name == "codebook_tables":  # never slower
             continue
-        without = replace(current, **{f.name: False})
-        sizes = batches[:1] if f.name == "rows" else batches
-        search_only = f.name == "fast_search"
+        without = replace(current, **{name: False})
+        sizes = batches[:1] if name == "rows" else batches
+        search_only = name == "fast_search"
         on = off = float("inf")
         for _ in range(repeats):  # interleaved, so that a slow moment hits both
             on = min(on, cost(current, sizes, search_only))
             off = min(off, cost(without, sizes, search_only))
         what = "quantizer" if search_only else "frame"
-        logger.info("Mimi CPU form %s (%s, ms per stream): %.2f on, %.2f off", f.name, what, on, off)  # fmt: skip
+        logger.info("Mimi CPU form %s (%s, ms per stream): %.2f on, %.2f off", name, what, on, off)  # fmt: skip
         if not _wins(on, off):
             current = without
     return current
@@ -576,14 +642,82 @@ def _choose_mimi_forms(
 
 # --- LM forms ---
 #
-# lm.py's matmuls go through bias-free `nn.Linear` modules and `Attention.project_in` /
-# `project_out` (one block of rows per depformer step). `prepare_lm_for_cpu` swaps them for
-# calls on oneDNN-packed copies of the same weights (the `nn.Linear` modules are replaced by
-# `PackedLinear`, which keeps the same `weight` Parameter, so state-dict names do not
-# change), and may choose other storage dtypes for the temporal KV cache. Call it once the
+# lm.py's seams: the matmuls (`Linear.forward`, `Attention.project_in/project_out`, one
+# block of rows per depformer step), the temporal attention (`TemporalLayer.attend`) and
+# the KV cache's storage dtypes (`LMModel.kv_dtypes`). Call `prepare_lm_for_cpu` once the
 # weights are final and before making the generator (the cache is made by `LMGen`).
+#
+# - packed-linear: every matmul against a oneDNN-packed copy of its weight (float32 /
+#   bfloat16; one more copy of the weights in memory), for inputs of at least as many rows
+#   as a measurement found it faster from (the batch size in a step).
+# - attend-columns: the temporal attention as matrix-vector products (keys @ q) instead of
+#   the model's row-vector products (q @ keys^T), where that is faster here.
+# - kv-f32-f16: a half-precision model keeps its temporal KV cache as float32 keys and
+#   float16 values (1.5x a bfloat16 cache), attended in float32.
 
-LM_FORMS = ("packed_linear", "attend_columns", "kv_f32_f16")
+
+@dataclass(frozen=True)
+class LMForms(CpuForms):
+    """Which of the LM's CPU forms are on (see above); `packed_from_rows`: the input rows
+    from which packed-linear takes over (below, the plain matmul runs)."""
+
+    model: ClassVar[str] = "LM"
+    packed_linear: bool = False
+    attend_columns: bool = False
+    kv_f32_f16: bool = False
+    packed_from_rows: int = 1
+
+    @classmethod
+    def available(cls, model: nn.Module) -> LMForms:
+        if model.device.type != "cpu":
+            return cls()
+        half = model.dtype in (torch.bfloat16, torch.float16)
+        packs = pack_weight(model.text_linear.weight) is not None
+        return cls(packed_linear=packs, attend_columns=True, kv_f32_f16=half)
+
+    @classmethod
+    def choose(cls, model: nn.Module, available: CpuForms, copies: _Copies, **_) -> LMForms:
+        """About a second for the mid preset: the packed matmul against the plain one at 1,
+        2, 4 and 8 rows, and the attention forms over a full ring."""
+        min_rows = _packing_min_rows(model) if available.packed_linear else None
+        columns, split = _choose_attention(model, available.kv_f32_f16)
+        return cls(
+            packed_linear=min_rows is not None,
+            attend_columns=columns,
+            kv_f32_f16=split,
+            packed_from_rows=min_rows or 1,
+        )
+
+    def install(self, model: nn.Module, copies: _Copies) -> None:
+        from moshi_grpc.models.lm import Attention, Linear, TemporalLayer
+
+        for m in model.modules():
+            if self.packed_linear and isinstance(m, Attention):
+                for seam, weight in (("project_in", m.w_in), ("project_out", m.w_out)):
+                    steps = [weight(s) for s in range(m.steps)]
+                    _replace(m, seam, _PackedMatmul(steps, self.packed_from_rows))
+            elif self.packed_linear and isinstance(m, Linear):
+                _replace(m, "forward", _PackedMatmul([m.weight], self.packed_from_rows))
+            elif self.attend_columns and isinstance(m, TemporalLayer):
+                _replace(m, "attend", attend_ring_columns)
+        if self.kv_f32_f16:
+            _replace(model, "kv_dtypes", (torch.float32, torch.float16))
+
+    def __str__(self) -> str:
+        rows = f" (from {self.packed_from_rows} rows)" if self.packed_from_rows > 1 else ""
+        return super().__str__().replace("packed-linear on", "packed-linear on" + rows)
+
+
+def prepare_lm_for_cpu(model: nn.Module, forms: str | LMForms = "auto") -> LMForms:
+    """Apply the LM's CPU forms to `model` (an `lm.LMModel`) in place; which are on.
+
+    `forms`: "auto" turns each form on where a short measurement here says it is faster,
+    "on" every form that applies to the model's dtype (packed from one row), "off" none
+    (the plain model), or form names (`LMForms.parse`) / an explicit `LMForms`. Nothing
+    applies off CPU: there the plain model is what a CUDA graph captures. Call it before
+    building the generator (the cache takes the forms' dtypes at creation).
+    """
+    return _prepare(LMForms, model, forms)
 
 
 def pack_weight(w: torch.Tensor, rows: int = 1) -> torch.Tensor | None:
@@ -617,37 +751,20 @@ def packed_linear(
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-class PackedLinear(nn.Module):
-    """A bias-free `nn.Linear` whose matmul reads a packed copy of its weight for inputs of
-    at least `min_rows` rows (`F.linear` on the weight below that: on some CPUs the packed
-    kernel loses on a single row). The original `weight` Parameter stays registered
-    (state-dict name and value unchanged)."""
+class _PackedMatmul:
+    """`F.linear(x, weights[step])` through oneDNN's packed copy of that weight for inputs
+    of at least `min_rows` rows (a shape test: no device read), and on the weight itself
+    below that (the plain seam, bit for bit: on some CPUs the packed kernel loses on a
+    single row). `step` is the depformer's codebook (0 for a plain matmul)."""
 
-    def __init__(self, linear: nn.Linear, packed: torch.Tensor, min_rows: int = 1) -> None:
-        super().__init__()
-        self.weight = linear.weight
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = packed
-        self.min_rows = min_rows
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() < self.min_rows * x.shape[-1]:  # a shape test: no device read
-            return F.linear(x, self.weight)
-        return packed_linear(x, self.packed)
-
-
-class _PackedSteps:
-    """`Attention.project_in` / `project_out` on packed copies of each step's rows, for
-    inputs of at least `min_rows` rows (the plain method below that)."""
-
-    def __init__(self, plain, packed: list[torch.Tensor], min_rows: int) -> None:
-        self.plain = plain
-        self.packed = packed
+    def __init__(self, weights: list[torch.Tensor], min_rows: int) -> None:
+        self.weights = weights
+        self.packed = [pack_weight(w) for w in weights]
         self.min_rows = min_rows
 
     def __call__(self, x: torch.Tensor, step: int = 0) -> torch.Tensor:
         if x.numel() < self.min_rows * x.shape[-1]:
-            return self.plain(x, step)
+            return F.linear(x, self.weights[step])
         return packed_linear(x, self.packed[step])
 
 
@@ -683,12 +800,12 @@ def attend_ring_columns(
     """`lm.attend_ring` as matrix-vector products over contiguous ring rows (keys @ q, then
     values_t @ p): the same function; faster than the row-vector form on some CPUs and
     dtypes, slower on others (`_choose_attention` measures)."""
-    from moshi_grpc.models.lm import _softmax_f32
+    from moshi_grpc.models.lm import softmax_f32
 
-    scores = torch.matmul(keys, q.transpose(-1, -2)).transpose(-1, -2)  # (B, H, 1, L)
-    weights = _softmax_f32(scores.mul_(q.shape[-1] ** -0.5), mask).to(values_t.dtype)
-    out = torch.matmul(values_t, weights.transpose(-1, -2))  # (B, H, D, 1)
-    return out.transpose(-1, -2)  # (B, H, 1, D)
+    scores = torch.matmul(keys, q.transpose(-1, -2)).transpose(-1, -2)  # (B, H, T, L)
+    weights = softmax_f32(scores.mul_(q.shape[-1] ** -0.5), mask).to(values_t.dtype)
+    out = torch.matmul(values_t, weights.transpose(-1, -2))  # (B, H, D, T)
+    return out.transpose(-1, -2)  # (B, H, T, D)
 
 
 def _choose_attention(model: nn.Module, split_allowed: bool, reps: int = 3) -> tuple[bool, bool]:
@@ -736,91 +853,3 @@ def _choose_attention(model: nn.Module, split_allowed: bool, reps: int = 3) -> t
         )
     best = min(cost, key=cost.get)
     return best if _wins(cost[best], cost[False, False]) else (False, False)
-
-
-def _pack_lm(model: nn.Module, min_rows: int) -> bool:
-    """Swap every matmul of the LM for its packed form from `min_rows` input rows on; False
-    if this build cannot pack."""
-    from moshi_grpc.models.lm import Attention
-
-    if pack_weight(model.text_linear.weight) is None:
-        return False
-    modules = list(model.named_modules())
-    for _, module in modules:
-        if isinstance(module, Attention):
-            steps = range(module.steps)
-            packed_in = [pack_weight(module.w_in(s)) for s in steps]
-            packed_out = [pack_weight(module.w_out(s)) for s in steps]
-            # the class's methods are the plain forms (an instance attribute shadows them)
-            plain_in, plain_out = type(module).project_in, type(module).project_out
-            module.project_in = _PackedSteps(plain_in.__get__(module), packed_in, min_rows)
-            module.project_out = _PackedSteps(plain_out.__get__(module), packed_out, min_rows)
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Linear and child.bias is None:
-                packed = PackedLinear(child, pack_weight(child.weight), min_rows)
-                setattr(module, name, packed)
-    return True
-
-
-def parse_lm_forms(spec: str) -> str | frozenset[str]:
-    """ "auto" as it is; "on", "off" or comma-separated form names (e.g.
-    "packed-linear,attend-columns") as the set of forms to turn on."""
-    if spec == "auto":
-        return spec
-    if spec in ("on", "off"):
-        return frozenset(LM_FORMS if spec == "on" else ())
-    wanted = _form_names(spec, LM_FORMS, "LM")
-    if not wanted:  # "" or ",": say so rather than run the plain model unasked
-        dashed = [f.replace("_", "-") for f in LM_FORMS]
-        raise ValueError(f"unknown LM CPU forms []; auto, on, off or of {dashed}")
-    return wanted
-
-
-def prepare_lm_for_cpu(model: nn.Module, mode: str = "auto") -> dict[str, bool]:
-    """Apply the LM's CPU forms to `model` (an `lm.LMModel`) in place; which are on.
-
-    `mode`: "auto" turns each form on where a short measurement here says it is faster
-    (about a second for the mid preset, packing included), "on" turns on every form that
-    applies to the model's dtype, "off" none, and comma-separated names (`parse_lm_forms`)
-    those forms. Nothing applies off CPU: there the plain model is what a CUDA graph
-    captures. Call it once, on a freshly loaded model.
-
-    - `packed_linear`: every matmul against a oneDNN-packed copy of its weight (float32 /
-      bfloat16; one more copy of the weights in memory), for inputs of at least as many
-      rows as the measurement found it faster from (batch size in a step).
-    - `attend_columns`: temporal attention as matrix-vector products (keys @ q) instead of
-      the model's row-vector products (q @ keys^T), where that is faster here.
-    - `kv_f32_f16`: a half-precision model keeps its temporal KV cache as float32 keys and
-      float16 values (1.5x a bfloat16 cache), attended in float32.
-    """
-    wanted = parse_lm_forms(mode)
-    forms = dict.fromkeys(LM_FORMS, False)
-    if not wanted or model.device.type != "cpu":
-        return forms
-    half = model.dtype in (torch.bfloat16, torch.float16)
-    with torch.no_grad():
-        if wanted == "auto":
-            min_rows = _packing_min_rows(model)
-            columns, split = _choose_attention(model, half)
-        else:  # named: on from one row, whatever a measurement would say
-            min_rows = 1 if "packed_linear" in wanted else None
-            columns, split = "attend_columns" in wanted, half and "kv_f32_f16" in wanted
-        if min_rows is not None:
-            forms["packed_linear"] = _pack_lm(model, min_rows)
-            logger.info("LM packed_linear from %d input rows on", min_rows)
-        if columns:
-            from moshi_grpc.models.lm import TemporalLayer
-
-            for layer in model.modules():
-                if isinstance(layer, TemporalLayer):
-                    layer.attend = attend_ring_columns
-            forms["attend_columns"] = True
-        if split:
-            model.kv_dtypes = (torch.float32, torch.float16)
-            forms["kv_f32_f16"] = True
-    logger.info(
-        "Moshi LM CPU forms (%s): %s",
-        mode,
-        ", ".join(f"{k} {'on' if v else 'off'}" for k, v in forms.items()),
-    )
-    return forms

@@ -1,4 +1,4 @@
-"""Mimi, the neural audio codec of Moshi, in one file: 24 kHz mono audio <-> 12.5 Hz RVQ codes.
+"""Mimi, the neural audio codec of Moshi: 24 kHz mono audio <-> 12.5 Hz RVQ codes.
 
 Read top to bottom:
 
@@ -10,52 +10,52 @@ Read top to bottom:
    fresh (zero) state, so streaming equals offline by construction.
 3. The SEANet encoder/decoder, the two transformers (RoPE, context 250 steps at 25 Hz,
    layer scale), the learned down/upsampling 25 Hz <-> 12.5 Hz and the split RVQ.
-4. `Mimi` (offline `encode`/`decode`), `MimiStreamingEncoder`/`MimiStreamingDecoder`
-   (one 80 ms frame per row per call over a row prefix, per-row reset, move and masks)
-   and `load_mimi`.
+4. `Mimi`: offline `encode`/`decode`, and `encode_frames`/`decode_frames`, the forward
+   passes from given states that the streamers (`mimi_streaming.py`: rows of state, one
+   80 ms frame per row per call) run; `load_mimi`.
 
-This file is the exact model in plain torch (conv1d, conv_transpose1d, linear, SDPA,
-cdist): it runs as soon as it is built or loaded. Activations are time-major (N, T, C),
-the transformer's layout, so the convolutions see their input as (N, C, T) views. Faster
-forms of the same layers on CPU live in `cpu_fast.py`, which replaces a layer's plain
-callable from above (`prepare_mimi_for_cpu`); this file never imports it. The seams are
-the methods it replaces: `StreamingConv1d.apply_conv`, `StreamingConvTranspose1d.
-apply_convtr`, `TransformerLayer.in_proj/out_proj/feed_forward_in/feed_forward_out`,
-`ResidualVQ.project_in/project_out/quantize/codebooks`.
+The exact model in plain torch (conv1d, conv_transpose1d, linear, matmul, softmax, cdist),
+ready as soon as it is built or loaded. Activations are time-major (N, T, C), the
+transformer's layout; the convolutions see their input as (N, C, T) views. Input checks
+live in `validation.py`, the Hugging Face name conversion in `mimi_hf.py`. Module and
+parameter names are the official checkpoint's tensor names: loading is a strict copy.
 
-Module and parameter names reproduce the official checkpoint's tensor names
-(`tokenizer-e351c8d8-checkpoint125.safetensors`), so loading is a strict, name-for-name copy;
-the Hugging Face `MimiModel` layout is converted to those names first.
+Device seams: each module lists in `device_seams` the methods that a device-specific form
+may replace per instance with a function of the same result (`cpu_fast.py` does, from
+above; this file never imports it): `StreamingConv1d.apply_conv`,
+`StreamingConvTranspose1d.apply_convtr`, the four matmuls of `TransformerLayer`, and
+`ResidualVQ.project_in/project_out/codebooks/quantize`.
 
-Streaming state: every tensor has the row (a stream's place) as its first dimension, and a
-step runs on a row prefix [0, B) of the preallocated rows (a replica steps only the bucket
-that holds its live streams). All state is written in place: conv caches copied in at the
-end of a step (`torch.where(active, new, old)` for masked rows), the transformer KV caches
-are ring buffers written at per-row positions (see `_attend` for inactive rows), so a
-captured CUDA graph replays the same addresses. No Python branch looks at per-row values
-and nothing waits on the device inside a step.
+Streaming state has the row (a stream's place) as its first dimension; a step runs on a
+row prefix and writes every state in place (conv caches with `torch.where` for masked
+rows, the transformers' ring KV caches at per-row positions: see `_attend`), with no
+Python branch on per-row values and no wait on the device, so it can be captured. Rows
+never mix: a row's output depends on its own input and state only (the attention is
+written out for that, see `attend`), up to the last bits where a matmul kernel rounds one
+or two rows differently from more.
 
 Exactness note: the attention of a query at step p sees steps p-249..p (context 250). A
 streaming frame brings two 25 Hz steps at once, so the ring holds context + 1 steps; the
 public reference keeps only 250 and its first query of a frame then misses one step once a
 stream is longer than 10 s (its streaming output drifts from its own offline output there).
 We follow the offline definition, so our streaming equals our offline path at any length.
-Offline `encode`/`decode` run the whole signal at once: memory grows with its length.
+Offline `encode`/`decode` run the convolutions over the whole signal at once (memory grows
+with its length) and the transformers `context` steps a call over a fresh ring.
 
 Precision: float32 is the exact path (codes identical to the reference, pcm within 1e-4).
-bfloat16/float16 run end to end, with codebooks, distances and RoPE in float32; their codes
-follow float32 only where residual centroids are not near ties (deep RVQ levels diverge
-first) and, in half precision, streaming is not bit-equal to offline.
+bfloat16/float16 run end to end, with codebooks, distances, RoPE and softmax in float32;
+their codes follow float32 only where residual centroids are not near ties (deep RVQ
+levels diverge first) and, in half precision, streaming is not bit-equal to offline.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -67,8 +67,13 @@ from moshi_grpc.models.checkpoint import (
     load_state_strict,
     read_safetensors,
 )
+from moshi_grpc.models.mimi_hf import hf_to_official, is_hf_layout
 from moshi_grpc.models.rope import rope_angles, rope_tables, rotate
 from moshi_grpc.models.streaming import RingKVCache, ring_key_positions, ring_mask
+from moshi_grpc.models.validation import MimiInputError, check_codes, check_pcm
+
+if TYPE_CHECKING:
+    from moshi_grpc.models.mimi_streaming import MimiStreamingDecoder, MimiStreamingEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -78,17 +83,9 @@ __all__ = [
     "Mimi",
     "MimiConfig",
     "MimiInputError",
-    "MimiStreamingDecoder",
-    "MimiStreamingEncoder",
-    "hf_to_official",
     "load_mimi",
-    "official_to_hf",
     "save_mimi",
 ]
-
-
-class MimiInputError(ValueError):
-    """Audio or codes given to the codec have the wrong shape, dtype, length or values."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,7 +175,7 @@ def _resolve_config(config: str | MimiConfig) -> MimiConfig:
 # --------------------------------------------------------------------------------------------
 
 
-class _States:
+class ConvStates:
     """Reads the old per-row conv states in order and collects the new ones."""
 
     def __init__(self, old: Sequence[torch.Tensor]):
@@ -209,6 +206,8 @@ class StreamingConv1d(nn.Module):
     frame and stream), which lets the CPU forms choose a layout for few rows.
     """
 
+    device_seams: ClassVar[tuple[str, ...]] = ("apply_conv",)
+
     def __init__(
         self,
         cin: int,
@@ -230,16 +229,25 @@ class StreamingConv1d(nn.Module):
         self.context = self.span - stride  # of which carried over from the previous call
         self.replicate = replicate
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """(Cout, Cin, kernel), as nn.Conv1d."""
+        return self.conv.conv.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.conv.conv.bias
+
     def init_state(self, n: int, device, dtype) -> list[torch.Tensor]:
         if not self.context:
             return []
-        cin = self.conv.conv.in_channels
+        cin = self.weight.shape[1]
         state = [torch.zeros(n, self.context, cin, device=device, dtype=dtype)]
         if self.replicate:
             state.append(torch.ones(n, device=device, dtype=torch.bool))  # "first call" flag
         return state
 
-    def forward(self, x: torch.Tensor, states: _States) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, states: ConvStates) -> torch.Tensor:
         """x (N, T, Cin), T a multiple of the stride -> (N, T / stride, Cout)."""
         if self.context:
             prev = states.take()  # (N, context, Cin)
@@ -254,8 +262,7 @@ class StreamingConv1d(nn.Module):
 
     def apply_conv(self, x: torch.Tensor) -> torch.Tensor:
         """The convolution, no padding: (N, context + T, Cin) -> (N, T / stride, Cout)."""
-        c = self.conv.conv
-        x, w, b = x.transpose(1, 2), c.weight, c.bias  # (N, Cin, T)
+        x, w, b = x.transpose(1, 2), self.weight, self.bias  # (N, Cin, T)
         if x.device.type == "cpu" and x.dtype == torch.bfloat16:
             # oneDNN's bfloat16 strided conv1d returns wrong values for some lengths on
             # CPU (torch 2.13; e.g. 16 -> 32 channels, kernel 12, stride 6): use float32
@@ -272,6 +279,8 @@ class StreamingConvTranspose1d(nn.Module):
     taps plus step b - 1 times the rest; the state is the last input step of the previous
     call. Offline this is the reference's output with its incomplete tail dropped.
     """
+
+    device_seams: ClassVar[tuple[str, ...]] = ("apply_convtr",)
 
     def __init__(
         self,
@@ -293,13 +302,22 @@ class StreamingConvTranspose1d(nn.Module):
         )
         self.latent_rate = latent_rate  # input at 25 Hz (see `StreamingConv1d`)
         self.stride, self.kernel, self.groups = stride, kernel, groups
+        self.in_channels, self.out_channels = cin, cout
         self.steps = kernel // stride  # input steps per output block: 1 or 2
 
-    def init_state(self, n: int, device, dtype) -> list[torch.Tensor]:
-        cin = self.convtr.convtr.in_channels
-        return [torch.zeros(n, self.steps - 1, cin, device=device, dtype=dtype)]
+    @property
+    def weight(self) -> torch.Tensor:
+        """(Cin, Cout / groups, kernel), as nn.ConvTranspose1d."""
+        return self.convtr.convtr.weight
 
-    def forward(self, x: torch.Tensor, states: _States) -> torch.Tensor:
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.convtr.convtr.bias
+
+    def init_state(self, n: int, device, dtype) -> list[torch.Tensor]:
+        return [torch.zeros(n, self.steps - 1, self.in_channels, device=device, dtype=dtype)]
+
+    def forward(self, x: torch.Tensor, states: ConvStates) -> torch.Tensor:
         """x (N, T, Cin) -> (N, T * stride, Cout)."""
         if self.steps == 2:  # the previous call's last step feeds this call's first block
             x = torch.cat([states.take(), x], dim=1)  # (N, 1 + T, Cin)
@@ -310,8 +328,8 @@ class StreamingConvTranspose1d(nn.Module):
 
     def apply_convtr(self, x: torch.Tensor) -> torch.Tensor:
         """(N, steps - 1 + T, Cin) -> the T complete output blocks (N, T * stride, Cout)."""
-        c, s = self.convtr.convtr, self.stride
-        y = F.conv_transpose1d(x.transpose(1, 2), c.weight, c.bias, s, groups=self.groups)
+        s = self.stride
+        y = F.conv_transpose1d(x.transpose(1, 2), self.weight, self.bias, s, groups=self.groups)
         skip = (self.steps - 1) * s  # block of the carried step: the previous call's output
         t = (x.shape[1] - self.steps + 1) * s
         return y[..., skip : skip + t].transpose(1, 2)
@@ -330,14 +348,14 @@ class SEANetResnetBlock(nn.Module):
         self.block = nn.Sequential(nn.ELU(), convs[0], nn.ELU(), convs[1])
         self.convs = convs  # plain references for the step; `block` gives them their names
 
-    def forward(self, x: torch.Tensor, states: _States) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, states: ConvStates) -> torch.Tensor:
         # direct .forward calls: see `_run_seq`
         y = self.convs[0].forward(F.elu(x), states)  # x is still needed: out of place
         y = self.convs[1].forward(F.elu(y, inplace=True), states)
         return y.add_(x)
 
 
-def _run_seq(model: nn.Sequential, x: torch.Tensor, states: _States) -> torch.Tensor:
+def _run_seq(model: nn.Sequential, x: torch.Tensor, states: ConvStates) -> torch.Tensor:
     """ELU in place: every layer's output is a fresh tensor read by nothing but the next
     layer, and at larger batches a fresh one per ELU costs memory bandwidth. Layers are
     stepped through `.forward` directly: these internal layers carry no hooks, and
@@ -375,7 +393,7 @@ class SEANetEncoder(nn.Module):
         layers += [nn.ELU(), out]
         self.model = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor, states: _States) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, states: ConvStates) -> torch.Tensor:
         return _run_seq(self.model, x, states)
 
 
@@ -401,7 +419,7 @@ class SEANetDecoder(nn.Module):
         layers += [nn.ELU(), StreamingConv1d(c.n_filters, 1, c.last_kernel_size)]
         self.model = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor, states: _States) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, states: ConvStates) -> torch.Tensor:
         return _run_seq(self.model, x, states)
 
 
@@ -422,9 +440,9 @@ class _StepPlan:
 
     cos: torch.Tensor  # (B, 1, T, hd) float32, see `rope_tables`
     sin: torch.Tensor
-    mask: torch.Tensor  # (B, 1, T, S) bool: query t may see key s
-    cache: RingKVCache | None  # rows [0, B) of the streamer's ring
-    write: torch.Tensor | None  # (B, T) ring indices of the steps written this call
+    hidden: torch.Tensor  # (B, 1, T, S) bool: key s is hidden from query t
+    cache: RingKVCache  # rows [0, B) of the ring
+    write: torch.Tensor  # (B, T) ring indices of the steps written this call
 
 
 class Attention(nn.Module):
@@ -439,23 +457,39 @@ class Attention(nn.Module):
         self.heads = heads
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v with hidden keys left out, softmax in float32:
+    q (B, H, T, hd), k and v (B, H, S, hd), hidden (B, 1, T, S) -> (B, H, T, hd).
+
+    Written out rather than `scaled_dot_product_attention`: PyTorch's fused CPU kernel
+    (torch 2.13) rounds a row differently depending on how many rows share the call and on
+    the thread count, so a stream's pcm changed with its bucket; these ops compute every
+    row alone, and are as fast at a frame's two queries."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)  # (B, H, T, S)
+    weights = torch.softmax(scores.masked_fill_(hidden, float("-inf")).float(), dim=-1)
+    return torch.matmul(weights.to(v.dtype), v)
+
+
 def _attend(qkv: torch.Tensor, plan: _StepPlan, layer: int) -> torch.Tensor:
     """Projected (3, B, H, T, hd) q, k, v -> (B, T, H * hd) head outputs."""
     qk = rotate(qkv[:2], plan.cos, plan.sin)  # q and k in one call
     q, k, v = qk[0], qk[1], qkv[2]  # (B, H, T, hd)
     cache = plan.cache
-    if cache is not None:  # write this call's steps into the ring, attend to the whole ring
-        # A masked row (no frame this call) writes whatever its zeroed input gives at its
-        # position without advancing: those entries hold steps older than the context,
-        # and its next real step overwrites them before any query reads them.
-        cache.write(layer, k, v, plan.write)
-        k, v = cache.read(layer, q.shape[0], cache.capacity)  # (B, H, S, hd) each
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask)  # (B, H, T, hd)
-    return y.transpose(1, 2).flatten(2)
+    # Write this call's steps into the ring, attend to the whole ring. A masked row (no
+    # frame this call) writes whatever its zeroed input gives at its position without
+    # advancing: those entries hold steps older than the context, and its next real step
+    # overwrites them before any query reads them.
+    cache.write(layer, k, v, plan.write)
+    k, v = cache.read(layer, q.shape[0], cache.capacity)  # (B, H, S, hd) each
+    return attend(q, k, v, plan.hidden).transpose(1, 2).flatten(2)
 
 
 class TransformerLayer(nn.Module):
     """Pre-norm layer: x + s1 * attn(norm1(x)), then x + s2 * ff(norm2(x)), gelu inside."""
+
+    device_seams: ClassVar[tuple[str, ...]] = (
+        "in_proj", "out_proj", "feed_forward_in", "feed_forward_out",
+    )  # fmt: skip
 
     def __init__(self, c: MimiConfig):
         super().__init__()
@@ -468,7 +502,6 @@ class TransformerLayer(nn.Module):
         self.layer_scale_1 = LayerScale(d, c.layer_scale)
         self.layer_scale_2 = LayerScale(d, c.layer_scale)
 
-    # the four matmuls, the seams of cpu_fast.py
     def in_proj(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.self_attn.in_proj_weight)
 
@@ -509,32 +542,25 @@ class Transformer(nn.Module):
         self.c = c
 
     def new_cache(self, n: int, steps_per_call: int, device, dtype) -> RingKVCache:
-        """Rings for n rows; values row-major, the layout SDPA reads fastest."""
+        """Rings for n rows; values row-major, the layout `attend` reads."""
         c = self.c
         return RingKVCache(
             c.num_layers, n, c.num_heads, c.context + steps_per_call - 1,
             c.dimension // c.num_heads, device=device, dtype=dtype,
         )  # fmt: skip
 
-    def _plan(self, b: int, t: int, device, cache: RingKVCache | None) -> _StepPlan:
+    def _plan(self, b: int, t: int, cache: RingKVCache) -> _StepPlan:
         c = self.c
-        hd = c.dimension // c.num_heads
-        positions = (
-            cache.pos if cache is not None else torch.zeros(b, dtype=torch.long, device=device)
-        )
-        angles = rope_angles(positions, t, hd, c.max_period).unsqueeze(1)  # (B, 1, T, hd/2)
-        cos, sin = rope_tables(angles)  # (B, 1, T, hd)
-        qpos = positions.view(-1, 1) + torch.arange(t, device=device)  # (B, T)
-        write = None
-        if cache is None:  # offline: the whole signal at once, from position 0
-            kpos = qpos
-        else:
-            cap = cache.capacity
-            if t > cap - c.context + 1:
-                raise MimiInputError(f"a streaming call brings at most {cap - c.context + 1} steps")
-            write = qpos % cap
-            kpos = ring_key_positions(qpos[:, -1], cap, cap)  # (B, S) step held by entry j
-        return _StepPlan(cos, sin, ring_mask(qpos, kpos, c.context), cache, write)
+        cap = cache.capacity
+        if t > cap - c.context + 1:
+            raise MimiInputError(f"a streaming call brings at most {cap - c.context + 1} steps")
+        positions = cache.pos  # (B,)
+        angles = rope_angles(positions, t, c.dimension // c.num_heads, c.max_period)
+        cos, sin = rope_tables(angles.unsqueeze(1))  # (B, 1, T, hd)
+        qpos = positions.view(-1, 1) + torch.arange(t, device=positions.device)  # (B, T)
+        kpos = ring_key_positions(qpos[:, -1], cap, cap)  # (B, S) step held by entry j
+        hidden = ~ring_mask(qpos, kpos, c.context)
+        return _StepPlan(cos, sin, hidden, cache, qpos % cap)
 
     def forward(
         self,
@@ -542,12 +568,17 @@ class Transformer(nn.Module):
         cache: RingKVCache | None = None,
         active: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Rows [0, B) of `cache` `T` steps on; without a cache (offline) the whole signal
+        from a fresh ring, `context` steps a call (memory bounded by the context)."""
         b, t, _ = x.shape  # (B, T, C)
-        plan = self._plan(b, t, x.device, cache)
+        if cache is None:
+            chunk = min(t, self.c.context)
+            cache = self.new_cache(b, chunk, x.device, x.dtype)
+            return torch.cat([self.forward(part, cache) for part in x.split(chunk, 1)], 1)
+        plan = self._plan(b, t, cache)
         for i, layer in enumerate(self.transformer.layers):
             x = layer.forward(x, plan, i)  # no hooks on internal layers: see `_run_seq`
-        if cache is not None:
-            cache.commit(b, t, active)
+        cache.commit(b, t, active)
         return x
 
 
@@ -565,7 +596,7 @@ class Downsample(nn.Module):
             dim, dim, 2 * stride, stride, bias=False, replicate=True, latent_rate=True
         )
 
-    def forward(self, x: torch.Tensor, states: _States) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, states: ConvStates) -> torch.Tensor:
         return self.conv.forward(x, states)
 
 
@@ -576,7 +607,7 @@ class Upsample(nn.Module):
         super().__init__()
         self.convtr = StreamingConvTranspose1d(dim, dim, 2 * stride, stride, groups=dim, bias=False)
 
-    def forward(self, x: torch.Tensor, states: _States) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, states: ConvStates) -> torch.Tensor:
         return self.convtr.forward(x, states)
 
 
@@ -609,15 +640,20 @@ class _CodebookList(nn.Module):
 
 
 class ResidualVQ(nn.Module):
-    """Projection in (1x1 conv) -> residual VQ -> projection out."""
+    """Projection in (1x1 conv) -> residual VQ of `n_q` levels of `bins` centroids of
+    size `dim` -> projection out."""
+
+    device_seams: ClassVar[tuple[str, ...]] = (
+        "project_in", "project_out", "codebooks", "quantize",
+    )  # fmt: skip
 
     def __init__(self, n_q: int, bins: int, dim: int, io_dim: int):
         super().__init__()
         self.input_proj = nn.Conv1d(io_dim, dim, 1, bias=False)
         self.output_proj = nn.Conv1d(dim, io_dim, 1, bias=False)
         self.vq = _CodebookList(n_q, bins, dim)
+        self.n_q, self.bins, self.dim = n_q, bins, dim
 
-    # seams of cpu_fast.py: the projections, the search and the centroid tables
     def project_in(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.input_proj.weight[:, :, 0])
 
@@ -740,23 +776,23 @@ class Mimi(nn.Module):
         return self.quantizer.rvq_first.input_proj.weight.dtype
 
     # -- state ---------------------------------------------------------------------------------
-    def _encoder_state(self, n: int) -> list[torch.Tensor]:
+    def encoder_state(self, n: int) -> list[torch.Tensor]:
         d, t = self.device, self.dtype
         return _init_seq(self.encoder, n, d, t) + _init_seq(self.downsample, n, d, t)
 
-    def _decoder_state(self, n: int) -> list[torch.Tensor]:
+    def decoder_state(self, n: int) -> list[torch.Tensor]:
         d, t = self.device, self.dtype
         return _init_seq(self.upsample, n, d, t) + _init_seq(self.decoder, n, d, t)
 
     # -- shared forward passes (offline: cache None, fresh states) -----------------------------
-    def _encode_frames(self, pcm, states: _States, cache, active) -> torch.Tensor:
+    def encode_frames(self, pcm, states: ConvStates, cache, active) -> torch.Tensor:
         """pcm (N, 1, T) -> codes (N, K, T / frame_size)."""
         x = self.encoder(pcm.transpose(1, 2), states)  # (N, 2F, C) at 25 Hz
         x = self.encoder_transformer(x, cache, active)
         x = self.downsample(x, states)  # (N, F, C) at 12.5 Hz
         return self.quantizer.encode(x, self.num_codebooks).transpose(1, 2)
 
-    def _decode_frames(self, codes, states: _States, cache, active) -> torch.Tensor:
+    def decode_frames(self, codes, states: ConvStates, cache, active) -> torch.Tensor:
         """codes (N, K, F) -> pcm (N, 1, F * frame_size)."""
         x = self.quantizer.decode(codes.transpose(1, 2))  # (N, F, C)
         x = self.upsample(x, states)  # (N, 2F, C)
@@ -771,367 +807,35 @@ class Mimi(nn.Module):
         T need not be a multiple of 1920: the end is zero-padded to whole frames, as the
         reference does.
         """
-        _check_pcm(pcm, self.frame_size, offline=True)
+        check_pcm(pcm, offline=True)
         pad = (-pcm.shape[-1]) % self.frame_size
         x = F.pad(pcm.to(self.device, self.dtype), (0, pad))
-        return self._encode_frames(x, _States(self._encoder_state(x.shape[0])), None, None)
+        return self.encode_frames(x, ConvStates(self.encoder_state(x.shape[0])), None, None)
 
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes int (B, K, F) -> pcm (B, 1, F * 1920) in the model dtype."""
-        _check_codes(codes, self.num_codebooks, self.cardinality, ndim=3)
+        check_codes(codes, self.num_codebooks, self.cardinality, offline=True)
         codes = codes.to(self.device, torch.long)
-        return self._decode_frames(codes, _States(self._decoder_state(codes.shape[0])), None, None)
+        return self.decode_frames(codes, ConvStates(self.decoder_state(codes.shape[0])), None, None)
 
     # -- streaming API ---------------------------------------------------------------------------
-    def streaming_encoder(self, num_slots: int) -> MimiStreamingEncoder:
-        return MimiStreamingEncoder(self, num_slots)
+    def streaming_encoder(self, num_rows: int) -> MimiStreamingEncoder:
+        """State for `num_rows` streams, one frame of pcm each per step (mimi_streaming.py)."""
+        from moshi_grpc.models.mimi_streaming import MimiStreamingEncoder
 
-    def streaming_decoder(self, num_slots: int) -> MimiStreamingDecoder:
-        return MimiStreamingDecoder(self, num_slots)
+        return MimiStreamingEncoder(self, num_rows)
 
+    def streaming_decoder(self, num_rows: int) -> MimiStreamingDecoder:
+        """State for `num_rows` streams, one frame of codes each per step."""
+        from moshi_grpc.models.mimi_streaming import MimiStreamingDecoder
 
-class _Streamer:
-    """Rows of streaming state shared by the encoder and decoder.
-
-    `num_slots` rows are preallocated; a step runs on the row prefix [0, B) of them, for
-    any B <= num_slots, and leaves rows >= B untouched (a replica steps only the bucket
-    holding its live sessions, see services/common/buckets.py). Every state tensor (conv
-    caches, KV rings, positions) is written in place, so a captured CUDA graph replays the
-    same addresses. `step` checks its inputs, then runs `step_unchecked`, which makes no
-    host synchronisation (no `.item()`, no branch on tensor values); of the CPU forms,
-    only the certified codebook search breaks that (see cpu_fast.py).
-    """
-
-    def __init__(self, mimi: Mimi, num_slots: int, transformer: Transformer, states):
-        if num_slots < 1:
-            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
-        self.mimi, self.num_slots = mimi, num_slots
-        with torch.inference_mode():
-            self._fresh = states(num_slots)
-            self._states = [s.clone() for s in self._fresh]
-            self._cache = transformer.new_cache(
-                num_slots, mimi.config.resample_stride, mimi.device, mimi.dtype
-            )
-            # every prefix's views made once: a step then looks them up (a traced step
-            # guards on what it read, so nothing it reads may change between calls)
-            self._views = {b: [s[:b] for s in self._states] for b in range(1, num_slots + 1)}
-            for b in range(1, num_slots + 1):
-                self._cache.prefix(b)
-
-    def _rows(self, b: int) -> list[torch.Tensor]:
-        """Every conv state restricted to rows [0, b) (views, written in place)."""
-        return self._views[b]
-
-    def _check_batch(self, x: torch.Tensor, what: str, row: str) -> int:
-        if not isinstance(x, torch.Tensor) or x.dim() != 2 or not 1 <= x.shape[0] <= self.num_slots:
-            raise MimiInputError(
-                f"{what} must have shape (B, {row}) with 1 <= B <= {self.num_slots}, "
-                f"got {tuple(getattr(x, 'shape', ()))}"
-            )
-        return x.shape[0]
-
-    def _active(self, active: torch.Tensor | None, b: int) -> torch.Tensor | None:
-        if active is None:
-            return None
-        if not isinstance(active, torch.Tensor) or active.dtype != torch.bool:
-            raise MimiInputError("active must be a bool tensor")
-        if active.shape != (b,):
-            raise MimiInputError(f"active must have shape ({b},), got {tuple(active.shape)}")
-        if bool(active.all()):  # every row advances: the same as no mask, minus the masking
-            return None
-        return active.to(self.mimi.device)
-
-    def _commit(self, b: int, new: list[torch.Tensor], active: torch.Tensor | None) -> None:
-        """The step's new conv states into rows [0, b), in place (masked rows keep theirs)."""
-        for old, n in zip(self._rows(b), new, strict=True):
-            if active is not None:
-                n = torch.where(active.view((-1,) + (1,) * (n.dim() - 1)), n, old)
-            old.copy_(n)
-
-    @torch.inference_mode()
-    def reset_rows(self, rows: Sequence[int]) -> None:
-        """Those rows start a fresh conversation; the others are untouched."""
-        rows = list(rows)
-        if any(not 0 <= int(r) < self.num_slots for r in rows):
-            raise MimiInputError(f"rows must be in 0..{self.num_slots - 1}, got {rows}")
-        if not rows:
-            return
-        idx = torch.tensor(rows, dtype=torch.long, device=self.mimi.device)
-        for s, f in zip(self._states, self._fresh, strict=True):
-            s.index_copy_(0, idx, f.index_select(0, idx))
-        self._cache.reset_rows(idx)
-
-    @torch.inference_mode()
-    def move_row(self, src: int, dst: int) -> None:
-        """Row `src`'s whole state (conv caches, KV rings, position) copied into row `dst`."""
-        for r in (src, dst):
-            if not 0 <= r < self.num_slots:
-                raise MimiInputError(f"rows must be in 0..{self.num_slots - 1}, got {r}")
-        if src == dst:
-            return
-        for s in self._states:
-            s[dst].copy_(s[src])
-        self._cache.move_row(src, dst)
-
-    def reset(self, slots: torch.Tensor | Sequence[int]) -> None:
-        """Those rows (indices or a (num_slots,) bool mask) start a fresh conversation."""
-        mask = _slot_mask(slots, self.num_slots)
-        self.reset_rows(mask.nonzero().flatten().tolist())
-
-    @property
-    def positions(self) -> torch.Tensor:
-        """Frames processed by each row since its last reset."""
-        return self._cache.pos // self.mimi.config.resample_stride
-
-
-class MimiStreamingEncoder(_Streamer):
-    """Many streams, one 80 ms frame each per `step`, batched: stream i = row i."""
-
-    def __init__(self, mimi: Mimi, num_slots: int):
-        super().__init__(mimi, num_slots, mimi.encoder_transformer, mimi._encoder_state)
-
-    @torch.inference_mode()
-    def step(self, pcm: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
-        """pcm (B, 1920) float -> codes (B, K) int64 for rows [0, B). Inactive rows: state
-        kept, output unspecified. Rows >= B: untouched."""
-        m = self.mimi
-        b = self._check_batch(pcm, "pcm", str(m.frame_size))
-        if pcm.shape[1] != m.frame_size:
-            raise MimiInputError(
-                f"pcm must have shape ({b}, {m.frame_size}), got {tuple(pcm.shape)}"
-            )
-        active = self._active(active, b)
-        _check_pcm(pcm, m.frame_size, offline=False, active=active)
-        return self.step_unchecked(pcm.to(m.device, m.dtype), active)
-
-    def step_unchecked(self, pcm: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
-        """`step` on checked inputs already on the model's device and dtype; `active` None
-        (every row of the prefix advances) or a (B,) bool device tensor. No host
-        synchronisation (capturable); call it under `torch.inference_mode()`."""
-        b = pcm.shape[0]
-        if active is not None:
-            pcm = torch.where(active.view(-1, 1), pcm, torch.zeros_like(pcm))
-        states = _States(self._rows(b))
-        codes = self.mimi._encode_frames(pcm.unsqueeze(1), states, self._cache.prefix(b), active)
-        self._commit(b, states.new, active)
-        return codes[:, :, 0]
-
-
-class MimiStreamingDecoder(_Streamer):
-    """Many streams, one frame of codes each per `step`, batched: stream i = row i."""
-
-    def __init__(self, mimi: Mimi, num_slots: int):
-        super().__init__(mimi, num_slots, mimi.decoder_transformer, mimi._decoder_state)
-
-    @torch.inference_mode()
-    def step(self, codes: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
-        """codes (B, K) int -> pcm (B, 1920) for rows [0, B). Inactive rows: state kept,
-        output unspecified. Rows >= B: untouched."""
-        m = self.mimi
-        b = self._check_batch(codes, "codes", str(m.num_codebooks))
-        active = self._active(active, b)
-        _check_codes(codes, m.num_codebooks, m.cardinality, ndim=2, active=active)
-        return self.step_unchecked(codes.to(m.device, torch.long), active)
-
-    def step_unchecked(self, codes: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
-        """`step` on checked int64 codes already on the model's device; `active` as in
-        `MimiStreamingEncoder.step_unchecked`. Capturable."""
-        b = codes.shape[0]
-        if active is not None:
-            codes = torch.where(active.view(-1, 1), codes, torch.zeros_like(codes))
-        states = _States(self._rows(b))
-        pcm = self.mimi._decode_frames(codes.unsqueeze(-1), states, self._cache.prefix(b), active)
-        self._commit(b, states.new, active)
-        return pcm[:, 0]
-
-
-# --------------------------------------------------------------------------------------------
-# Input checks
-# --------------------------------------------------------------------------------------------
-
-
-def _slot_mask(slots: torch.Tensor | Sequence[int], n: int) -> torch.Tensor:
-    if isinstance(slots, torch.Tensor) and slots.dtype == torch.bool:
-        if slots.shape != (n,):
-            raise MimiInputError(f"slot mask must have shape ({n},), got {tuple(slots.shape)}")
-        return slots
-    idx = torch.as_tensor(list(slots) if not isinstance(slots, torch.Tensor) else slots)
-    if idx.numel() and (idx.dtype.is_floating_point or idx.min() < 0 or idx.max() >= n):
-        raise MimiInputError(f"slot indices must be integers in 0..{n - 1}")
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[idx.long()] = True
-    return mask
-
-
-def _check_pcm(pcm, frame_size: int, offline: bool, active: torch.Tensor | None = None) -> None:
-    if not isinstance(pcm, torch.Tensor) or not pcm.dtype.is_floating_point:
-        raise MimiInputError(f"pcm must be a float tensor, got {getattr(pcm, 'dtype', type(pcm))}")
-    if offline:
-        if pcm.dim() != 3 or pcm.shape[1] != 1:
-            raise MimiInputError(f"pcm must have shape (B, 1, T), got {tuple(pcm.shape)}")
-        if pcm.shape[-1] == 0 or pcm.shape[0] == 0:
-            raise MimiInputError("pcm is empty")
-    finite = torch.isfinite(pcm).flatten(1).all(dim=1)
-    if active is not None:
-        finite = finite | ~active.to(finite.device)
-    if not bool(finite.all()):
-        raise MimiInputError("pcm contains NaN or Inf")
-
-
-def _check_codes(codes, k: int, card: int, ndim: int, active: torch.Tensor | None = None) -> None:
-    if (
-        not isinstance(codes, torch.Tensor)
-        or codes.dtype.is_floating_point
-        or codes.dtype == torch.bool
-    ):
-        raise MimiInputError(
-            f"codes must be an integer tensor, got {getattr(codes, 'dtype', type(codes))}"
-        )
-    if codes.dim() != ndim:
-        want = "(B, K, F)" if ndim == 3 else "(N, K)"
-        raise MimiInputError(f"codes must have shape {want}, got {tuple(codes.shape)}")
-    if codes.shape[1] != k:
-        raise MimiInputError(f"expected {k} codebooks, got {codes.shape[1]}")
-    if ndim == 3 and (codes.shape[-1] == 0 or codes.shape[0] == 0):
-        raise MimiInputError("codes are empty")
-    bad = ((codes < 0) | (codes >= card)).flatten(1).any(dim=1)
-    if active is not None:
-        bad = bad & active.to(bad.device)
-    if bool(bad.any()):
-        raise MimiInputError(f"codes out of range 0..{card - 1}")
+        return MimiStreamingDecoder(self, num_rows)
 
 
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
-
-_HF_RENAMES = [
-    # (Hugging Face transformers MimiModel name pattern, official name), applied in order
-    (
-        r"^(encoder|decoder)\.layers\.(\d+)\.block\.(\d+)\.conv\.",
-        r"\1.model.\2.block.\3.conv.conv.",
-    ),
-    (r"^encoder\.layers\.(\d+)\.conv\.", r"encoder.model.\1.conv.conv."),
-    (r"^downsample\.conv\.", "downsample.conv.conv.conv."),
-    (r"^upsample\.conv\.", "upsample.convtr.convtr.convtr."),
-    (r"^(encoder|decoder)_transformer\.layers\.", r"\1_transformer.transformer.layers."),
-    (r"\.mlp\.fc1\.", ".linear1."),
-    (r"\.mlp\.fc2\.", ".linear2."),
-    (r"\.self_attn\.o_proj\.", ".self_attn.out_proj."),
-    (r"\.input_layernorm\.", ".norm1."),
-    (r"\.post_attention_layernorm\.", ".norm2."),
-    (r"\.self_attn_layer_scale\.", ".layer_scale_1."),
-    (r"\.mlp_layer_scale\.", ".layer_scale_2."),
-    (r"^quantizer\.semantic_residual_vector_quantizer\.layers\.", "quantizer.rvq_first.vq.layers."),
-    (r"^quantizer\.semantic_residual_vector_quantizer\.", "quantizer.rvq_first."),
-    (r"^quantizer\.acoustic_residual_vector_quantizer\.layers\.", "quantizer.rvq_rest.vq.layers."),
-    (r"^quantizer\.acoustic_residual_vector_quantizer\.", "quantizer.rvq_rest."),
-    (r"\.codebook\.initialized$", "._codebook._initialized"),
-    (r"\.codebook\.embed_sum$", "._codebook.embedding_sum"),
-    (r"\.codebook\.cluster_usage$", "._codebook.cluster_usage"),
-]
-
-
-def _is_hf_layout(tensors: dict[str, torch.Tensor]) -> bool:
-    return any(
-        k.startswith(("encoder.layers.", "quantizer.semantic_residual_vector_quantizer."))
-        for k in tensors
-    )
-
-
-def hf_to_official(tensors: dict[str, torch.Tensor], config: MimiConfig) -> dict[str, torch.Tensor]:
-    """Rename a transformers `MimiModel` state dict to the official tensor names.
-
-    transformers splits `in_proj_weight` into q/k/v and permutes q and k rows from
-    interleaved to half-split RoPE; this undoes both.
-    """
-    h = config.num_heads
-    out: dict[str, torch.Tensor] = {}
-    qkv: dict[str, dict[str, torch.Tensor]] = {}
-    for name, t in tensors.items():
-        m = re.match(r"^(.*)\.self_attn\.([qkv])_proj\.weight$", name)
-        if m:
-            qkv.setdefault(m.group(1), {})[m.group(2)] = t
-            continue
-        new = name
-        if re.match(r"^decoder\.layers\.\d+\.conv\.", new):
-            new = re.sub(r"^decoder\.layers\.(\d+)\.conv\.", r"decoder.model.\1.CONV.", new)
-        for pat, rep in _HF_RENAMES:
-            new = re.sub(pat, rep, new)
-        out[new] = t
-    # decoder convs and transposed convs share the HF name `conv`; the official name depends
-    # on the shape (transposed weights are (Cin, Cout, K) with an upsampling kernel)
-    for name in [n for n in out if ".CONV." in n]:
-        t = out.pop(name)
-        idx = int(name.split(".")[2])
-        kind = "convtr.convtr" if _decoder_is_convtr(config, idx) else "conv.conv"
-        out[name.replace("CONV", kind)] = t
-    for prefix, parts in qkv.items():
-        if set(parts) != {"q", "k", "v"}:
-            for p, t in parts.items():
-                out[f"{prefix}.self_attn.{p}_proj.weight"] = t
-            continue
-        dim = parts["q"].shape[0]
-
-        def unpermute(w: torch.Tensor, d=dim) -> torch.Tensor:
-            return w.view(h, 2, d // h // 2, w.shape[1]).transpose(1, 2).reshape(d, w.shape[1])
-
-        for pat, rep in _HF_RENAMES:
-            prefix = re.sub(pat, rep, prefix)
-        out[f"{prefix}.self_attn.in_proj_weight"] = torch.cat(
-            [unpermute(parts["q"]), unpermute(parts["k"]), parts["v"]]
-        )
-    return out
-
-
-def official_to_hf(tensors: dict[str, torch.Tensor], config: MimiConfig) -> dict[str, torch.Tensor]:
-    """The inverse of `hf_to_official` (used by tests; follows the transformers converter)."""
-    h = config.num_heads
-    out: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        new = name
-        for a, b in [
-            ("conv.conv.conv", "conv"), ("convtr.convtr.convtr", "conv"),
-            ("conv.conv", "conv"), ("convtr.convtr", "conv"),
-            ("quantizer.rvq_first.vq", "quantizer.semantic_residual_vector_quantizer"),
-            ("quantizer.rvq_first", "quantizer.semantic_residual_vector_quantizer"),
-            ("quantizer.rvq_rest.vq", "quantizer.acoustic_residual_vector_quantizer"),
-            ("quantizer.rvq_rest", "quantizer.acoustic_residual_vector_quantizer"),
-            ("_codebook", "codebook"), ("_initialized", "initialized"),
-            ("embedding_sum", "embed_sum"), ("encoder.model", "encoder.layers"),
-            ("decoder.model", "decoder.layers"),
-            ("encoder_transformer.transformer", "encoder_transformer"),
-            ("decoder_transformer.transformer", "decoder_transformer"),
-            ("linear1", "mlp.fc1"), ("linear2", "mlp.fc2"),
-            ("self_attn.out_proj", "self_attn.o_proj"), ("norm1", "input_layernorm"),
-            ("norm2", "post_attention_layernorm"), ("layer_scale_1", "self_attn_layer_scale"),
-            ("layer_scale_2", "mlp_layer_scale"),
-        ]:  # fmt: skip
-            new = new.replace(a, b)
-        if new.endswith("in_proj_weight"):
-            d = t.shape[0] // 3
-
-            def permute(w: torch.Tensor, d=d) -> torch.Tensor:
-                return w.view(h, d // h // 2, 2, w.shape[1]).transpose(1, 2).reshape(d, w.shape[1])
-
-            base = new[: -len("in_proj_weight")]
-            out[base + "q_proj.weight"] = permute(t[:d])
-            out[base + "k_proj.weight"] = permute(t[d : 2 * d])
-            out[base + "v_proj.weight"] = t[2 * d :]
-        else:
-            out[new] = t
-    return out
-
-
-def _decoder_is_convtr(config: MimiConfig, idx: int) -> bool:
-    # decoder.model: 0 conv, then per ratio [ELU, convtr, resblocks...]
-    pos = 1
-    for _ in config.ratios:
-        if idx == pos + 1:
-            return True
-        pos += 2 + config.n_residual_layers
-    return False
 
 
 def _random_init(mimi: Mimi, seed: int) -> None:
@@ -1176,7 +880,7 @@ def load_mimi(
         _random_init(mimi, seed)
     else:
         tensors = read_safetensors(weights)
-        if _is_hf_layout(tensors):
+        if is_hf_layout(tensors):
             tensors = hf_to_official(tensors, cfg)
         tensors = fold_attention_layouts(tensors, source=str(weights))
         load_state_strict(mimi, tensors, source=str(weights))

@@ -83,7 +83,7 @@ class RingKVCache:
         """Bytes of keys and values one stream occupies (every layer)."""
         return sum(t[0].nbytes for t in (*self.k, *self.v))
 
-    # ---- the row prefix a step works on --------------------------------------------------
+    # ---- the rows a call works on ------------------------------------------------------
     def prefix(self, b: int) -> RingKVCache:
         """The same buffers restricted to rows `[0, b)`: views, so writes land in place.
 
@@ -91,15 +91,25 @@ class RingKVCache:
         so call it for every bucket before tracing."""
         view = self._prefixes.get(b)
         if view is None:
-            view = RingKVCache.__new__(RingKVCache)
-            view.capacity = self.capacity
-            view.values_transposed = self.values_transposed
-            view.k = [k[:b] for k in self.k]
-            view.v = [v[:b] for v in self.v]
-            view.pos = self.pos[:b]
-            view._row_ids = self._row_ids[:b]
-            view._prefixes = {}
-            self._prefixes[b] = view
+            view = self._prefixes[b] = self._view(slice(0, b))
+        return view
+
+    def row(self, row: int) -> RingKVCache:
+        """Row `row` alone as a one-row cache (views: writes land in place), for a call
+        that works on one row wherever it lies (a prefill)."""
+        if not 0 <= row < self.rows:
+            raise IndexError(f"row {row} out of range 0..{self.rows - 1}")
+        return self._view(slice(row, row + 1))
+
+    def _view(self, rows: slice) -> RingKVCache:
+        view = RingKVCache.__new__(RingKVCache)
+        view.capacity = self.capacity
+        view.values_transposed = self.values_transposed
+        view.k = [k[rows] for k in self.k]
+        view.v = [v[rows] for v in self.v]
+        view.pos = self.pos[rows]
+        view._row_ids = self._row_ids[: rows.stop - rows.start]
+        view._prefixes = {}
         return view
 
     def ring_index(self, batch: int, steps: int) -> torch.Tensor:
@@ -146,17 +156,6 @@ class RingKVCache:
     ) -> torch.Tensor:
         """The entries at `(rows, index) [B, T]`, as `[B, T, H, D]` in either layout."""
         return values[rows, :, :, index] if self.values_transposed else values[rows, :, index]
-
-    def write_row(
-        self, layer: int, row: int, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor
-    ) -> None:
-        """Store `k, v [H, T, D]` of one row at ring indices `index [T]` (a prefill)."""
-        self.k[layer][row][:, index] = k.to(self.key_dtype)
-        v = v.to(self.value_dtype)
-        if self.values_transposed:
-            self.v[layer][row][:, :, index] = v.transpose(-1, -2)
-        else:
-            self.v[layer][row][:, index] = v
 
     def read(self, layer: int, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `length` ring entries of rows `[0, batch)` as views (no copy): keys

@@ -29,23 +29,20 @@ class EchoMimi:
         self.device = torch.device("cpu")
         self.dtype = torch.float32
 
-    def streaming_encoder(self, num_slots: int) -> EchoEncoder:
-        return EchoEncoder(self, num_slots)
+    def streaming_encoder(self, num_rows: int) -> EchoEncoder:
+        return EchoEncoder(self, num_rows)
 
-    def streaming_decoder(self, num_slots: int) -> EchoDecoder:
-        return EchoDecoder(self, num_slots)
+    def streaming_decoder(self, num_rows: int) -> EchoDecoder:
+        return EchoDecoder(self, num_rows)
 
 
 class _EchoStreamer:
     """The streamer API of `MimiStreamingEncoder`/`Decoder` (rows, any prefix B)."""
 
-    def __init__(self, mimi: EchoMimi, num_slots: int) -> None:
+    def __init__(self, mimi: EchoMimi, num_rows: int) -> None:
         self.mimi = mimi
-        self.num_slots = num_slots
+        self.num_rows = num_rows
         self.span = mimi.frame_size // mimi.num_codebooks
-
-    def reset(self, slots: torch.Tensor | Sequence[int]) -> None:
-        """Stateless: nothing to reset."""
 
     def reset_rows(self, rows: Sequence[int]) -> None:
         """Stateless: nothing to reset."""
