@@ -343,7 +343,7 @@ def test_bench_gpu_runs_every_mode_on_cuda(capsys) -> None:
     out = capsys.readouterr().out
     for mode in MODES:
         assert f"| 2 | {mode} |" in out
-    assert "| 2 | " in out.split("LM graph pool MiB")[1]  # the memory table has the bucket
+    assert "| 2 | " in out.split("LM capture MiB")[1]  # the memory table has the bucket
     assert "out of memory (" not in out
     assert "largest session count found by the search (graphs): 4" in out
 

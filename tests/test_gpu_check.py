@@ -88,6 +88,20 @@ def test_largest_passing_bisects_and_stops_when_out_of_time() -> None:
     assert gpu.largest_passing(timed, 0, 100) == 25  # 50 fails, 25 passes, then time is up
 
 
+def test_out_of_memory_is_recognised_through_the_errors_it_causes() -> None:
+    """A capture that runs out of memory fails again when its graph context closes: that
+    second error ends the session count like the first, any other error is a bug."""
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    try:
+        try:
+            raise oom
+        except RuntimeError:
+            raise RuntimeError("operation not permitted when stream is capturing") from None
+    except RuntimeError as exc:
+        assert exc.__context__ is oom and gpu._is_oom(exc)
+    assert gpu._is_oom(oom) and not gpu._is_oom(RuntimeError("shape mismatch"))
+
+
 def test_fake_history_fills_the_cache_in_place() -> None:
     """No whole-cache tensor is drawn on the host and copied (issue 20 item 1); after a
     capture only the counters and token rings are refilled."""

@@ -135,7 +135,7 @@ class Memory:
     sessions: int
     lm_state: int | None = None  # allocated by LMGen(S rows): KV cache, scratch, rings
     lm_eager_temporaries: int | None = None  # peak above it during the eager steps
-    lm_graph_pool: int | None = None  # reserved by the capture of the bucket's graph
+    lm_graph_pool: int | None = None  # reserved by the capture: graph pool + warm-up blocks
     codec_peak: int | None = None  # peak allocated by the codec replica of S slots
     oom: str | None = None  # where an out-of-memory error stopped this count
 
@@ -151,6 +151,7 @@ class Result:
     sessions: int
     rows: list[Row] = field(default_factory=list)
     memory: Memory | None = None
+    device_error: str | None = None  # the device failed after an out-of-memory error
 
     def passes(self, mode: str, budget_ms: float) -> bool:
         """Fits the card and meets the tick target in `mode`."""
@@ -298,11 +299,19 @@ class _Journal:
             f.write(json.dumps({"kind": kind, "device": self.device_name, **data}) + "\n")
 
 
-def _is_oom(exc: BaseException) -> bool:
+def _is_oom(exc: BaseException | None) -> bool:
+    """An out-of-memory error, or one raised while handling it (a capture that ran out of
+    memory fails again when the graph context closes)."""
     import torch
 
     oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
-    return isinstance(exc, oom)
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, oom) or "out of memory" in str(exc).lower():
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _free(dev) -> None:
@@ -379,7 +388,10 @@ def _measure(
         mem.oom = f"{stage}: {str(exc).splitlines()[0][:160]}"
     finally:
         held.clear()
-        _free(dev)
+        try:
+            _free(dev)
+        except Exception as exc:  # the device did not recover from the error
+            res.device_error = str(exc).splitlines()[0][:160]
     if not cuda and not mem.oom:
         res.memory = None  # nothing measured; an out-of-memory error is still reported
     return res
@@ -423,7 +435,7 @@ def _print_tables(results: list[Result], plan_per_session: int | None) -> None:
         plan = "-" if plan_per_session is None else _gib(plan_per_session)
         print()
         print(
-            "| sessions | LM state GiB | LM eager temporaries MiB | LM graph pool MiB | "
+            "| sessions | LM state GiB | LM eager temporaries MiB | LM capture MiB | "
             "codec peak MiB | per session GiB | plan per session GiB | out of memory |"
         )
         print("|---|---|---|---|---|---|---|---|")
@@ -536,8 +548,10 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     results: dict[int, Result] = {}
 
+    lost: list[str] = []  # set when the device fails after an out-of-memory error
+
     def out_of_time() -> bool:
-        return 0 < args.time_budget_s < time.monotonic() - t_start
+        return bool(lost) or 0 < args.time_budget_s < time.monotonic() - t_start
 
     def measure(s: int, which: list[str]) -> Result:
         res = _measure(lm, mimi, s, which, args, fill)
@@ -549,6 +563,9 @@ def run(args: argparse.Namespace) -> int:
             journal.write("memory", **asdict(res.memory))
             if res.memory.oom:
                 print(f"  {s:>4} sessions: out of memory ({res.memory.oom})", flush=True)
+        if res.device_error:
+            lost.append(res.device_error)
+            print(f"  the device failed after that ({res.device_error}): stopping", flush=True)
         return res
 
     stopped = None
@@ -574,7 +591,9 @@ def run(args: argparse.Namespace) -> int:
         if bad - good > 1:
             print(f"searching ({search_mode}) between {good} and {bad} sessions", flush=True)
         good = largest_passing(ok, good, bad)
-    if stopped is not None or out_of_time():
+    if lost:
+        print("stopped early: the device failed after an out-of-memory error", flush=True)
+    elif stopped is not None or out_of_time():
         print(f"time budget of {args.time_budget_s:.0f} s reached: stopped early", flush=True)
     _print_tables(list(results.values()), plan.per_session if plan else None)
     for mode in modes:
@@ -584,7 +603,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"largest session count with tick p99 <= {args.budget_ms:.0f} ms ({mode}): {best}")
     print(f"largest session count found by the search ({search_mode}): {good}")
     journal.write("result", mode=search_mode, budget_ms=args.budget_ms, sessions=good)
-    if dev.type == "cuda":
+    if dev.type == "cuda" and not lost:
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated(dev) / 2**30:.1f} GiB")
     lm_p50 = {(r.sessions, r.mode): r.lm_ms[0] for res in results.values() for r in res.rows}
     for (s, mode), t in sorted(lm_p50.items()):

@@ -175,7 +175,7 @@ class _Ours:
             t0, c0 = time.perf_counter(), time.process_time()
             self.gen.step(codes)
             if self.lm.device.type == "cuda":
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(self.lm.device)
             out.append((time.perf_counter() - t0, time.process_time() - c0))
         return out
 
@@ -250,7 +250,8 @@ def run_replay(lm, steps: int, sample: int, chunk: int = 256) -> dict[str, float
     user = torch.randint(0, cfg.card, (steps, cfg.num_user_streams), generator=g)
     text = torch.randint(0, cfg.text_card, (steps,), generator=g)
     audio = torch.randint(0, cfg.card, (steps, cfg.dep_q), generator=g)
-    sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
+    cuda = lm.device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(lm.device)) if cuda else (lambda: None)
     gen = LMGen(lm, 1)
     gen.reset(0, SamplingConfig(), seed=1)
     gen.prefill(0, user[:8], text[:8], audio[:8], chunk)  # warm-up
