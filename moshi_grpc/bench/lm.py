@@ -123,22 +123,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def fake_history(gen, fill: int, seed: int = 0) -> None:
-    """Put every row `fill` steps into a conversation: random past keys/values and tokens."""
+def fake_history(gen, fill: int, seed: int = 0, kv: bool = True) -> None:
+    """Put every row `fill` steps into a conversation: random past keys/values and tokens.
+
+    Drawn on the generator's device, in place: a whole-cache draw on the host is ~1.5 GiB
+    per 7B session to generate and copy. `kv=False` refills only the counters and the token
+    rings (after a CUDA graph capture stepped the rows: the cache's contents do not matter
+    for timing, only that every entry is attended)."""
     import torch
 
-    lm = gen.lm
-    cfg = lm.config
-    g = torch.Generator().manual_seed(seed)
+    cfg = gen.lm.config
+    dev = gen.device
+    g = torch.Generator(device=dev).manual_seed(seed)
     for row in range(gen.num_rows):
         gen.reset(row, seed=row)
     gen.steps[:] = fill
     gen.host_steps[:] = [fill] * gen.num_rows
-    for buf in (*gen.cache.k, *gen.cache.v):
-        buf.copy_((torch.randn(buf.shape, generator=g) * 0.5).to(buf.dtype))
-    text = torch.randint(0, cfg.text_card, gen.tokens[:, :1].shape, generator=g)
-    audio = torch.randint(0, cfg.card, gen.tokens[:, 1:].shape, generator=g)
-    gen.tokens[:] = torch.cat([text, audio], 1).to(gen.tokens.device)
+    if kv:
+        for buf in (*gen.cache.k, *gen.cache.v):
+            buf.normal_(0.0, 0.5, generator=g)
+    shape = gen.tokens[:, :1].shape
+    text = torch.randint(0, cfg.text_card, shape, generator=g, device=dev)
+    audio = torch.randint(0, cfg.card, gen.tokens[:, 1:].shape, generator=g, device=dev)
+    gen.tokens[:] = torch.cat([text, audio], 1)
 
 
 class _Ours:
@@ -168,7 +175,7 @@ class _Ours:
             t0, c0 = time.perf_counter(), time.process_time()
             self.gen.step(codes)
             if self.lm.device.type == "cuda":
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(self.lm.device)
             out.append((time.perf_counter() - t0, time.process_time() - c0))
         return out
 
@@ -243,7 +250,8 @@ def run_replay(lm, steps: int, sample: int, chunk: int = 256) -> dict[str, float
     user = torch.randint(0, cfg.card, (steps, cfg.num_user_streams), generator=g)
     text = torch.randint(0, cfg.text_card, (steps,), generator=g)
     audio = torch.randint(0, cfg.card, (steps, cfg.dep_q), generator=g)
-    sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
+    cuda = lm.device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(lm.device)) if cuda else (lambda: None)
     gen = LMGen(lm, 1)
     gen.reset(0, SamplingConfig(), seed=1)
     gen.prefill(0, user[:8], text[:8], audio[:8], chunk)  # warm-up
