@@ -11,8 +11,9 @@
 2. Graph semantics (`EmulatedBucketGraphs`): the engines' runners capture every bucket at
    warm-up and replay it for many ticks with joins, leaves (row moves), idle (masked) rows,
    forced tokens, a prefill and a wrapped ring; every tick's outputs and the whole state
-   equal an eager twin's, bit for bit. A host value planted in the step goes stale under
-   replay while eager stays right.
+   (for the LM: of every live row; free rows hold the warm-up's random seeds) equal an
+   eager twin's, bit for bit. A host value planted in the step goes stale under replay
+   while eager stays right.
 3. Defects of today's code a GPU would show (strict xfails: they pass once fixed, and then
    fail until the marker goes).
 
@@ -29,7 +30,7 @@ from typing import Any
 
 import pytest
 import torch
-from virtual_cuda import EagerBucketGraphs, EmulatedBucketGraphs, VirtualCuda
+from virtual_cuda import CPU_BUILD, EagerBucketGraphs, EmulatedBucketGraphs, VirtualCuda
 
 from moshi_grpc.models.lm import load_lm
 from moshi_grpc.models.lm_gen import CoreShape, LMGen, SamplingConfig
@@ -91,6 +92,19 @@ def lm_state(gen: LMGen) -> list[torch.Tensor]:
         *cache.tensors(),
         *gen.dep_scratch.buffers,
     ]
+
+
+def lm_planted_step(gen: LMGen) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """A planted mistake: the attention span taken from the host mirror of the step
+    counters (a Python int, right for an eager step) instead of the full ring."""
+    cfg = gen.lm.config
+
+    def step(*inputs):
+        b = inputs[0].shape[0]
+        length = min(max(gen.host_steps[:b]) + 1, cfg.context)
+        return gen.core(*inputs, shape=CoreShape(length, True, cfg.text_card, cfg.card))
+
+    return step
 
 
 def lm_prefill(gen: LMGen, row: int, codes: torch.Tensor, text, audio, chunk: int) -> None:
@@ -169,6 +183,10 @@ def lm_leave_slot(runner: lm_engine.GenRunner, slot: int) -> None:
     runner.leave(slot)
 
 
+def ladder(slots: int) -> tuple[int, ...]:
+    return bucket_ladder(slots)
+
+
 def mimi_streamers(mimi: Any, rows: int) -> tuple[Any, Any]:
     return mimi.streaming_encoder(rows), mimi.streaming_decoder(rows)
 
@@ -243,9 +261,15 @@ def codec_state(runners: tuple) -> list[torch.Tensor]:
 @pytest.fixture(scope="module")
 def small_lm() -> tuple[Any, Any]:
     """The moshiko-shaped "small" preset on virtual CUDA and on the CPU (same weights)."""
+    _virtual_device()
     with VirtualCuda():
         on_cuda = load_lm(None, "small", device=MODEL_DEVICE, seed=3)
     return on_cuda, load_lm(None, "small", seed=3)
+
+
+def _virtual_device() -> None:
+    if not CPU_BUILD:
+        pytest.skip("a CPU build of torch (on a CUDA build the gpu-marked tests run)")
 
 
 def _host(tree: Any) -> Any:
@@ -271,7 +295,7 @@ def test_lm_step_of_every_bucket_runs_on_cuda_with_no_host_sync(small_lm) -> Non
             for row in range(SLOTS):
                 lm_join(gen, row, SAMPLINGS[row % len(SAMPLINGS)], seed=row)
         steps = [lm_captured_step(gen) for gen in gens]
-        for b in bucket_ladder(SLOTS):
+        for b in ladder(SLOTS):
             codes = torch.randint(0, cfg.card, (b, cfg.num_user_streams), generator=g)
             active = torch.arange(b) % 3 != 1 if b > 1 else torch.ones(1, dtype=torch.bool)
             inputs = [lm_step_inputs(gen, codes, active) for gen in gens]
@@ -319,6 +343,7 @@ def test_lm_prefill_then_steps_run_on_cuda(small_lm) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_mimi() -> tuple[Any, Any]:
+    _virtual_device()
     with VirtualCuda():
         on_cuda = load_mimi(None, config="tiny", device=MODEL_DEVICE)
     return on_cuda, load_mimi(None, config="tiny")
@@ -330,7 +355,7 @@ def test_mimi_steps_of_every_bucket_run_on_cuda_with_no_host_sync(tiny_mimi) -> 
     g = torch.Generator().manual_seed(2)
     with VirtualCuda() as vc:
         streamers = mimi_streamers(on_cuda, SLOTS), mimi_streamers(on_cpu, SLOTS)
-        for b in bucket_ladder(SLOTS):
+        for b in ladder(SLOTS):
             pcm = 0.1 * torch.randn(b, FRAME, generator=g)
             for active in (None, torch.arange(b) % 2 == 0):
                 outs = []
@@ -434,7 +459,7 @@ def _lm_script(lm: Any, ticks: int, slots: int = SLOTS) -> list[tuple[list, list
         live = [s for s in live if s not in leaves] + [j[0] for j in joins]
         frames: dict[int, dict] = {}
         for s in live:
-            if tick == 3 and s == joins[0][0]:
+            if tick == 3 and joins and s == joins[0][0]:
                 hist = 10
                 frames[s] = {
                     "prefill": (
@@ -477,19 +502,6 @@ def _lm_divergence(a: Any, b: Any, ticks: int, state: bool = True) -> list[str]:
     return diverged
 
 
-def _planted_lm_step(gen: LMGen):
-    """A planted mistake: the attention span taken from the host mirror of the step
-    counters (a Python int, right for an eager step) instead of the full ring."""
-    cfg = gen.lm.config
-
-    def step(*inputs):
-        b = inputs[0].shape[0]
-        length = min(max(gen.host_steps[:b]) + 1, cfg.context)
-        return gen.core(*inputs, shape=CoreShape(length, True, cfg.text_card, cfg.card))
-
-    return step
-
-
 def test_lm_replayed_graphs_equal_eager_tick_by_tick(tiny_lm) -> None:
     script = _lm_script(tiny_lm, 40)
     frames = [f for _, _, tick in script for f in tick.values()]
@@ -508,7 +520,7 @@ def test_lm_host_value_baked_into_a_capture_goes_stale(tiny_lm) -> None:
     with cpu_cuda_sync():
         sound = lm_runner(tiny_lm, SLOTS, EagerBucketGraphs)
         planted = [
-            lm_runner(tiny_lm, SLOTS, graphs, step=_planted_lm_step)
+            lm_runner(tiny_lm, SLOTS, graphs, step=lm_planted_step)
             for graphs in (EagerBucketGraphs, EagerBucketGraphs, EmulatedBucketGraphs)
         ]
     assert _lm_divergence(planted[0], sound, 12, state=False) == []
@@ -583,6 +595,7 @@ def test_mimi_host_mask_baked_into_a_capture_goes_stale() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_lm_on_cuda() -> Any:
+    _virtual_device()
     with VirtualCuda():
         return load_lm(None, "tiny", device=MODEL_DEVICE, seed=4)
 

@@ -68,6 +68,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = [
+    "CPU_BUILD",
     "DeviceMismatchError",
     "EagerBucketGraphs",
     "EmulatedBucketGraphs",
@@ -79,6 +80,10 @@ __all__ = [
 ]
 
 aten = torch.ops.aten
+
+# The virtual device stands in for CUDA on a CPU build only: a CUDA build has real device
+# guards, which would act on the virtual device indices (the gpu-marked tests run there).
+CPU_BUILD = torch.version.cuda is None and torch.version.hip is None
 
 
 class DeviceMismatchError(RuntimeError):
@@ -263,6 +268,8 @@ class VirtualCuda:
 
     # ---- entering ------------------------------------------------------------------------
     def __enter__(self) -> VirtualCuda:
+        if not CPU_BUILD:
+            raise RuntimeError("VirtualCuda stands in for CUDA on a CPU build of torch only")
         stack = contextlib.ExitStack()
         tls = torch.cuda._tls
         if not hasattr(tls, "is_initializing"):
