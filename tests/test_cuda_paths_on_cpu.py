@@ -255,6 +255,41 @@ def codec_state(runners: tuple) -> list[torch.Tensor]:
     return [t for r in runners for t in mimi_state(r.streamer)]
 
 
+def engines_on(device: str, slots: int, cpu_forms: str = "auto") -> tuple[Any, Any]:
+    """The LM and codec engines as `moshi-grpc lm|codec --device DEVICE` builds them
+    (tiny presets, random weights): loaded, every bucket warmed up and captured."""
+    common = dict(
+        config="tiny", device=device, max_sessions=slots, warmup_repeats=1, cpu_forms=cpu_forms
+    )
+    lm_options = lm_engine.LmOptions(**common)
+    codec_options = codec_engine.CodecOptions(**common)
+    lm, tokenizer = lm_engine.load_lm_model(lm_options)
+    lm_eng = lm_engine.LmEngine(lm, tokenizer, lm_options)
+    codec_eng = codec_engine.CodecEngine(
+        codec_engine.load_codec_model(codec_options), codec_options
+    )
+    return lm_eng, codec_eng
+
+
+def engine_tick(lm_eng: Any, codec_eng: Any, pcm: list[torch.Tensor]) -> list:
+    """One frame for slots [0, len(pcm)): encode, LM step, decode, through the engines'
+    runners (the schedulers' threads are not started)."""
+    slots = list(range(len(pcm)))
+    enc, dec = codec_eng.encoder.runner, codec_eng.decoder.runner
+    codes, _ = enc.run(slots, pcm)
+    user = [c[: lm_eng.n_user] % lm_eng.card for c in codes]  # (the tiny LM has 64 codes)
+    steps, _ = lm_eng.runner.run(slots, [lm_engine.StepInput(u) for u in user])
+    wav, _ = dec.run(slots, [c for c in codes])
+    return [*codes, *wav, *[(s.ready, s.text, list(s.audio)) for s in steps]]
+
+
+def engines_join(lm_eng: Any, codec_eng: Any, slots: int) -> None:
+    for s in range(slots):
+        lm_join_slot(lm_eng.runner, s, SamplingConfig(), seed=s)
+        codec_eng.encoder.runner.join(s, None)
+        codec_eng.decoder.runner.join(s, None)
+
+
 # ==== 1. placement and host syncs on a virtual CUDA device ==================================
 
 
@@ -424,6 +459,30 @@ def test_lm_runner_captures_and_replays_on_cuda(tiny_lm_on_cuda, tiny_lm) -> Non
     assert outs[0] == outs[1]
 
 
+@pytest.mark.slow
+def test_engines_load_warm_up_and_tick_on_cuda() -> None:
+    """`lm` and `codec` engines as built for `--device cuda:1` (graphs on by default, every
+    bucket captured at load in strict mode) tick like the plain engines on the CPU, bit for
+    bit: with `--cpu-forms auto` (the default) nothing of the CPU forms applies off the
+    CPU."""
+    _virtual_device()
+    g = torch.Generator().manual_seed(6)
+    pcm = [[0.1 * torch.randn(FRAME, generator=g) for _ in range(2)] for _ in range(3)]
+    outs = []
+    with VirtualCuda() as vc:
+        with engine_graphs(partial(EmulatedBucketGraphs, strict=vc)):
+            on_cuda = engines_on(MODEL_DEVICE, 2)
+        assert on_cuda[0].runner.graphs is not None and on_cuda[1].graphs
+        assert on_cuda[0].lm.device == torch.device(MODEL_DEVICE)
+        with cpu_cuda_sync(), engine_graphs(EagerBucketGraphs):
+            on_cpu = engines_on("cpu", 2, cpu_forms="off")
+        for lm_eng, codec_eng in (on_cuda, on_cpu):
+            engines_join(lm_eng, codec_eng, 2)
+            outs.append([x for frame in pcm for x in engine_tick(lm_eng, codec_eng, frame)])
+    for got, exp in zip(*outs, strict=True):
+        assert got == exp if isinstance(got, tuple) else torch.equal(got, exp)
+
+
 # ==== 2. graph semantics: capture once, replay for many ticks ===============================
 
 
@@ -438,7 +497,7 @@ def _lm_script(lm: Any, ticks: int, slots: int = SLOTS) -> list[tuple[list, list
 
     One slot lives throughout (greedy) and steps most ticks: it wraps the ring. Others join
     and leave at random (rows move), idle at random (masked rows), are forced some ticks;
-    at tick 3 one joins with a prefill of 10 recorded steps."""
+    at tick 3 one joins with a prefill of 20 recorded steps."""
     cfg = lm.config
     rng = random.Random(0)
     g = torch.Generator().manual_seed(0)
@@ -460,7 +519,7 @@ def _lm_script(lm: Any, ticks: int, slots: int = SLOTS) -> list[tuple[list, list
         frames: dict[int, dict] = {}
         for s in live:
             if tick == 3 and joins and s == joins[0][0]:
-                hist = 10
+                hist = 20  # > the tiny context: the prefill wraps the ring
                 frames[s] = {
                     "prefill": (
                         torch.randint(0, cfg.card, (hist, cfg.num_user_streams), generator=g),

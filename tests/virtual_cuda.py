@@ -1,59 +1,61 @@
-"""Test tools: a virtual CUDA device on a CPU build of torch, and CUDA graph capture/replay
-emulated on CPU.
+"""Test tools: a virtual CUDA device on a CPU build of torch, and CUDA graph capture and
+replay emulated on the CPU.
 
-Why: the serving core is written for GPU nodes (state on the device, captured steps), and
+Why: the serving core is written for GPU nodes (state on the device, captured steps) and
 the project's machines have no GPU. These tools run the real code paths as a GPU would see
-them and fail where a GPU would:
+them, and fail where a GPU would.
 
 `VirtualCuda` (a context manager). Inside it, `torch.zeros(3, device="cuda")`,
-`x.to("cuda")`, `model.to("cuda")` and the loaders' `device="cuda"` give `VirtualTensor`s:
+`x.to("cuda")`, `model.to("cuda")` and the loaders' `device="cuda:1"` give `VirtualTensor`s:
 tensors whose device is `cuda:N` (their TensorImpl says so, so torch's own C++ code, e.g. a
-composite op's `empty(..., self.options())`, places what it creates on that device too) and
-whose data lives in a real CPU tensor (`elem`). Every op is run on the CPU tensors; views and
-in-place ops act on the same CPU storage, so state written in place behaves as on a device.
-Two dispatch layers do the work:
+composite op's `empty(..., self.options())`, places what it makes there too) and whose data
+is a real CPU tensor (`elem`). Every op runs on the CPU tensors; views and in-place ops act
+on the same CPU storage, so state written in place behaves as on a device. Two layers:
 - a `TorchDispatchMode` sees every aten op: it rewrites `device=cuda` factory arguments to
   the CPU, unwraps, runs, wraps the outputs, and raises `DeviceMismatchError` where CUDA
-  would (an op mixing a CUDA tensor with a CPU tensor of dim > 0; 0-dim CPU tensors are
-  scalars and allowed; CPU index tensors are allowed by `index`/`index_put_`, as on CUDA;
-  two different CUDA devices; a CPU generator for a CUDA random op);
-- a `TorchFunctionMode` routes the few Python bindings that would open a CUDA device guard
-  before any dispatch (`__getitem__`, `__setitem__`, `int()`, `copy_`, `nonzero`, ...,
-  which fail with "PyTorch is not linked with support for cuda devices" on a CPU build)
-  through a CPU-reporting stand-in of the same storage, and implements the transfers
-  (`.to`, `.cuda`, `.cpu`, `torch.tensor(..., device=...)`, `.tolist`) as aten copies the
-  dispatch mode can see. `torch.cuda._lazy_init` is made to return early for the duration
-  (it does when `torch.cuda._tls` has `is_initializing`).
+  would: a CUDA tensor beside a CPU tensor of dim > 0 (0-dim CPU tensors are scalars and
+  allowed; CPU index tensors are allowed by `index`/`index_put_`, as on CUDA), two CUDA
+  devices, a CPU generator for a CUDA random op;
+- a `TorchFunctionMode` runs the few Python bindings that open a CUDA device guard before
+  any dispatch (`__getitem__`, `__setitem__`, `int()`, `copy_`, `nonzero`, ...: on a CPU
+  build they fail with "PyTorch is not linked with support for cuda devices") on
+  CPU-reporting stand-ins of the same storage, and makes the transfers (`.to`, `.cuda`,
+  `.cpu`, `.tolist`, `torch.tensor(..., device=...)`) aten copies the dispatch mode sees.
+`torch.cuda._lazy_init` returns early for the duration (it does while `torch.cuda._tls` has
+`is_initializing`); `torch.cuda.synchronize` records the devices it is asked to wait for.
 
-Inside `vc.strict()` (a captured step) any host read or transfer raises `HostSyncError`:
+Inside `vc.strict()` (a captured step) every host read and transfer raises `HostSyncError`:
 `_local_scalar_dense` (`.item()`, `.tolist()`, `int(t)`, `bool(t)`), `torch.equal`, copies
-between CPU and CUDA in either direction, ops with data-dependent output shapes (`nonzero`,
-`masked_select`, boolean-mask indexing, `unique`, ...), CPU index tensors indexing a CUDA
-tensor, and `torch.cuda.synchronize()`.
+between CPU and CUDA either way (a copy from pinned memory could be captured, but its replays
+would read that host buffer again: a step takes its inputs as device tensors), ops with
+data-dependent output shapes (`nonzero`, `masked_select`, boolean-mask indexing, `unique`,
+...), CPU index tensors indexing a CUDA tensor, `torch.cuda.synchronize()`.
 
 Moving a model: `model.to("cuda")` inside the context. The context turns on torch's
 `overwrite_module_params_on_conversion`, so `Module._apply` stores a new `Parameter` per
 parameter (a `VirtualTensor` holding a CPU copy, marked as a parameter) and a new buffer per
-buffer, instead of swapping the new data into the old CPU parameter (`param.data = ...`,
-which would leave a CUDA TensorImpl with no CPU data behind it); module attributes that are
+buffer, instead of swapping the new data into the old CPU parameter (`param.data = ...`
+would leave a CUDA TensorImpl with no CPU data behind it); module attributes that are
 neither are not moved (as with a real `.to`).
 
 `EmulatedGraph` / `EmulatedBucketGraphs`: capture records one call of a step as the aten ops
 it runs, with every tensor by identity (static inputs, persistent state, parameters and the
-tensors the step creates), and restores whatever the recording run wrote to memory that
-existed before it (a CUDA capture runs nothing); the step's own tensors are then filled with
-garbage (a graph's pool is uninitialised until replayed). Replay re-runs the recorded ops on
-the same tensors and copies each op's fresh result into the tensor recorded for it (a CUDA
-graph replays kernels on the same addresses). What the step read from the host at capture
-(a Python int, a tensor built from host data) is baked into the recording, so replay goes
-stale where eager does not. Replaying one graph of an `EmulatedBucketGraphs` invalidates the
-outputs of the others (they share one memory pool, as `BucketGraphs`' graphs do).
+tensors the step makes), refuses host reads, and restores whatever the recording run wrote
+to memory that existed before it (a CUDA capture runs nothing); the step's own tensors are
+then filled with garbage (a graph's pool holds nothing until replayed). Replay re-runs the
+recorded ops on the same tensors and copies each op's fresh result into the tensor recorded
+for it (a CUDA graph replays its kernels on the same addresses). Whatever the step took from
+the host at capture (a Python int, a tensor built from host data, a branch) is baked into
+the recording, so replay goes stale where eager does not. Replaying one graph of an
+`EmulatedBucketGraphs` invalidates the outputs of the others (one memory pool, as in
+`BucketGraphs`).
 
-Limits: nothing runs CUDA kernels, so a kernel missing for a dtype on CUDA, numerics and
-timings are out of reach; autograd is not emulated (a virtual tensor never requires grad:
-`requires_grad_` on one is ignored, so `Module.to` can store its parameters); in-place ops that change a tensor's metadata (`resize_`,
-`unsqueeze_`, ...) on a virtual tensor are refused rather than emulated; the modes are
-per thread.
+Limits: no CUDA kernel runs, so a kernel missing for a dtype on CUDA, numerics and timings
+are out of reach; autograd is not emulated (a virtual tensor never requires grad:
+`requires_grad_` on one is ignored, which lets `Module.to` store its parameters); in-place
+ops that change a virtual tensor's metadata (`resize_`, `unsqueeze_`, ...) are refused; the
+modes are per thread; a CUDA build of torch is refused (`CPU_BUILD`: its real device guards
+would act on the virtual indices).
 """
 
 from __future__ import annotations
@@ -462,25 +464,20 @@ def _unfacade(x: Any) -> Any:
     return VirtualTensor(x.elem, x.vdev) if isinstance(x, _HostFacade) else x
 
 
-# bindings that open a CUDA device guard on a CPU build: run on CPU-reporting stand-ins
+# Python bindings that open a CUDA device guard before dispatching (found by trying the
+# tensor methods and functions the models and engines use): run on CPU-reporting stand-ins.
+# One missing here fails loudly, "PyTorch is not linked with support for cuda devices".
 _GUARDED = {
     torch.Tensor.__getitem__,
     torch.Tensor.__setitem__,
     torch.Tensor.__int__,
     torch.Tensor.__float__,
     torch.Tensor.__index__,
-    torch.Tensor.__bool__,
     torch.Tensor.__invert__,
     torch.Tensor.contiguous,
-    torch.Tensor.item,
     torch.Tensor.copy_,
     torch.Tensor.nonzero,
     torch.nonzero,
-    torch.Tensor.masked_select,
-    torch.masked_select,
-    torch.Tensor.index_put_,
-    torch.Tensor.index_put,
-    torch.index_put,
 }
 
 
