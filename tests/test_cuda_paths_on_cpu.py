@@ -14,6 +14,8 @@
    (for the LM: of every live row; free rows hold the warm-up's random seeds) equal an
    eager twin's, bit for bit. A host value planted in the step goes stale under replay
    while eager stays right.
+   The project's own `BucketGraphs` runs too, through the virtual device's `torch.cuda`
+   stand-ins (a capture there is strict and holds the ops of its stream's device only).
 3. Defects of today's code a GPU would show (strict xfails: they pass once fixed, and then
    fail until the marker goes).
 
@@ -30,7 +32,13 @@ from typing import Any
 
 import pytest
 import torch
-from virtual_cuda import CPU_BUILD, EagerBucketGraphs, EmulatedBucketGraphs, VirtualCuda
+from virtual_cuda import (
+    CPU_BUILD,
+    EagerBucketGraphs,
+    EmulatedBucketGraphs,
+    GraphCaptureError,
+    VirtualCuda,
+)
 
 from moshi_grpc.models.lm import load_lm
 from moshi_grpc.models.lm_gen import CoreShape, LMGen, SamplingConfig
@@ -115,6 +123,9 @@ def lm_eager_step(gen: LMGen, codes: torch.Tensor, active: torch.Tensor) -> tupl
     """The engine's eager step (host tensors in, host tensors out)."""
     r = gen.step(codes, active)
     return r.text, r.audio, r.ready, r.sampled_text, r.sampled_audio, r.steps
+
+
+PROJECT_GRAPHS = lm_engine.BucketGraphs  # the project's own capture code (cuda_graphs.py)
 
 
 @contextlib.contextmanager
@@ -657,6 +668,55 @@ def tiny_lm_on_cuda() -> Any:
     _virtual_device()
     with VirtualCuda():
         return load_lm(None, "tiny", device=MODEL_DEVICE, seed=4)
+
+
+def _project_graphs_tick(lm_device: str, mimi_device: str) -> None:
+    """The runners with the project's `BucketGraphs` (capturing through the `torch.cuda`
+    stand-ins of the virtual device: strict, one device per capture) tick like eager CPU
+    runners."""
+    _virtual_device()
+    g = torch.Generator().manual_seed(7)
+    pcm = [[0.1 * torch.randn(FRAME, generator=g) for _ in range(2)] for _ in range(3)]
+    outs = []
+    with VirtualCuda():
+        for lm_dev, mimi_dev, graphs in (
+            (lm_device, mimi_device, PROJECT_GRAPHS),
+            ("cpu",) * 2 + (None,),
+        ):
+            lm = load_lm(None, "tiny", device=lm_dev, seed=4)
+            mimi = load_mimi(None, config="tiny", device=mimi_dev)
+            with cpu_cuda_sync() if lm_dev == "cpu" else contextlib.nullcontext():
+                lm_run = lm_runner(lm, 2, graphs or EagerBucketGraphs)
+            codec = codec_runners(mimi, 2, graphs)
+            for s in (0, 1):
+                lm_join_slot(lm_run, s, SAMPLINGS[s], seed=s)
+                codec_join(codec, s)
+            got = []
+            for frame in pcm:
+                codes, wav = codec_tick(codec, [0, 1], frame)
+                user = {
+                    s: {"codes": codes[s, : lm.config.num_user_streams] % lm.config.card}
+                    for s in (0, 1)
+                }
+                got += [codes, wav, lm_tick(lm_run, user)]
+            outs.append(got)
+    for got, exp in zip(*outs, strict=True):
+        assert got == exp if isinstance(got, list) else torch.equal(got, exp)
+
+
+def test_project_bucket_graphs_capture_and_replay_on_cuda() -> None:
+    """Models on the current device (cuda:0): the project's capture code is sound."""
+    _project_graphs_tick("cuda:0", "cuda:0")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=GraphCaptureError,
+    reason="issue 20 defect 2: BucketGraphs.capture makes its side stream and captures on "
+    "the current device's stream; a model on cuda:1 runs at capture and the graph holds none",
+)
+def test_project_bucket_graphs_capture_a_model_on_another_device() -> None:
+    _project_graphs_tick(MODEL_DEVICE, MODEL_DEVICE)
 
 
 @pytest.mark.xfail(

@@ -145,6 +145,9 @@ HOST = {
     "copy_ from the host": lambda x: x.clone().copy_(torch.ones(4)),
     "copy_ to the host": lambda x: torch.zeros(4).copy_(x),
     "nonzero": lambda x: x.nonzero(),
+    "torch.where(cond)": lambda x: torch.where(x > 1),
+    "argwhere": lambda x: torch.argwhere(x),
+    "repeat_interleave": lambda x: x.repeat_interleave(x.long()),
     "masked_select": lambda x: x.masked_select(x > 1),
     "boolean-mask indexing": lambda x: x[x > 1],
     "boolean-mask assignment": lambda x: x.clone().__setitem__(x > 1, x[:1]),
@@ -156,12 +159,16 @@ HOST = {
 }
 
 
+@pytest.mark.parametrize("inference", [False, True], ids=["grad-mode", "inference-mode"])
 @pytest.mark.parametrize("read", list(HOST))
-def test_host_reads_and_transfers_raise_inside_a_step_only(vc, read) -> None:
-    x = torch.arange(4.0, device="cuda")
-    HOST[read](x)  # outside a captured step CUDA allows it
-    with vc.strict(), pytest.raises(HostSyncError):
-        HOST[read](x)
+def test_host_reads_and_transfers_raise_inside_a_step_only(vc, read, inference) -> None:
+    """(In inference mode, as the engines step, composite ops such as `item` reach the
+    dispatch mode whole instead of as `_local_scalar_dense`.)"""
+    with torch.inference_mode(inference):
+        x = torch.arange(4.0, device="cuda")
+        HOST[read](x)  # outside a captured step CUDA allows it
+        with vc.strict(), pytest.raises(HostSyncError):
+            HOST[read](x)
 
 
 def test_a_sound_step_runs_in_strict_mode(vc) -> None:
@@ -299,3 +306,48 @@ def test_capture_and_replay_on_the_virtual_device_in_strict_mode(vc) -> None:
             graph.replay()
             want = step(x)
         assert torch.equal(graph.outputs[0].cpu(), want.cpu())
+
+
+def _capture_with_torch_cuda(step, static: torch.Tensor):
+    """A capture the way torch documents it (and `BucketGraphs` does it)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(static)  # warm-up
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step(static)
+    return graph, out
+
+
+def test_torch_cuda_graph_api_captures_and_replays_on_the_virtual_device(vc) -> None:
+    state, twin = torch.zeros(3, 4, device="cuda"), torch.zeros(3, 4, device="cuda")
+    static = torch.zeros(3, 4, device="cuda")
+    with torch.inference_mode():
+        graph, out = _capture_with_torch_cuda(_stateful(state), static)
+        step = _stateful(twin)
+        step(static)
+        assert torch.equal(state.cpu(), twin.cpu())  # the warm-up ran, the capture did not
+        for t in range(3):
+            x = torch.full((3, 4), float(t), device="cuda")
+            static.copy_(x)
+            graph.replay()
+            assert torch.equal(out.cpu(), step(x).cpu())
+        with torch.cuda.graph(torch.cuda.CUDAGraph()), pytest.raises(GraphCaptureError):
+            state.sum().item()  # a capture refuses host reads
+        with torch.cuda.graph(torch.cuda.CUDAGraph()), pytest.raises(HostSyncError):
+            state.cpu()  # and transfers (it runs in strict mode)
+
+
+def test_a_capture_on_another_devices_stream_is_refused(vc) -> None:
+    """The planted mistake: the model on cuda:1, captured while cuda:0 is current (its
+    kernels would run at once on cuda:1's stream and the graph would hold none)."""
+    state = torch.zeros(2, 2, device="cuda:1")
+    static = torch.zeros(2, 2, device="cuda:1")
+    with pytest.raises(GraphCaptureError, match="cuda:1 while the graph captures cuda:0"):
+        _capture_with_torch_cuda(_stateful(state), static)
+    with torch.cuda.device(1):
+        graph, out = _capture_with_torch_cuda(_stateful(state), static)
+    graph.replay()
+    assert out.device == torch.device("cuda", 1)

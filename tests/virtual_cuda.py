@@ -102,11 +102,14 @@ class GraphCaptureError(RuntimeError):
 
 # ---- op classes ---------------------------------------------------------------------------
 
-# ops whose result is a host value read from the device
-_HOST_READS = {aten._local_scalar_dense, aten.equal}
+# Ops whose result is a host value read from the device. (In inference mode, as the engines
+# step, composite ops such as `item` reach a dispatch mode whole, not decomposed.)
+_HOST_READS = {aten._local_scalar_dense, aten.item, aten.is_nonzero, aten.equal, aten.allclose}
 # ops whose output shape depends on tensor values (CUDA syncs to size the output)
 _DATA_DEPENDENT = {
     aten.nonzero,
+    aten.nonzero_numpy,
+    aten.argwhere,
     aten.masked_select,
     aten._unique,
     aten._unique2,
@@ -114,6 +117,18 @@ _DATA_DEPENDENT = {
     aten.unique_consecutive,
     aten.bincount,
 }
+# overloads of otherwise static ops whose output shape depends on tensor values
+_DATA_DEPENDENT_OVERLOADS = {
+    aten.where.default,  # torch.where(cond)
+    aten.repeat_interleave.Tensor,  # (refused even with output_size, which would be static)
+    aten.repeat_interleave.self_Tensor,
+}
+
+
+def _data_dependent(func: Any) -> bool:
+    return func.overloadpacket in _DATA_DEPENDENT or func in _DATA_DEPENDENT_OVERLOADS
+
+
 # ops that take a list of index tensors (CUDA accepts CPU index tensors and copies them in)
 _INDEX_OPS = {
     aten.index,
@@ -215,6 +230,157 @@ def _storage_key(t: torch.Tensor) -> int:
     return _elem(t).untyped_storage()._cdata
 
 
+class _Stream:
+    """A stream of the virtual device: work runs at once and in order, nothing to wait
+    for; it only knows its device (what a capture on it records)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def wait_stream(self, other: _Stream) -> None:
+        pass
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<virtual stream on {self.device}>"
+
+
+class _CudaGraph:
+    """`torch.cuda.CUDAGraph` on the virtual device: an `EmulatedGraph` filled by
+    `torch.cuda.graph(...)` (the stand-in below), replayed by `replay()`."""
+
+    def __init__(self, api: _CudaApi) -> None:
+        self._api = api
+        self.emulated: EmulatedGraph | None = None
+        self._pool: object | None = None
+
+    def pool(self) -> object:
+        if self._pool is None:
+            raise RuntimeError("pool() before capture")
+        return self._pool
+
+    def replay(self) -> None:
+        if self.emulated is None:
+            raise RuntimeError("replay() before capture")
+        for other in self._api.graphs:
+            if other is not self and other._pool is self._pool and other.emulated is not None:
+                other.emulated.invalidate()  # one pool: the others' memory is reused
+        self.emulated.replay()
+
+    def reset(self) -> None:
+        self.emulated = None
+
+
+class _CudaApi:
+    """The `torch.cuda` calls a capture makes (streams, the current device, graphs), for
+    the virtual device; installed by `VirtualCuda` for its duration."""
+
+    NAMES = (
+        "Stream",
+        "current_stream",
+        "stream",
+        "device",
+        "set_device",
+        "current_device",
+        "synchronize",
+        "empty_cache",
+        "CUDAGraph",
+        "graph",
+    )
+
+    def __init__(self, vc: VirtualCuda) -> None:
+        self.vc = vc
+        self.current: dict[int, _Stream] = {}
+        self.graphs: list[_CudaGraph] = []
+        self.Stream = self._new_stream  # (torch.cuda.Stream is a class; calling it is enough)
+        self.CUDAGraph = self._new_graph
+
+    def _index(self, device: Any) -> int:
+        if device is None or device == -1:
+            return self.vc.current
+        if isinstance(device, int):
+            return device
+        return self.vc.device(device).index
+
+    def _new_stream(self, device: Any = None, priority: int = 0) -> _Stream:
+        return _Stream(torch.device("cuda", self._index(device)))
+
+    def _new_graph(self, *args: Any, **kwargs: Any) -> _CudaGraph:
+        graph = _CudaGraph(self)
+        self.graphs.append(graph)
+        return graph
+
+    def current_stream(self, device: Any = None) -> _Stream:
+        index = self._index(device)
+        return self.current.setdefault(index, _Stream(torch.device("cuda", index)))
+
+    def current_device(self) -> int:
+        return self.vc.current
+
+    def set_device(self, device: Any) -> None:
+        self.vc.current = self._index(device)
+
+    @contextlib.contextmanager
+    def device(self, device: Any) -> Iterator[None]:
+        before = self.vc.current
+        self.vc.current = self._index(device)
+        try:
+            yield
+        finally:
+            self.vc.current = before
+
+    @contextlib.contextmanager
+    def stream(self, stream: _Stream | None) -> Iterator[None]:
+        """The stream becomes its device's current stream, and its device the current
+        device (as `torch.cuda.stream` does)."""
+        if stream is None:
+            yield
+            return
+        index = stream.device.index
+        before_device, before_stream = self.vc.current, self.current.get(index)
+        self.vc.current = index
+        self.current[index] = stream
+        try:
+            yield
+        finally:
+            self.vc.current = before_device
+            if before_stream is None:
+                del self.current[index]
+            else:
+                self.current[index] = before_stream
+
+    def synchronize(self, device: Any = None) -> None:
+        self.vc._synchronize(device)
+
+    def empty_cache(self) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def graph(
+        self,
+        cuda_graph: _CudaGraph,
+        pool: object | None = None,
+        stream: _Stream | None = None,
+        capture_error_mode: str = "global",
+    ) -> Iterator[None]:
+        """Capture on `stream` (default: a new one on the current device) in strict mode:
+        the ops inside are recorded into `cuda_graph`, not run (memory is restored)."""
+        capture = stream or self._new_stream()
+        emulated = EmulatedGraph(capture.device)
+        with self.stream(capture), self.vc.strict(), emulated.recording():
+            yield
+        cuda_graph.emulated = emulated
+        cuda_graph._pool = pool if pool is not None else object()
+
+
 def _leaves(tree: Any, out: list | None = None) -> list:
     """The leaves of nested tuples, lists and dicts (what aten ops take and return); a
     plain walk, several times cheaper than torch's pytree on the hot path of every op."""
@@ -257,9 +423,13 @@ def _storage_bytes(t: torch.Tensor) -> torch.Tensor:
 class VirtualCuda:
     """Context manager: `device="cuda"` works on a CPU build and behaves like CUDA.
 
-    `current` is the index `"cuda"` means (as `torch.cuda.current_device()`). While active,
-    `torch.cuda.synchronize` and `torch.cuda.current_device` are replaced by stand-ins; the
-    devices passed to `synchronize` are recorded in `synchronized` (None: the current one).
+    `current` is the index `"cuda"` means (`torch.cuda.current_device()`). While active,
+    the `torch.cuda` calls of a capture (`Stream`, `current_stream`, `stream`, `device`,
+    `set_device`, `current_device`, `synchronize`, `empty_cache`, `CUDAGraph`, `graph`)
+    are stand-ins for the virtual device: `torch.cuda.graph` records into an
+    `EmulatedGraph` in strict mode and refuses ops on another device than its stream's.
+    The devices passed to `synchronize` are recorded in `synchronized` (None: the current
+    one, whichever that is).
     """
 
     def __init__(self, current: int = 0) -> None:
@@ -277,12 +447,10 @@ class VirtualCuda:
         if not hasattr(tls, "is_initializing"):
             tls.is_initializing = True  # torch.cuda._lazy_init returns early
             stack.callback(delattr, tls, "is_initializing")
-        for name, value in (
-            ("synchronize", self._synchronize),
-            ("current_device", lambda: self.current),
-        ):
+        api = _CudaApi(self)
+        for name in api.NAMES:
             old = getattr(torch.cuda, name)
-            setattr(torch.cuda, name, value)
+            setattr(torch.cuda, name, getattr(api, name))
             stack.callback(setattr, torch.cuda, name, old)
         # Module.to stores new Parameters instead of swapping data into the old ones
         # (`param.data = wrapper` would leave a CUDA TensorImpl without its CPU data)
@@ -341,6 +509,10 @@ class _Dispatch(TorchDispatchMode):
         packet = func.overloadpacket
         if packet is aten._to_copy:
             return self._to_copy(func, args, kwargs)
+        if packet is aten.to:  # (whole, in inference mode)
+            moved = self._to(func, args, kwargs)
+            if moved is not None:
+                return moved
         if packet is aten.copy_:
             return self._copy(func, args, kwargs)
         vc = self.vc
@@ -415,7 +587,7 @@ class _Dispatch(TorchDispatchMode):
     def _check_strict(self, func, packet, args) -> None:
         if packet in _HOST_READS:
             raise HostSyncError(f"{func} reads a CUDA tensor on the host (.item(), int(), ...)")
-        if packet in _DATA_DEPENDENT:
+        if _data_dependent(func):
             raise HostSyncError(f"{func} has a data-dependent output shape (syncs)")
         if packet in _INDEX_OPS and len(args) > 1:
             for t in args[1]:
@@ -425,6 +597,20 @@ class _Dispatch(TorchDispatchMode):
                     raise HostSyncError(f"{func}: boolean-mask indexing (data-dependent shape)")
                 if not _is_virtual(t):
                     raise HostSyncError(f"{func}: a CPU index tensor (host-to-device copy)")
+
+    def _to(self, func, args, kwargs):
+        """`aten.to` that changes device, as the `_to_copy` it stands for; None otherwise."""
+        named = dict(zip((a.name for a in func._schema.arguments), args, strict=False))
+        named.update(kwargs)
+        src, other = named["self"], named.get("other")
+        device = other.device if isinstance(other, torch.Tensor) else named.get("device")
+        if device is None:
+            return None
+        dst = self.vc.device(device)
+        if dst == (src.vdev if _is_virtual(src) else src.device):
+            return None
+        dtype = other.dtype if isinstance(other, torch.Tensor) else named.get("dtype")
+        return self._to_copy(aten._to_copy.default, (src,), {"dtype": dtype, "device": dst})
 
     def _to_copy(self, func, args, kwargs):
         vc = self.vc
@@ -624,8 +810,11 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         packet = func.overloadpacket
-        if packet in _HOST_READS or packet in _DATA_DEPENDENT:
+        if packet in _HOST_READS or _data_dependent(func):
             raise GraphCaptureError(f"{func} during capture reads the device from the host")
+        device = self.graph.device
+        if device is not None:
+            self._check_device(func, args, kwargs, device)
         for t in _written_args(func, args, kwargs):
             key = _storage_key(t)
             if key not in self.created and key not in self.saved:
@@ -640,28 +829,57 @@ class _Recorder(TorchDispatchMode):
         self.graph.ops.append((func, args, kwargs, [flat[i] for i in fresh], fresh))
         return out
 
+    @staticmethod
+    def _check_device(func, args, kwargs, device: torch.device) -> None:
+        """An op on another CUDA device than the capturing stream's is launched on that
+        device's own current stream: CUDA runs it at capture and the graph never holds it."""
+        target = kwargs.get("device")
+        devices = {x.vdev for x in _leaves((args, kwargs)) if _is_virtual(x)}
+        if target is not None and torch.device(target).type == "cuda":
+            index = torch.device(target).index
+            devices.add(torch.device("cuda", device.index if index is None else index))
+        for d in devices - {device}:
+            raise GraphCaptureError(
+                f"{func} runs on {d} while the graph captures {device}'s stream: CUDA launches "
+                f"it on {d}'s current stream, outside the graph (capture under "
+                f"torch.cuda.device({d.index}))"
+            )
+
 
 class EmulatedGraph:
-    """One call of a step, recorded as aten ops over tensors by identity (see the module)."""
+    """One call of a step, recorded as aten ops over tensors by identity (see the module).
 
-    def __init__(self) -> None:
+    `device`: the CUDA device whose stream captures (ops on another device are refused);
+    None on the CPU."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device
         self.ops: list[tuple[Any, tuple, dict, list[torch.Tensor], list[int]]] = []
         self.pool: list[torch.Tensor] = []
-        self.outputs: tuple[torch.Tensor, ...] = ()
+        self.outputs: tuple[torch.Tensor, ...] | None = None
         self._inference = False
 
-    @classmethod
-    def capture(cls, step: Callable[..., Any], inputs: Sequence[torch.Tensor]) -> EmulatedGraph:
-        """Record `step(*inputs)`; memory that existed before is left as it was."""
-        graph = cls()
-        graph._inference = torch.is_inference_mode_enabled()
-        recorder = _Recorder(graph)
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """Record the ops run inside; then memory that existed before is as it was, and the
+        graph's own tensors hold garbage."""
+        self._inference = torch.is_inference_mode_enabled()
+        recorder = _Recorder(self)
         try:
             with recorder:
-                out = step(*inputs)
+                yield
         finally:
             for data, saved in recorder.saved.values():
                 data.copy_(saved)
+        for t in self.pool:
+            _poison(t)
+
+    @classmethod
+    def capture(cls, step: Callable[..., Any], inputs: Sequence[torch.Tensor]) -> EmulatedGraph:
+        """Record `step(*inputs)`; its outputs must be tensors the step computes."""
+        graph = cls()
+        with graph.recording():
+            out = step(*inputs)
         outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
         pool = {_storage_key(t) for t in graph.pool}
         for t in outs:
@@ -671,8 +889,6 @@ class EmulatedGraph:
                     "return a tensor the step computes"
                 )
         graph.outputs = outs
-        for t in graph.pool:
-            _poison(t)
         return graph
 
     def replay(self) -> None:
@@ -685,9 +901,10 @@ class EmulatedGraph:
                     _elem(target).copy_(_elem(flat[i]))  # same device by construction
 
     def invalidate(self) -> None:
-        """Another graph of the same pool ran: this one's outputs hold garbage."""
+        """Another graph of the same pool ran: this one's outputs (all its tensors when
+        they are not known) hold garbage."""
         with torch.inference_mode(self._inference):
-            for t in self.outputs:
+            for t in self.pool if self.outputs is None else self.outputs:
                 _poison(t)
 
 
