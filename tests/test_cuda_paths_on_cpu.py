@@ -16,8 +16,8 @@
    while eager stays right.
    The project's own `BucketGraphs` runs too, through the virtual device's `torch.cuda`
    stand-ins (a capture there is strict and holds the ops of its stream's device only).
-3. Defects of today's code a GPU would show (strict xfails: they pass once fixed, and then
-   fail until the marker goes).
+3. Defects a GPU would have shown (issue 20 items 2 and 4, fixed; kept here): a capture
+   or a sync on the current device instead of the model's, a warm-up timing launches.
 
 Everything that touches today's data-plane API is in the adapter section below.
 """
@@ -36,7 +36,6 @@ from virtual_cuda import (
     CPU_BUILD,
     EagerBucketGraphs,
     EmulatedBucketGraphs,
-    GraphCaptureError,
     VirtualCuda,
 )
 
@@ -44,6 +43,8 @@ from moshi_grpc.models.lm import load_lm
 from moshi_grpc.models.lm_gen import CoreShape, LMGen, SamplingConfig
 from moshi_grpc.models.mimi import load_mimi
 from moshi_grpc.services.codec import engine as codec_engine
+from moshi_grpc.services.common import cuda_graphs
+from moshi_grpc.services.common import runner as row_runner
 from moshi_grpc.services.common.buckets import bucket_ladder
 from moshi_grpc.services.lm import engine as lm_engine
 
@@ -60,8 +61,8 @@ SAMPLINGS = [
 
 
 # ==== adapter: today's data-plane API, in one place =========================================
-# The lead is redesigning LMGen, the runners and BucketGraphs: when their API moves, update
-# these functions (and nothing below them).
+# When the API of LMGen, the runners or BucketGraphs moves, update these functions (and
+# nothing below them).
 
 
 def lm_generator(lm: Any, rows: int) -> LMGen:
@@ -109,7 +110,7 @@ def lm_planted_step(gen: LMGen) -> Callable[..., tuple[torch.Tensor, ...]]:
 
     def step(*inputs):
         b = inputs[0].shape[0]
-        length = min(max(gen.host_steps[:b]) + 1, cfg.context)
+        length = min(max(h or 0 for h in gen.host_steps[:b]) + 1, cfg.context)
         return gen.core(*inputs, shape=CoreShape(length, True, cfg.text_card, cfg.card))
 
     return step
@@ -125,18 +126,18 @@ def lm_eager_step(gen: LMGen, codes: torch.Tensor, active: torch.Tensor) -> tupl
     return r.text, r.audio, r.ready, r.sampled_text, r.sampled_audio, r.steps
 
 
-PROJECT_GRAPHS = lm_engine.BucketGraphs  # the project's own capture code (cuda_graphs.py)
+PROJECT_GRAPHS = cuda_graphs.BucketGraphs  # the project's own capture code
 
 
 @contextlib.contextmanager
 def engine_graphs(graphs: type) -> Iterator[None]:
     """Runners built inside use `graphs` where they would build `BucketGraphs`."""
-    saved = lm_engine.BucketGraphs, codec_engine.BucketGraphs
-    lm_engine.BucketGraphs = codec_engine.BucketGraphs = graphs
+    saved = row_runner.BucketGraphs
+    row_runner.BucketGraphs = graphs
     try:
         yield
     finally:
-        lm_engine.BucketGraphs, codec_engine.BucketGraphs = saved
+        row_runner.BucketGraphs = saved
 
 
 @contextlib.contextmanager
@@ -155,13 +156,11 @@ def lm_runner(
 ) -> lm_engine.GenRunner:
     """The engine's runner over `slots` rows, every bucket warmed up (and, with `graphs`,
     captured) as at load; `step(gen)` replaces the step its graphs capture."""
-    cfg = lm.config
     with engine_graphs(graphs or EagerBucketGraphs):
-        runner = lm_engine.GenRunner(
-            lm_generator(lm, slots), slots, cfg.num_user_streams, cfg.dep_q, graphs is not None
-        )
+        runner = lm_engine.GenRunner(lm_generator(lm, slots), slots, graphs is not None)
     if step is not None:
-        runner.graphs.step = step(runner.gen)
+        planted = step(runner.gen)
+        runner.graphs.step = lambda shape, *inputs: planted(*inputs)
     for b in runner.ladder:
         runner.warm_up(b)
     return runner
@@ -222,7 +221,7 @@ class _PlantedCodecRunner(codec_engine.StreamerRunner):
         self.host_rows = self.table.plan(slots).rows
         return super().run(slots, payloads)
 
-    def _step(self, x, active=None):
+    def step(self, masked, x, active=None):
         b = x.shape[0]
         rows = range(b) if self.host_rows is None else self.host_rows
         mask = torch.tensor([r in rows for r in range(b)], device=x.device)
@@ -709,43 +708,25 @@ def test_project_bucket_graphs_capture_and_replay_on_cuda() -> None:
     _project_graphs_tick("cuda:0", "cuda:0")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=GraphCaptureError,
-    reason="issue 20 defect 2: BucketGraphs.capture makes its side stream and captures on "
-    "the current device's stream; a model on cuda:1 runs at capture and the graph holds none",
-)
 def test_project_bucket_graphs_capture_a_model_on_another_device() -> None:
+    """Models on cuda:1 while cuda:0 is current (issue 20 defect 2, fixed): the capture and
+    the replay run under the model's device, so the graph holds the step."""
     _project_graphs_tick(MODEL_DEVICE, MODEL_DEVICE)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 20 defect 4: GenRunner.warm_up never synchronizes an eager CUDA step, "
-    "so the timed warm-up measures launches",
-)
-def test_lm_eager_warm_up_synchronizes_the_models_device(tiny_lm_on_cuda) -> None:
-    with VirtualCuda() as vc:
-        runner = lm_runner(tiny_lm_on_cuda, 2, graphs=None)
-    assert runner.graphs is None
-    assert vc.synchronized.count(torch.device(MODEL_DEVICE)) >= len(runner.ladder)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 20 defect 2: GenRunner.warm_up calls torch.cuda.synchronize() with no "
-    "device: with --device cuda:1 it waits on cuda:0",
-)
-def test_lm_graph_warm_up_synchronizes_the_models_device(tiny_lm_on_cuda) -> None:
-    with VirtualCuda() as vc:
-        lm_runner(tiny_lm_on_cuda, 2, graphs=EagerBucketGraphs)  # (any graphs: the sync)
-    assert vc.synchronized and all(d == torch.device(MODEL_DEVICE) for d in vc.synchronized)
-
-
 @pytest.mark.parametrize("graphs", [None, EagerBucketGraphs], ids=["eager", "graphs"])
-def test_codec_warm_up_synchronizes_the_models_device(tiny_mimi, graphs) -> None:
-    """The codec does both right (the contrast to the two above)."""
+def test_warm_up_times_a_step_bracketed_by_syncs_of_the_models_device(
+    tiny_lm_on_cuda, tiny_mimi, graphs
+) -> None:
+    """Issue 20 defects 2 and 4 (fixed): every warm-up (eager or captured, LM and codec)
+    synchronizes the model's device (cuda:1, not the current cuda:0) before its clock
+    starts and before it stops, so `warm_ms` is the step's time, not its launches."""
     with VirtualCuda() as vc:
+        runner = lm_runner(tiny_lm_on_cuda, 2, graphs=graphs)
+    assert (runner.graphs is None) == (graphs is None)
+    with VirtualCuda() as codec_vc:
         enc, dec = codec_runners(tiny_mimi[0], 2, graphs)
-    warmups = len(enc.ladder) + len(dec.ladder)
-    assert vc.synchronized == [torch.device(MODEL_DEVICE)] * warmups
+    model = torch.device(MODEL_DEVICE)
+    assert vc.synchronized == [model] * 2 * len(runner.ladder)
+    shapes = sum(len(r.warm_shapes(b)) for r in (enc, dec) for b in r.ladder)
+    assert codec_vc.synchronized == [model] * 2 * shapes

@@ -249,12 +249,12 @@ def test_a_host_value_baked_in_at_capture_goes_stale_on_replay(mistake) -> None:
     states = {"eager": torch.zeros(2), "graph": torch.zeros(2)}
 
     def step_for(name: str):
-        return lambda x: plant(host, states[name], x).clone()
+        return lambda shape, x: plant(host, states[name], x).clone()
 
     eager = EagerBucketGraphs(step_for("eager"), warmup_iters=0)
     graphs = EmulatedBucketGraphs(step_for("graph"), warmup_iters=0)
     for g in (eager, graphs):
-        g.capture(1, (torch.zeros(2),))
+        g.capture(1, "any", (torch.zeros(2),))
     diverged = []
     for t in range(4):
         host.steps, host.flag = t, t % 2 == 1
@@ -281,9 +281,9 @@ def test_capture_refuses_host_reads_and_outputs_that_are_not_the_steps_own() -> 
 
 
 def test_graphs_share_a_pool_running_one_invalidates_the_others_outputs() -> None:
-    graphs = EmulatedBucketGraphs(lambda x: x * 2, warmup_iters=1)
-    graphs.capture(1, (torch.ones(1),))
-    graphs.capture(2, (torch.ones(2),))
+    graphs = EmulatedBucketGraphs(lambda shape, x: x * 2, warmup_iters=1)
+    graphs.capture(1, "one", (torch.ones(1),))
+    graphs.capture(2, "two", (torch.ones(2),))
     (one,) = graphs.run(1, (torch.ones(1),))
     assert torch.equal(one, torch.full((1,), 2.0))
     graphs.run(2, (torch.ones(2),))

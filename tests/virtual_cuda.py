@@ -61,6 +61,7 @@ would act on the virtual indices).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -481,6 +482,8 @@ class VirtualCuda:
         """`device` as torch.device, `cuda` with an index (None stays None)."""
         if device is None:
             return None
+        if isinstance(device, int):  # torch.cuda.* take a bare index too
+            device = f"cuda:{device}"
         dev = torch.device(device) if not isinstance(device, torch.device) else device
         if dev.type == "cuda" and dev.index is None:
             return torch.device("cuda", self.current)
@@ -909,16 +912,22 @@ class EmulatedGraph:
 
 
 class EmulatedBucketGraphs:
-    """`services/common/cuda_graphs.BucketGraphs` emulated on CPU (same interface): capture
-    warms the step up `warmup_iters` times for real, then records it; run copies the inputs
-    into the static buffers and replays. All graphs share one pool: running one invalidates
-    the outputs of the others. With `strict` (a `VirtualCuda`), recording and replay run in
-    its `strict()` region, as a CUDA capture refuses host syncs."""
+    """`services/common/cuda_graphs.BucketGraphs` emulated on CPU (same interface: the step
+    takes the key's static shape first): capture warms the step up `warmup_iters` times for
+    real, then records it; run copies the inputs into the static buffers and replays. All
+    graphs share one pool: running one invalidates the outputs of the others. With `strict`
+    (a `VirtualCuda`), recording and replay run in its `strict()` region, as a CUDA capture
+    refuses host syncs."""
 
     def __init__(
-        self, step: Callable[..., Any], warmup_iters: int = 2, strict: VirtualCuda | None = None
+        self,
+        step: Callable[..., Any],
+        device: Any = None,
+        warmup_iters: int = 2,
+        strict: VirtualCuda | None = None,
     ) -> None:
         self.step = step
+        self.device = device
         self.warmup_iters = warmup_iters
         self.strict = strict
         self._graphs: dict[Any, tuple[EmulatedGraph, tuple[torch.Tensor, ...]]] = {}
@@ -929,12 +938,17 @@ class EmulatedBucketGraphs:
     def _in_graph(self) -> contextlib.AbstractContextManager:
         return self.strict.strict() if self.strict is not None else contextlib.nullcontext()
 
-    def capture(self, key: Any, example: Sequence[torch.Tensor]) -> None:
-        static_in = tuple(t.clone() for t in example)
+    def _static(self, example: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        device = self.device
+        return tuple((t if device is None else t.to(device)).clone() for t in example)
+
+    def capture(self, key: Any, shape: Any, example: Sequence[torch.Tensor]) -> None:
+        static_in = self._static(example)
+        step = functools.partial(self.step, shape)
         for _ in range(self.warmup_iters):
-            self.step(*static_in)
+            step(*static_in)
         with self._in_graph():
-            self._graphs[key] = (EmulatedGraph.capture(self.step, static_in), static_in)
+            self._graphs[key] = (EmulatedGraph.capture(step, static_in), static_in)
 
     def run(self, key: Any, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         graph, static_in = self._graphs[key]
@@ -952,15 +966,15 @@ class EagerBucketGraphs(EmulatedBucketGraphs):
     """The same protocol run eagerly (the twin a replay is compared with): capture only
     warms up; run steps on the static buffers."""
 
-    def capture(self, key: Any, example: Sequence[torch.Tensor]) -> None:
-        static_in = tuple(t.clone() for t in example)
+    def capture(self, key: Any, shape: Any, example: Sequence[torch.Tensor]) -> None:
+        static_in = self._static(example)
         for _ in range(self.warmup_iters):
-            self.step(*static_in)
-        self._graphs[key] = (None, static_in)  # type: ignore[assignment]
+            self.step(shape, *static_in)
+        self._graphs[key] = ((shape,), static_in)  # type: ignore[assignment]
 
     def run(self, key: Any, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        _, static_in = self._graphs[key]
+        (shape,), static_in = self._graphs[key]
         for buf, x in zip(static_in, inputs, strict=True):
             buf.copy_(x)
-        out = self.step(*static_in)
+        out = self.step(shape, *static_in)
         return (out,) if isinstance(out, torch.Tensor) else tuple(out)
