@@ -476,9 +476,12 @@ def live() -> Iterator[LiveStack]:
         codec = await start_codec_server(
             cfg(), CodecOptions(model="echo", max_sessions=8, max_wait_ms=0.0)
         )
-        lm = await start_lm_server(
-            cfg(), LmOptions(model="real", config="small", max_sessions=4, max_wait_ms=0.0)
+        # the plain LM (forms pinned off): runs are compared token for token, and "auto"
+        # would pick kernels by timing at load (equal only to float rounding)
+        options = LmOptions(
+            model="real", config="small", max_sessions=4, max_wait_ms=0.0, cpu_forms="off"
         )
+        lm = await start_lm_server(cfg(), options)
         echo_lm = await start_lm_server(
             cfg(), LmOptions(model="echo", max_sessions=4, max_wait_ms=0.0)
         )

@@ -67,8 +67,9 @@ def backend_streams(request):
 
 @functools.cache
 def _small_lm():
-    """The small random LM and its bundled tokenizer, built once for the whole module."""
-    return load_lm_model(LmOptions(model="real", config="small"))
+    """The small random LM and its bundled tokenizer, built once for the whole module; the
+    plain model (forms pinned off), not kernels picked by timing at load."""
+    return load_lm_model(LmOptions(model="real", config="small", cpu_forms="off"))
 
 
 async def start_stack(
