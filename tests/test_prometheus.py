@@ -43,6 +43,7 @@ from moshi_grpc.clients import ConverseClient, SessionEnded
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.prometheus,
     pytest.mark.skipif(
         PROMETHEUS is None,
         reason="prometheus not installed (Debian package `prometheus`; the README's test "
