@@ -581,6 +581,44 @@ def test_async_sdk_end_to_end(live: LiveStack) -> None:
     assert result.attempts == 1 and result.frames_dropped == 0
 
 
+def test_readme_headline_example_sync_and_async(live: LiveStack, tmp_path) -> None:
+    """The README's SDK example, as written (plus a budget no loaded CI machine misses):
+    `converse_wav(..., realtime=True, seed=42)` iterated for AudioFrame / TextPiece events,
+    then `converse_array(samples, 16000, window_frames=4).collect()`; and its asyncio twin.
+    The same file and seed give the same text pieces through both clients."""
+    samples = _signal(1.0, 16000)
+    question = tmp_path / "question.wav"
+    audio.write_wav(question, samples, 16000)
+    frames = 13  # 1 s at 16 kHz: 12.5 frames, the last one padded
+
+    played, printed = [], []
+    with ConverseClient(live.addr, token=None) as client:
+        for event in client.converse_wav(question, realtime=True, seed=42, budget_ms=LOOSE):
+            if isinstance(event, AudioFrame):
+                played.append(event.samples)
+            elif isinstance(event, TextPiece):
+                printed.append((event.frame_index, event.text))
+        result = client.converse_array(samples, 16000, window_frames=4, budget_ms=LOOSE).collect()
+    assert len(played) == frames
+    assert all(p.dtype == np.float32 and len(p) == 1280 for p in played)  # the file's rate
+    assert printed, "the small random LM wrote no text"
+    assert result.frames == frames and len(result.audio) == frames * 1280
+    own_text = "".join(e.text for e in result.events if isinstance(e, TextPiece))
+    assert result.transcript == own_text.strip()
+    assert result.summary is not None and result.summary.latency_p99_ms > 0
+
+    async def twin():
+        out = []
+        async with AsyncConverseClient(live.addr) as client:
+            conv = client.converse_wav(question, realtime=True, seed=42, budget_ms=LOOSE)
+            async for event in conv:
+                if isinstance(event, TextPiece):
+                    out.append((event.frame_index, event.text))
+        return out
+
+    assert live.loop.run(twin(), timeout=60) == printed
+
+
 def test_refusal_from_real_gateway_is_retried_then_reported(live: LiveStack) -> None:
     """More sessions than LM slots: the extra one is refused with a retry hint."""
     from moshi_grpc.v1 import common_pb2  # noqa: F401 - proto import order

@@ -367,6 +367,44 @@ async def test_no_other_lm_replica_ends_with_unavailable() -> None:
     assert failed == 1
 
 
+async def test_no_lm_failover_ends_the_session_when_its_lm_dies() -> None:
+    """`--no-lm-failover` (lm_failover=False): a free LM replica is there, but a session
+    whose LM dies ends with UNAVAILABLE and its summary instead of moving; nothing is
+    counted as a failover."""
+    codec = await start_codec_server(_cfg(), CodecOptions(model="echo", max_sessions=4))
+    lms = {}
+    for _ in range(2):
+        server = await _lm()
+        lms[server.address] = server
+    gateway = await start_gateway(_cfg(), codec.address, list(lms), _settings(lm_failover=False))
+    _, chunks = _frames(12)
+    try:
+        with sync_channel(gateway.address) as ch:
+            d = StreamDriver(gateway_pb2_grpc.GatewayStub(ch).Converse, _config(), timeout=60)
+            for i, chunk in enumerate(chunks):
+                d.send(chunk)
+                if i == 2:  # frames 0-2 answered, then the session's LM dies
+                    assert await asyncio.to_thread(d.wait_for, _audio_of(i), 20)
+                    start = next(r.event.started for r in d.replies if _is_started(r))
+                    await lms[start.lm_replica].stop(0)
+            d.close()
+            code = await asyncio.to_thread(d.wait, 30)
+        counted = _failovers(gateway, "ok") + _failovers(gateway, "failed")
+    finally:
+        await gateway.stop(0)
+        for s in (codec, *lms.values()):
+            await s.stop(0)
+    assert code == grpc.StatusCode.UNAVAILABLE, (code, d.details)
+    assert start.lm_replica in d.details
+    assert not _events(d.replies, "failover")
+    (ended,) = _events(d.replies, "ended")
+    assert ended.summary.reason == "backend_failed"
+    assert ended.summary.frames_out == len(
+        [r for r in d.replies if r.WhichOneof("kind") == "audio"]
+    )
+    assert counted == 0
+
+
 @pytest.mark.slow
 async def test_frozen_lm_replica_is_left_when_its_health_probe_fails(
     tmp_path, free_port_factory
