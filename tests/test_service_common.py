@@ -695,10 +695,12 @@ async def test_idle_probes_wait_while_any_scheduler_of_the_process_serves() -> N
     runner, sibling_runner = ProbedRunner(2), ProbedRunner(2)
     sched = BatchScheduler(runner, name="encode", max_wait_s=0.0, idle_probe_s=0.005)
     sibling = BatchScheduler(sibling_runner, name="decode", max_wait_s=0.0, idle_probe_s=0.005)
+    # The stream joins before the runner threads start: no probe can run before it (on a
+    # busy machine one could, after 5 ms, and the next one in turn would be bucket 2).
+    handle = sched.acquire()  # a stream on one scheduler: no probe on either
     sched.start()
     sibling.start()
     try:
-        handle = sched.acquire()  # a stream on one scheduler: no probe on either
         assert (await handle.submit(1))[0] == 10
         runner.warm_ups.clear()
         sibling_runner.warm_ups.clear()
