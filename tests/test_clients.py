@@ -476,9 +476,12 @@ def live() -> Iterator[LiveStack]:
         codec = await start_codec_server(
             cfg(), CodecOptions(model="echo", max_sessions=8, max_wait_ms=0.0)
         )
-        lm = await start_lm_server(
-            cfg(), LmOptions(model="real", config="small", max_sessions=4, max_wait_ms=0.0)
+        # the plain LM (forms pinned off): runs are compared token for token, and "auto"
+        # would pick kernels by timing at load (equal only to float rounding)
+        options = LmOptions(
+            model="real", config="small", max_sessions=4, max_wait_ms=0.0, cpu_forms="off"
         )
+        lm = await start_lm_server(cfg(), options)
         echo_lm = await start_lm_server(
             cfg(), LmOptions(model="echo", max_sessions=4, max_wait_ms=0.0)
         )
@@ -576,6 +579,44 @@ def test_async_sdk_end_to_end(live: LiveStack) -> None:
     assert result.frames == 6 and len(result.audio) == 6 * 3840
     assert result.summary is not None and result.summary.reason
     assert result.attempts == 1 and result.frames_dropped == 0
+
+
+def test_readme_headline_example_sync_and_async(live: LiveStack, tmp_path) -> None:
+    """The README's SDK example, as written (plus a budget no loaded CI machine misses):
+    `converse_wav(..., realtime=True, seed=42)` iterated for AudioFrame / TextPiece events,
+    then `converse_array(samples, 16000, window_frames=4).collect()`; and its asyncio twin.
+    The same file and seed give the same text pieces through both clients."""
+    samples = _signal(1.0, 16000)
+    question = tmp_path / "question.wav"
+    audio.write_wav(question, samples, 16000)
+    frames = 13  # 1 s at 16 kHz: 12.5 frames, the last one padded
+
+    played, printed = [], []
+    with ConverseClient(live.addr, token=None) as client:
+        for event in client.converse_wav(question, realtime=True, seed=42, budget_ms=LOOSE):
+            if isinstance(event, AudioFrame):
+                played.append(event.samples)
+            elif isinstance(event, TextPiece):
+                printed.append((event.frame_index, event.text))
+        result = client.converse_array(samples, 16000, window_frames=4, budget_ms=LOOSE).collect()
+    assert len(played) == frames
+    assert all(p.dtype == np.float32 and len(p) == 1280 for p in played)  # the file's rate
+    assert printed, "the small random LM wrote no text"
+    assert result.frames == frames and len(result.audio) == frames * 1280
+    own_text = "".join(e.text for e in result.events if isinstance(e, TextPiece))
+    assert result.transcript == own_text.strip()
+    assert result.summary is not None and result.summary.latency_p99_ms > 0
+
+    async def twin():
+        out = []
+        async with AsyncConverseClient(live.addr) as client:
+            conv = client.converse_wav(question, realtime=True, seed=42, budget_ms=LOOSE)
+            async for event in conv:
+                if isinstance(event, TextPiece):
+                    out.append((event.frame_index, event.text))
+        return out
+
+    assert live.loop.run(twin(), timeout=60) == printed
 
 
 def test_refusal_from_real_gateway_is_retried_then_reported(live: LiveStack) -> None:
@@ -719,19 +760,36 @@ def test_sdk_reports_budget_misses_and_deadline_end(live: LiveStack) -> None:
     assert conv.summary.frames_late >= 3
 
 
-def test_whole_files_stream_as_pre_recorded_audio_without_misses(live: LiveStack) -> None:
+def test_whole_files_stream_as_pre_recorded_audio_without_misses(
+    live: LiveStack, scripted, tmp_path
+) -> None:
     """`converse_array` / `converse_wav` / `converse FILE` sent faster than real time ask for
-    FLOW_CONTROL: against an LM that takes 100 ms a step, three frames in flight would queue
-    ~300 ms behind each other (misses at a 300 ms budget under REAL_TIME pacing); flow
-    control counts each frame's own time, so nothing is late. Paced at real time, the same
-    calls stay REAL_TIME."""
+    FLOW_CONTROL (checked on the wire, at a scripted gateway); paced at real time they stay
+    REAL_TIME. The real gateway then takes a file at its own pace: every frame back, none
+    dropped, none late, with an LM that takes 100 ms a step (frames queue behind each
+    other). The budget is one no frame misses on any machine: that queueing behind one's own
+    frames is not a miss is a fake-clock test (test_gateway_budget.py,
+    test_flow_controlled_frames_do_not_wait_on_their_own_session_against_the_budget)."""
     import argparse
 
     from moshi_grpc.clients import cli as client_cli
 
+    script, server = scripted
+    wav = tmp_path / "in.wav"
+    audio.write_wav(wav, _signal(0.24), RATE)
+    wire = gateway_pb2.INPUT_PACING_FLOW_CONTROL, gateway_pb2.INPUT_PACING_REAL_TIME
+    with ConverseClient(server.addr) as client:
+        for realtime, expected in ((False, wire[0]), (True, wire[1])):
+            client.converse_array(_signal(0.24), RATE, realtime=realtime).collect()
+            assert script.configs[-1].input_pacing == expected, realtime
+            client.converse_wav(wav, realtime=realtime).collect()
+            assert script.configs[-1].input_pacing == expected, realtime
+
     with _slow_lm_stack(live, lm_delay_ms=100) as gateway_address:
         with ConverseClient(gateway_address, retry=FAST_RETRY) as client:
-            conv = client.converse_array(_signal(1.2, 16000), 16000, budget_ms=300, window_frames=4)
+            conv = client.converse_array(
+                _signal(1.2, 16000), 16000, budget_ms=10_000, window_frames=4
+            )
             assert conv.session.input_pacing == FLOW_CONTROL
             result = conv.collect()
     summary = result.summary
@@ -847,20 +905,16 @@ def test_health_probe(live: LiveStack, free_port) -> None:
 def test_converse_cli_against_moshi_grpc_up(tmp_path, free_port_factory) -> None:
     """The console script end to end: `moshi-grpc up` (three processes) + `moshi-grpc converse`."""
     import signal
-    import socket
     import time
 
     from moshi_grpc.clients import health_probe
 
-    # `up` serves /metrics on the fixed ports 9091-9093 outside --demo mode.
-    for port in (9091, 9092, 9093):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                pytest.skip(f"port {port} is taken (moshi-grpc up needs 9091-9093 for /metrics)")
     gw, codec, lm = (free_port_factory() for _ in range(3))
+    # /metrics on free ports (metrics port 0), not the fixed 9091-9093 another run may hold
     up = subprocess.Popen(
         [sys.executable, "-m", "moshi_grpc.cli", "up", "--model", "echo",
-         "--gateway-port", str(gw), "--codec-port", str(codec), "--lm-port", str(lm)],
+         "--gateway-port", str(gw), "--codec-port", str(codec), "--lm-port", str(lm),
+         "--gateway-metrics-port", "0", "--codec-metrics-port", "0", "--lm-metrics-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:

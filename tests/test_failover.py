@@ -17,7 +17,8 @@ import signal
 import grpc
 import numpy as np
 import pytest
-from svc_harness import ServiceProcess
+from svc_harness import ServiceProcess, StreamDriver
+from svc_harness import channel as sync_channel
 
 from moshi_grpc.services.codec.engine import CodecOptions
 from moshi_grpc.services.codec.startup import start_codec_server
@@ -40,7 +41,9 @@ def _cfg() -> ServerConfig:
 
 @functools.cache
 def _small_lm():
-    return load_lm_model(LmOptions(model="real", config="small"))
+    # the plain model (forms pinned off): tokens are compared exactly across replicas, and
+    # "auto" would pick kernels by timing at load (equal only to float rounding)
+    return load_lm_model(LmOptions(model="real", config="small", cpu_forms="off"))
 
 
 async def _lm(model: str = "echo", slots: int = 4):
@@ -105,6 +108,14 @@ def _events(messages, kind: str) -> list:
         for m in messages
         if m.WhichOneof("kind") == "event" and m.event.WhichOneof("kind") == kind
     ]
+
+
+def _is_started(msg) -> bool:
+    return msg.WhichOneof("kind") == "event" and msg.event.WhichOneof("kind") == "started"
+
+
+def _audio_of(index: int):
+    return lambda msg: msg.WhichOneof("kind") == "audio" and msg.audio.frame_index == index
 
 
 def _failovers(gateway, result: str) -> float:
@@ -320,31 +331,78 @@ async def test_no_other_lm_replica_ends_with_unavailable() -> None:
     hog = lm_pb2_grpc.LMStub(lm_channel).Step()  # takes b's only slot
     await hog.write(lm_pb2.StepRequest(open=lm_pb2.LmOpen(session_id="hog")))
     gateway = await start_gateway(_cfg(), codec.address, [a.address, b.address], _settings())
-    channel = grpc.aio.insecure_channel(gateway.address)
     try:
         for _ in range(100):  # until the gateway has seen b full
             await asyncio.sleep(0.05)
             if not gateway.pool.sets["lm"].replicas[b.address].available:
                 break
-        _, chunks = _frames(4)
-        stub = gateway_pb2_grpc.GatewayStub(channel)
-
-        async def kill(started) -> None:
-            assert started.lm_replica == a.address
-            await a.stop(0)
-
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await _lockstep(stub, chunks * 3, at=2, action=kill)
+        assert not gateway.pool.sets["lm"].replicas[b.address].available, "b's only slot not seen taken"
+        _, chunks = _frames(12)
+        # The sync client (svc_harness.run_stream says why): grpc.aio may report INTERNAL
+        # for a stream the server ends while the client writes, which would hide the status.
+        with sync_channel(gateway.address) as ch:
+            d = StreamDriver(gateway_pb2_grpc.GatewayStub(ch).Converse, _config(), timeout=60)
+            started = await asyncio.to_thread(d.wait_for, _is_started, 20)
+            assert started, "no SessionStarted"
+            for i, chunk in enumerate(chunks):
+                d.send(chunk)
+                if i == 2:  # frames 0-2 answered by a, then a dies
+                    assert await asyncio.to_thread(d.wait_for, _audio_of(i), 20)
+                    start = next(r.event.started for r in d.replies if _is_started(r))
+                    assert start.lm_replica == a.address
+                    await a.stop(0)
+            d.close()
+            code = await asyncio.to_thread(d.wait, 30)
         failed = _failovers(gateway, "failed")
     finally:
         hog.cancel()
         await lm_channel.close()
-        await channel.close()
         await gateway.stop(0)
         for s in (codec, a, b):
             await s.stop(0)
-    assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
+    assert code == grpc.StatusCode.UNAVAILABLE, (code, d.details)
+    assert a.address in d.details, d.details
+    (ended,) = _events(d.replies, "ended")
+    assert ended.summary.reason == "backend_failed"
     assert failed == 1
+
+
+async def test_no_lm_failover_ends_the_session_when_its_lm_dies() -> None:
+    """`--no-lm-failover` (lm_failover=False): a free LM replica is there, but a session
+    whose LM dies ends with UNAVAILABLE and its summary instead of moving; nothing is
+    counted as a failover."""
+    codec = await start_codec_server(_cfg(), CodecOptions(model="echo", max_sessions=4))
+    lms = {}
+    for _ in range(2):
+        server = await _lm()
+        lms[server.address] = server
+    gateway = await start_gateway(_cfg(), codec.address, list(lms), _settings(lm_failover=False))
+    _, chunks = _frames(12)
+    try:
+        with sync_channel(gateway.address) as ch:
+            d = StreamDriver(gateway_pb2_grpc.GatewayStub(ch).Converse, _config(), timeout=60)
+            for i, chunk in enumerate(chunks):
+                d.send(chunk)
+                if i == 2:  # frames 0-2 answered, then the session's LM dies
+                    assert await asyncio.to_thread(d.wait_for, _audio_of(i), 20)
+                    start = next(r.event.started for r in d.replies if _is_started(r))
+                    await lms[start.lm_replica].stop(0)
+            d.close()
+            code = await asyncio.to_thread(d.wait, 30)
+        counted = _failovers(gateway, "ok") + _failovers(gateway, "failed")
+    finally:
+        await gateway.stop(0)
+        for s in (codec, *lms.values()):
+            await s.stop(0)
+    assert code == grpc.StatusCode.UNAVAILABLE, (code, d.details)
+    assert start.lm_replica in d.details
+    assert not _events(d.replies, "failover")
+    (ended,) = _events(d.replies, "ended")
+    assert ended.summary.reason == "backend_failed"
+    assert ended.summary.frames_out == len(
+        [r for r in d.replies if r.WhichOneof("kind") == "audio"]
+    )
+    assert counted == 0
 
 
 @pytest.mark.slow

@@ -504,27 +504,36 @@ def _slow_client(stack: InProc, chunks: int = 800) -> StreamDriver:
     return d
 
 
+def _only_session(stack: InProc):
+    """The gateway's one live session (None before it starts and after it ended)."""
+    sessions = list(stack.gateway.servicer.sessions.values())
+    return sessions[0] if sessions else None
+
+
 def test_slow_client_is_bounded(inproc_factory) -> None:
-    """A client that sends but never reads: gRPC flow control plus the gateway's pending-frame
-    bound stop it from pushing everything (the gateway stops reading), so memory stays
-    bounded; a disconnect then frees the slots."""
-    stack = inproc_factory(max_pending_frames=16, idle_timeout_s=30.0)
+    """A client that sends but never reads: its replies fill gRPC's flow-control window, the
+    gateway's pending frames reach `max_pending_frames`, and there it stops reading (gRPC
+    flow control then holds the client back), so memory stays bounded; a disconnect then
+    frees the slots. The event waited for is the gateway's own state (its bound reached),
+    not a pause in the client's sending."""
+    bound = 16
+    stack = inproc_factory(max_pending_frames=bound, idle_timeout_s=30.0)
     d = _slow_client(stack)
-    # Wait until the client's transport stops taking requests (stable for 1 s).
-    samples = [d._queue.qsize()]
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        time.sleep(0.5)
-        samples.append(d._queue.qsize())
-        if len(samples) >= 3 and samples[-1] == samples[-2] == samples[-3]:
-            break
-    left = samples[-1]
-    assert samples[-1] == samples[-2] == samples[-3], f"the gateway kept reading: {samples}"
-    assert left > 0, "the gateway read everything a non-reading client sent (unbounded)"
-    # The gateway holds at most max_pending_frames of this session; the rest of what the
-    # client managed to push sits in gRPC's flow-control windows (bounded too).
-    consumed_mib = (800 - left) * 5 * FRAME * 4 / 2**20
-    print(f"slow client: {800 - left} of 800 chunks accepted ({consumed_mib:.1f} MiB)")
+    offered = 800 * 5
+
+    def at_bound() -> bool:
+        session = _only_session(stack)
+        return session is not None and session.seq.pending >= bound
+
+    wait_until(at_bound, 20, f"the gateway to hold {bound} pending frames")
+    session = _only_session(stack)
+    pending, taken = session.seq.pending, session.seq.frames_in
+    # At the bound, not past it: reading stopped there (a gateway that kept reading would
+    # be far past it, every frame read adding one whose reply cannot leave).
+    assert pending == bound, f"the gateway kept reading: {pending} pending frames"
+    assert taken < offered and d._queue.qsize() > 0, "the gateway read everything (unbounded)"
+    consumed_mib = taken * FRAME * 4 / 2**20
+    print(f"slow client: the gateway took {taken} of {offered} frames ({consumed_mib:.1f} MiB)")
     # Disconnecting frees everything.
     d.cancel()
     d.start_reading()
@@ -538,21 +547,32 @@ def test_slow_client_is_bounded(inproc_factory) -> None:
 def test_slow_client_session_ends_with_clear_status(inproc_factory) -> None:
     """A client that never reads and never cancels: the gateway stops reading it, its idle
     check still runs (the writer is not stuck), so the session ends on its own, frees the
-    backend slots, and the client finds a clear status once it looks."""
+    backend slots it held, and the client finds a clear status once it looks."""
     stack = inproc_factory(idle_timeout_s=1.0)
     d = _slow_client(stack)
     try:
-        wait_until(lambda: lm_slots(stack.lm.address) == 0, 10, "slots freed while not reading")
-        wait_until(lambda: codec_slots(stack.codec.address) == 0, 5, "codec slots freed")
+        wait_until(
+            lambda: metric_value(stack.metrics(), "moshi_gateway_sessions_ended_total") == 1,
+            20,
+            "the session to end on its own",
+        )
+        m = stack.metrics()
+        assert metric_value(m, "moshi_gateway_sessions_ended_total", reason="idle_timeout") == 1
+        assert metric_value(m, "moshi_gateway_sessions_active") == 0
+        # While it ran the session held a slot at each backend (leases are counted)...
+        lm, codec = scrape(stack.lm.metrics_url), scrape(stack.codec.metrics_url)
+        assert metric_value(lm, "moshi_lm_streams_started_total") == 1
+        assert metric_value(codec, "moshi_codec_streams_started_total", stage="encode") == 1
+        assert metric_value(codec, "moshi_codec_streams_started_total", stage="decode") == 1
+        # ...and it gave them back when it ended, though the client still has not read.
+        wait_until(lambda: lm_slots(stack.lm.address) == 0, 10, "LM slot freed")
+        wait_until(lambda: codec_slots(stack.codec.address) == 0, 10, "codec slots freed")
         d.start_reading()
         assert d.wait(10) == grpc.StatusCode.DEADLINE_EXCEEDED, (d.code, d.details)
         assert "client" in d.details
     finally:
         d.cancel()
         d.channel.close()
-    m = stack.metrics()
-    assert metric_value(m, "moshi_gateway_sessions_ended_total", reason="idle_timeout") == 1
-    assert metric_value(m, "moshi_gateway_sessions_active") == 0
 
 
 def test_burst_of_short_sessions_is_not_refused(inproc_factory) -> None:

@@ -54,6 +54,18 @@ class Freezer:
         self.gate.set()
 
 
+def _dropped(stack, reason: str) -> float:
+    """moshi_gateway_frames_dropped_total{reason} of the stack's gateway (0 when unset)."""
+    value = stack.gateway.registry.get_sample_value(
+        "moshi_gateway_frames_dropped_total", {"reason": reason}
+    )
+    return value or 0.0
+
+
+def _count(stack, name: str) -> float:
+    return stack.gateway.registry.get_sample_value(f"moshi_gateway_{name}_total") or 0.0
+
+
 async def _converse_until_server_ends(
     stub, config, frames: int, *, on_audio=None, gate: asyncio.Event | None = None
 ) -> dict:
@@ -137,10 +149,23 @@ async def test_stalled_stage_ends_session_at_default_k_and_backlog(stage: str, f
     summary = reply["events"][-1].ended.summary
     assert summary.reason == "deadline_exceeded"
     assert summary.frames_late >= 1  # the first unanswered frame passed its deadline
-    # Whatever the timing, the session did not stream silence for the whole input.
-    assert summary.frames_out <= frames
-    if frames == 120:  # it did not stream silence for the whole input
+    # Every frame the gateway took is answered, in order: the initial delay, the three that
+    # made the round trip, then silence for every frame after the stage stalled, each one
+    # counted as late or dropped.
+    sent = reply["audio"]
+    assert summary.frames_in == summary.frames_out == len(sent)
+    assert [a.frame_index for a in sent] == list(range(summary.frames_out))
+    assert [a.silence for a in sent[:4]] == [True, False, False, False]
+    assert all(a.silence for a in sent[4:])
+    assert summary.frames_late + summary.frames_dropped == summary.frames_out - 4
+    if frames == 8:  # all eight taken; the four after the stall late, none dropped
+        assert (summary.frames_out, summary.frames_late, summary.frames_dropped) == (8, 4, 0)
+    else:  # it did not stream silence for the whole input
         assert summary.frames_out < frames
+    # The metrics count each silent frame once, under its cause, as the summary does.
+    assert _dropped(stack, "budget") == _count(stack, "budget_misses") == summary.frames_late
+    assert _dropped(stack, "stalled") == summary.frames_dropped_stalled
+    assert _dropped(stack, "overflow") == summary.frames_dropped - summary.frames_dropped_stalled
     started = reply["events"][0].started
     assert started.max_consecutive_misses == d.default_max_consecutive_misses
     assert started.budget_ms == d.default_budget_ms
@@ -191,8 +216,14 @@ async def test_fast_sender_keeps_its_session() -> None:
     summary = reply.event("ended")[-1].summary
     assert summary.frames_in == summary.frames_out == 50
     assert summary.frames_dropped_stalled == 0
-    assert all(d.reason == "backlog_full" for d in reply.event("frames_dropped"))
-    assert sum(d.count for d in reply.event("frames_dropped")) == summary.frames_dropped
+    drops = reply.event("frames_dropped")
+    # 50 frames in one message against a backlog of 8: frames were dropped, all as overflow
+    print(f"fast sender: {summary.frames_dropped} of 50 frames dropped")
+    assert summary.frames_dropped > 0 and drops
+    assert all(d.reason == "backlog_full" for d in drops)
+    assert sum(d.count for d in drops) == summary.frames_dropped
+    assert _dropped(stack, "overflow") == summary.frames_dropped
+    assert _dropped(stack, "stalled") == _dropped(stack, "budget") == 0
     # Dropped frames are counted apart: the percentiles cover the others only.
     assert summary.latency_frames == summary.frames_out - summary.frames_dropped
 

@@ -71,9 +71,19 @@ def test_parse_specs_splits_commas_and_repeats() -> None:
 
 
 async def test_resolve_addresses_uses_getaddrinfo() -> None:
+    """Every address the system resolver gives, as ip:port (IPv6 bracketed), sorted; no
+    assumption on what `localhost` maps to on this machine."""
+    import socket
+
+    assert await resolve_addresses("127.0.0.1", 1234) == ["127.0.0.1:1234"]
+    if socket.has_ipv6:
+        assert await resolve_addresses("::1", 1234) == ["[::1]:1234"]
+    expected = set()
+    for family, _, _, _, sockaddr in socket.getaddrinfo("localhost", 1234, type=socket.SOCK_STREAM):
+        ip = sockaddr[0]
+        expected.add(f"[{ip}]:1234" if family == socket.AF_INET6 else f"{ip}:1234")
     addresses = await resolve_addresses("localhost", 1234)
-    assert "127.0.0.1:1234" in addresses
-    assert all(a.endswith(":1234") for a in addresses)
+    assert addresses == sorted(expected) and addresses
 
 
 # --------------------------------------------------------------------------- choice logic

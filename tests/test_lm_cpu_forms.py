@@ -47,11 +47,10 @@ def _run(lm, codes: torch.Tensor, sampling: SamplingConfig, seed: int) -> list:
     return out
 
 
-def test_forms_on_give_the_reference_tokens_and_the_plain_models(lm_golden) -> None:
-    codes = lm_golden["codes"]
+def test_packed_linear_swaps_every_matmul_and_keeps_the_weights() -> None:
     plain, fast = _load(), _load()
     names = list(fast.state_dict())
-    forms = prepare_lm_for_cpu(fast, "on")
+    forms = prepare_lm_for_cpu(fast, "packed-linear")
     if not forms.packed_linear:
         pytest.skip("this torch build has no oneDNN packed linear")
     # swapped for real: every matmul seam computes by a form, the weights and names stay
@@ -63,6 +62,16 @@ def test_forms_on_give_the_reference_tokens_and_the_plain_models(lm_golden) -> N
     assert all(
         torch.equal(a, b) for a, b in zip(plain.state_dict().values(), fast.state_dict().values())
     )
+
+
+@pytest.mark.parametrize("mode", ["on", "attend-columns"])
+def test_forms_give_the_reference_tokens_and_the_plain_models(lm_golden, mode: str) -> None:
+    """Whatever this torch build offers ("on" without oneDNN is the other forms): the
+    reference's greedy tokens, and the plain model's tokens greedy and sampled."""
+    codes = lm_golden["codes"]
+    plain, fast = _load(), _load()
+    forms = prepare_lm_for_cpu(fast, mode)
+    assert forms.attend_columns
     assert not forms.kv_f32_f16  # a float32 model keeps its cache dtype
 
     greedy = _run(fast, codes, SamplingConfig.greedy(), seed=0)

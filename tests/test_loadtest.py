@@ -12,12 +12,20 @@ import sys
 import pytest
 from conftest import REPO_ROOT
 
+from moshi_grpc.services.gateway.config import MAX_BUDGET_MS
+
 
 @pytest.mark.slow
 def test_loadtest_short_mode(tmp_path) -> None:
     out = tmp_path / "loadtest.json"
+    # The largest budget a session may ask (10 s): what is checked here is that 50 sessions
+    # at once are all served and every frame accounted for, not this 2-core machine's speed.
+    # At the tool's default (1 s), admission may rightly refuse sessions while a busy
+    # machine's recent step times are slow; refusals are tests/test_gateway_admission.py's.
+    cmd = [sys.executable, str(REPO_ROOT / "tools" / "loadtest.py"), "--short"]
+    cmd += ["--budget-ms", str(MAX_BUDGET_MS), "--json", str(out)]
     proc = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "tools" / "loadtest.py"), "--short", "--json", str(out)],
+        cmd,
         capture_output=True,
         text=True,
         timeout=240,

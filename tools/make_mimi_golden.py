@@ -4,9 +4,18 @@ Run it with the reference venv's python (it imports `moshi`, not `moshi_grpc`):
 
     PY=$(../shared/tools/reference-venv)        # from /work/main; prints the venv's python
     $PY tools/make_mimi_golden.py               # -> tests/fixtures/mimi/ (tiny config, committed)
-    $PY tools/make_mimi_golden.py --config mimi --out /tmp/mimi_full --seconds 12 --batch 1 \
-        --min-gap 0                              # 79 M config, ~330 MB, not committed
-    MIMI_FULL_GOLDEN=/tmp/mimi_full .venv/bin/python -m pytest -q tests/test_mimi.py -k full_config
+    $PY tools/make_mimi_golden.py --full        # -> tests/fixtures/mimi/full/ (79 M config)
+
+The full (79 M) config's weights are too large to commit, so `--full` commits none: its
+weights are `seeded_weights(tensors.json, seed)`, a recipe with no data in it (one CPU
+torch.Generator, tensors drawn in sorted name order into the official names), which
+tests/test_mimi.py runs again in our venv to rebuild the same bits. Committed: the tensor
+names and shapes the reference's checkpoint has (`tensors.json`), the audio as int16, the
+reference's offline codes and the first frames of its offline decode (`golden.safetensors`),
+and the seed (`meta.json`), about 0.3 MB. The module imports `moshi` only inside the
+functions that need it, so our venv can import the recipe from this file.
+
+The tiny fixture:
 
 The reference MimiModel is built with the config's hyper-parameters, given seeded random
 weights (scaled so every layer matters and codes spread over the codebooks), and saved with
@@ -32,8 +41,7 @@ import math
 from pathlib import Path
 
 import torch
-from moshi.models import loaders
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 CONFIGS = {
     # must match moshi_grpc.models.mimi.PRESETS
@@ -45,6 +53,8 @@ CONFIGS = {
 
 
 def reference_config(name: str) -> dict:
+    from moshi.models import loaders
+
     c = CONFIGS[name]
     seanet = dict(loaders._seanet_kwargs, dimension=c["dimension"], n_filters=c["n_filters"])
     quantizer = dict(
@@ -138,6 +148,92 @@ def official_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+# Scale of the full fixture's codebook centroids (in the quantizer's 256-d space): about
+# the spread of the residuals the seeded encoder gives, so codes use many entries.
+CENTROID_STD = 0.1
+
+
+def seeded_weights(shapes: dict[str, list[int]], seed: int) -> dict[str, torch.Tensor]:
+    """Mimi weights from a seed alone, bit for bit the same in any venv with this torch.
+
+    One CPU `torch.Generator`, tensors drawn in sorted name order, float32 throughout:
+    matrices and vectors N(0, 1/fan_in), layer scales U(0.05, 0.3), codebook usage
+    U(0.5, 1.5) and centroids N(0, CENTROID_STD^2) stored as EMA sums (centroid x usage),
+    codebooks marked initialized. No forward pass is involved (that would round differently
+    in the two implementations), so the test can rebuild what the reference was given.
+    """
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for name in sorted(shapes):  # "cluster_usage" sorts before its "embedding_sum"
+        shape = tuple(shapes[name])
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "_initialized":
+            t = torch.ones(shape)
+        elif leaf == "scale":  # layer_scale_{1,2}.scale
+            t = 0.05 + 0.25 * torch.rand(shape, generator=g)
+        elif leaf == "cluster_usage":
+            t = 0.5 + torch.rand(shape, generator=g)
+        elif leaf == "embedding_sum":
+            usage = out[name[: -len(leaf)] + "cluster_usage"]
+            t = CENTROID_STD * torch.randn(shape, generator=g) * usage[:, None]
+        else:
+            fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
+            t = torch.randn(shape, generator=g) / math.sqrt(fan_in)
+        out[name] = t.contiguous()
+    return out
+
+
+def make_full(args: argparse.Namespace) -> None:
+    """The 79 M config with `seeded_weights`: re-drawn (seed + attempt) until no code sits
+    on a near-tie; commits names/shapes, audio, the reference's codes and decode head."""
+    from moshi.models import loaders
+
+    cfg = reference_config("mimi")
+    n_q = CONFIGS["mimi"]["n_q"]
+    frame = 1920
+    frames = round(args.seconds * 24000 / frame)
+    audio = speech_like(1, frames * frame, args.seed)
+    model = loaders.get_mimi(None, mimi_config=cfg, num_codebooks=n_q)
+    shapes = {k: list(v.shape) for k, v in official_names(model.state_dict()).items()}
+    for attempt in range(50):
+        weights_seed = args.seed + attempt
+        # a fresh model per draw: the reference caches each codebook's centroids on first use
+        model = loaders.get_mimi(None, mimi_config=cfg, num_codebooks=n_q)
+        model.load_state_dict(seeded_weights(shapes, weights_seed), strict=True)
+        model.eval()
+        gap = min_relative_gap(model, audio)
+        print(f"weights seed {weights_seed}: smallest relative centroid gap {gap:.2e}")
+        if gap > args.min_gap:
+            break
+    with torch.no_grad():
+        codes = model.encode(audio)
+        pcm = model.decode(codes)
+    head = min(args.pcm_frames, frames)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "tensors.json").write_text(json.dumps(shapes, indent=0, sort_keys=True) + "\n")
+    golden = {
+        "audio_int16": torch.round(audio * 32767).to(torch.int16).contiguous(),
+        "codes": codes.to(torch.int16).contiguous(),  # < 2048
+        "pcm_head": pcm[..., : head * frame].contiguous(),
+    }
+    save_file(golden, str(args.out / "golden.safetensors"))
+    spread = [len(set(codes[:, k].flatten().tolist())) for k in range(n_q)]
+    meta = {
+        "config": "mimi",
+        "reference": "moshi 0.2.13 (PyPI)",
+        "recipe": "tools/make_mimi_golden.py:seeded_weights",
+        "seed": args.seed,
+        "weights_seed": weights_seed,
+        "min_relative_centroid_gap": gap,
+        "frames": frames,
+        "pcm_head_frames": head,
+        "num_codebooks": n_q,
+        "distinct_codes_per_codebook": spread,
+    }
+    (args.out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    print(json.dumps(meta, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
@@ -145,10 +241,30 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=1.2)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--min-gap", type=float, default=1e-5, help="re-draw below this tie margin")
+    ap.add_argument(
+        "--min-gap",
+        type=float,
+        default=None,
+        help="re-draw below this tie margin (1e-5; --full 3e-5)",
+    )
+    ap.add_argument(
+        "--full", action="store_true", help="the 79 M config from seeded_weights (no weights saved)"
+    )
+    ap.add_argument("--pcm-frames", type=int, default=12, help="--full: decoded frames committed")
     args = ap.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(args.seed)
+    if args.full:
+        if args.out == Path("tests/fixtures/mimi"):
+            args.out = args.out / "full"
+        if args.seconds == 1.2:
+            args.seconds = 3.2
+        # wider than the tiny fixture's: the CPU forms round the 512-d convolutions differently
+        args.min_gap = 3e-5 if args.min_gap is None else args.min_gap
+        make_full(args)
+        return
+    args.min_gap = 1e-5 if args.min_gap is None else args.min_gap
+    from moshi.models import loaders
 
     cfg = reference_config(args.config)
     frame = 1920
@@ -168,8 +284,6 @@ def main() -> None:
 
     # reload the saved file strictly into a fresh reference model: the names are official
     model = loaders.get_mimi(None, mimi_config=cfg, num_codebooks=CONFIGS[args.config]["n_q"])
-    from safetensors.torch import load_file
-
     model.load_state_dict(load_file(str(args.out / "weights.safetensors")), strict=True)
     model.eval()
     modules = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
