@@ -14,11 +14,15 @@ It writes tests/fixtures/persona/:
   NVIDIA's `LMGen.step` what it was given, what the temporal transformer consumed, the argmax
   of the text logits it produced (prefix calls included, where the reference discards it), which
   of the 17 target tokens were forced, and the greedy text and Moshi audio tokens of the live
-  calls;
-  then the same sessions with the context cut to 48 and 40 live frames (`ring`), where the
-  temporal ring KV cache wraps during the live calls: NVIDIA's full ring attends one key fewer
-  than the context (docs/PERSONAPLEX.md), and its tokens differ from a context-wide window's
-  from the live call recorded there on.
+  calls; then the same sessions with the context cut to 48 and 40 live frames (`ring`), where
+  the temporal ring KV cache wraps during the live calls: NVIDIA's full ring attends one key
+  fewer than the context (docs/PERSONAPLEX.md), and its tokens differ from a context-wide
+  window's from the live call recorded there on.
+
+- loudness.json: NVIDIA's voice loudness normalisation (`normalize_audio`, -24 LUFS) on a few
+  exactly reproducible signals (piecewise-linear waves: only IEEE-exact arithmetic, so any
+  platform rebuilds the same samples with `loudness_signal`): the integrated loudness, the gain
+  and a sha256 of the float32 samples the reference then frames for Mimi.
 
 The weights are not committed (2.4 M parameters: the 2049-row audio embeddings alone are
 megabytes). `persona_weights` rebuilds them bit for bit from the tensor list and the seed with
@@ -31,6 +35,8 @@ swapped in, since the 7B one is hard-coded) loads the saved bf16 file in float32
 `LMGen.step_system_prompts` + `LMGen.step` run the session exactly as `moshi/offline.py` and
 `moshi/server.py` do. Only the codec is replaced: the voice is given as Mimi codes through a
 stand-in whose `encode` returns them one frame per call (the codec is proven separately).
+The trace wraps methods without changing what they return; the only altered run is the ring
+contrast (`_window_wide_ring_complete`), which yields one recorded index and nothing else.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from typing import Any
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,6 +104,22 @@ CONFIG: dict[str, Any] = {
     "delays": [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1],
     "moshi_name": "model.safetensors",
 }
+
+# (name, [(samples, [(shape, period, amplitude), ...]), ...]): 24 kHz, summed waves per segment
+LOUDNESS_SIGNALS: list[tuple[str, list[tuple[int, list[tuple[str, int, float]]]]]] = [
+    ("minimum_0.4s", [(9600, [("triangle", 24, 0.3)])]),
+    ("triangle_1s", [(24000, [("triangle", 32, 0.25)])]),
+    ("odd_length_0.93s", [(22320, [("saw", 100, 0.1), ("triangle", 7, 0.05)])]),
+    ("last_block_past_end_0.98s", [(23520, [("saw", 37, 0.2)])]),
+    (
+        "gated_3s",  # a quiet middle second that the relative gate drops
+        [
+            (24000, [("triangle", 55, 0.5)]),
+            (24000, [("triangle", 55, 0.002)]),
+            (24000, [("triangle", 8, 0.2)]),
+        ],
+    ),
+]
 
 _EMBEDDINGS = ("emb.", "text_emb.", "depformer_emb.", "depformer_text_emb.")
 
@@ -348,6 +371,49 @@ def _min_live_margin(session: dict[str, Any]) -> float:
     return min(gaps)
 
 
+def loudness_signal(segments: list[tuple[int, list[tuple[str, int, float]]]]) -> np.ndarray:
+    """A float32 test signal built with +, -, *, / and abs only (IEEE-exact everywhere):
+    per segment, a sum of triangle (-1..1) or sawtooth (-1..1) waves of integer periods."""
+    parts = []
+    for samples, waves in segments:
+        i = np.arange(samples, dtype=np.float64)
+        x = np.zeros(samples, dtype=np.float64)
+        for shape, period, amplitude in waves:
+            phase = np.mod(i, period) / period
+            wave = 4.0 * np.abs(phase - 0.5) - 1.0 if shape == "triangle" else 2.0 * phase - 1.0
+            x = x + amplitude * wave
+        parts.append(x)
+    return np.concatenate(parts).astype(np.float32)
+
+
+def loudness_cases() -> list[dict[str, Any]]:
+    """NVIDIA's `normalize_audio` at 24 kHz (what `load_voice_prompt` applies after
+    resampling) on each LOUDNESS_SIGNALS entry; the float32 rounding is the one its framing
+    does (`torch.tensor(..., dtype=float32)`, lm.py:167)."""
+    import pyloudnorm
+    from moshi.models.lm import normalize_audio
+
+    cases = []
+    for name, segments in LOUDNESS_SIGNALS:
+        x = loudness_signal(segments)
+        lufs = float(pyloudnorm.Meter(SAMPLE_RATE).integrated_loudness(x))
+        y = normalize_audio(x[None, :], SAMPLE_RATE, -24.0)
+        framed = torch.tensor(y, dtype=torch.float32).numpy()
+        gain = 10.0 ** ((-24.0 - lufs) / 20.0)
+        if not np.array_equal(framed, (gain * x.astype(np.float64)).astype(np.float32)):
+            raise SystemExit(f"{name}: normalize_audio is not gain * x")
+        cases.append(
+            {
+                "name": name,
+                "segments": segments,
+                "integrated_lufs": lufs,
+                "gain": gain,
+                "normalized_float32_sha256": hashlib.sha256(framed.tobytes()).hexdigest(),
+            }
+        )
+    return cases
+
+
 def main() -> int:
     import sentencepiece
     from moshi.models import lm as pp_lm
@@ -455,6 +521,13 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "config.json").write_text(json.dumps(CONFIG, indent=2) + "\n")
     (OUT / "golden.json").write_text(json.dumps(golden, separators=(",", ":")) + "\n")
+    loudness = {
+        "reference": "NVIDIA/personaplex moshi/models/lm.py normalize_audio (pyloudnorm), 24 kHz",
+        "target_lufs": -24.0,
+        "sample_rate": SAMPLE_RATE,
+        "cases": loudness_cases(),
+    }
+    (OUT / "loudness.json").write_text(json.dumps(loudness, indent=1) + "\n")
     size = sum(f.stat().st_size for f in OUT.iterdir())
     print(f"wrote {OUT} ({size} bytes); weights sha256 {digest}")
     for p in prompts:
