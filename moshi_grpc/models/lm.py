@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -86,8 +87,20 @@ class LMConfig:
     delays: list[int]
     existing_text_end_padding_id: int = 0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    # Not a kyutai key: the depformer steps of the checkpoint when it predicts every stream
+    # (NVIDIA PersonaPlex: its config is moshiko's with dep_q = n_q = 16, the user's half of
+    # the steps always teacher-forced). Parsing keeps `dep_q` = Moshi's own streams (n_q / 2)
+    # and records the checkpoint's 16 here; `to_dict` gives `dep_q` = 16 back.
+    depformer_steps: int | None = None
 
     # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def persona(self) -> bool:
+        """A PersonaPlex model: sessions start with voice and role prompts, the generator
+        takes the user's codes one step late and attends one key fewer once the ring is
+        full (its reference's rules; see moshi_grpc/models/persona.py)."""
+        return self.depformer_steps is not None
+
     @property
     def num_codebooks(self) -> int:
         """Streams per step: text + n_q audio streams."""
@@ -126,6 +139,9 @@ class LMConfig:
         """The official config.json form (metadata keys included)."""
         out = asdict(self)
         out.update(out.pop("extra"))
+        steps = out.pop("depformer_steps")
+        if steps is not None:
+            out["dep_q"] = steps
         return out
 
     def validate(self) -> None:
@@ -198,6 +214,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         depformer_num_heads=2,
         depformer_num_layers=1,
         depformer_dim_feedforward=int(4.125 * 64),
+    ),
+    # NVIDIA PersonaPlex (nvidia/personaplex-7b-v1): moshiko's network, its depformer over
+    # all 16 streams (the checkpoint's steps 8..15, the user's, are left unused here).
+    "personaplex-7b": _derive(dep_q=16),
+    # CPU demo of persona sessions: the small preset in PersonaPlex's layout.
+    "personaplex-small": _derive(
+        dim=128,
+        num_heads=4,
+        num_layers=2,
+        depformer_dim=64,
+        depformer_num_heads=2,
+        depformer_num_layers=1,
+        depformer_dim_feedforward=int(4.125 * 64),
+        dep_q=16,
     ),
     # Unit tests: tiny vocabularies too.
     "tiny": _derive(
@@ -512,6 +542,16 @@ class LMModel(nn.Module):
         return self.config.max_delay
 
     @property
+    def window(self) -> int:
+        """Keys a query may attend (its own step included). The context, except for a
+        PersonaPlex model: its reference's ring cache hides the oldest entry once full
+        (NVIDIA/personaplex transformer.py labels that slot with a future position), so
+        its queries see context - 1 keys; matched here so that its sessions keep its tokens
+        past the first context steps (docs/PERSONAPLEX.md, section 8)."""
+        cfg = self.config
+        return cfg.context - 1 if cfg.persona else cfg.context
+
+    @property
     def device(self) -> torch.device:
         return self.text_emb.weight.device
 
@@ -585,7 +625,7 @@ class LMModel(nn.Module):
         mask = None
         if masked:
             kpos = ring_key_positions(steps, cfg.context, length)  # (B, L)
-            mask = ring_mask(steps[:, None], kpos, cfg.context)  # (B, 1, 1, L)
+            mask = ring_mask(steps[:, None], kpos, self.window)  # (B, 1, 1, L)
         angles = rope_angles(steps, 1, cfg.dim // cfg.num_heads, cfg.max_period)  # (B, 1, D/2)
         cos, sin = rope_tables(angles[:, :, None, None])  # (B, 1, 1, 1, D): over (q, k), heads
         return StepPlan(
@@ -638,16 +678,22 @@ class LMModel(nn.Module):
         qpos = torch.arange(start, start + steps, device=dev)[None]  # (1, T)
         filled = min(start, ctx)  # ring entries written before this chunk
         before = ring_key_positions(qpos[:, 0] - 1, ctx, filled)  # (1, filled)
-        mask = ring_mask(qpos, torch.cat([before, qpos], 1), ctx)  # (1, 1, T, filled + T)
+        mask = ring_mask(qpos, torch.cat([before, qpos], 1), self.window)  # (1, 1, T, filled + T)
         angles = rope_angles(qpos[:, 0], steps, cfg.dim // cfg.num_heads, cfg.max_period)
         cos, sin = rope_tables(angles[:, :, None, None])  # (1, T, 1, 1, D)
         return StepPlan(qpos % ctx, cos, sin, filled, mask, None, chunk=True)
 
     def temporal_prefill(
-        self, tokens: torch.Tensor, cache: RingKVCache, row: int, chunk: int = 256
+        self,
+        tokens: torch.Tensor,
+        cache: RingKVCache,
+        row: int,
+        chunk: int = 256,
+        start: int = 0,
     ) -> None:
-        """Fill cache `row` (fresh, position 0) with the history whose step inputs are
-        `tokens [T, K]`: what T streaming steps would have written, in T / chunk forwards.
+        """Fill cache `row` with the steps `start .. start + T - 1` whose inputs are
+        `tokens [T, K]` (the row holds the steps before `start`): what T streaming steps
+        would have written, in T / chunk forwards. The row's position is not changed.
 
         A failover replay knows every input token in advance (the user's codes and the
         tokens the session sampled), so the temporal transformer takes them like a prompt,
@@ -667,9 +713,9 @@ class LMModel(nn.Module):
         chunk = max(1, min(chunk, self.config.context))
         view = cache.row(row)
         tokens = tokens.to(self.device)
-        for start in range(0, tokens.shape[0], chunk):
-            part = tokens[start : start + chunk]
-            plan = self.plan_chunk(start, part.shape[0])
+        for first in range(0, tokens.shape[0], chunk):
+            part = tokens[first : first + chunk]
+            plan = self.plan_chunk(start + first, part.shape[0])
             x = self.embed(part).view(1, part.shape[0], -1)  # (1, T, dim)
             for i, layer in enumerate(self.transformer.layers):
                 x = layer(x, view, i, plan)
@@ -678,6 +724,47 @@ class LMModel(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
+
+_DEPFORMER_STEP = re.compile(r"^(depformer_in|linears|depformer_emb)\.(\d+)\.|^depformer\.layers\.\d+\.gating\.(\d+)\.")
+
+
+def _served_depformer_steps(
+    tensors: dict[str, torch.Tensor], cfg: LMConfig, source: str
+) -> dict[str, torch.Tensor]:
+    """A PersonaPlex checkpoint's depformer cut to Moshi's own steps (0..dep_q-1).
+
+    Its steps dep_q..n_q-1 predict the user's codebooks, which its generator always
+    teacher-forces; the depformer is causal across steps, so Moshi's steps never see them
+    and dropping them changes none of Moshi's tokens (greedy; tests/test_persona.py). The
+    stacked attention projections keep their first dep_q steps' rows. What is left unused
+    is named in one log line; everything else must still match the model strictly."""
+    steps, q = cfg.depformer_steps, cfg.dep_q
+    kept: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    for key, t in tensors.items():
+        m = _DEPFORMER_STEP.match(key)
+        if m is not None:
+            step = int(m.group(2) if m.group(2) is not None else m.group(3))
+            limit = q - 1 if m.group(1) == "depformer_emb" else q
+            if step >= limit:
+                dropped.append(key)
+                continue
+        elif key.startswith("depformer.layers.") and ".self_attn." in key:
+            rows = cfg.depformer_dim * (3 if key.endswith("in_proj_weight") else 1)
+            if t.shape[0] == steps * rows:  # (else the strict load names the mis-shape)
+                dropped.append(f"{key}[{q * rows}:{t.shape[0]}]")
+                t = t[: q * rows]
+        kept[key] = t
+    logger.info(
+        "%s: PersonaPlex depformer steps %d..%d (the user's codebooks, teacher-forced by the "
+        "reference) are not used: %d tensors and row ranges left out: %s",
+        source,
+        q,
+        steps - 1,
+        len(dropped),
+        ", ".join(sorted(dropped)[:8]) + (" ..." if len(dropped) > 8 else ""),
+    )
+    return kept
 
 
 def load_lm(
@@ -696,10 +783,20 @@ def load_lm(
     """
     cfg, name = resolve_config(config)
     device = torch.device(device)
+    tensors = None
+    if weights is not None:
+        source = str(weights)
+        tensors = fold_attention_layouts(read_safetensors(weights), source=source)
+        if not cfg.persona and f"linears.{cfg.dep_q}.weight" in tensors:
+            # A PersonaPlex file under a moshiko config: its depformer covers every stream.
+            cfg = replace(cfg, depformer_steps=cfg.n_q)
+            logger.info("%s: PersonaPlex layout detected (%d depformer steps)", source, cfg.n_q)
+        if cfg.persona:
+            tensors = _served_depformer_steps(tensors, cfg, source)
     with torch.device("meta"):
         model = LMModel(cfg, name)
     model = model.to(dtype).to_empty(device=device)
-    if weights is None:
+    if tensors is None:
         logger.warning(
             "Moshi LM %s: NO WEIGHTS GIVEN, using seeded RANDOM weights (seed %d); "
             "output is meaningless noise",
@@ -708,8 +805,6 @@ def load_lm(
         )
         model.init_random(seed)
     else:
-        source = str(weights)
-        tensors = fold_attention_layouts(read_safetensors(weights), source=source)
         load_state_strict(model, tensors, source=source)
     model.eval()
     model.requires_grad_(False)

@@ -33,11 +33,12 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from moshi_grpc.models.lm import LMModel
 
-__all__ = ["LMGen", "SamplingConfig", "StepResult", "LMGenError"]
+__all__ = ["LMGen", "LMGenError", "Prefix", "SamplingConfig", "StepResult", "StreamLayout"]
 
 UNGENERATED = -2  # token ring filler, never fed to the model
 NOT_READY = -1  # value of StepResult tokens that do not exist (yet)
@@ -90,6 +91,26 @@ class StepResult:
     sampled_text: torch.Tensor  # (B,)
     sampled_audio: torch.Tensor  # (B, dep_q)
     steps: torch.Tensor  # (B,)
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """What a row holds after a teacher-forced prefix of P steps, before it steps live:
+    the columns its steps read (the temporal transformer's inputs, `[P, K]`), its token
+    ring after them (`[K, R]`), the tokens of step P's target already fixed (`pending`,
+    `pending_tokens`, per generated stream) and, for a lagging generator, the user codes
+    step P takes. A function of the prefix's tokens only: `persona.py` and `replay_plan`
+    build them, `LMGen.load` (or `prefill_columns` + `finish`) puts one into a row."""
+
+    columns: torch.Tensor
+    ring: torch.Tensor
+    pending: torch.Tensor
+    pending_tokens: torch.Tensor
+    user_prev: torch.Tensor | None = None
+
+    @property
+    def steps(self) -> int:
+        return int(self.columns.shape[0])
 
 
 @dataclass(frozen=True)
@@ -146,45 +167,44 @@ class StreamLayout:
     def num_streams(self) -> int:
         return len(self.delays)
 
-    def step_inputs(
-        self, user: torch.Tensor, sampled: torch.Tensor, initial: torch.Tensor
-    ) -> torch.Tensor:
-        """What steps 0..T-1 read, `[T, K]`, from the user's codes `user [T, U]`, the tokens
-        each step sampled `sampled [T, generated]` and the initial tokens `initial [K]`."""
-        total = user.shape[0]
-        out = torch.empty(total, self.num_streams, dtype=torch.long)
-        steps = torch.arange(total)
-        for stream, d in enumerate(self.delays):
-            if stream < self.generated:  # sampled at step t - 1
-                col = torch.cat([torch.zeros(1, dtype=torch.long), sampled[:-1, stream]])
-            else:  # the user's codes of step t - d
-                col = torch.roll(user[:, stream - self.generated], d)
-            out[:, stream] = torch.where(steps <= d, initial[stream], col)
-        return out
+    def simulate(
+        self,
+        ring: torch.Tensor,
+        start: int,
+        user: torch.Tensor,
+        sampled: torch.Tensor,
+        initial: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps `start .. start + T - 1` of one row's token ring, on the host, written and
+        read exactly as the step core does: each step stores its user codes `user [T, U]`
+        at its step + delay, reads its input column (a stream whose delay has not elapsed
+        reads `initial [K]`), then stores what it sampled, `sampled [T, generated]`, at its
+        step + 1. Returns the columns the steps read `[T, K]` (what a prefill feeds the
+        temporal transformer) and the ring after them `ring [K, R]` (a copy).
 
-    def ring_after(
-        self, user: torch.Tensor, sampled: torch.Tensor, ring: int, fill: int
-    ) -> torch.Tensor:
-        """The token ring `[K, ring]` (entries `fill` where nothing was written) a row holds
-        after T steps: generated streams hold step p - 1's token at position p, user streams
-        step s's codes at s + delay. Later positions overwrite earlier ones."""
-        total = user.shape[0]
-        out = torch.full((self.num_streams, ring), fill, dtype=torch.long)
-        last = total + self.max_delay
-        for p in range(max(0, last - 2 * ring), last + 1):
-            for stream, d in enumerate(self.delays):
-                if stream < self.generated:
-                    s, value = p - 1, sampled
-                    col = stream
-                else:
-                    s, value = p - d, user
-                    col = stream - self.generated
-                if 0 <= s < total:
-                    out[stream, p % ring] = value[s, col]
-        return out
+        The one place, beside the core, where a stream's delay decides where a token goes:
+        a failover replay and a persona prompt are both written through it."""
+        ring = ring.to("cpu", torch.long).numpy().copy()
+        user = user.to("cpu", torch.long).numpy()
+        sampled = sampled.to("cpu", torch.long).numpy()
+        initial = initial.to("cpu", torch.long).numpy()
+        delays = self.delays
+        g, k, r = self.generated, self.num_streams, ring.shape[1]
+        columns = np.empty((user.shape[0], k), dtype=np.int64)
+        for i in range(user.shape[0]):
+            t = start + i
+            for stream in range(g, k):
+                ring[stream, (t + delays[stream]) % r] = user[i, stream - g]
+            col = ring[:, t % r].copy()
+            for stream in range(k):
+                if t <= delays[stream]:
+                    col[stream] = initial[stream]
+            columns[i] = col
+            ring[:g, (t + 1) % r] = sampled[i]
+        return torch.from_numpy(columns), torch.from_numpy(ring)
 
     def replay_prefix(
-        self, emitted: list[tuple[int, list[int]] | None]
+        self, emitted: list[tuple[int, list[int]] | None], start: int = 0
     ) -> tuple[int, torch.Tensor, torch.Tensor]:
         """From what a session emitted per step (`(text, audio)` delay-aligned, or None
         while not ready) recover what each step *sampled*: `(prefix, text [T], audio [T,
@@ -192,14 +212,14 @@ class StreamLayout:
         token is known. Steps past it (at least the last max_delay, whose tokens were not
         emitted yet) must run again; draws are a function of (seed, step), so they sample the
         same tokens again. Entries no later step reads (delayed codebooks of the first
-        steps) stay 0."""
+        steps) stay 0. `start`: the absolute step of `emitted[0]` (after a prompt)."""
         n = len(emitted)
         text = torch.zeros(n, dtype=torch.long)
         audio = torch.zeros((n, self.dep_q), dtype=torch.long)
         prefix = 0
         for s in range(n - self.max_delay):
             for j in range(self.generated):
-                if s < self.delays[j]:
+                if start + s < self.delays[j]:
                     continue  # never read back (the initial token is read instead)
                 out = emitted[s + self.max_delay - self.delays[j]]
                 if out is None:
@@ -286,6 +306,18 @@ class LMGen:
         self.top_k = torch.ones(n, 2, dtype=torch.long, device=dev)  # candidates kept
         self.seed_lo = torch.zeros(n, dtype=torch.long, device=dev)
         self.seed_hi = torch.zeros(n, dtype=torch.long, device=dev)
+        # Tokens a prompt already fixed for the next step's target (per row, per generated
+        # stream: text + Moshi's codebooks): taken instead of samples, in the depformer's
+        # chain too, then cleared (a persona prompt's last frame fixes the delayed codebooks
+        # of the first live step's target).
+        g = cfg.dep_q + 1
+        self.pending = torch.zeros(n, g, dtype=torch.bool, device=dev)
+        self.pending_tokens = torch.zeros(n, g, dtype=torch.long, device=dev)
+        # A PersonaPlex model's generator feeds each step the user's codes of the step
+        # before (its reference writes a step's user frame into the position it predicts):
+        # the codes to use next, per row.
+        self.user_lag = cfg.persona
+        self.user_prev = torch.zeros(n, cfg.num_user_streams, dtype=torch.long, device=dev)
         self.user_streams = torch.arange(cfg.dep_q + 1, k, device=dev)
         # Per-step index constants, made once.
         self._rows = torch.arange(n, device=dev)
@@ -324,6 +356,7 @@ class LMGen:
         self.top_k[row, 1] = _draws(sampling.audio_top_k, cfg.card)
         self.seed_lo[row] = seed & _M32
         self.seed_hi[row] = (seed >> 32) & _M32
+        self.pending[row] = False
         self.host_steps[row] = 0
         self.sampling[row] = sampling
         self.seeds[row] = seed
@@ -342,6 +375,9 @@ class LMGen:
             self.top_k,
             self.seed_lo,
             self.seed_hi,
+            self.pending,
+            self.pending_tokens,
+            self.user_prev,
         ):
             t[dst] = t[src]
         self.cache.move_row(src, dst)
@@ -468,7 +504,8 @@ class LMGen:
                     k_text = max(k_text, _draws(sc.text_top_k, cfg.text_card))
                 if sc.audio_temperature > 0:
                     k_audio = max(k_audio, _draws(sc.audio_top_k, cfg.card))
-        return CoreShape(length, min(counts) < length, k_text, k_audio, free_running)
+        masked = min(counts) < length or self.lm.window < cfg.context
+        return CoreShape(length, masked, k_text, k_audio, free_running)
 
     def widest_shape(self, sampling: SamplingConfig) -> CoreShape:
         """The costliest eager step rows sampling with `sampling` can take: the whole
@@ -495,7 +532,7 @@ class LMGen:
     ) -> tuple[torch.Tensor, ...]:
         """The device part of a step of rows `[0, B)` (B = codes.shape[0]): static shapes,
         no host synchronisation. Inactive rows keep their state; forced rows take the given
-        tokens instead of sampling. Returns (text, audio, ready, sampled text, sampled
+        tokens instead of sampling, and so do a row's pending tokens (per stream). Returns (text, audio, ready, sampled text, sampled
         audio, steps), each with B rows."""
         lm = self.lm
         cfg = lm.config
@@ -504,6 +541,18 @@ class LMGen:
         t = self.steps[:b]  # (B,)
         tokens = self.tokens[:b]  # (B, K, R)
         act2 = active[:, None]
+        if self.user_lag:  # this step takes the user's codes of the step before
+            prev = self.user_prev[:b]
+            lagged = prev.clone()
+            prev.copy_(torch.where(act2, codes, prev))
+            codes = lagged
+        # Where a token of the target is fixed: the caller's (whole rows), a prompt's (per
+        # stream); a fixed token replaces the sample and feeds the depformer's chain.
+        pending = self.pending[:b] & act2  # (B, 1 + dep_q)
+        fixed = pending | forced[:, None]
+        fixed_tokens = torch.where(
+            forced[:, None], torch.cat([f_text[:, None], f_audio], 1), self.pending_tokens[:b]
+        )
         # 1. store the user's codes at t + delay.
         us = self.user_streams[None, :]
         pos = (t[:, None] + self._user_delays) % self.token_ring  # (B, U)
@@ -517,18 +566,19 @@ class LMGen:
         plan = lm.plan_step(t, shape.length, shape.masked, active)
         hidden, text_logits = lm.temporal_step(inp, self.cache, plan)
         text = self._sample(text_logits.float(), 0, t, shape.k_text)
-        text = torch.where(forced, f_text, text)
+        text = torch.where(fixed[:, 0], fixed_tokens[:, 0], text)
         # 4. depformer: Moshi's dep_q codes, codebook after codebook.
         audio = f_audio
         if shape.depformer:
             scratch = self.dep_scratch.views(b)
-            prev = text
+            token = text
             sampled = []
             for q in range(cfg.dep_q):
-                logits = lm.depformer_step(q, hidden, prev, scratch[q])
-                prev = self._sample(logits.float(), 1 + q, t, shape.k_audio)
-                sampled.append(prev)
-            audio = torch.where(forced[:, None], f_audio, torch.stack(sampled, dim=1))
+                logits = lm.depformer_step(q, hidden, token, scratch[q])
+                token = self._sample(logits.float(), 1 + q, t, shape.k_audio)
+                token = torch.where(fixed[:, 1 + q], fixed_tokens[:, 1 + q], token)
+                sampled.append(token)
+            audio = torch.stack(sampled, dim=1)
         # 5. store the sampled tokens at t + 1 and advance the active rows.
         t1 = t + active.long()
         idx1 = (t + 1) % self.token_ring
@@ -537,6 +587,7 @@ class LMGen:
         new[:, 0] = text
         new[:, 1 : cfg.dep_q + 1] = audio
         tokens[rows, :, idx1] = torch.where(act2, new, old)
+        self.pending[:b] &= ~act2  # consumed by this step
         self.cache.commit(b, 1, active)  # t becomes t1
         # 6. the delay-aligned frame of each ready row.
         ready = active & (t1 > self.max_delay)
@@ -587,7 +638,53 @@ class LMGen:
         picked = ids.gather(-1, score.argmax(-1, keepdim=True))[:, 0]
         return torch.where(temp > 0, picked, greedy)
 
-    # ---- replay --------------------------------------------------------------------------
+    # ---- teacher-forced prefixes: failover replay, persona prompts --------------------------
+    def fresh_ring(self) -> torch.Tensor:
+        """A row's token ring before its first step (`[K, R]`, host)."""
+        return torch.full(
+            (self.layout.num_streams, self.token_ring), UNGENERATED, dtype=torch.long
+        )
+
+    def replay_plan(
+        self,
+        user_codes: torch.Tensor,
+        text: torch.Tensor,
+        audio: torch.Tensor,
+        after: Prefix | None = None,
+    ) -> Prefix:
+        """The prefix of a session that ran `T` steps with the user's `user_codes [T, U]`
+        and sampled `text [T]` and `audio [T, dep_q]` (what each step sampled; entries no
+        later step reads, like the delayed codebooks of the first steps, may hold anything
+        in range), from a fresh row, or continuing `after` (a persona prompt's prefix)."""
+        cfg = self.lm.config
+        total = int(user_codes.shape[0])
+        if tuple(user_codes.shape) != (total, cfg.num_user_streams):
+            raise LMGenError(f"user_codes must be [T, {cfg.num_user_streams}]")
+        if tuple(text.shape) != (total,) or tuple(audio.shape) != (total, cfg.dep_q):
+            raise LMGenError(f"text must be [T] and audio [T, {cfg.dep_q}] with T = {total}")
+        user = user_codes.to("cpu", torch.long)
+        sampled = torch.cat([text.to("cpu", torch.long)[:, None], audio.to("cpu", torch.long)], 1)
+        start = 0 if after is None else after.steps
+        ring = self.fresh_ring() if after is None else after.ring
+        fed = user
+        prev = None if after is None else after.user_prev
+        if self.user_lag:  # each step took the user's codes of the step before
+            first = prev if prev is not None else torch.zeros_like(user[0])
+            fed = torch.cat([first[None], user[:-1]]) if total else user
+            prev = user[-1] if total else prev
+        columns, ring = self.layout.simulate(ring, start, fed, sampled, self.initial.cpu())
+        if after is not None:
+            columns = torch.cat([after.columns, columns])
+        g = self.layout.generated
+        keep = after is not None and total == 0  # the prompt's fixed tokens are not used yet
+        return Prefix(
+            columns=columns,
+            ring=ring,
+            pending=after.pending if keep else torch.zeros(g, dtype=torch.bool),
+            pending_tokens=after.pending_tokens if keep else torch.zeros(g, dtype=torch.long),
+            user_prev=prev,
+        )
+
     @torch.inference_mode()
     def prefill(
         self,
@@ -597,35 +694,70 @@ class LMGen:
         audio: torch.Tensor,
         chunk: int = 256,
     ) -> None:
-        """Rebuild a freshly reset `row` as if it had run `T` steps with the user's
-        `user_codes [T, U]` and sampled `text [T]` and `audio [T, dep_q]` (what each step
-        sampled; entries no later step reads, like the delayed codebooks of the first
-        steps, may hold anything in range).
+        """Rebuild a freshly reset `row` as if it had run the history of `replay_plan`:
+        the temporal transformer takes it in `T / chunk` forwards (`LMModel.
+        temporal_prefill`), the token ring and the step counter are set to what the steps
+        would have left. The row then steps exactly as the original session."""
+        self.load(row, self.replay_plan(user_codes, text, audio), chunk=chunk)
 
-        The temporal transformer takes the whole history in `T / chunk` forwards
-        (`LMModel.temporal_prefill`); the token ring and the step counter are set to what
-        the T steps would have left. The row then steps exactly as the original session.
-        """
+    @torch.inference_mode()
+    def load(self, row: int, prefix: Prefix, chunk: int = 256, start: int = 0) -> None:
+        """Put `prefix` into a freshly reset `row` (or one holding its first `start` steps,
+        e.g. from a cached snapshot): prefill its columns from `start`, then `finish`."""
+        self.prefill_columns(row, prefix.columns[start:], start, chunk)
+        self.finish(row, prefix)
+
+    @torch.inference_mode()
+    def prefill_columns(
+        self, row: int, columns: torch.Tensor, start: int, chunk: int = 256
+    ) -> None:
+        """Steps `start .. start + n - 1` of a prefix through the temporal transformer (no
+        depformer, no sampling: only the cache matters) for `row`, which holds the steps
+        before `start`; its step counter moves to `start + n`. Callable chunk by chunk, so
+        that a long prompt interleaves with other sessions' ticks."""
         row = self._check_row(row)
-        cfg = self.lm.config
+        if self.host_steps[row] != start:
+            raise LMGenError(
+                f"row {row} holds {self.host_steps[row]} steps; cannot prefill from {start}"
+            )
+        n = int(columns.shape[0])
+        if n:
+            self.lm.temporal_prefill(columns, self.cache, row, chunk, start=start)
+        self.steps[row] = start + n
+        self.host_steps[row] = start + n
+
+    @torch.inference_mode()
+    def finish(self, row: int, prefix: Prefix) -> None:
+        """The rest of a prefix's state (ring, fixed tokens, the lagged user codes) for
+        `row`, whose cache holds the prefix's steps."""
+        row = self._check_row(row)
+        if self.host_steps[row] != prefix.steps:
+            raise LMGenError(
+                f"row {row} holds {self.host_steps[row]} steps, the prefix {prefix.steps}"
+            )
+        self.tokens[row] = prefix.ring.to(self.device)
+        self.pending[row] = prefix.pending.to(self.device)
+        self.pending_tokens[row] = prefix.pending_tokens.to(self.device)
+        if prefix.user_prev is not None:
+            self.user_prev[row] = prefix.user_prev.to(self.device)
+
+    def snapshot(self, row: int, steps: int) -> list[torch.Tensor]:
+        """Copies (on the host) of `row`'s keys and values of its first `steps` positions,
+        every layer: what a prefix cache keeps. `steps` must not exceed the context."""
+        row = self._check_row(row)
+        if not 0 < steps <= self.cache.capacity or (self.host_steps[row] or 0) < steps:
+            raise LMGenError(f"cannot snapshot {steps} steps of row {row}")
+        return self.cache.copy_out(row, steps)
+
+    def restore(self, row: int, kv: list[torch.Tensor], steps: int) -> None:
+        """`row` (freshly reset) takes a snapshot's keys and values of its first `steps`
+        positions: one copy, instead of a prefill."""
+        row = self._check_row(row)
         if self.host_steps[row] != 0:
-            raise LMGenError(f"prefill needs a freshly reset row; row {row} is not")
-        total = int(user_codes.shape[0])
-        if tuple(user_codes.shape) != (total, cfg.num_user_streams):
-            raise LMGenError(f"user_codes must be [T, {cfg.num_user_streams}]")
-        if tuple(text.shape) != (total,) or tuple(audio.shape) != (total, cfg.dep_q):
-            raise LMGenError(f"text must be [T] and audio [T, {cfg.dep_q}] with T = {total}")
-        if total == 0:
-            return
-        user = user_codes.to("cpu", torch.long)
-        sampled = torch.cat([text.to("cpu", torch.long)[:, None], audio.to("cpu", torch.long)], 1)
-        layout = self.layout
-        inputs = layout.step_inputs(user, sampled, self.initial.cpu())
-        self.lm.temporal_prefill(inputs, self.cache, row, chunk)
-        ring = layout.ring_after(user, sampled, self.token_ring, UNGENERATED)
-        self.tokens[row] = ring.to(self.device)
-        self.steps[row] = total
-        self.host_steps[row] = total
+            raise LMGenError(f"restore needs a freshly reset row; row {row} is not")
+        self.cache.copy_in(row, kv)
+        self.steps[row] = steps
+        self.host_steps[row] = steps
 
     def _empty_result(self, b: int) -> StepResult:
         q = self.lm.config.dep_q

@@ -183,6 +183,26 @@ class RingKVCache:
         for t in self.tensors():
             t[dst].copy_(t[src])
 
+    def copy_out(self, row: int, steps: int) -> list[torch.Tensor]:
+        """Host copies of the entries of `row`'s first `steps` positions (ring indices
+        `0..steps-1`, `steps <= capacity`), keys then values of every layer, each in its
+        layout: a snapshot that `copy_in` puts back into any row."""
+        out = [k[row, :, :steps].to("cpu", copy=True) for k in self.k]
+        for v in self.v:
+            part = v[row, :, :, :steps] if self.values_transposed else v[row, :, :steps]
+            out.append(part.to("cpu", copy=True))
+        return out
+
+    def copy_in(self, row: int, snapshot: list[torch.Tensor]) -> None:
+        """`copy_out`'s entries into `row` (its position is the caller's to set)."""
+        layers = len(self.k)
+        steps = snapshot[0].shape[1]
+        for k, part in zip(self.k, snapshot[:layers], strict=True):
+            k[row, :, :steps].copy_(part, non_blocking=True)
+        for v, part in zip(self.v, snapshot[layers:], strict=True):
+            dst = v[row, :, :, :steps] if self.values_transposed else v[row, :, :steps]
+            dst.copy_(part, non_blocking=True)
+
 
 def ring_key_positions(last: torch.Tensor, capacity: int, length: int) -> torch.Tensor:
     """The absolute step held by ring entries `0..length-1` of each row, `[B, length]`,

@@ -162,7 +162,7 @@ def parse_lm_config(cls: type[LMConfig], raw: dict[str, Any]) -> LMConfig:
     """`cls` (an `LMConfig`) from an official config.json dict, checked."""
     if not isinstance(raw, dict):
         raise LMConfigError(f"LM config must be a JSON object, got {type(raw).__name__}")
-    names = {f.name for f in fields(cls)} - {"extra"}
+    names = {f.name for f in fields(cls)} - {"extra", "depformer_steps"}
     optional = {"existing_text_end_padding_id"}
     unknown = sorted(set(raw) - names - _METADATA_KEYS - set(_NEUTRAL_KEYS))
     missing = sorted(names - optional - set(raw))
@@ -180,6 +180,10 @@ def parse_lm_config(cls: type[LMConfig], raw: dict[str, Any]) -> LMConfig:
             raise LMConfigError(f"unsupported LM config value {key}={raw[key]!r}")
     kwargs = {k: raw[k] for k in names if k in raw}
     kwargs["delays"] = list(kwargs["delays"])
+    if kwargs["dep_q"] == kwargs["n_q"] and isinstance(kwargs["n_q"], int) and kwargs["n_q"] > 1:
+        # PersonaPlex's layout: a depformer over every stream, the second half the user's.
+        kwargs["depformer_steps"] = kwargs["n_q"]
+        kwargs["dep_q"] = kwargs["n_q"] // 2
     extra = {k: raw[k] for k in raw if k in _METADATA_KEYS}
     cfg = cls(**kwargs, extra=extra)
     cfg.validate()
@@ -222,6 +226,13 @@ def check_lm_config(cfg: LMConfig) -> None:
             raise LMConfigError(f"LM config {key} must be a positive integer, got {value!r}")
     if cfg.dep_q > cfg.n_q:
         raise LMConfigError(f"dep_q ({cfg.dep_q}) cannot exceed n_q ({cfg.n_q})")
+    if cfg.depformer_steps is not None and (
+        cfg.depformer_steps != cfg.n_q or 2 * cfg.dep_q != cfg.n_q
+    ):
+        raise LMConfigError(
+            "a depformer over every stream (PersonaPlex) needs dep_q = n_q, an even n_q, "
+            f"got depformer_steps={cfg.depformer_steps}, dep_q={cfg.dep_q}, n_q={cfg.n_q}"
+        )
     if cfg.dim % cfg.num_heads or (cfg.dim // cfg.num_heads) % 2:
         raise LMConfigError("dim must split into num_heads heads of even size")
     if cfg.depformer_dim % cfg.depformer_num_heads:

@@ -33,7 +33,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class BackendInfo(_message.Message):
-    __slots__ = ("model_name", "config_name", "dtype", "device", "slots_total", "slots_in_use", "step_p50_ms", "step_p99_ms", "version", "draining", "num_codebooks", "sample_rate", "frame_size", "codebook_size", "text_vocab_size", "buckets")
+    __slots__ = ("model_name", "config_name", "dtype", "device", "slots_total", "slots_in_use", "step_p50_ms", "step_p99_ms", "version", "draining", "num_codebooks", "sample_rate", "frame_size", "codebook_size", "text_vocab_size", "buckets", "persona", "prefix_cache")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     CONFIG_NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,8 @@ class BackendInfo(_message.Message):
     CODEBOOK_SIZE_FIELD_NUMBER: _ClassVar[int]
     TEXT_VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    PERSONA_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     config_name: str
     dtype: str
@@ -66,7 +68,27 @@ class BackendInfo(_message.Message):
     codebook_size: int
     text_vocab_size: int
     buckets: _containers.RepeatedCompositeFieldContainer[BucketTiming]
-    def __init__(self, model_name: _Optional[str] = ..., config_name: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., slots_total: _Optional[int] = ..., slots_in_use: _Optional[int] = ..., step_p50_ms: _Optional[float] = ..., step_p99_ms: _Optional[float] = ..., version: _Optional[str] = ..., draining: _Optional[bool] = ..., num_codebooks: _Optional[int] = ..., sample_rate: _Optional[int] = ..., frame_size: _Optional[int] = ..., codebook_size: _Optional[int] = ..., text_vocab_size: _Optional[int] = ..., buckets: _Optional[_Iterable[_Union[BucketTiming, _Mapping]]] = ...) -> None: ...
+    persona: bool
+    prefix_cache: PrefixCacheInfo
+    def __init__(self, model_name: _Optional[str] = ..., config_name: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., slots_total: _Optional[int] = ..., slots_in_use: _Optional[int] = ..., step_p50_ms: _Optional[float] = ..., step_p99_ms: _Optional[float] = ..., version: _Optional[str] = ..., draining: _Optional[bool] = ..., num_codebooks: _Optional[int] = ..., sample_rate: _Optional[int] = ..., frame_size: _Optional[int] = ..., codebook_size: _Optional[int] = ..., text_vocab_size: _Optional[int] = ..., buckets: _Optional[_Iterable[_Union[BucketTiming, _Mapping]]] = ..., persona: _Optional[bool] = ..., prefix_cache: _Optional[_Union[PrefixCacheInfo, _Mapping]] = ...) -> None: ...
+
+class PrefixCacheInfo(_message.Message):
+    __slots__ = ("entries", "bytes", "capacity_bytes", "hits", "voice_hits", "misses", "evictions")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    VOICE_HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    entries: int
+    bytes: int
+    capacity_bytes: int
+    hits: int
+    voice_hits: int
+    misses: int
+    evictions: int
+    def __init__(self, entries: _Optional[int] = ..., bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., voice_hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
 
 class BucketTiming(_message.Message):
     __slots__ = ("batch_size", "stage", "warm_ms", "recent_p50_ms", "recent_count")

@@ -1,8 +1,9 @@
 from moshi_grpc.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -32,7 +33,7 @@ INPUT_PACING_REAL_TIME: InputPacing
 INPUT_PACING_FLOW_CONTROL: InputPacing
 
 class SessionConfig(_message.Message):
-    __slots__ = ("sample_rate", "encoding", "sampling", "seed", "budget_ms", "max_consecutive_misses", "client_id", "input_pacing")
+    __slots__ = ("sample_rate", "encoding", "sampling", "seed", "budget_ms", "max_consecutive_misses", "client_id", "input_pacing", "persona")
     SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +42,7 @@ class SessionConfig(_message.Message):
     MAX_CONSECUTIVE_MISSES_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_PACING_FIELD_NUMBER: _ClassVar[int]
+    PERSONA_FIELD_NUMBER: _ClassVar[int]
     sample_rate: int
     encoding: AudioEncoding
     sampling: _common_pb2.SamplingParams
@@ -49,7 +51,48 @@ class SessionConfig(_message.Message):
     max_consecutive_misses: int
     client_id: str
     input_pacing: InputPacing
-    def __init__(self, sample_rate: _Optional[int] = ..., encoding: _Optional[_Union[AudioEncoding, str]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., budget_ms: _Optional[int] = ..., max_consecutive_misses: _Optional[int] = ..., client_id: _Optional[str] = ..., input_pacing: _Optional[_Union[InputPacing, str]] = ...) -> None: ...
+    persona: Persona
+    def __init__(self, sample_rate: _Optional[int] = ..., encoding: _Optional[_Union[AudioEncoding, str]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., budget_ms: _Optional[int] = ..., max_consecutive_misses: _Optional[int] = ..., client_id: _Optional[str] = ..., input_pacing: _Optional[_Union[InputPacing, str]] = ..., persona: _Optional[_Union[Persona, _Mapping]] = ...) -> None: ...
+
+class Persona(_message.Message):
+    __slots__ = ("voice_id", "voice_audio", "prompt")
+    VOICE_ID_FIELD_NUMBER: _ClassVar[int]
+    VOICE_AUDIO_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    voice_id: str
+    voice_audio: VoiceAudio
+    prompt: str
+    def __init__(self, voice_id: _Optional[str] = ..., voice_audio: _Optional[_Union[VoiceAudio, _Mapping]] = ..., prompt: _Optional[str] = ...) -> None: ...
+
+class VoiceAudio(_message.Message):
+    __slots__ = ("data", "encoding", "sample_rate")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    encoding: AudioEncoding
+    sample_rate: int
+    def __init__(self, data: _Optional[bytes] = ..., encoding: _Optional[_Union[AudioEncoding, str]] = ..., sample_rate: _Optional[int] = ...) -> None: ...
+
+class GatewayInfo(_message.Message):
+    __slots__ = ("voices", "persona", "version")
+    VOICES_FIELD_NUMBER: _ClassVar[int]
+    PERSONA_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    voices: _containers.RepeatedCompositeFieldContainer[VoiceInfo]
+    persona: bool
+    version: str
+    def __init__(self, voices: _Optional[_Iterable[_Union[VoiceInfo, _Mapping]]] = ..., persona: _Optional[bool] = ..., version: _Optional[str] = ...) -> None: ...
+
+class VoiceInfo(_message.Message):
+    __slots__ = ("voice_id", "duration_s", "frames")
+    VOICE_ID_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    voice_id: str
+    duration_s: float
+    frames: int
+    def __init__(self, voice_id: _Optional[str] = ..., duration_s: _Optional[float] = ..., frames: _Optional[int] = ...) -> None: ...
 
 class AudioChunk(_message.Message):
     __slots__ = ("data",)
@@ -84,7 +127,7 @@ class TextPiece(_message.Message):
     def __init__(self, frame_index: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
 
 class SessionStarted(_message.Message):
-    __slots__ = ("session_id", "codec_replica", "lm_replica", "budget_ms", "max_consecutive_misses", "sample_rate", "model", "input_pacing")
+    __slots__ = ("session_id", "codec_replica", "lm_replica", "budget_ms", "max_consecutive_misses", "sample_rate", "model", "input_pacing", "persona")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CODEC_REPLICA_FIELD_NUMBER: _ClassVar[int]
     LM_REPLICA_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +136,7 @@ class SessionStarted(_message.Message):
     SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUT_PACING_FIELD_NUMBER: _ClassVar[int]
+    PERSONA_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     codec_replica: str
     lm_replica: str
@@ -101,7 +145,24 @@ class SessionStarted(_message.Message):
     sample_rate: int
     model: str
     input_pacing: InputPacing
-    def __init__(self, session_id: _Optional[str] = ..., codec_replica: _Optional[str] = ..., lm_replica: _Optional[str] = ..., budget_ms: _Optional[int] = ..., max_consecutive_misses: _Optional[int] = ..., sample_rate: _Optional[int] = ..., model: _Optional[str] = ..., input_pacing: _Optional[_Union[InputPacing, str]] = ...) -> None: ...
+    persona: PersonaStarted
+    def __init__(self, session_id: _Optional[str] = ..., codec_replica: _Optional[str] = ..., lm_replica: _Optional[str] = ..., budget_ms: _Optional[int] = ..., max_consecutive_misses: _Optional[int] = ..., sample_rate: _Optional[int] = ..., model: _Optional[str] = ..., input_pacing: _Optional[_Union[InputPacing, str]] = ..., persona: _Optional[_Union[PersonaStarted, _Mapping]] = ...) -> None: ...
+
+class PersonaStarted(_message.Message):
+    __slots__ = ("voice_id", "voice_frames", "prompt_frames", "cached", "voice_encode_ms", "prompt_ready_ms")
+    VOICE_ID_FIELD_NUMBER: _ClassVar[int]
+    VOICE_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    VOICE_ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_READY_MS_FIELD_NUMBER: _ClassVar[int]
+    voice_id: str
+    voice_frames: int
+    prompt_frames: int
+    cached: bool
+    voice_encode_ms: float
+    prompt_ready_ms: float
+    def __init__(self, voice_id: _Optional[str] = ..., voice_frames: _Optional[int] = ..., prompt_frames: _Optional[int] = ..., cached: _Optional[bool] = ..., voice_encode_ms: _Optional[float] = ..., prompt_ready_ms: _Optional[float] = ...) -> None: ...
 
 class BudgetMissed(_message.Message):
     __slots__ = ("frame_index", "late_ms", "consecutive")

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from moshi_grpc.v1 import common_pb2 as moshi__grpc_dot_v1_dot_common__pb2
 from moshi_grpc.v1 import gateway_pb2 as moshi__grpc_dot_v1_dot_gateway__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -40,6 +41,11 @@ class GatewayStub:
                 request_serializer=moshi__grpc_dot_v1_dot_gateway__pb2.ConverseRequest.SerializeToString,
                 response_deserializer=moshi__grpc_dot_v1_dot_gateway__pb2.ConverseResponse.FromString,
                 _registered_method=True)
+        self.Info = channel.unary_unary(
+                '/moshi_grpc.v1.Gateway/Info',
+                request_serializer=moshi__grpc_dot_v1_dot_common__pb2.InfoRequest.SerializeToString,
+                response_deserializer=moshi__grpc_dot_v1_dot_gateway__pb2.GatewayInfo.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -59,7 +65,16 @@ class GatewayServicer:
         (max_consecutive_misses misses in a row, late frames and frames dropped while a backend
         stage was not answering alike; a backend stage that has not answered for the budget +
         max_consecutive_misses frames' time; or the gateway's maximum session length, reason
-        "max_session_length"), UNAUTHENTICATED.
+        "max_session_length"), UNAUTHENTICATED. With a persona: NOT_FOUND (unknown voice_id),
+        INVALID_ARGUMENT (undecodable or too long voice audio, empty prompt, a prompt that does
+        not fit the model's context), FAILED_PRECONDITION (no persona model behind the gateway).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Info(self, request, context):
+        """What the gateway offers: its named voices, and whether persona sessions can be served.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -72,6 +87,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.Converse,
                     request_deserializer=moshi__grpc_dot_v1_dot_gateway__pb2.ConverseRequest.FromString,
                     response_serializer=moshi__grpc_dot_v1_dot_gateway__pb2.ConverseResponse.SerializeToString,
+            ),
+            'Info': grpc.unary_unary_rpc_method_handler(
+                    servicer.Info,
+                    request_deserializer=moshi__grpc_dot_v1_dot_common__pb2.InfoRequest.FromString,
+                    response_serializer=moshi__grpc_dot_v1_dot_gateway__pb2.GatewayInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -102,6 +122,33 @@ class Gateway:
             '/moshi_grpc.v1.Gateway/Converse',
             moshi__grpc_dot_v1_dot_gateway__pb2.ConverseRequest.SerializeToString,
             moshi__grpc_dot_v1_dot_gateway__pb2.ConverseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Info(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moshi_grpc.v1.Gateway/Info',
+            moshi__grpc_dot_v1_dot_common__pb2.InfoRequest.SerializeToString,
+            moshi__grpc_dot_v1_dot_gateway__pb2.GatewayInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from moshi_grpc.v1 import common_pb2 as moshi__grpc_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16moshi_grpc/v1/lm.proto\x12\rmoshi_grpc.v1\x1a\x1amoshi_grpc/v1/common.proto\"]\n\nReplayStep\x12\x12\n\nuser_codes\x18\x01 \x03(\x05\x12\x17\n\ntext_token\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0bmoshi_codes\x18\x03 \x03(\x05\x42\r\n\x0b_text_token\"\x89\x02\n\x06LmOpen\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12/\n\x08sampling\x18\x02 \x01(\x0b\x32\x1d.moshi_grpc.v1.SamplingParams\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12)\n\x06replay\x18\x04 \x03(\x0b\x32\x19.moshi_grpc.v1.ReplayStep\x12>\n\rtrace_context\x18\x05 \x03(\x0b\x32\'.moshi_grpc.v1.LmOpen.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05_seed\")\n\tUserCodes\x12\r\n\x05index\x18\x01 \x01(\x04\x12\r\n\x05\x63odes\x18\x02 \x03(\x05\"g\n\x0bStepRequest\x12%\n\x04open\x18\x01 \x01(\x0b\x32\x15.moshi_grpc.v1.LmOpenH\x00\x12)\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x18.moshi_grpc.v1.UserCodesH\x00\x42\x06\n\x04kind\"\x94\x01\n\nStepOutput\x12\r\n\x05index\x18\x01 \x01(\x04\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x12\n\ntext_token\x18\x03 \x01(\x05\x12\x12\n\ntext_piece\x18\x04 \x01(\t\x12\x13\n\x0bmoshi_codes\x18\x05 \x03(\x05\x12+\n\x06timing\x18\x06 \x01(\x0b\x32\x1b.moshi_grpc.v1.ServerTiming\"\x9c\x01\n\x0cStepMuxEntry\x12\x0f\n\x07session\x18\x01 \x01(\x04\x12%\n\x04open\x18\x02 \x01(\x0b\x32\x15.moshi_grpc.v1.LmOpenH\x00\x12)\n\x05\x66rame\x18\x03 \x01(\x0b\x32\x18.moshi_grpc.v1.UserCodesH\x00\x12\x0f\n\x05\x63lose\x18\x04 \x01(\x08H\x00\x12\x10\n\x06\x63\x61ncel\x18\x05 \x01(\x08H\x00\x42\x06\n\x04kind\">\n\x0eStepMuxRequest\x12,\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1b.moshi_grpc.v1.StepMuxEntry\"z\n\rStepMuxResult\x12\x0f\n\x07session\x18\x01 \x01(\x04\x12*\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x19.moshi_grpc.v1.StepOutputH\x00\x12$\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x15.moshi_grpc.v1.MuxEndH\x00\x42\x06\n\x04kind\"@\n\x0fStepMuxResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.moshi_grpc.v1.StepMuxResult2\xd5\x01\n\x02LM\x12\x41\n\x04Step\x12\x1a.moshi_grpc.v1.StepRequest\x1a\x19.moshi_grpc.v1.StepOutput(\x01\x30\x01\x12>\n\x04Info\x12\x1a.moshi_grpc.v1.InfoRequest\x1a\x1a.moshi_grpc.v1.BackendInfo\x12L\n\x07StepMux\x12\x1d.moshi_grpc.v1.StepMuxRequest\x1a\x1e.moshi_grpc.v1.StepMuxResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16moshi_grpc/v1/lm.proto\x12\rmoshi_grpc.v1\x1a\x1amoshi_grpc/v1/common.proto\"]\n\nReplayStep\x12\x12\n\nuser_codes\x18\x01 \x03(\x05\x12\x17\n\ntext_token\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0bmoshi_codes\x18\x03 \x03(\x05\x42\r\n\x0b_text_token\"\xb8\x02\n\x06LmOpen\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12/\n\x08sampling\x18\x02 \x01(\x0b\x32\x1d.moshi_grpc.v1.SamplingParams\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12)\n\x06replay\x18\x04 \x03(\x0b\x32\x19.moshi_grpc.v1.ReplayStep\x12>\n\rtrace_context\x18\x05 \x03(\x0b\x32\'.moshi_grpc.v1.LmOpen.TraceContextEntry\x12-\n\x07persona\x18\x06 \x01(\x0b\x32\x1c.moshi_grpc.v1.PersonaPrompt\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05_seed\"2\n\rPersonaPrompt\x12\x13\n\x0bvoice_codes\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"]\n\x0bPromptReady\x12\x15\n\rprefix_frames\x18\x01 \x01(\x05\x12\x0e\n\x06\x63\x61\x63hed\x18\x02 \x01(\x08\x12\x15\n\rcached_frames\x18\x03 \x01(\x05\x12\x10\n\x08ready_ms\x18\x04 \x01(\x02\")\n\tUserCodes\x12\r\n\x05index\x18\x01 \x01(\x04\x12\r\n\x05\x63odes\x18\x02 \x03(\x05\"g\n\x0bStepRequest\x12%\n\x04open\x18\x01 \x01(\x0b\x32\x15.moshi_grpc.v1.LmOpenH\x00\x12)\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x18.moshi_grpc.v1.UserCodesH\x00\x42\x06\n\x04kind\"\xc0\x01\n\nStepOutput\x12\r\n\x05index\x18\x01 \x01(\x04\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x12\n\ntext_token\x18\x03 \x01(\x05\x12\x12\n\ntext_piece\x18\x04 \x01(\t\x12\x13\n\x0bmoshi_codes\x18\x05 \x03(\x05\x12+\n\x06timing\x18\x06 \x01(\x0b\x32\x1b.moshi_grpc.v1.ServerTiming\x12*\n\x06prompt\x18\x07 \x01(\x0b\x32\x1a.moshi_grpc.v1.PromptReady\"\x9c\x01\n\x0cStepMuxEntry\x12\x0f\n\x07session\x18\x01 \x01(\x04\x12%\n\x04open\x18\x02 \x01(\x0b\x32\x15.moshi_grpc.v1.LmOpenH\x00\x12)\n\x05\x66rame\x18\x03 \x01(\x0b\x32\x18.moshi_grpc.v1.UserCodesH\x00\x12\x0f\n\x05\x63lose\x18\x04 \x01(\x08H\x00\x12\x10\n\x06\x63\x61ncel\x18\x05 \x01(\x08H\x00\x42\x06\n\x04kind\">\n\x0eStepMuxRequest\x12,\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1b.moshi_grpc.v1.StepMuxEntry\"z\n\rStepMuxResult\x12\x0f\n\x07session\x18\x01 \x01(\x04\x12*\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x19.moshi_grpc.v1.StepOutputH\x00\x12$\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x15.moshi_grpc.v1.MuxEndH\x00\x42\x06\n\x04kind\"@\n\x0fStepMuxResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.moshi_grpc.v1.StepMuxResult2\xd5\x01\n\x02LM\x12\x41\n\x04Step\x12\x1a.moshi_grpc.v1.StepRequest\x1a\x19.moshi_grpc.v1.StepOutput(\x01\x30\x01\x12>\n\x04Info\x12\x1a.moshi_grpc.v1.InfoRequest\x1a\x1a.moshi_grpc.v1.BackendInfo\x12L\n\x07StepMux\x12\x1d.moshi_grpc.v1.StepMuxRequest\x1a\x1e.moshi_grpc.v1.StepMuxResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,23 +37,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPLAYSTEP']._serialized_start=69
   _globals['_REPLAYSTEP']._serialized_end=162
   _globals['_LMOPEN']._serialized_start=165
-  _globals['_LMOPEN']._serialized_end=430
-  _globals['_LMOPEN_TRACECONTEXTENTRY']._serialized_start=370
-  _globals['_LMOPEN_TRACECONTEXTENTRY']._serialized_end=421
-  _globals['_USERCODES']._serialized_start=432
-  _globals['_USERCODES']._serialized_end=473
-  _globals['_STEPREQUEST']._serialized_start=475
-  _globals['_STEPREQUEST']._serialized_end=578
-  _globals['_STEPOUTPUT']._serialized_start=581
-  _globals['_STEPOUTPUT']._serialized_end=729
-  _globals['_STEPMUXENTRY']._serialized_start=732
-  _globals['_STEPMUXENTRY']._serialized_end=888
-  _globals['_STEPMUXREQUEST']._serialized_start=890
-  _globals['_STEPMUXREQUEST']._serialized_end=952
-  _globals['_STEPMUXRESULT']._serialized_start=954
-  _globals['_STEPMUXRESULT']._serialized_end=1076
-  _globals['_STEPMUXRESPONSE']._serialized_start=1078
-  _globals['_STEPMUXRESPONSE']._serialized_end=1142
-  _globals['_LM']._serialized_start=1145
-  _globals['_LM']._serialized_end=1358
+  _globals['_LMOPEN']._serialized_end=477
+  _globals['_LMOPEN_TRACECONTEXTENTRY']._serialized_start=417
+  _globals['_LMOPEN_TRACECONTEXTENTRY']._serialized_end=468
+  _globals['_PERSONAPROMPT']._serialized_start=479
+  _globals['_PERSONAPROMPT']._serialized_end=529
+  _globals['_PROMPTREADY']._serialized_start=531
+  _globals['_PROMPTREADY']._serialized_end=624
+  _globals['_USERCODES']._serialized_start=626
+  _globals['_USERCODES']._serialized_end=667
+  _globals['_STEPREQUEST']._serialized_start=669
+  _globals['_STEPREQUEST']._serialized_end=772
+  _globals['_STEPOUTPUT']._serialized_start=775
+  _globals['_STEPOUTPUT']._serialized_end=967
+  _globals['_STEPMUXENTRY']._serialized_start=970
+  _globals['_STEPMUXENTRY']._serialized_end=1126
+  _globals['_STEPMUXREQUEST']._serialized_start=1128
+  _globals['_STEPMUXREQUEST']._serialized_end=1190
+  _globals['_STEPMUXRESULT']._serialized_start=1192
+  _globals['_STEPMUXRESULT']._serialized_end=1314
+  _globals['_STEPMUXRESPONSE']._serialized_start=1316
+  _globals['_STEPMUXRESPONSE']._serialized_end=1380
+  _globals['_LM']._serialized_start=1383
+  _globals['_LM']._serialized_end=1596
 # @@protoc_insertion_point(module_scope)

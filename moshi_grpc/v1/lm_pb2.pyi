@@ -18,7 +18,7 @@ class ReplayStep(_message.Message):
     def __init__(self, user_codes: _Optional[_Iterable[int]] = ..., text_token: _Optional[int] = ..., moshi_codes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LmOpen(_message.Message):
-    __slots__ = ("session_id", "sampling", "seed", "replay", "trace_context")
+    __slots__ = ("session_id", "sampling", "seed", "replay", "trace_context", "persona")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -31,12 +31,34 @@ class LmOpen(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     REPLAY_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    PERSONA_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     sampling: _common_pb2.SamplingParams
     seed: int
     replay: _containers.RepeatedCompositeFieldContainer[ReplayStep]
     trace_context: _containers.ScalarMap[str, str]
-    def __init__(self, session_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., replay: _Optional[_Iterable[_Union[ReplayStep, _Mapping]]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    persona: PersonaPrompt
+    def __init__(self, session_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., replay: _Optional[_Iterable[_Union[ReplayStep, _Mapping]]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., persona: _Optional[_Union[PersonaPrompt, _Mapping]] = ...) -> None: ...
+
+class PersonaPrompt(_message.Message):
+    __slots__ = ("voice_codes", "text")
+    VOICE_CODES_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    voice_codes: _containers.RepeatedScalarFieldContainer[int]
+    text: str
+    def __init__(self, voice_codes: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ...) -> None: ...
+
+class PromptReady(_message.Message):
+    __slots__ = ("prefix_frames", "cached", "cached_frames", "ready_ms")
+    PREFIX_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    READY_MS_FIELD_NUMBER: _ClassVar[int]
+    prefix_frames: int
+    cached: bool
+    cached_frames: int
+    ready_ms: float
+    def __init__(self, prefix_frames: _Optional[int] = ..., cached: _Optional[bool] = ..., cached_frames: _Optional[int] = ..., ready_ms: _Optional[float] = ...) -> None: ...
 
 class UserCodes(_message.Message):
     __slots__ = ("index", "codes")
@@ -55,20 +77,22 @@ class StepRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[LmOpen, _Mapping]] = ..., frame: _Optional[_Union[UserCodes, _Mapping]] = ...) -> None: ...
 
 class StepOutput(_message.Message):
-    __slots__ = ("index", "ready", "text_token", "text_piece", "moshi_codes", "timing")
+    __slots__ = ("index", "ready", "text_token", "text_piece", "moshi_codes", "timing", "prompt")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     TEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TEXT_PIECE_FIELD_NUMBER: _ClassVar[int]
     MOSHI_CODES_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
     index: int
     ready: bool
     text_token: int
     text_piece: str
     moshi_codes: _containers.RepeatedScalarFieldContainer[int]
     timing: _common_pb2.ServerTiming
-    def __init__(self, index: _Optional[int] = ..., ready: _Optional[bool] = ..., text_token: _Optional[int] = ..., text_piece: _Optional[str] = ..., moshi_codes: _Optional[_Iterable[int]] = ..., timing: _Optional[_Union[_common_pb2.ServerTiming, _Mapping]] = ...) -> None: ...
+    prompt: PromptReady
+    def __init__(self, index: _Optional[int] = ..., ready: _Optional[bool] = ..., text_token: _Optional[int] = ..., text_piece: _Optional[str] = ..., moshi_codes: _Optional[_Iterable[int]] = ..., timing: _Optional[_Union[_common_pb2.ServerTiming, _Mapping]] = ..., prompt: _Optional[_Union[PromptReady, _Mapping]] = ...) -> None: ...
 
 class StepMuxEntry(_message.Message):
     __slots__ = ("session", "open", "frame", "close", "cancel")

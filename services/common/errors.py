@@ -13,6 +13,8 @@ same way (statuses as documented in protos/moshi_grpc/v1/common.proto):
 | `IdleTimeout`, `BudgetExceeded` | TIMED_OUT | DEADLINE_EXCEEDED |
 | `Unauthenticated` | UNAUTHENTICATED | UNAUTHENTICATED |
 | `NotImplementedFeature` | UNSUPPORTED | UNIMPLEMENTED |
+| `NotFound` | NOT_FOUND | NOT_FOUND (e.g. an unknown voice name) |
+| `WrongModel` | WRONG_MODEL | FAILED_PRECONDITION (a persona for a model without one, ...) |
 | `TextPolicyEnded` (gateway/text_policy.py) | REFUSED | PERMISSION_DENIED (a policy ended it) |
 | anything else | INTERNAL | INTERNAL (the message names only the exception type) |
 """
@@ -33,6 +35,8 @@ class ErrorCode(enum.Enum):
     UNAUTHENTICATED = "unauthenticated"
     UNSUPPORTED = "unsupported"
     REFUSED = "refused"  # a policy declines to go on (the gateway's text safety hook)
+    NOT_FOUND = "not_found"
+    WRONG_MODEL = "wrong_model"  # valid, but not for the model this replica serves
     INTERNAL = "internal"
 
 
@@ -100,3 +104,16 @@ class NotImplementedFeature(ServiceError):
     """A valid request for a feature this replica does not support."""
 
     code = ErrorCode.UNSUPPORTED
+
+
+class NotFound(ServiceError, ValueError):
+    """A name the caller gave does not exist here (a voice that is not in the directory)."""
+
+    code = ErrorCode.NOT_FOUND
+
+
+class WrongModel(ServiceError, ValueError):
+    """A valid request the served model cannot take: a persona for a model that has none,
+    or a session without one on a persona model."""
+
+    code = ErrorCode.WRONG_MODEL
