@@ -321,8 +321,9 @@ def _cumulative(rate: int, frames: int) -> int:
 # --------------------------------------------------------------------------- wav files
 
 
-def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
-    """Read a wav file -> (mono float32 samples, sample rate)."""
+def read_wav(path: str | Path, channel: int | None = None) -> tuple[np.ndarray, int]:
+    """Read a wav file -> (mono float32 samples, sample rate): its channels averaged, or only
+    channel `channel` (what PersonaPlex takes of a voice prompt: channel 0)."""
     raw = Path(path).read_bytes()
     if len(raw) < 12 or raw[:4] != b"RIFF" or raw[8:12] != b"WAVE":
         raise AudioFormatError(f"{path}: not a RIFF/WAVE file")
@@ -361,7 +362,11 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
         x = decode_samples(data, MULAW if tag == _WAVE_FORMAT_MULAW else ALAW, allow_empty=True)
     else:
         raise AudioFormatError(f"{path}: unsupported wav format tag {tag} with {bits} bits")
-    if channels > 1:
+    if channel is not None:
+        if not 0 <= channel < channels:
+            raise AudioFormatError(f"{path}: no channel {channel} ({channels} channel(s))")
+        x = np.ascontiguousarray(x.reshape(-1, channels)[:, channel])
+    elif channels > 1:
         x = x.reshape(-1, channels).mean(axis=1).astype(np.float32)
     return x, int(rate)
 
