@@ -41,7 +41,7 @@ prometheus.io: `moshi_` prefix, base units (`_seconds`), `_total` on counters, h
 | `moshi_lm_replayed_steps_total` | counter | | history steps replayed on open (failover) |
 | `moshi_gateway_sessions_active` | gauge | | live Converse sessions |
 | `moshi_gateway_sessions_started_total` | counter | | sessions admitted |
-| `moshi_gateway_sessions_refused_total` | counter | reason | sessions refused (capacity, budget, draining, invalid, backend_unavailable, per_client) |
+| `moshi_gateway_sessions_refused_total` | counter | reason | sessions refused (capacity, budget, draining, invalid, backend_unavailable, per_client, wrong_model) |
 | `moshi_gateway_sessions_ended_total` | counter | reason | sessions ended, by the summary's reason (client_closed, deadline_exceeded, backend_failed, cancelled, idle_timeout, max_session_length, text_policy, error) |
 | `moshi_gateway_frames_total` | counter | | output frames sent to clients (silence replacements included) |
 | `moshi_gateway_frame_latency_seconds` | histogram | | per frame: its last input byte at the gateway -> its output written to the client; a late frame when its real output reached the gateway (or the session ended); dropped frames not observed |
@@ -54,6 +54,9 @@ prometheus.io: `moshi_` prefix, base units (`_seconds`), `_total` on counters, h
 | `moshi_gateway_failovers_total` | counter | service, result | sessions moved to another replica (service = lm: codec sessions are never moved; result = ok, failed) |
 | `moshi_gateway_backends_healthy` | gauge | service | backend replicas currently considered healthy |
 | `moshi_gateway_text_policy_actions_total` | counter | action | text pieces through the text safety hook (pass, redact, mute, end) |
+| `moshi_gateway_voice_encode_seconds` | histogram | | time to encode a persona's voice on a codec replica (inline voices every session, named ones once) |
+| `moshi_gateway_prompt_ready_seconds` | histogram | | a persona session's LM open sent -> the LM's PromptReady (the prompt in the model) |
+| `moshi_gateway_persona_sessions_total` | counter | voice, cached | persona sessions that went live (voice = named, inline; cached = true when the whole prompt came from the LM's prefix cache) |
 """
 
 from __future__ import annotations
@@ -115,6 +118,8 @@ RPC_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0, 30.0, 60.0, 30
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 TTFA_BUCKETS = (0.08, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 RTF_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 5.0)
+# Persona prompts: a cached prefix (milliseconds) to a long voice encoded and prefilled on CPU.
+PROMPT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 def new_registry() -> CollectorRegistry:
@@ -430,6 +435,9 @@ class GatewayMetrics:
     failovers: Counter
     backends_healthy: Gauge
     text_policy_actions: Counter
+    voice_encode_seconds: Histogram
+    prompt_ready_seconds: Histogram
+    persona_sessions: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> GatewayMetrics:
@@ -443,8 +451,8 @@ class GatewayMetrics:
             ),
             sessions_refused=Counter(
                 "moshi_gateway_sessions_refused_total",
-                "Sessions refused at admission "
-                "(reason = capacity, budget, draining, invalid, backend_unavailable, per_client).",
+                "Sessions refused at admission (reason = capacity, budget, draining, invalid, "
+                "backend_unavailable, per_client, wrong_model).",
                 ["reason"],
                 registry=r,
             ),
@@ -530,6 +538,27 @@ class GatewayMetrics:
                 "moshi_gateway_text_policy_actions_total",
                 "Text pieces through the text safety hook, by action (pass, redact, mute, end).",
                 ["action"],
+                registry=r,
+            ),
+            voice_encode_seconds=Histogram(
+                "moshi_gateway_voice_encode_seconds",
+                "Time to encode a persona's voice on a codec replica (inline voices every "
+                "session, named voices once).",
+                buckets=PROMPT_BUCKETS,
+                registry=r,
+            ),
+            prompt_ready_seconds=Histogram(
+                "moshi_gateway_prompt_ready_seconds",
+                "A persona session's LM open sent to the LM's PromptReady (its prompt in the "
+                "model).",
+                buckets=PROMPT_BUCKETS,
+                registry=r,
+            ),
+            persona_sessions=Counter(
+                "moshi_gateway_persona_sessions_total",
+                "Persona sessions that went live (voice = named, inline; cached = whether the "
+                "whole prompt came from the LM's prefix cache).",
+                ["voice", "cached"],
                 registry=r,
             ),
         )

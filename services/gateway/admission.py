@@ -8,20 +8,57 @@ the budget on every replica with a free slot; trailing `retry-after-ms`: when th
 samples that push the prediction over will have expired) or UNAVAILABLE (no healthy
 replica). A running session that must move (LM failover) goes to the least-loaded other
 replica with a free slot, without a budget check: moving beats ending it.
+
+A session may also need something of a backend's replicas beyond a free slot (`Need`: a
+model that takes its persona, persona.py): only the replicas whose Info meets it are
+candidates, for its admission and for its moves. When none of the replicas that answered
+Info meets it, the session is refused with FAILED_PRECONDITION (`NoModel`: the model it
+needs is not behind this gateway; retrying cannot help).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
-from moshi_grpc.services.common.errors import CapacityExhausted, ErrorCode
+from moshi_grpc.services.common.errors import CapacityExhausted, ErrorCode, WrongModel
 from moshi_grpc.services.gateway.config import CostSettings
 from moshi_grpc.services.gateway.cost import Estimate
 from moshi_grpc.services.gateway.discovery import ReplicaPool, ReplicaSet
 from moshi_grpc.services.gateway.pipeline import Backend, Pipeline
 from moshi_grpc.services.gateway.replicas import Lease, Replica, least_loaded
+from moshi_grpc.v1 import common_pb2
+
+
+@dataclass(frozen=True)
+class Need:
+    """What a session needs of one backend's replicas beyond a free slot."""
+
+    accepts: Callable[[common_pb2.BackendInfo], bool]  # a replica's Info -> it can serve it
+    # The replicas' Infos (none accepts) -> the refusal's message: which model is missing.
+    refusal: Callable[[Sequence[common_pb2.BackendInfo]], str]
+
+
+class NoModel(WrongModel):
+    """No replica behind the gateway serves the model a session needs (FAILED_PRECONDITION);
+    `reason` is the refusal metric's label."""
+
+    reason = "wrong_model"
+
+
+def candidates(replicas: ReplicaSet, need: Need | None) -> list[Replica]:
+    """The replicas of the set that could serve a session with `need` (health and slots
+    aside); NoModel when replicas answered Info and none of them meets it."""
+    every = list(replicas.replicas.values())
+    if need is None:
+        return every
+    infos = [r.info for r in every if r.info is not None]
+    fit = [r for r in every if r.info is not None and need.accepts(r.info)]
+    if infos and not fit:
+        raise NoModel(need.refusal(infos))
+    return fit
 
 
 class NoCapacity(CapacityExhausted):
@@ -42,17 +79,20 @@ def choose(
     frame_estimate_ms: Callable[[Replica], float],
     describe: Callable[[Replica], str] | None = None,
     retry_after_ms: Callable[[], int] | None = None,
+    need: Need | None = None,
 ) -> Replica:
-    """Least-loaded available replica of the set whose predicted frame latency fits."""
+    """Least-loaded available replica of the set (meeting `need`) whose predicted frame
+    latency fits."""
     kind = replicas.backend.kind
-    candidates = replicas.available()
-    if not candidates:
-        if not any(r.healthy for r in replicas.replicas.values()):
+    pool = candidates(replicas, need)
+    available = [r for r in pool if r.available]
+    if not available:
+        if not any(r.healthy for r in pool):
             raise NoCapacity(f"no healthy {kind} replica", "backend_unavailable", 1000)
         raise NoCapacity(f"no {kind} replica has a free slot", "capacity", 1000)
-    fitting = [r for r in candidates if frame_estimate_ms(r) <= budget_ms]
+    fitting = [r for r in available if frame_estimate_ms(r) <= budget_ms]
     if not fitting:
-        best = min(candidates, key=frame_estimate_ms)
+        best = min(available, key=frame_estimate_ms)
         what = describe(best) if describe else f"~{frame_estimate_ms(best):.0f} ms per frame"
         raise NoCapacity(
             f"predicted frame latency on the best {kind} replica {best.address} "
@@ -135,12 +175,16 @@ class Admission:
 
         return hint
 
-    def lease(self, budget_ms: float) -> Lease:
+    def lease(self, budget_ms: float, needs: Mapping[str, Need] | None = None) -> Lease:
         """Pin a new session to one replica per backend (module docstring), or raise
-        NoCapacity."""
+        NoCapacity (NoModel: no replica of a backend meets the session's `needs`, by kind)."""
+        needs = dict(needs or {})
         now = self.pool.clock()
         sets = self.pool.sets
-        available = {b.kind: sets[b.kind].available() for b in self.pipeline.backends}
+        available = {
+            b.kind: [r for r in candidates(sets[b.kind], needs.get(b.kind)) if r.available]
+            for b in self.pipeline.backends
+        }
         parts = {  # at first, each backend at its best replica
             kind: min((self._part(r, now) for r in rs), key=_total, default=Estimate())
             for kind, rs in available.items()
@@ -160,14 +204,21 @@ class Admission:
                 lambda r, f=with_rest: f(r).total_ms,
                 lambda r, f=with_rest: f(r).describe(self._order),
                 retry,
+                needs.get(kind),
             )
             parts[kind] = self._part(chosen[kind], now)
         for replica in chosen.values():
             replica.placed()
-        return Lease(chosen, self._sum(parts))
+        return Lease(chosen, self._sum(parts), needs=needs)
 
-    def move_target(self, backend: Backend, failed: Replica) -> Replica | None:
+    def move_target(
+        self, backend: Backend, failed: Replica, need: Need | None = None
+    ) -> Replica | None:
         """Where a running session moves off `failed`: the least-loaded other available
-        replica of its backend, or None."""
-        candidates = [r for r in self.pool.sets[backend.kind].available() if r is not failed]
-        return least_loaded(candidates) if candidates else None
+        replica of its backend that meets its `need`, or None."""
+        try:
+            pool = candidates(self.pool.sets[backend.kind], need)
+        except NoModel:
+            return None
+        others = [r for r in pool if r.available and r is not failed]
+        return least_loaded(others) if others else None

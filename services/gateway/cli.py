@@ -40,9 +40,11 @@ from moshi_grpc.services.gateway.flags import (
     settings_from_args,
 )
 from moshi_grpc.services.gateway.moshi_pipeline import CODEC, LM, MOSHI
+from moshi_grpc.services.gateway.persona import Personas
 from moshi_grpc.services.gateway.pipeline import Pipeline
 from moshi_grpc.services.gateway.servicer import GatewayServicer
 from moshi_grpc.services.gateway.streams import MODES
+from moshi_grpc.services.gateway.voices import VoiceDirectory
 from moshi_grpc.v1 import gateway_pb2_grpc
 
 __all__ = ["add_arguments", "run", "settings_from_args", "start_gateway", "start_pipeline"]
@@ -110,6 +112,8 @@ async def start_pipeline(
     text) per backend kind; backends are probed once before it serves."""
     settings = settings or GatewaySettings()
     _check(settings)
+    # The voices are read and prepared before anything starts: a bad file stops the start.
+    voices = await asyncio.to_thread(VoiceDirectory.load, settings.voice_dir, settings.max_voice_s)
     channels = channels or ChannelSettings(options=BACKEND_CHANNEL_OPTIONS)
     specs = {}
     for backend in pipeline.backends:
@@ -135,7 +139,8 @@ async def start_pipeline(
     await pool.start()
     admission = Admission(pool, pipeline, settings.cost, settings.retry_after_ms)
     state = ServerState()
-    servicer = GatewayServicer(admission, settings, metrics, state)
+    personas = Personas(voices, settings.max_voice_s, metrics, settings.retry_after_ms)
+    servicer = GatewayServicer(admission, settings, metrics, state, personas)
     try:
         server = await start_server(
             config,

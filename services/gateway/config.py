@@ -77,6 +77,13 @@ class GatewaySettings:
     probe_timeout_s: float = 1.0
     # Text safety hook: a text_policy.TextPolicy every text piece passes (None = off).
     text_policy: Any = None
+    # Persona sessions (persona.py, voices.py): the named voices' directory (WAV files,
+    # named by their stems; None = none), the longest voice taken (inline or named), and
+    # how long a backend may take to answer a session's open (the LM applying a persona
+    # prompt) before the session is refused with DEADLINE_EXCEEDED.
+    voice_dir: str | None = None
+    max_voice_s: float = 30.0
+    open_answer_timeout_s: float = 60.0
 
 
 @dataclass
@@ -92,6 +99,7 @@ class SessionParams:
     max_consecutive_misses: int
     client_id: str
     input_pacing: int = gateway_pb2.INPUT_PACING_REAL_TIME
+    persona: Any = None  # persona.PersonaRequest: the checked persona (None: none)
 
 
 def _check_sampling(sp: common_pb2.SamplingParams) -> None:

@@ -142,6 +142,30 @@ SESSION_FLAGS = (
         "or until the recent step samples that caused them expire)",
     ),
 )
+PERSONA_FLAGS = (
+    Flag(
+        "--voice-dir",
+        "voice_dir",
+        "named voices for persona sessions: a directory of WAV files (any rate; channel 0 of "
+        "a multi-channel file), each a voice named by its file's stem (Persona.voice_id; "
+        "Gateway.Info lists them). PersonaPlex's .pt voices are not codes: refused",
+        kind=str,
+    ),
+    Flag(
+        "--max-voice-s",
+        "max_voice_s",
+        "the longest voice prompt taken, seconds (inline voices beyond it are "
+        "INVALID_ARGUMENT; a longer file in --voice-dir stops the start)",
+        "> 0",
+    ),
+    Flag(
+        "--open-answer-timeout-s",
+        "open_answer_timeout_s",
+        "how long the LM may take to apply a session's persona prompt (its answer to the "
+        "session's open) before the session is refused with DEADLINE_EXCEEDED",
+        "> 0",
+    ),
+)
 ADMISSION_FLAGS = (
     Flag(
         "--batch-wait-ms",
@@ -167,6 +191,7 @@ ADMISSION_FLAGS = (
 GROUPS = (
     ("backends", BACKEND_FLAGS),
     ("sessions", SESSION_FLAGS),
+    ("persona sessions", PERSONA_FLAGS),
     ("admission from measured cost", ADMISSION_FLAGS),
 )
 

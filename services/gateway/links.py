@@ -40,13 +40,20 @@ from moshi_grpc.services.gateway.admission import Admission
 from moshi_grpc.services.gateway.budget import StageWatch
 from moshi_grpc.services.gateway.config import GatewaySettings, SessionParams
 from moshi_grpc.services.gateway.ending import StageStalled
-from moshi_grpc.services.gateway.pipeline import BadAnswer, OpenContext, Outcome, Stage
+from moshi_grpc.services.gateway.pipeline import (
+    BadAnswer,
+    OpenAnswer,
+    OpenContext,
+    Outcome,
+    Stage,
+)
 from moshi_grpc.services.gateway.replicas import Lease, Replica
 from moshi_grpc.services.gateway.streams import (
     CLOSED,
     FRAME_S,
     backend_error,
     guarded_write,
+    open_refusal,
     open_stream,
 )
 
@@ -145,7 +152,38 @@ class StageLink:
         self._open_msg = span.stamp(message)
 
     async def send_open(self) -> None:
+        """Send the open; when the stage's backend answers it (`Stage.open_answer`), wait
+        for that answer (at most `GatewaySettings.open_answer_timeout_s`): the session goes
+        live only after it."""
+        sent = self.loop.time()
         await self._guarded(self._open_msg, True)
+        answer = self.stage.open_answer
+        if answer is not None and answer.expected(self._open_msg):
+            msg = await self._open_answer(answer)
+            answer.received(self._open_ctx, msg, self.loop.time() - sent)
+
+    async def _open_answer(self, answer: OpenAnswer) -> Any:
+        limit_s = self.ctx.settings.open_answer_timeout_s
+        try:
+            msg = await asyncio.wait_for(self.call.read(), limit_s)
+        except asyncio.TimeoutError:
+            raise StageStalled(
+                f"{self._where()} did not answer the session's open within {limit_s:g} s "
+                "(--open-answer-timeout-s)"
+            ) from None
+        except grpc.aio.AioRpcError as exc:
+            retry_ms = self.ctx.settings.retry_after_ms
+            raise open_refusal(self.replica, self.stage.name, exc, retry_ms) from None
+        if msg is CLOSED or msg is _EOF:
+            raise BackendUnavailable(f"{self._where()} closed the stream before answering its open")
+        if not answer.matches(msg):
+            raise BackendUnavailable(f"{self._where()} answered a frame before the open")
+        return msg
+
+    def _answers_open(self, msg: Any) -> bool:
+        """`msg` is the backend's answer to an open, not a frame's (see OpenAnswer)."""
+        answer = self.stage.open_answer
+        return answer is not None and answer.matches(msg)
 
     async def _guarded(self, message: Any, is_open: bool = False) -> None:
         retry_ms = self.ctx.settings.retry_after_ms

@@ -133,6 +133,8 @@ class LmLink(StageLink):
                     return None
                 if msg is not _EOF:
                     self._proven = True
+                    if self._answers_open(msg):
+                        continue  # a moved session's prompt is in: the open's answer
                     return self._answered(msg)
                 if self._writes_done:
                     return None
@@ -185,7 +187,9 @@ class LmLink(StageLink):
             return None
         target = None
         if self.failovers < MAX_FAILOVERS:
-            target = self.ctx.admission.move_target(self.stage.backend, failed)
+            kind = self.stage.backend.kind
+            need = self.ctx.lease.needs.get(kind)
+            target = self.ctx.admission.move_target(self.stage.backend, failed, need)
             if target is None and reason is not MoveReason.STALL:
                 log.warning("%s failed and no other LM replica has a free slot", self._where())
         if target is None and reason is not MoveReason.STALL:

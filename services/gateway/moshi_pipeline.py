@@ -9,6 +9,11 @@
 The LM stage is carried by an `LmLink` (the session moves to another LM replica when its
 replica fails, by replaying its history); the codec stages by plain links (a codec failure
 ends the session: Mimi's streaming state is not cheaply replayable).
+
+Before live, a session with a persona (persona.py) runs the pipeline's start step: its
+voice's codes (kept, or encoded on the leased codec replica) and its prompt go into the
+LM's open, and the LM stage waits for the LM's answer to it (PromptReady) before the
+session goes live.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from moshi_grpc import audio
+from moshi_grpc.services.gateway import persona
 from moshi_grpc.services.gateway.links import StageLink
 from moshi_grpc.services.gateway.lm_link import LmLink
 from moshi_grpc.services.gateway.pipeline import (
@@ -45,8 +51,13 @@ def codec_open(ctx: OpenContext) -> codec_pb2.CodecOpen:
 
 
 def lm_open(ctx: OpenContext) -> lm_pb2.LmOpen:
+    """The LM's open: sampling, seed and, with a persona, its prompt (also on a failover's
+    reopen: the new replica applies the prompt, then the replayed history)."""
     return lm_pb2.LmOpen(
-        session_id=ctx.session_id, sampling=ctx.params.sampling, seed=ctx.params.seed
+        session_id=ctx.session_id,
+        sampling=ctx.params.sampling,
+        seed=ctx.params.seed,
+        persona=persona.prompt(ctx),
     )
 
 
@@ -88,7 +99,17 @@ def _lm_stage(rpc: str, takes: str, gives: str, answer: Any) -> Stage:
     The LM steps every session together: a frame may wait one whole step (`phase`)."""
     rpcs = Rpcs.named(lm_pb2, rpc)
     return Stage(
-        rpc.lower(), LM, rpcs, takes, gives, lm_open, codes_request, answer, LmLink, phase=True
+        rpc.lower(),
+        LM,
+        rpcs,
+        takes,
+        gives,
+        lm_open,
+        codes_request,
+        answer,
+        LmLink,
+        phase=True,
+        open_answer=persona.PROMPT_READY,
     )
 
 
@@ -96,5 +117,14 @@ ENCODE = _codec_stage("Encode", FRAMES, USER_CODES, pcm_request, encoded)
 STEP = _lm_stage("Step", USER_CODES, MOSHI_CODES, stepped)
 DECODE = _codec_stage("Decode", MOSHI_CODES, OUTPUT, codes_request, decoded)
 
+
+async def apply_persona(ctx: OpenContext) -> None:
+    """The start step: a persona's voice codes (on the leased codec, through ENCODE's RPC)
+    and prompt for the LM's open (persona.apply); nothing for a session without one."""
+    await persona.apply(ctx, ENCODE)
+
+
 # Admission picks the LM replica first: it is the scarce one.
-MOSHI = Pipeline("moshi", backends=(LM, CODEC), stages=(ENCODE, STEP, DECODE))
+MOSHI = Pipeline(
+    "moshi", backends=(LM, CODEC), stages=(ENCODE, STEP, DECODE), start=(apply_persona,)
+)

@@ -8,13 +8,16 @@ Replica pools, leases, the admission estimate, the stage watch and the metrics a
 the backends and stages declared here, so a new pipeline (another model of the Moshi family,
 a text-only variant) is a new declaration, not an edit of the session.
 
-Two extension points say what happens before a session goes live:
+Three extension points say what happens before a session goes live:
 
 - `Stage.open(ctx)` builds the message that opens a stage's stream: what a backend session
   starts with (its id, sampling, seed, a prompt...). It reads `ctx.values`, which
 - `Pipeline.start` fills: async steps run once the session is admitted and before any stage
   opens, with the session's lease at hand (for example: encode a voice prompt on the leased
   codec replica and leave its codes in `ctx.values` for the LM's open).
+- `Stage.open_answer`: a backend that answers an open before any frame (the LM's
+  PromptReady once a persona prompt is in the model). The stage's link waits for that
+  answer before the session goes live, and never takes it for a frame's.
 
 Today's pipeline is `moshi_pipeline.MOSHI` (encode -> step -> decode).
 """
@@ -97,6 +100,17 @@ StartStep = Callable[[OpenContext], Awaitable[None]]
 
 
 @dataclass(frozen=True)
+class OpenAnswer:
+    """An answer a stage's backend gives to the stream's open, before any frame's."""
+
+    expected: Callable[[Any], bool]  # the open message -> whether it gets such an answer
+    matches: Callable[[Any], bool]  # a backend message -> whether it is that answer
+    # Told the answer, and the seconds from the open's send to it (the first open only: a
+    # stream reopened on another replica gets its answer too, which the link drops).
+    received: Callable[[OpenContext, Any, float], None]
+
+
+@dataclass(frozen=True)
 class Stage:
     """One step of every frame: a stream per session on a replica of `backend`."""
 
@@ -112,6 +126,7 @@ class Stage:
     # Admission: a frame may wait one whole step of this stage before its own (the backend
     # steps all its sessions together and a tick may have just started).
     phase: bool = False
+    open_answer: OpenAnswer | None = None  # see OpenAnswer
 
 
 @dataclass(frozen=True)

@@ -149,11 +149,13 @@ def least_loaded(replicas: Iterable[Replica]) -> Replica:
 
 @dataclass
 class Lease:
-    """A session's pinned replica per backend kind, and the frame latency admission
-    predicted for it there; `release()` is idempotent."""
+    """A session's pinned replica per backend kind, the frame latency admission predicted
+    for it there, and what it needs of a kind's replicas (`admission.Need`, by kind: a move
+    must meet it too); `release()` is idempotent."""
 
     replicas: dict[str, Replica]
     estimate: Estimate | None = None
+    needs: dict = field(default_factory=dict)
     _released: bool = False
 
     def release(self) -> None:

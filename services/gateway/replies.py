@@ -47,15 +47,22 @@ def frames_dropped(first: int, count: int, stalled: bool) -> Response:
     return _event(frames_dropped=dropped)
 
 
-def started(session_id: str, params: SessionParams, lease: Lease, pipeline: Pipeline) -> Response:
-    """`SessionStarted`: each backend's replica in its `<kind>_replica` field, and the model
-    named by the backend that names it (the LM's `model/config`)."""
+def started(
+    session_id: str,
+    params: SessionParams,
+    lease: Lease,
+    pipeline: Pipeline,
+    persona: gateway_pb2.PersonaStarted | None = None,
+) -> Response:
+    """`SessionStarted`: each backend's replica in its `<kind>_replica` field, the model
+    named by the backend that names it (the LM's `model/config`), how a persona was applied."""
     event = gateway_pb2.SessionStarted(
         session_id=session_id,
         budget_ms=params.budget_ms,
         max_consecutive_misses=params.max_consecutive_misses,
         sample_rate=params.sample_rate,
         input_pacing=params.input_pacing,
+        persona=persona,
     )
     fields = gateway_pb2.SessionStarted.DESCRIPTOR.fields_by_name
     for backend in pipeline.backends:

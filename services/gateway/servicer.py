@@ -1,9 +1,11 @@
 """The public `Gateway` servicer: session admission, then one `Session` per Converse stream.
 
-Thin on purpose: validate the first message, pick replicas (admission), open the backend
-streams, send `SessionStarted`, hand over to `Session.pump()`, and always end with a
-`SessionEnded` summary before the status the gateway chose. Refusals carry a retry hint both
-in the message and as trailing metadata `retry-after-ms`.
+Thin on purpose: validate the first message (a persona too: persona.py), pick replicas
+(admission, by the model the session needs), open the backend streams (after the pipeline's
+start steps; a persona's prompt is in the LM when they return), send `SessionStarted`, hand
+over to `Session.pump()`, and always end with a `SessionEnded` summary before the status the
+gateway chose. Refusals for load carry a retry hint both in the message and as trailing
+metadata `retry-after-ms`. `Info` says what the gateway offers (voices, persona model).
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from moshi_grpc import __version__
 from moshi_grpc.services.common import logs, tracing
 from moshi_grpc.services.common.errors import (
     BackendUnavailable,
     CapacityExhausted,
+    ErrorCode,
     InvalidInput,
     OutOfOrder,
     ServiceError,
@@ -28,12 +32,14 @@ from moshi_grpc.services.common.request_streams import check_known_fields
 from moshi_grpc.services.common.server import ServerState
 from moshi_grpc.services.common.status import grpc_status
 from moshi_grpc.services.common.tracing import SessionTrace
-from moshi_grpc.services.gateway import replies
-from moshi_grpc.services.gateway.admission import Admission, NoCapacity
+from moshi_grpc.services.gateway import persona, replies
+from moshi_grpc.services.gateway.admission import Admission, NoCapacity, NoModel
 from moshi_grpc.services.gateway.config import GatewaySettings, session_params
+from moshi_grpc.services.gateway.persona import Personas
 from moshi_grpc.services.gateway.session import Session
 from moshi_grpc.services.gateway.streams import RetryableCapacity
-from moshi_grpc.v1 import gateway_pb2_grpc
+from moshi_grpc.services.gateway.voices import VoiceDirectory
+from moshi_grpc.v1 import gateway_pb2, gateway_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +66,27 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     settings: GatewaySettings
     metrics: GatewayMetrics
     state: ServerState | None = None  # the server's (draining: refuse new sessions)
+    personas: Personas | None = None  # voices and limits of persona sessions (None: no voices)
     sessions: dict[str, Session] = field(default_factory=dict)  # live, by session id
     _client_sessions: dict[str, int] = field(default_factory=dict)  # live, by client key
+
+    def __post_init__(self) -> None:
+        if self.personas is None:
+            self.personas = Personas(
+                VoiceDirectory(),
+                self.settings.max_voice_s,
+                self.metrics,
+                self.settings.retry_after_ms,
+            )
+
+    async def Info(self, request, context: grpc.aio.ServicerContext) -> gateway_pb2.GatewayInfo:
+        lm = self.admission.pool.sets.get(persona.PERSONA_BACKEND)
+        infos = [] if lm is None else [r.info for r in lm.replicas.values() if r.healthy and r.info]
+        return gateway_pb2.GatewayInfo(
+            voices=self.personas.voices.info(),
+            persona=persona.persona_served(infos),
+            version=__version__,
+        )
 
     async def _refuse(
         self, context: grpc.aio.ServicerContext, reason: str, exc: BaseException, retry_ms: int
@@ -98,7 +123,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             check_known_fields(first.config, "SessionConfig")
             check_known_fields(first.config.sampling, "SamplingParams")
             params = session_params(first.config, self.settings)
-        except ValueError:
+            if first.config.HasField("persona"):
+                check_known_fields(first.config.persona, "Persona")
+                params.persona = await self.personas.resolve(first.config.persona)
+        except ValueError:  # NotFound (an unknown voice) too
             self.metrics.sessions_refused.labels("invalid").inc()
             raise
         if self.state is not None and self.state.draining:
@@ -115,8 +143,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             await self._refuse(context, "per_client", exc, retry_ms)
             return
         admission = self.admission
+        needs = {persona.PERSONA_BACKEND: persona.lm_need(params.persona is not None)}
         try:
-            lease = admission.lease(params.budget_ms)
+            lease = admission.lease(params.budget_ms, needs)
+        except NoModel as exc:  # retrying cannot help: no retry hint
+            self.metrics.sessions_refused.labels(exc.reason).inc()
+            log.info("session refused (%s): %s", exc.reason, exc)
+            raise
         except NoCapacity as exc:
             await self._refuse(context, exc.reason, exc, exc.retry_after_ms)
             return
@@ -150,11 +183,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             except BackendUnavailable:
                 self.metrics.sessions_refused.labels("backend_unavailable").inc()
                 raise
+            except ServiceError as exc:  # the persona refused by the LM, its prompt too slow
+                self.metrics.sessions_refused.labels(_refusal_reason(exc)).inc()
+                raise
             started = True
             self.sessions[session_id] = session
             self.metrics.sessions_started.inc()
             self.metrics.sessions_active.inc()
-            await context.write(replies.started(session_id, params, lease, admission.pipeline))
+            persona.count_started(params.persona)
+            await context.write(
+                replies.started(
+                    session_id, params, lease, admission.pipeline, persona.started(params.persona)
+                )
+            )
             log.info(
                 "session started: %d Hz %s, budget %d ms, %s, client %r",
                 params.sample_rate,
@@ -221,3 +262,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise
         except Exception:  # noqa: BLE001 - the client is gone; nothing else to tell it
             log.debug("could not send the summary", exc_info=True)
+
+
+def _refusal_reason(exc: ServiceError) -> str:
+    """The refusal metric's reason for a session refused while it opened its backends: its
+    persona refused by the LM (invalid, wrong_model), or the LM too slow to apply it."""
+    if exc.code is ErrorCode.WRONG_MODEL:
+        return NoModel.reason
+    if exc.code in (ErrorCode.INVALID_INPUT, ErrorCode.NOT_FOUND):
+        return "invalid"
+    return "backend_unavailable"

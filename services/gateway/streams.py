@@ -41,7 +41,14 @@ from typing import Any
 import grpc
 
 from moshi_grpc import audio
-from moshi_grpc.services.common.errors import BackendUnavailable, CapacityExhausted
+from moshi_grpc.services.common.errors import (
+    BackendUnavailable,
+    CapacityExhausted,
+    InvalidInput,
+    NotFound,
+    ServiceError,
+    WrongModel,
+)
 from moshi_grpc.services.common.status import status_code
 
 log = logging.getLogger(__name__)
@@ -106,6 +113,27 @@ def backend_error(
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return RetryableCapacity(f"{what} has no free slot: {exc.details()}", retry_ms)
     return BackendUnavailable(f"{what} failed: {code.name}: {exc.details()}")
+
+
+# A backend's refusal of an open, when what the open carries came from the client (a
+# persona prompt): the client's own error, passed on with the backend's reason.
+_CLIENT_FAULTS: dict[grpc.StatusCode, type[ServiceError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
+    grpc.StatusCode.FAILED_PRECONDITION: WrongModel,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+}
+
+
+def open_refusal(
+    replica: Any, stage: str, exc: grpc.aio.AioRpcError, retry_ms: int
+) -> ServiceError:
+    """Map a backend's refusal of a session's open to the status the client gets: its
+    INVALID_ARGUMENT, FAILED_PRECONDITION and NOT_FOUND pass through (what was refused is
+    the client's input), anything else as `backend_error`."""
+    fault = _CLIENT_FAULTS.get(exc.code())
+    if fault is None:
+        return backend_error(replica, stage, exc, retry_ms)
+    return fault(f"{replica.kind} replica {replica.address} refused the session: {exc.details()}")
 
 
 async def guarded_write(
