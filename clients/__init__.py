@@ -5,8 +5,11 @@
 - Events: `AudioFrame`, `TextPiece`, `SessionStarted`, `BudgetMissed`, `FramesDropped`,
   `Failover`, `TextPolicyApplied`, `SessionEnded` (with a `SessionSummary`).
 - Options: `SessionOptions` (rate, encoding, sampling, seed, budget, input pacing:
-  `REAL_TIME` for live audio, `FLOW_CONTROL` for files), `TlsOptions`,
-  `RetryPolicy`; failures raise `ConverseError` (gRPC code, details, retry hint).
+  `REAL_TIME` for live audio, `FLOW_CONTROL` for files, a `Persona`: voice and role
+  prompt), `TlsOptions`, `RetryPolicy`; failures raise `ConverseError` (gRPC code,
+  details, retry hint).
+- The gateway's offer: `client.info()` (`GatewayInfo`: voices, persona, version),
+  `client.voices()` (`VoiceInfo`).
 - Helpers: `chunk_array`, `read_wav_chunks`, `paced` / `apaced` (real-time pacing).
 """
 
@@ -16,6 +19,7 @@ from .events import (
     BudgetMissed,
     Failover,
     FramesDropped,
+    PersonaStarted,
     ReplyEvent,
     SessionEnded,
     SessionStarted,
@@ -23,6 +27,7 @@ from .events import (
     TextPiece,
     TextPolicyApplied,
 )
+from .info import GatewayInfo, VoiceInfo
 from .latency import LatencyStats
 from .options import (
     FLOW_CONTROL,
@@ -30,6 +35,7 @@ from .options import (
     REAL_TIME,
     ClientConfigError,
     ConverseError,
+    Persona,
     RetryPolicy,
     SessionOptions,
     TlsOptions,
@@ -53,7 +59,10 @@ __all__ = [
     "ConverseResult",
     "Failover",
     "FramesDropped",
+    "GatewayInfo",
     "LatencyStats",
+    "Persona",
+    "PersonaStarted",
     "ReplyEvent",
     "RetryPolicy",
     "SessionEnded",
@@ -63,6 +72,7 @@ __all__ = [
     "TextPiece",
     "TextPolicyApplied",
     "TlsOptions",
+    "VoiceInfo",
     "apaced",
     "chunk_array",
     "paced",

@@ -25,7 +25,8 @@ from .core import (
     whole_signal_fields,
 )
 from .events import ReplyEvent
-from .options import RetryPolicy, SessionOptions
+from .info import GatewayInfo, VoiceInfo
+from .options import ConverseError, RetryPolicy, SessionOptions
 from .result import ConverseResult, EventCallback
 from .source import AsyncRetrySource, Chunk, apaced, chunk_array, read_wav_chunks
 
@@ -40,6 +41,8 @@ class AsyncConversation(ConversationCore):
             on_sent=self._tracker.on_sent,
             before_send=self._window.await_open if self._window else None,
             sample_rate=self._session.sample_rate,
+            # A persona session: no audio before SessionStarted, however long the prompt takes.
+            start_gate_s=None if self._session.persona is not None else 2.0,
         )
 
     def __aiter__(self) -> AsyncIterator[ReplyEvent]:
@@ -100,6 +103,18 @@ class AsyncConverseClient(ClientCore):
     async def wait_ready(self, timeout: float = 10.0) -> None:
         """Wait until the channel connects (raises asyncio.TimeoutError otherwise)."""
         await asyncio.wait_for(self._channel.channel_ready(), timeout)
+
+    async def info(self, timeout: float = 10.0) -> GatewayInfo:
+        """What the gateway offers (see `ConverseClient.info`)."""
+        try:
+            reply = await self._stub.Info(self._info_request(), **self._info_call(timeout))
+        except grpc.aio.AioRpcError as err:
+            raise ConverseError(err.code(), err.details() or "") from None
+        return GatewayInfo.from_proto(reply)
+
+    async def voices(self, timeout: float = 10.0) -> tuple[VoiceInfo, ...]:
+        """The gateway's named voices."""
+        return (await self.info(timeout)).voices
 
     def converse(
         self,

@@ -6,6 +6,12 @@ input) in the wire encoding chosen by `--encoding` (pcm16, float32, G.711 mulaw/
 opus), writes Moshi's reply at the input's sample rate (a wav, or Ogg Opus for an .opus/.ogg
 OUT), the inner-monologue text with `--transcript`, and prints a latency and bit-rate summary
 (client-observed and the gateway's own). Progress goes to stderr on long files.
+
+Persona sessions (a persona model behind the gateway, e.g. NVIDIA PersonaPlex): `--voice
+NAME|FILE --prompt TEXT`, both required together (a persona has a voice and a prompt): NAME is
+one of the gateway's voices (`--list-voices` prints them), FILE a WAV recording sent with the
+session (a path ending in .wav, or any existing file). PersonaPlex's `.pt` voices are refused:
+they are not audio.
 """
 
 from __future__ import annotations
@@ -27,7 +33,15 @@ from .events import (
     SessionStarted,
     TextPolicyApplied,
 )
-from .options import ConverseError, RetryPolicy, SessionOptions, TlsOptions, pacing_for
+from .options import (
+    ClientConfigError,
+    ConverseError,
+    Persona,
+    RetryPolicy,
+    SessionOptions,
+    TlsOptions,
+    pacing_for,
+)
 
 ADDR_ENV = "MOSHI_GRPC_ADDR"
 TOKEN_ENV = "MOSHI_GRPC_AUTH_TOKEN"  # the same variable the services read
@@ -38,10 +52,16 @@ PROGRESS_EVERY_S = 5.0  # one progress line per this much reply audio
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "input", metavar="IN", help="wav (mixed down to mono) or .opus/.ogg file to send"
+        "input",
+        metavar="IN",
+        nargs="?",
+        help="wav (mixed down to mono) or .opus/.ogg file to send",
     )
     parser.add_argument(
-        "output", metavar="OUT", help="where to write Moshi's reply: .wav, or .opus/.ogg"
+        "output",
+        metavar="OUT",
+        nargs="?",
+        help="where to write Moshi's reply: .wav, or .opus/.ogg",
     )
     parser.add_argument("--transcript", metavar="PATH", help="write the text pieces here")
     parser.add_argument(
@@ -82,6 +102,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(an .opus/.ogg IN is sent as is)",
     )
     s.add_argument("--client-id", default="moshi-grpc-cli", help="label in the gateway's logs")
+    p = parser.add_argument_group("persona (a persona model behind the gateway, e.g. PersonaPlex)")
+    p.add_argument(
+        "--voice",
+        metavar="NAME|FILE",
+        help="the model's voice: one of the gateway's voices (--list-voices), or a WAV file "
+        "sent with the session (channel 0; at most the gateway's --max-voice-s, 30 s by "
+        "default); needs --prompt",
+    )
+    p.add_argument(
+        "--prompt", metavar="TEXT", help="the model's role (system prompt); needs --voice"
+    )
+    p.add_argument(
+        "--list-voices",
+        action="store_true",
+        help="print the gateway's voices and whether it serves personas, then exit (no IN/OUT)",
+    )
     c = parser.add_argument_group("client")
     c.add_argument("--chunk-ms", type=float, default=80.0, help="audio per message")
     c.add_argument(
@@ -109,6 +145,21 @@ def _tls(args: argparse.Namespace) -> TlsOptions | None:
     )
 
 
+def _persona(args: argparse.Namespace) -> Persona | None:
+    """--voice and --prompt as a Persona; both or neither (a persona has a voice and a
+    prompt: PersonaPlex needs both, and the contract requires both)."""
+    if args.voice is None and args.prompt is None:
+        return None
+    if args.voice is None:
+        raise ClientConfigError(
+            "--prompt needs --voice: a persona has a voice and a prompt (a name from "
+            "--list-voices, or a WAV file)"
+        )
+    if args.prompt is None:
+        raise ClientConfigError("--voice needs --prompt: a persona has a voice and a prompt")
+    return Persona.from_voice(args.voice, args.prompt)
+
+
 def _session(args: argparse.Namespace, sample_rate: int) -> SessionOptions:
     text_t = args.text_temperature if args.text_temperature is not None else args.temperature
     audio_t = args.audio_temperature if args.audio_temperature is not None else args.temperature
@@ -124,6 +175,7 @@ def _session(args: argparse.Namespace, sample_rate: int) -> SessionOptions:
         max_consecutive_misses=args.max_consecutive_misses,
         client_id=args.client_id,
         input_pacing=pacing_for(args.realtime),
+        persona=_persona(args),
     )
 
 
@@ -202,6 +254,7 @@ def _summary(result, in_s: float, wall_s: float, args: argparse.Namespace) -> di
             "p95": round(srv.latency_p95_ms, 2),
             "p99": round(srv.latency_p99_ms, 2),
         },
+        "persona": None if st is None or st.persona is None else vars(st.persona),
         "end_reason": srv.reason if srv else None,
         "transcript_chars": len(result.transcript),
         "output": str(args.output),
@@ -228,6 +281,15 @@ def _print_summary(s: dict) -> None:
         f"{s['silence_frames']} silence, {s['budget_misses']} budget misses, "
         f"{s['frames_dropped']} dropped; end: {s['end_reason']}"
     )
+    p = s["persona"]
+    if p is not None:
+        voice = f"voice {p['voice_id']} (named)" if p["voice_id"] else "voice inline"
+        encode = f"{p['voice_encode_ms']:.1f} ms" if p["voice_encode_ms"] else "kept codes"
+        print(
+            f"persona: {voice}, {p['voice_frames']} voice frames, {p['prompt_frames']} prompt "
+            f"frames, {'cached' if p['cached'] else 'prefilled'}; voice encode {encode}, "
+            f"prompt ready {p['prompt_ready_ms']:.1f} ms"
+        )
     c = s["client_latency_ms"]
     first = "n/a" if c["first_audio"] is None else f"{c['first_audio']:.1f} ms"
     print(
@@ -291,6 +353,28 @@ def _write_reply(args: argparse.Namespace, result, rate: int) -> None:
     audio.write_wav(args.output, result.audio, rate, encoding=encoding)
 
 
+def _list_voices(args: argparse.Namespace, token: str | None) -> int:
+    from .sync_client import ConverseClient
+
+    try:
+        with ConverseClient(args.addr, tls=_tls(args), token=token) as client:
+            info = client.info(timeout=args.timeout or 10.0)
+    except (ConverseError, ValueError) as exc:
+        print(f"converse: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"persona": info.persona, "version": info.version,
+                          "voices": [vars(v) for v in info.voices]}))  # fmt: skip
+        return 0
+    served = "serves" if info.persona else "does not serve"
+    print(f"gateway {args.addr} (moshi-grpc {info.version}) {served} persona sessions")
+    for v in info.voices:
+        print(f"  {v.voice_id}  {v.duration_s:.1f} s  {v.frames} frames")
+    if not info.voices:
+        print("  no named voices (the gateway has no --voice-dir); --voice FILE.wav still works")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from moshi_grpc import audio
 
@@ -298,6 +382,12 @@ def run(args: argparse.Namespace) -> int:
     from .source import paced
     from .sync_client import ConverseClient
 
+    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
+    if args.list_voices:
+        return _list_voices(args, token)
+    if args.input is None or args.output is None:
+        print("converse: IN and OUT are required (or --list-voices)", file=sys.stderr)
+        return 2
     try:
         samples, rate = audio.read_audio(args.input)
         chunks, rate = _input_chunks(args, samples, rate)
@@ -308,7 +398,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"converse: {exc}", file=sys.stderr)
         return 2
     in_s = len(samples) / rate
-    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
     window = None
     if args.realtime:
         chunks = paced(chunks, rate, args.encoding)

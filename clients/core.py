@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from moshi_grpc.v1 import gateway_pb2, gateway_pb2_grpc
+from moshi_grpc.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 from .events import (
     OGG_OPUS,
@@ -112,6 +112,14 @@ class ClientCore:
 
     def _open_channel(self) -> Any:
         raise NotImplementedError
+
+    @staticmethod
+    def _info_request() -> common_pb2.InfoRequest:
+        return common_pb2.InfoRequest()
+
+    def _info_call(self, timeout: float) -> dict[str, Any]:
+        """Keyword arguments of a `Gateway.Info` call: the token, a deadline."""
+        return {"metadata": self._opts.metadata(), "timeout": timeout}
 
     def _call_settings(
         self, timeout: float | None, retry: RetryPolicy | None, window_frames: int | None

@@ -69,8 +69,22 @@ class TextPiece:
 
 
 @dataclass(frozen=True)
+class PersonaStarted:
+    """How a session's persona was applied before it went live (`voice_id` "" for an inline
+    voice; `voice_encode_ms` 0 when the named voice's codes were kept)."""
+
+    voice_id: str
+    voice_frames: int
+    prompt_frames: int
+    cached: bool
+    voice_encode_ms: float
+    prompt_ready_ms: float
+
+
+@dataclass(frozen=True)
 class SessionStarted:
-    """First event of every session: its id, the replicas it is pinned to, effective limits."""
+    """First event of every session: its id, the replicas it is pinned to, effective limits,
+    and, with a persona, how it was applied."""
 
     session_id: str
     codec_replica: str
@@ -79,6 +93,7 @@ class SessionStarted:
     max_consecutive_misses: int
     sample_rate: int
     model: str
+    persona: PersonaStarted | None = None
 
 
 @dataclass(frozen=True)
@@ -192,6 +207,17 @@ def from_response(
     which = ev.WhichOneof("kind")
     if which == "started":
         s = ev.started
+        persona = None
+        if s.HasField("persona"):
+            p = s.persona
+            persona = PersonaStarted(
+                p.voice_id,
+                p.voice_frames,
+                p.prompt_frames,
+                p.cached,
+                p.voice_encode_ms,
+                p.prompt_ready_ms,
+            )
         return SessionStarted(
             s.session_id,
             s.codec_replica,
@@ -200,6 +226,7 @@ def from_response(
             s.max_consecutive_misses,
             s.sample_rate,
             s.model,
+            persona,
         )
     if which == "budget_missed":
         b = ev.budget_missed

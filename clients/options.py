@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import numpy as np
 
 from moshi_grpc.v1 import common_pb2, gateway_pb2
 
@@ -156,6 +157,96 @@ def retry_after_ms(metadata: Iterable[tuple[str, str | bytes]] | None) -> int | 
 
 
 @dataclass(frozen=True)
+class Persona:
+    """A voice and a role for the model, applied by the gateway before the session goes live
+    (it needs a persona model behind it, e.g. NVIDIA PersonaPlex: `client.info().persona`).
+
+    The voice is either a name the gateway serves (`voice_id`; `client.voices()` lists them)
+    or a recording sent with the session (`voice_samples`, mono, at `voice_rate` Hz; at most
+    the gateway's `--max-voice-s`, 30 s by default, and at least 0.4 s). `Persona.named`,
+    `Persona.from_wav` and `Persona.from_voice` (a name or a WAV path, as the CLI's
+    `--voice`) build one. The contract gives a persona a voice and a prompt, both required.
+    """
+
+    prompt: str
+    voice_id: str | None = None
+    voice_samples: np.ndarray | None = field(default=None, repr=False, compare=False)
+    voice_rate: int = 24000
+
+    def __post_init__(self) -> None:
+        if not self.prompt.strip():
+            raise ClientConfigError("persona: the prompt is empty; a persona needs a role prompt")
+        if (self.voice_id is None) == (self.voice_samples is None):
+            raise ClientConfigError(
+                "persona: give exactly one voice, a voice_id or voice_samples (a persona has "
+                "a voice and a prompt)"
+            )
+        if self.voice_id is not None and not self.voice_id:
+            raise ClientConfigError("persona: voice_id is empty")
+        if self.voice_samples is not None:
+            x = np.asarray(self.voice_samples)
+            if x.ndim != 1 or x.size == 0:
+                raise ClientConfigError("persona: voice_samples must be a non-empty mono array")
+            if not np.isfinite(x).all():
+                raise ClientConfigError("persona: voice_samples has NaN or infinite samples")
+            if not 8000 <= self.voice_rate <= 48000:
+                raise ClientConfigError(
+                    f"persona: voice_rate must be 8000..48000 Hz, got {self.voice_rate}"
+                )
+
+    @classmethod
+    def named(cls, voice_id: str, prompt: str) -> Persona:
+        """One of the gateway's voices (Gateway.Info)."""
+        return cls(prompt, voice_id=voice_id)
+
+    @classmethod
+    def from_wav(cls, path: str | Path, prompt: str) -> Persona:
+        """A WAV file's channel 0 as the voice (what PersonaPlex takes of a voice file).
+        PersonaPlex's `.pt` voices are refused: they are not audio."""
+        from moshi_grpc import audio
+
+        path = Path(path)
+        if path.suffix.lower() == ".pt":
+            raise ClientConfigError(
+                f"persona: {path} is a PersonaPlex .pt voice (precomputed embeddings of one "
+                "checkpoint, not audio); the supported voice format is a WAV file"
+            )
+        try:
+            samples, rate = audio.read_wav(path, channel=0)
+        except OSError as exc:
+            raise ClientConfigError(f"persona: cannot read {path}: {exc.strerror}") from None
+        except audio.AudioFormatError as exc:
+            raise ClientConfigError(f"persona: {exc} (the voice must be a WAV file)") from None
+        return cls(prompt, voice_samples=samples, voice_rate=rate)
+
+    @classmethod
+    def from_voice(cls, voice: str | Path, prompt: str) -> Persona:
+        """`voice` as the CLI's `--voice` takes it: a path ending in .wav (or .pt, refused),
+        or an existing file, is a recording sent inline; anything else a voice_id."""
+        path = Path(voice)
+        if path.suffix.lower() in (".wav", ".pt") or path.is_file():
+            return cls.from_wav(path, prompt)
+        return cls.named(str(voice), prompt)
+
+    def to_proto(self) -> gateway_pb2.Persona:
+        """The wire message. A recording goes losslessly: as PCM16 when every sample is a
+        16-bit value (a PCM16 file), else as float32."""
+        if self.voice_id is not None:
+            return gateway_pb2.Persona(voice_id=self.voice_id, prompt=self.prompt)
+        x = np.asarray(self.voice_samples, dtype=np.float32)
+        scaled = x.astype(np.float64) * 32768.0
+        if (
+            np.array_equal(scaled, np.round(scaled))
+            and -32768 <= scaled.min() <= scaled.max() < 32768
+        ):
+            data, encoding = scaled.astype("<i2").tobytes(), gateway_pb2.AUDIO_ENCODING_PCM16
+        else:
+            data, encoding = x.astype("<f4").tobytes(), gateway_pb2.AUDIO_ENCODING_FLOAT32
+        voice = gateway_pb2.VoiceAudio(data=data, encoding=encoding, sample_rate=self.voice_rate)
+        return gateway_pb2.Persona(voice_audio=voice, prompt=self.prompt)
+
+
+@dataclass(frozen=True)
 class SessionOptions:
     """What the first message of a session (`SessionConfig`) says; None = server default."""
 
@@ -170,6 +261,10 @@ class SessionOptions:
     max_consecutive_misses: int | None = None
     client_id: str = ""
     input_pacing: str | None = None  # REAL_TIME | FLOW_CONTROL; None = the gateway's (real time)
+    # A voice and a role (needs a persona model behind the gateway). The SDK then sends no
+    # audio before SessionStarted: the gateway applies the prompt first (seconds, maybe),
+    # and live audio sent meanwhile would arrive late, all at once.
+    persona: Persona | None = None
 
     def __post_init__(self) -> None:
         if not 8000 <= self.sample_rate <= 48000:
@@ -199,6 +294,8 @@ class SessionOptions:
             raise ClientConfigError(
                 f"input_pacing must be one of {sorted(PACINGS)}, got {self.input_pacing!r}"
             )
+        if self.persona is not None and not isinstance(self.persona, Persona):
+            raise ClientConfigError("persona must be a Persona")
 
     def to_proto(self) -> gateway_pb2.ConverseRequest:
         sampling = common_pb2.SamplingParams()
@@ -220,6 +317,8 @@ class SessionOptions:
             config.max_consecutive_misses = self.max_consecutive_misses
         if self.input_pacing is not None:
             config.input_pacing = PACINGS[self.input_pacing]
+        if self.persona is not None:
+            config.persona.CopyFrom(self.persona.to_proto())
         return gateway_pb2.ConverseRequest(config=config)
 
 

@@ -295,7 +295,14 @@ class RetrySource(_RetryBuffer):
     gRPC's sync client consumes request iterators on its own thread, so pulls are serialised
     by a lock: a refused attempt's generator may still be inside `next()` when the retry
     begins, and the chunk it pulls must reach the retry, not vanish.
+
+    With `start_gate` (a persona session) nothing is pulled from the caller before the
+    session started (its first reply): a real-time source (`paced`) starts its clock at the
+    first pull, and the gateway reads no audio while it applies the persona's prompt.
     """
+
+    # How often a gated request stream checks whether its attempt is still the current one.
+    GATE_POLL_S = 0.05
 
     def __init__(
         self,
@@ -304,11 +311,14 @@ class RetrySource(_RetryBuffer):
         on_sent=None,
         before_send=None,
         sample_rate: int = 24000,
+        start_gate: bool = False,
     ) -> None:
         super().__init__(encoding, on_sent, before_send, sample_rate)
         self._it = iter(chunks)
         self._pull_lock = threading.Lock()
         self._lock = threading.Lock()
+        self._gate = start_gate
+        self._started_evt = threading.Event()
 
     def new_attempt(self) -> int:
         with self._lock:
@@ -319,6 +329,20 @@ class RetrySource(_RetryBuffer):
     def mark_started(self) -> None:
         with self._lock:
             self._started = True
+        self._started_evt.set()
+
+    def close(self) -> None:
+        """No attempt will follow: end every request stream still waiting at the gate."""
+        with self._lock:
+            self._generation += 1
+        self._started_evt.set()
+
+    def _wait_started(self, generation: int) -> bool:
+        """Wait at the gate until the session started; False if this attempt ended first."""
+        while not self._started_evt.wait(self.GATE_POLL_S):
+            if generation != self._generation:
+                return False
+        return generation == self._generation
 
     def _get(self, i: int) -> tuple[bytes, int] | None:
         with self._pull_lock:
@@ -344,6 +368,8 @@ class RetrySource(_RetryBuffer):
     ) -> Iterator[gateway_pb2.ConverseRequest]:
         """The request stream of one attempt: the config, then every chunk from the start."""
         yield first
+        if self._gate and not self._wait_started(generation):
+            return
         i = self._first_index()
         while True:
             if self._before_send is not None:
@@ -362,7 +388,8 @@ class AsyncRetrySource(_RetryBuffer):
     """`RetrySource` for asyncio: one event loop, so only the pull needs serialising.
 
     It also holds audio back until the session has started (first reply) or `start_gate_s`
-    passed. grpc.aio reports a failed write as INTERNAL and overwrites the server's real status
+    passed (None: until it started, for a persona session, like `RetrySource`'s gate).
+    grpc.aio reports a failed write as INTERNAL and overwrites the server's real status
     (grpc/grpc#36066), so audio written while the gateway refuses the session would turn a
     retryable RESOURCE_EXHAUSTED into INTERNAL. Waiting for SessionStarted costs one round trip
     at the start; the audio is not lost, only queued.
@@ -373,7 +400,7 @@ class AsyncRetrySource(_RetryBuffer):
         chunks: Iterable[Chunk] | AsyncIterable[Chunk],
         encoding: str,
         on_sent=None,
-        start_gate_s: float = 2.0,
+        start_gate_s: float | None = 2.0,
         before_send=None,
         sample_rate: int = 24000,
     ) -> None:
@@ -418,7 +445,7 @@ class AsyncRetrySource(_RetryBuffer):
         self, first: gateway_pb2.ConverseRequest, generation: int
     ) -> AsyncIterator[gateway_pb2.ConverseRequest]:
         yield first
-        if not self._started and self._gate_s > 0:
+        if not self._started and (self._gate_s is None or self._gate_s > 0):
             try:
                 await asyncio.wait_for(self._started_evt.wait(), self._gate_s)
             except asyncio.TimeoutError:

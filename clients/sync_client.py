@@ -21,7 +21,8 @@ import numpy as np
 
 from .core import ClientCore, ConversationCore, session_from, whole_signal_fields
 from .events import ReplyEvent
-from .options import RetryPolicy, SessionOptions
+from .info import GatewayInfo, VoiceInfo
+from .options import ConverseError, RetryPolicy, SessionOptions
 from .result import ConverseResult, EventCallback
 from .source import Chunk, RetrySource, chunk_array, paced, read_wav_chunks
 
@@ -41,6 +42,7 @@ class Conversation(ConversationCore):
             on_sent=self._tracker.on_sent,
             before_send=self._window.wait if self._window else None,
             sample_rate=self._session.sample_rate,
+            start_gate=self._session.persona is not None,
         )
 
     def __iter__(self) -> Iterator[ReplyEvent]:
@@ -54,24 +56,27 @@ class Conversation(ConversationCore):
         return ConverseResult.gather(self, on_event=on_event)
 
     def _events(self) -> Iterator[ReplyEvent]:
-        deadline = self._deadline()
-        first = self._session.to_proto()
-        while True:
-            call = self._open_call(first, deadline)
-            try:
-                for resp in call:
-                    event = self._on_reply(resp)
-                    if event is not None:
-                        yield event
-                self._raise_source_error()
-                return
-            except grpc.RpcError as err:
-                time.sleep(self._retry_delay(err, deadline))
-                continue
-            finally:
-                # Leaving early (break, exception in the caller's loop) must end the RPC so
-                # the gateway frees the session's slots at once.
-                call.cancel()
+        try:
+            deadline = self._deadline()
+            first = self._session.to_proto()
+            while True:
+                call = self._open_call(first, deadline)
+                try:
+                    for resp in call:
+                        event = self._on_reply(resp)
+                        if event is not None:
+                            yield event
+                    self._raise_source_error()
+                    return
+                except grpc.RpcError as err:
+                    time.sleep(self._retry_delay(err, deadline))
+                    continue
+                finally:
+                    # Leaving early (break, exception in the caller's loop) must end the RPC
+                    # so the gateway frees the session's slots at once.
+                    call.cancel()
+        finally:
+            self._source.close()  # a request stream waiting at the start gate ends
 
 
 class ConverseClient(ClientCore):
@@ -98,6 +103,19 @@ class ConverseClient(ClientCore):
     def wait_ready(self, timeout: float = 10.0) -> None:
         """Block until the channel connects (raises grpc.FutureTimeoutError otherwise)."""
         grpc.channel_ready_future(self._channel).result(timeout=timeout)
+
+    def info(self, timeout: float = 10.0) -> GatewayInfo:
+        """What the gateway offers: its named voices, whether it serves personas, its
+        version (`ConverseError` with the status when the call fails)."""
+        try:
+            reply = self._stub.Info(self._info_request(), **self._info_call(timeout))
+        except grpc.RpcError as err:
+            raise ConverseError(err.code(), err.details() or "") from None
+        return GatewayInfo.from_proto(reply)
+
+    def voices(self, timeout: float = 10.0) -> tuple[VoiceInfo, ...]:
+        """The gateway's named voices (`Persona.named(voice_id, prompt)`)."""
+        return self.info(timeout).voices
 
     def converse(
         self,

@@ -93,6 +93,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flags.add_cpu_forms_flag(parser)
     parser.add_argument("--budget-ms", type=int, default=200, help="default per-frame budget")
     parser.add_argument(
+        "--voice-dir",
+        default=None,
+        help="the gateway's named voices for persona sessions (WAV files, named by their "
+        "stems); a persona needs a persona LM, e.g. --lm-config personaplex-small",
+    )
+    parser.add_argument(
         "--start-timeout-s",
         type=float,
         default=600.0,
@@ -183,7 +189,10 @@ def _own_args(args: argparse.Namespace, name: str) -> list[str]:
         if args.tokenizer:
             out += ["--tokenizer", args.tokenizer]
         return out
-    return ["--budget-ms", str(args.budget_ms)]
+    out = ["--budget-ms", str(args.budget_ms)]
+    if args.voice_dir:
+        out += ["--voice-dir", args.voice_dir]
+    return out
 
 
 def _spawn(

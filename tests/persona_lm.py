@@ -59,6 +59,7 @@ class PersonaLm(lm_pb2_grpc.LMServicer):
         self.release = asyncio.Event()
         self.release.set()
         self.opened = asyncio.Event()  # set at every open
+        self.prompts_ready = 0  # PromptReady answers given
         self._applied: set[tuple[tuple[int, ...], str]] = set()
         self.live = 0
         self.server: grpc.aio.Server | None = None
@@ -108,6 +109,7 @@ class PersonaLm(lm_pb2_grpc.LMServicer):
         ready = lm_pb2.PromptReady(
             prefix_frames=frames, cached=cached, cached_frames=frames if cached else 0
         )
+        self.prompts_ready += 1
         return session, lm_pb2.StepOutput(index=0, ready=False, prompt=ready)
 
     async def Step(self, request_iterator, context):

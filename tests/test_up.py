@@ -107,3 +107,21 @@ def test_up_backends_get_the_same_defaults_as_backends_started_alone() -> None:
         alone = service.parse_args([])
         for flag in ("max_sessions", "cpu_forms", "cuda_graphs", "max_wait_ms"):
             assert getattr(via_up, flag) == getattr(alone, flag), (name, flag)
+
+
+def test_up_passes_the_voice_directory_to_the_gateway(tmp_path) -> None:
+    """`up --voice-dir DIR` is the gateway's `--voice-dir DIR` (persona sessions' voices);
+    without it the gateway has none."""
+    import argparse
+
+    from moshi_grpc.services import up
+    from moshi_grpc.services.gateway import cli as gateway_cli
+
+    parser = argparse.ArgumentParser()
+    up.add_arguments(parser)
+    backends = ["--codec-addr", "127.0.0.1:1", "--lm-addr", "127.0.0.1:2"]
+    for argv, want in (([], None), (["--voice-dir", str(tmp_path)], str(tmp_path))):
+        gateway = argparse.ArgumentParser()
+        gateway_cli.add_arguments(gateway)
+        got = gateway.parse_args([*up._service_args(parser.parse_args(argv), "gateway"), *backends])
+        assert gateway_cli.settings_from_args(got).voice_dir == want

@@ -83,7 +83,7 @@ class GatewaySettings:
     # prompt) before the session is refused with DEADLINE_EXCEEDED.
     voice_dir: str | None = None
     max_voice_s: float = 30.0
-    open_answer_timeout_s: float = 60.0
+    open_answer_timeout_s: float = 20.0
 
 
 @dataclass
