@@ -63,6 +63,7 @@ def test_every_session_and_admission_flag_reaches_its_setting(tmp_path) -> None:
     default = GatewaySettings()
     argv = [f"{flag}={value}" for flag, (_, value) in given.items()]
     settings = cli.settings_from_args(_args(*argv, "--no-lm-failover", "--text-policy", str(rules)))
+
     def read(obj, path: str):
         for name in path.split("."):
             obj = getattr(obj, name)

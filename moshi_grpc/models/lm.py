@@ -725,7 +725,9 @@ class LMModel(nn.Module):
 # Loading
 # --------------------------------------------------------------------------------------------
 
-_DEPFORMER_STEP = re.compile(r"^(depformer_in|linears|depformer_emb)\.(\d+)\.|^depformer\.layers\.\d+\.gating\.(\d+)\.")
+_DEPFORMER_STEP = re.compile(
+    r"^(depformer_in|linears|depformer_emb)\.(\d+)\.|^depformer\.layers\.\d+\.gating\.(\d+)\."
+)
 
 
 def _served_depformer_steps(
