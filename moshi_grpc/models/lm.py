@@ -757,14 +757,29 @@ def _served_depformer_steps(
                 dropped.append(f"{key}[{q * rows}:{t.shape[0]}]")
                 t = t[: q * rows]
         kept[key] = t
+    d = cfg.depformer_dim
     logger.info(
         "%s: PersonaPlex depformer steps %d..%d (the user's codebooks, teacher-forced by the "
-        "reference) are not used: %d tensors and row ranges left out: %s",
+        "reference) are not used (%d tensors and row ranges): depformer_in.%d..%d, "
+        "linears.%d..%d, depformer_emb.%d..%d, depformer.layers.*.gating.%d..%d, rows "
+        "%d..%d of depformer.layers.*.self_attn.in_proj_weight and %d..%d of its "
+        "out_proj.weight",
         source,
         q,
         steps - 1,
         len(dropped),
-        ", ".join(sorted(dropped)[:8]) + (" ..." if len(dropped) > 8 else ""),
+        q,
+        steps - 1,
+        q,
+        steps - 1,
+        q - 1,
+        steps - 2,
+        q,
+        steps - 1,
+        q * 3 * d,
+        steps * 3 * d - 1,
+        q * d,
+        steps * d - 1,
     )
     return kept
 
