@@ -203,7 +203,7 @@ def test_a_personaplex_file_under_a_moshiko_config_is_detected_and_its_unused_st
     golden, weights, caplog
 ) -> None:
     cfg = dict(golden["config_dict"], dep_q=8)  # moshiko's config keys, PersonaPlex's file
-    with caplog.at_level(logging.INFO, logger="moshi_grpc.models.lm"):
+    with caplog.at_level(logging.INFO, logger="moshi_grpc.models"):
         lm = load_lm(weights, cfg)
     assert lm.config.persona and lm.config.to_dict()["dep_q"] == 16
     logged = " ".join(r.getMessage() for r in caplog.records)
