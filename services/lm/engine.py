@@ -26,7 +26,7 @@ from moshi_grpc.services.common.batching import (
 )
 from moshi_grpc.services.common.buckets import TickPlan
 from moshi_grpc.services.common.cuda_graphs import use_cuda_graphs
-from moshi_grpc.services.common.device import exact_float32, torch_dtype
+from moshi_grpc.services.common.device import exact_float32, free_memory, torch_dtype
 from moshi_grpc.services.common.metrics import LmMetrics
 from moshi_grpc.services.common.runner import RowRunner
 from moshi_grpc.services.lm.prefix_cache import PrefixCache
@@ -115,6 +115,8 @@ def load_lm_model(options: LmOptions) -> tuple[Any, Any]:
     from moshi_grpc.models.text import TextTokenizer
 
     exact_float32(options.device, dtype)
+    if torch.device(options.device).type == "cuda":
+        _check_fits(options, dtype)
     lm = load_lm(
         options.weights,
         config=options.config,
@@ -124,6 +126,19 @@ def load_lm_model(options: LmOptions) -> tuple[Any, Any]:
     )
     prepare_lm_for_cpu(lm, options.cpu_forms)  # faster CPU kernels; nothing elsewhere
     return lm, TextTokenizer(options.tokenizer)
+
+
+def _check_fits(options: LmOptions, dtype: torch.dtype) -> None:
+    """Refuse, before allocating anything, an LM whose weights and slots cannot fit the
+    CUDA device's free memory (a 7B in float32 with 16 slots needs ~75 GiB): seconds and
+    the figures, instead of an out-of-memory error minutes into the load."""
+    from moshi_grpc.models.lm import resolve_config
+    from moshi_grpc.models.memory_plan import check_lm_fits
+
+    cfg, _ = resolve_config(options.config)
+    check_lm_fits(
+        cfg, dtype, options.max_sessions, free_memory(options.device), what=options.device
+    )
 
 
 def make_generator(model: str, lm: Any, num_rows: int) -> Any:
