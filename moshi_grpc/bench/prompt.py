@@ -67,7 +67,10 @@ def run_prompt(lm: Any, args: argparse.Namespace) -> dict[str, Any]:
 
     cfg = lm.config
     g = torch.Generator().manual_seed(0)
-    voice = torch.randint(0, cfg.card, (max(1, round(args.voice_s * 12.5)), cfg.dep_q), generator=g)
+    # (a small context, e.g. a smoke test's preset, takes a shorter prompt)
+    n_tokens = max(1, min(args.prompt_tokens, (cfg.context - 14) // 2))
+    n_voice = max(1, min(round(args.voice_s * 12.5), cfg.context - n_tokens - 14))
+    voice = torch.randint(0, cfg.card, (n_voice, cfg.dep_q), generator=g)
     live = max(1, args.live)
     rows = live + 2
     runner = GenRunner(LMGen(lm, rows), rows, lm.device.type == "cuda", PrefixCache(2**32), "b")
@@ -76,7 +79,7 @@ def run_prompt(lm: Any, args: argparse.Namespace) -> dict[str, Any]:
 
     def tokens(seed: int) -> list[int]:
         gen = torch.Generator().manual_seed(seed)
-        return torch.randint(4, cfg.text_card, (args.prompt_tokens,), generator=gen).tolist()
+        return torch.randint(4, cfg.text_card, (n_tokens,), generator=gen).tolist()
 
     def prompt(slot: int, seed: int) -> tuple[Start, Any]:
         runner.join(slot, JoinPayload(SamplingConfig(), slot))
@@ -97,7 +100,12 @@ def run_prompt(lm: Any, args: argparse.Namespace) -> dict[str, Any]:
     stepwise_s = (time.perf_counter() - t0) * (frames - 1) / n
     del solo
     # 2. our prefill, no live session beside it; 3. the same prompt again, from the cache
-    out: dict[str, Any] = {"frames": frames, "stepwise_s": stepwise_s}
+    out: dict[str, Any] = {
+        "frames": frames,
+        "voice_frames": n_voice,
+        "text_tokens": n_tokens,
+        "stepwise_s": stepwise_s,
+    }
     for slot, key in ((0, "prefill_s"), (1, "cached_s")):
         start, _ = prompt(slot, 0)
         t0 = time.perf_counter()
@@ -151,8 +159,9 @@ def run_prompt(lm: Any, args: argparse.Namespace) -> dict[str, Any]:
 def report(lm: Any, args: argparse.Namespace, r: dict[str, Any]) -> None:
     print(
         f"Moshi LM persona prompts: config {lm.config_name} (PersonaPlex layout), dtype "
-        f"{args.dtype}, device {args.device}, {args.threads} threads; voice {args.voice_s:g} s, "
-        f"{args.prompt_tokens} text tokens: {r['frames']} prompt frames"
+        f"{args.dtype}, device {args.device}, {args.threads} threads; voice "
+        f"{r['voice_frames'] * 0.08:g} s, {r['text_tokens']} text tokens: {r['frames']} prompt "
+        "frames"
     )
     print(f"  prefill, open to ready          {r['prefill_s'] * 1e3:10.1f} ms")
     print(

@@ -117,6 +117,11 @@ def persona_plan(
         raise PersonaError(f"voice codes must be in [0, {card})")
     if not tokens:
         raise PersonaError("the persona's text prompt is empty")
+    if max(SILENCE_TOKENS + SINE_TOKENS) >= card:
+        raise PersonaError(
+            f"the model's codebooks hold {card} codes: too few for PersonaPlex's silence and "
+            "sine frames (its codebooks hold 2048)"
+        )
     text, moshi, user = prompt_frames(voice.to("cpu", torch.long), tokens, pad)
     frames = int(text.shape[0])
     if frames >= context:
