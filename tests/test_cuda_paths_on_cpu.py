@@ -45,6 +45,7 @@ from moshi_grpc.models.mimi import load_mimi
 from moshi_grpc.services.codec import engine as codec_engine
 from moshi_grpc.services.common import cuda_graphs
 from moshi_grpc.services.common import runner as row_runner
+from moshi_grpc.services.common.batching import DEFERRED
 from moshi_grpc.services.common.buckets import bucket_ladder
 from moshi_grpc.services.lm import engine as lm_engine
 
@@ -172,11 +173,18 @@ def lm_tick(runner: lm_engine.GenRunner, frames: dict[int, dict]) -> list[tuple]
     payloads = []
     for f in frames.values():
         if "prefill" in f:
-            payloads.append(lm_engine.Prefill(*f["prefill"]))
+            payloads.append(lm_engine.Start(replay=lm_engine.Prefill(*f["prefill"])))
         else:
             payloads.append(lm_engine.StepInput(f["codes"], f.get("text"), f.get("audio")))
     results, _ = runner.run(list(frames), payloads)
-    return [(r.ready, r.text, list(r.audio)) for r in results]
+    out = []
+    for slot, r in zip(frames, results):
+        while r is DEFERRED:  # the scheduler would tick again until the prefill is done
+            (r,), _ = runner.run([slot], [payloads[list(frames).index(slot)]])
+        out.append(("started", r.prompt_frames) if isinstance(r, lm_engine.StartDone) else r)
+    return [
+        (r.ready, r.text, list(r.audio)) if isinstance(r, lm_engine.StepOut) else r for r in out
+    ]
 
 
 def lm_live_rows(runner: lm_engine.GenRunner) -> int:
@@ -727,6 +735,7 @@ def test_warm_up_times_a_step_bracketed_by_syncs_of_the_models_device(
     with VirtualCuda() as codec_vc:
         enc, dec = codec_runners(tiny_mimi[0], 2, graphs)
     model = torch.device(MODEL_DEVICE)
-    assert vc.synchronized == [model] * 2 * len(runner.ladder)
+    # two per bucket (before and after the timed step), one after the prefill's probe chunk
+    assert vc.synchronized == [model] * (2 * len(runner.ladder) + 1)
     shapes = sum(len(r.warm_shapes(b)) for r in (enc, dec) for b in r.ladder)
     assert codec_vc.synchronized == [model] * 2 * shapes

@@ -244,3 +244,27 @@ def test_a_rows_draws_ignore_its_neighbours_and_the_captured_shape(dtype) -> Non
     alone_like = run(25, captured=False)  # the neighbour keeps as many text candidates
     assert run(500, captured=False) == alone_like
     assert run(25, captured=True) == alone_like
+
+
+def test_an_lm_that_cannot_fit_the_gpu_is_refused_before_anything_is_allocated(
+    monkeypatch,
+) -> None:
+    """`lm --device cuda` with the 7B in float32 and 16 slots on an 80 GB card: refused at
+    once with the figures (the load never starts), not by an out-of-memory error later."""
+    from moshi_grpc.models.memory_plan import MemoryPlanError
+
+    monkeypatch.setattr(
+        lm_engine, "free_memory", lambda dev: int(74.5 * 2**30)
+    )  # an H100 80GB, free
+    loads = []
+    monkeypatch.setattr("moshi_grpc.models.lm.load_lm", lambda *a, **k: loads.append(a))
+    options = LmOptions(config="moshiko-7b", device="cuda:0", dtype="float32", max_sessions=16)
+    with pytest.raises(
+        MemoryPlanError,
+        match=r"does not fit cuda:0: float32 weights .* "
+        r"at most \d+ sessions fit",
+    ):
+        load_lm_model(options)
+    assert loads == []
+    ok = LmOptions(config="moshiko-7b", device="cuda:0", dtype="bfloat16", max_sessions=16)
+    lm_engine._check_fits(ok, torch.bfloat16)  # bf16 with 16 slots fits 80 GB

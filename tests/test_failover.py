@@ -336,7 +336,9 @@ async def test_no_other_lm_replica_ends_with_unavailable() -> None:
             await asyncio.sleep(0.05)
             if not gateway.pool.sets["lm"].replicas[b.address].available:
                 break
-        assert not gateway.pool.sets["lm"].replicas[b.address].available, "b's only slot not seen taken"
+        assert not gateway.pool.sets["lm"].replicas[b.address].available, (
+            "b's only slot not seen taken"
+        )
         _, chunks = _frames(12)
         # The sync client (svc_harness.run_stream says why): grpc.aio may report INTERNAL
         # for a stream the server ends while the client writes, which would hide the status.

@@ -17,8 +17,8 @@ from moshi_grpc.services.codec.engine import CodecOptions
 from moshi_grpc.services.codec.startup import start_codec_server
 from moshi_grpc.services.common.server import ServerConfig
 from moshi_grpc.services.gateway import cli
-from moshi_grpc.services.gateway.config import GatewaySettings
-from moshi_grpc.services.gateway.replicas import CostSettings
+from moshi_grpc.services.gateway import flags as gateway_flags
+from moshi_grpc.services.gateway.config import CostSettings, GatewaySettings
 from moshi_grpc.services.gateway.text_policy import WordListPolicy
 from moshi_grpc.services.lm.engine import LmOptions
 from moshi_grpc.services.lm.startup import start_lm_server
@@ -47,9 +47,9 @@ def test_every_session_and_admission_flag_reaches_its_setting(tmp_path) -> None:
         "--max-consecutive-misses": ("default_max_consecutive_misses", 7),
         "--max-backlog-frames": ("max_backlog_frames", 5),
         "--flow-window-frames": ("flow_window_frames", 6),
-        "--batch-wait-ms": ("batch_wait_ms", 2.5),
-        "--unmeasured-stage-ms": ("unmeasured_stage_ms", 33.0),
-        "--cost-sample-ttl-s": ("cost_sample_ttl_s", 12.0),
+        "--batch-wait-ms": ("cost.batch_wait_ms", 2.5),
+        "--unmeasured-stage-ms": ("cost.unmeasured_stage_ms", 33.0),
+        "--cost-sample-ttl-s": ("cost.sample_ttl_s", 12.0),
         "--retry-after-ms": ("retry_after_ms", 4321),
         "--max-session-s": ("max_session_s", 90.0),
         "--max-sessions-per-client": ("max_sessions_per_client", 3),
@@ -63,9 +63,15 @@ def test_every_session_and_admission_flag_reaches_its_setting(tmp_path) -> None:
     default = GatewaySettings()
     argv = [f"{flag}={value}" for flag, (_, value) in given.items()]
     settings = cli.settings_from_args(_args(*argv, "--no-lm-failover", "--text-policy", str(rules)))
+
+    def read(obj, path: str):
+        for name in path.split("."):
+            obj = getattr(obj, name)
+        return obj
+
     for flag, (field, value) in given.items():
-        assert getattr(default, field) != value, f"{flag}: pick a value other than the default"
-        assert getattr(settings, field) == value, flag
+        assert read(default, field) != value, f"{flag}: pick a value other than the default"
+        assert read(settings, field) == value, flag
     assert default.lm_failover and not settings.lm_failover
     assert default.text_policy is None and isinstance(settings.text_policy, WordListPolicy)
     assert len(settings.text_policy.rules) == 2
@@ -106,11 +112,11 @@ async def test_admission_flags_reach_the_replica_pool() -> None:
     )
     gateway = await start_gateway_from(args, codec.address, lm.address)
     try:
-        pool = gateway.pool
-        assert pool.cost == CostSettings(
-            batch_wait_ms=2.5, unmeasured_stage_ms=33.0, sample_ttl_s=12.0
-        )
-        assert pool.retry_after_ms == 4321
+        admission = gateway.admission
+        want = CostSettings(batch_wait_ms=2.5, unmeasured_stage_ms=33.0, sample_ttl_s=12.0)
+        assert admission.cost == want
+        assert all(s.cost == want for s in gateway.pool.sets.values())
+        assert admission.retry_after_ms == 4321
     finally:
         await gateway.stop(0)
         await codec.stop(0)
@@ -129,7 +135,7 @@ async def test_backend_tls_flags_reach_the_channels_and_connect(tmp_path, monkey
     an LM that requires mTLS and the token. The name checked against the certificate is the
     flag's: `localhost` (in the certificate) connects, `localhost-alias` does not."""
     pki = make_pki(tmp_path)
-    monkeypatch.delenv(cli.BACKEND_AUTH_ENV, raising=False)
+    monkeypatch.delenv(gateway_flags.BACKEND_AUTH_ENV, raising=False)
 
     def tls_args(server_name: str) -> argparse.Namespace:
         return _args(

@@ -16,7 +16,15 @@ import torch
 from moshi_grpc.models.lm import load_lm
 from moshi_grpc.models.lm_gen import LMGen, SamplingConfig
 from moshi_grpc.services.common.buckets import RowTable, bucket_for, bucket_ladder
-from moshi_grpc.services.lm.engine import GenRunner, JoinPayload, LmOptions, Prefill, StepInput
+from moshi_grpc.services.lm.engine import (
+    GenRunner,
+    JoinPayload,
+    LmOptions,
+    Prefill,
+    Start,
+    StartDone,
+    StepInput,
+)
 
 SLOTS = LmOptions().max_sessions  # the default: the rule must hold there
 
@@ -214,7 +222,7 @@ def test_prefill_equals_step_by_step_replay(lm, codes, sampling) -> None:
 
 
 def test_runner_prefill_payload_then_frames(lm, codes) -> None:
-    """The engine's path: a Prefill payload on a fresh slot, in the same tick as another
+    """The engine's path: a replay's Start payload on a fresh slot, in the same tick as another
     session's frame, then ordinary frames."""
     total, cut = codes.shape[0], 12
     orig = _solo(lm, codes, SamplingConfig.greedy(), seed=1)
@@ -229,8 +237,9 @@ def test_runner_prefill_payload_then_frames(lm, codes) -> None:
         torch.stack([s.sampled_text[0] for s in sampled]),
         torch.stack([s.sampled_audio[0] for s in sampled]),
     )
-    results, bucket = runner.run([0, 1], [StepInput(codes[0]), prefill])
-    assert bucket == 1 and not results[1].ready  # the prefill is no model step of the tick
+    results, bucket = runner.run([0, 1], [StepInput(codes[0]), Start(replay=prefill)])
+    assert bucket == 1  # the prefill is no model step of the tick
+    assert isinstance(results[1], StartDone) and results[1].prompt_frames == 0
     for t in range(cut, total):
         (r,), _ = runner.run([1], [StepInput(codes[t])])
         assert (r.ready, r.text, r.audio) == orig[t]

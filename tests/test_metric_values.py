@@ -162,6 +162,14 @@ async def test_session_wall_audio_ratio_and_admission_estimate() -> None:
     gateway = await start_gateway(
         _cfg(), codec.address, lm.address, GatewaySettings(refresh_interval_s=0.5)
     )
+    leases = []  # the lease admission gave the session: its estimate is the one observed
+    admit = gateway.admission.lease
+
+    def recording(*args, **kwargs):
+        leases.append(admit(*args, **kwargs))
+        return leases[-1]
+
+    gateway.admission.lease = recording
     frames = 50
     x = np.random.default_rng(1).uniform(-0.5, 0.5, frames * FRAME).astype("<f4")
     config = gateway_pb2.SessionConfig(
@@ -180,7 +188,8 @@ async def test_session_wall_audio_ratio_and_admission_estimate() -> None:
             replies = [r async for r in call]
             assert await call.code() == grpc.StatusCode.OK
         registry = gateway.registry
-        estimate = gateway.pool.last_estimate
+        (lease,) = leases
+        estimate = lease.estimate
         for _ in range(200):  # the handler records the ratio as it ends (a hang guard)
             if registry.get_sample_value("moshi_gateway_session_wall_audio_ratio_count"):
                 break

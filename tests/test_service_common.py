@@ -302,7 +302,9 @@ def test_metric_table_lists_every_metric_and_names_follow_conventions() -> None:
     RpcMetrics.create(registry)
     ServerMetrics.create(registry, "x")
     CodecMetrics.create(registry)
-    LmMetrics.create(registry)
+    from moshi_grpc.services.lm.prefix_cache import CacheStats
+
+    LmMetrics.create(registry).watch_prefix_cache(CacheStats)  # (a persona LM's cache)
     GatewayMetrics.create(registry)
     defined = set()
     for family in registry.collect():
@@ -336,6 +338,8 @@ def test_domain_errors_map_to_status_codes() -> None:
         (errors.BudgetExceeded("slow"), S.DEADLINE_EXCEEDED),
         (errors.Unauthenticated("who"), S.UNAUTHENTICATED),
         (errors.NotImplementedFeature("no"), S.UNIMPLEMENTED),
+        (errors.NotFound("no such voice"), S.NOT_FOUND),
+        (errors.WrongModel("no persona here"), S.FAILED_PRECONDITION),
         (RuntimeError("secret detail"), S.INTERNAL),
     ]
     for exc, code in cases:

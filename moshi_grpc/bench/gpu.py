@@ -105,6 +105,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="2GiB",
         help="memory kept for the CUDA context, workspaces and allocator rounding (2GiB)",
     )
+    parser.add_argument(
+        "--prompt",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="after the table, persona prompts on the same LM in PersonaPlex's layout (a "
+        "10 s voice, 50 text tokens, 8 live sessions: `bench lm --prompt`; default on)",
+    )
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -614,4 +621,41 @@ def run(args: argparse.Namespace) -> int:
                     f"  LM step speed-up from CUDA graphs at {s} sessions: "
                     f"{lm_p50[(s, base)] / t:.2f}x against {base} (p50)"
                 )
+    if args.prompt and not lost and not out_of_time():
+        _prompt_figures(lm, args, journal)
     return 0
+
+
+def _prompt_figures(lm, args: argparse.Namespace, journal) -> None:
+    """`bench lm --prompt` on this LM: the same weights with PersonaPlex's rules switched on
+    (a persona model's cost is its moshiko twin's; only the generator's rules differ)."""
+    from dataclasses import replace
+
+    from moshi_grpc.bench import prompt
+    from moshi_grpc.models.persona import SILENCE_TOKENS, SINE_TOKENS
+
+    if max(SILENCE_TOKENS + SINE_TOKENS) >= lm.config.card:
+        print(f"persona prompts: skipped ({lm.config_name}'s codebooks are too small)")
+        return
+    _free(lm.device)
+    lm.config = replace(lm.config, depformer_steps=lm.config.n_q)
+    options = argparse.Namespace(
+        voice_s=10.0,
+        prompt_tokens=50,
+        live=8,
+        ticks=args.steps,
+        step_sample=args.steps,
+        dtype=args.dtype,
+        device=str(lm.device),
+        threads=1,
+    )
+    try:
+        figures = prompt.run_prompt(lm, options)
+    except Exception as exc:  # an out-of-memory error ends only this part
+        if not _is_oom(exc):
+            raise
+        print(f"persona prompts: out of memory ({str(exc).splitlines()[0][:160]})")
+        return
+    print()
+    prompt.report(lm, options, figures)
+    journal.write("prompt", **{k: v for k, v in figures.items() if k != "step_ms"})

@@ -77,7 +77,10 @@ for line in sys.stdin:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from moshi_grpc.bench import prompt
+
     parser.add_argument("--config", default="mid", help="LM preset or config.json (default mid)")
+    prompt.add_arguments(parser)
     flags.add_batch(parser)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per batch size")
@@ -286,6 +289,16 @@ def run(args: argparse.Namespace) -> int:
         return 2
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
+    if args.prompt:
+        from moshi_grpc.bench import prompt
+
+        lm = load_lm(
+            None, prompt.persona_config(args.config), device=args.device, dtype=dtype, seed=0
+        )
+        lm.config_name = args.config
+        prepare_lm_for_cpu(lm, args.cpu_forms)
+        prompt.report(lm, args, prompt.run_prompt(lm, args))
+        return 0
     if args.replay is not None:
         lm = load_lm(None, args.config, device=args.device, dtype=dtype, seed=0)
         prepare_lm_for_cpu(lm, args.cpu_forms)

@@ -7,12 +7,15 @@ shape matches. Failures name the tensors, so a wrong file is diagnosed in one re
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -128,3 +131,61 @@ def fold_attention_layouts(
         spelled = f"{prefix}.{kind}.{steps[0] if len(steps) == 1 else f'[0-{steps[-1]}]'}.weight"
         put(prefix + _FUSED_PROJ[kind], fused, spelled)
     return out
+
+
+_DEPFORMER_STEP = re.compile(
+    r"^(depformer_in|linears|depformer_emb)\.(\d+)\.|^depformer\.layers\.\d+\.gating\.(\d+)\."
+)
+
+
+def served_depformer_steps(
+    tensors: dict[str, torch.Tensor], q: int, steps: int, d: int, source: str
+) -> dict[str, torch.Tensor]:
+    """A PersonaPlex checkpoint's depformer (`steps` of `d` wide) cut to Moshi's own `q`
+    steps (0..q-1).
+
+    Its steps dep_q..n_q-1 predict the user's codebooks, which its generator always
+    teacher-forces; the depformer is causal across steps, so Moshi's steps never see them
+    and dropping them changes none of Moshi's tokens (greedy; tests/test_persona.py). The
+    stacked attention projections keep their first dep_q steps' rows. What is left unused
+    is named in one log line; everything else must still match the model strictly."""
+    kept: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    for key, t in tensors.items():
+        m = _DEPFORMER_STEP.match(key)
+        if m is not None:
+            step = int(m.group(2) if m.group(2) is not None else m.group(3))
+            limit = q - 1 if m.group(1) == "depformer_emb" else q
+            if step >= limit:
+                dropped.append(key)
+                continue
+        elif key.startswith("depformer.layers.") and ".self_attn." in key:
+            rows = d * (3 if key.endswith("in_proj_weight") else 1)
+            if t.shape[0] == steps * rows:  # (else the strict load names the mis-shape)
+                dropped.append(f"{key}[{q * rows}:{t.shape[0]}]")
+                t = t[: q * rows]
+        kept[key] = t
+    log.info(
+        "%s: PersonaPlex depformer steps %d..%d (the user's codebooks, teacher-forced by the "
+        "reference) are not used (%d tensors and row ranges): depformer_in.%d..%d, "
+        "linears.%d..%d, depformer_emb.%d..%d, depformer.layers.*.gating.%d..%d, rows "
+        "%d..%d of depformer.layers.*.self_attn.in_proj_weight and %d..%d of its "
+        "out_proj.weight",
+        source,
+        q,
+        steps - 1,
+        len(dropped),
+        q,
+        steps - 1,
+        q,
+        steps - 1,
+        q - 1,
+        steps - 2,
+        q,
+        steps - 1,
+        q * 3 * d,
+        steps * 3 * d - 1,
+        q * d,
+        steps * d - 1,
+    )
+    return kept

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -38,6 +37,7 @@ from moshi_grpc.models.checkpoint import (
     fold_attention_layouts,
     load_state_strict,
     read_safetensors,
+    served_depformer_steps,
 )
 from moshi_grpc.models.rope import rope_angles, rope_tables, rotate
 from moshi_grpc.models.streaming import RingKVCache, ring_key_positions, ring_mask
@@ -725,47 +725,6 @@ class LMModel(nn.Module):
 # Loading
 # --------------------------------------------------------------------------------------------
 
-_DEPFORMER_STEP = re.compile(r"^(depformer_in|linears|depformer_emb)\.(\d+)\.|^depformer\.layers\.\d+\.gating\.(\d+)\.")
-
-
-def _served_depformer_steps(
-    tensors: dict[str, torch.Tensor], cfg: LMConfig, source: str
-) -> dict[str, torch.Tensor]:
-    """A PersonaPlex checkpoint's depformer cut to Moshi's own steps (0..dep_q-1).
-
-    Its steps dep_q..n_q-1 predict the user's codebooks, which its generator always
-    teacher-forces; the depformer is causal across steps, so Moshi's steps never see them
-    and dropping them changes none of Moshi's tokens (greedy; tests/test_persona.py). The
-    stacked attention projections keep their first dep_q steps' rows. What is left unused
-    is named in one log line; everything else must still match the model strictly."""
-    steps, q = cfg.depformer_steps, cfg.dep_q
-    kept: dict[str, torch.Tensor] = {}
-    dropped: list[str] = []
-    for key, t in tensors.items():
-        m = _DEPFORMER_STEP.match(key)
-        if m is not None:
-            step = int(m.group(2) if m.group(2) is not None else m.group(3))
-            limit = q - 1 if m.group(1) == "depformer_emb" else q
-            if step >= limit:
-                dropped.append(key)
-                continue
-        elif key.startswith("depformer.layers.") and ".self_attn." in key:
-            rows = cfg.depformer_dim * (3 if key.endswith("in_proj_weight") else 1)
-            if t.shape[0] == steps * rows:  # (else the strict load names the mis-shape)
-                dropped.append(f"{key}[{q * rows}:{t.shape[0]}]")
-                t = t[: q * rows]
-        kept[key] = t
-    logger.info(
-        "%s: PersonaPlex depformer steps %d..%d (the user's codebooks, teacher-forced by the "
-        "reference) are not used: %d tensors and row ranges left out: %s",
-        source,
-        q,
-        steps - 1,
-        len(dropped),
-        ", ".join(sorted(dropped)[:8]) + (" ..." if len(dropped) > 8 else ""),
-    )
-    return kept
-
 
 def load_lm(
     weights: str | Path | None,
@@ -792,7 +751,9 @@ def load_lm(
             cfg = replace(cfg, depformer_steps=cfg.n_q)
             logger.info("%s: PersonaPlex layout detected (%d depformer steps)", source, cfg.n_q)
         if cfg.persona:
-            tensors = _served_depformer_steps(tensors, cfg, source)
+            tensors = served_depformer_steps(
+                tensors, cfg.dep_q, cfg.depformer_steps, cfg.depformer_dim, source
+            )
     with torch.device("meta"):
         model = LMModel(cfg, name)
     model = model.to(dtype).to_empty(device=device)

@@ -641,9 +641,7 @@ class LMGen:
     # ---- teacher-forced prefixes: failover replay, persona prompts --------------------------
     def fresh_ring(self) -> torch.Tensor:
         """A row's token ring before its first step (`[K, R]`, host)."""
-        return torch.full(
-            (self.layout.num_streams, self.token_ring), UNGENERATED, dtype=torch.long
-        )
+        return torch.full((self.layout.num_streams, self.token_ring), UNGENERATED, dtype=torch.long)
 
     def replay_plan(
         self,

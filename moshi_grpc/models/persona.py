@@ -111,13 +111,17 @@ def persona_plan(
     keep frame F - 1's delayed codebooks (`pending`) and take its user codes (the sine)."""
     if voice.dim() != 2 or voice.shape[0] < 1 or voice.shape[1] != layout.dep_q:
         raise PersonaError(
-            f"the voice must be at least one frame of {layout.dep_q} codes, got "
-            f"{list(voice.shape)}"
+            f"the voice must be at least one frame of {layout.dep_q} codes, got {list(voice.shape)}"
         )
     if int(voice.min()) < 0 or int(voice.max()) >= card:
         raise PersonaError(f"voice codes must be in [0, {card})")
     if not tokens:
         raise PersonaError("the persona's text prompt is empty")
+    if max(SILENCE_TOKENS + SINE_TOKENS) >= card:
+        raise PersonaError(
+            f"the model's codebooks hold {card} codes: too few for PersonaPlex's silence and "
+            "sine frames (its codebooks hold 2048)"
+        )
     text, moshi, user = prompt_frames(voice.to("cpu", torch.long), tokens, pad)
     frames = int(text.shape[0])
     if frames >= context:

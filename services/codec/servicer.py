@@ -59,8 +59,8 @@ class CodecStage:
     def respond(self, index: int, result: torch.Tensor, timing: Any) -> Any:
         return self._respond(index, result, timing_proto(timing))
 
-    def replayed(self, payload: Any) -> None:
-        """Codec streams have no replay."""
+    def answer_preamble(self, payload: Any, result: Any, timing: Any) -> None:
+        """Codec streams have no preamble."""
 
 
 class CodecServicer(codec_pb2_grpc.CodecServicer):

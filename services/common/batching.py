@@ -46,6 +46,10 @@ from moshi_grpc.services.common.metrics import BatcherMetrics
 
 log = logging.getLogger(__name__)
 
+# A runner's result for a payload it has not finished (a long prefill it works on a chunk
+# per tick): the scheduler keeps the payload for the next tick and resolves nothing yet.
+DEFERRED = object()
+
 # Defaults of a backend's batching, wherever it is configured from (flags, `up`, options).
 DEFAULT_MAX_SESSIONS = 16  # slots
 DEFAULT_IDLE_PROBE_S = 5.0  # re-time one bucket this often while idle (0: never)
@@ -72,7 +76,8 @@ class BatchRunner(Protocol):
     def run(self, slots: Sequence[int], payloads: Sequence[Any]) -> tuple[Sequence[Any], int]:
         """One batched model call: `payloads[i]` is the frame of `slots[i]`; slots not listed
         are inactive this tick. Returns one result per listed slot, in the same order, and
-        the number of rows the call stepped (its bucket)."""
+        the number of rows the call stepped (its bucket). A result may be `DEFERRED`: the
+        payload is not done (its work goes on over the next ticks)."""
 
     def warm_up(self, bucket: int) -> float:
         """Run one step at `bucket` on free rows (at load, before any stream joins; on CUDA
@@ -89,12 +94,13 @@ class Timing:
     batch_size: int
 
 
-@dataclass
+@dataclass(eq=False)
 class _Item:
     slot: int
     payload: Any
     future: asyncio.Future
     arrived: float
+    handle: SlotHandle | None = None
 
 
 class SlotHandle:
@@ -324,7 +330,9 @@ class BatchScheduler:
                 raise RuntimeError(f"{self.name}: slot {handle.slot} was released")
             if handle.slot in self._pending:
                 raise RuntimeError(f"{self.name}: slot {handle.slot} already has a queued frame")
-            self._pending[handle.slot] = _Item(handle.slot, payload, future, time.perf_counter())
+            self._pending[handle.slot] = _Item(
+                handle.slot, payload, future, time.perf_counter(), handle
+            )
             # Wake the runner only when it has something to decide (the first frame starts
             # the max-wait clock; the last one completes the batch): every wake-up costs a
             # GIL hand-off between the event loop and the runner thread.
@@ -521,19 +529,34 @@ class BatchScheduler:
                 recent = self._recent_by_bucket[bucket] = deque(maxlen=self._recent_len)
             recent.append(compute)
         deliveries = []
+        deferred = []
         for i, it in enumerate(items):
+            result = None if results is None else results[i]
+            if result is DEFERRED and error is None:
+                deferred.append(it)
+                continue
             timing = Timing(queue_s=start - it.arrived, compute_s=compute, batch_size=n)
-            deliveries.append((it.future, None if results is None else results[i], timing))
+            deliveries.append((it.future, result, timing))
+        if deferred:
+            gone = []
+            with self._cond:
+                for it in deferred:  # kept for the next tick while its stream holds the slot
+                    if self._owners[it.slot] is it.handle and it.slot not in self._pending:
+                        self._pending[it.slot] = it
+                    else:
+                        gone.append(it)
+            self._cancel(gone)
         m = self.metrics
         if m is not None:
             m.batch_size.observe(n)
             if bucket:
                 m.bucket_rows.observe(bucket)
             m.compute_seconds.observe(compute)
-            m.frames.inc(n)
+            m.frames.inc(len(deliveries))
             for it in items:
                 m.queue_wait_seconds.observe(start - it.arrived)
-                m.frame_seconds.observe(end - it.arrived)
+                if it not in deferred:
+                    m.frame_seconds.observe(end - it.arrived)
         loop = self._loop
         if loop is None or loop.is_closed():
             return

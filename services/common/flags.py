@@ -173,6 +173,13 @@ def add_batching_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def add_model_flags(parser: argparse.ArgumentParser, service: str) -> None:
     """Model selection flags; `service` is "codec", "lm" or "all" (both sets, for `up`)."""
     g = parser.add_argument_group("model")
@@ -208,10 +215,17 @@ def add_model_flags(parser: argparse.ArgumentParser, service: str) -> None:
         g.add_argument(
             "--lm-config",
             default=None,
-            help="LM preset (small, tiny, moshiko-7b) or a kyutai config.json path",
+            help="LM preset (small, tiny, mid, moshiko-7b, personaplex-small, personaplex-7b) "
+            "or a kyutai config.json path",
         )
         g.add_argument(
             "--tokenizer", default=None, help="SentencePiece text tokenizer (.model) for pieces"
+        )
+        g.add_argument(
+            "--prefix-cache-mib",
+            type=_non_negative_float,
+            default=1024.0,
+            help="persona models: host memory for cached prompt prefixes, MiB (LRU; 0: none)",
         )
 
 

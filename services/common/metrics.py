@@ -39,6 +39,11 @@ prometheus.io: `moshi_` prefix, base units (`_seconds`), `_total` on counters, h
 | `moshi_lm_compute_seconds` | histogram | | wall time of one batched LM step (temporal + depth) |
 | `moshi_lm_frame_seconds` | histogram | | frame arrival -> result ready (service latency per frame) |
 | `moshi_lm_replayed_steps_total` | counter | | history steps replayed on open (failover) |
+| `moshi_lm_prompt_ready_seconds` | histogram | | persona models: session open -> its prompt in the model (prefill or cache) |
+| `moshi_lm_prefix_cache_lookups_total` | counter | result | persona models: prompt lookups in the prefix cache (hit, voice_hit, miss) |
+| `moshi_lm_prefix_cache_bytes` | gauge | | persona models: bytes the cached prefixes take (host memory) |
+| `moshi_lm_prefix_cache_entries` | gauge | | persona models: cached prefixes |
+| `moshi_lm_prefix_cache_evictions_total` | counter | | persona models: prefixes evicted to stay under --prefix-cache-mib |
 | `moshi_gateway_sessions_active` | gauge | | live Converse sessions |
 | `moshi_gateway_sessions_started_total` | counter | | sessions admitted |
 | `moshi_gateway_sessions_refused_total` | counter | reason | sessions refused (capacity, budget, draining, invalid, backend_unavailable, per_client, wrong_model) |
@@ -74,7 +79,12 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
 )
-from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.utils import floatToGoString
 
 log = logging.getLogger(__name__)
@@ -328,10 +338,12 @@ class CodecMetrics:
 
 @dataclass
 class LmMetrics:
-    """LM service metrics: the scheduler set plus replayed history steps."""
+    """LM service metrics: the scheduler set, replayed history steps, persona prompts."""
 
     step: BatcherMetrics
     replayed_steps: Counter
+    prompt_ready_seconds: Histogram
+    registry: CollectorRegistry
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> LmMetrics:
@@ -343,6 +355,50 @@ class LmMetrics:
                 "History steps replayed when a session was opened with replay (failover).",
                 registry=registry,
             ),
+            prompt_ready_seconds=Histogram(
+                "moshi_lm_prompt_ready_seconds",
+                "Persona models: from a session's open to its prompt in the model.",
+                buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+                registry=registry,
+            ),
+            registry=registry,
+        )
+
+    def watch_prefix_cache(self, stats: Any) -> None:
+        """Export a prefix cache's figures, read at scrape time from `stats()` (a
+        `CacheStats`: the cache counts, the metrics only read)."""
+        self.registry.register(_PrefixCacheCollector(stats))
+
+
+class _PrefixCacheCollector:
+    def __init__(self, stats: Any) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        st = self._stats()
+        lookups = CounterMetricFamily(
+            "moshi_lm_prefix_cache_lookups",
+            "Persona models: prompt lookups in the prefix cache.",
+            labels=["result"],
+        )
+        lookups.add_metric(["hit"], st.hits)
+        lookups.add_metric(["voice_hit"], st.voice_hits)
+        lookups.add_metric(["miss"], st.misses)
+        yield lookups
+        yield GaugeMetricFamily(
+            "moshi_lm_prefix_cache_bytes",
+            "Persona models: bytes the cached prompt prefixes take (host memory).",
+            value=st.bytes,
+        )
+        yield GaugeMetricFamily(
+            "moshi_lm_prefix_cache_entries",
+            "Persona models: cached prompt prefixes.",
+            value=st.entries,
+        )
+        yield CounterMetricFamily(
+            "moshi_lm_prefix_cache_evictions",
+            "Persona models: prefixes evicted to stay under --prefix-cache-mib.",
+            value=st.evictions,
         )
 
 

@@ -59,18 +59,19 @@ MAX_RESULTS_PER_MESSAGE = 256
 @dataclass
 class Opened:
     """One admitted session: its slot, an idempotent `close()` that frees it, and payloads
-    to run before its first frame (LM replay), whose results nobody receives."""
+    to run before its first frame (the LM's prompt and replayed history): the stage says
+    whether one is answered (`answer_preamble`: the LM's PromptReady)."""
 
     slot: SlotHandle
     close: Callable[[], None]
-    replay: Sequence[Any] = field(default_factory=tuple)
-    # history steps the replay payloads cover (one LM prefill payload covers many); the
-    # session's first frame index. None: one step per payload.
+    preamble: Sequence[Any] = field(default_factory=tuple)
+    # history steps the preamble replays (one LM prefill covers many): the session's first
+    # frame index. None: one step per payload.
     replay_steps: int | None = None
 
     @property
     def history_len(self) -> int:
-        return len(self.replay) if self.replay_steps is None else self.replay_steps
+        return len(self.preamble) if self.replay_steps is None else self.replay_steps
 
 
 class Stage(Protocol):
@@ -87,8 +88,9 @@ class Stage(Protocol):
     def respond(self, index: int, result: Any, timing: Any) -> Any:
         """The per-session response message for frame `index`."""
 
-    def replayed(self, payload: Any) -> None:
-        """Count the steps one replay payload covered (stages without replay do nothing)."""
+    def answer_preamble(self, payload: Any, result: Any, timing: Any) -> Any:
+        """A preamble payload ran: count it, and the message that answers it, if any (the
+        LM's PromptReady; None: nothing is sent)."""
 
 
 async def serve_stream(
@@ -108,9 +110,11 @@ async def serve_stream(
     log.info("%s stream opened (slot %d, replay %d)", what, session.slot.slot, session.history_len)
     index = 0
     try:
-        for item in session.replay:
-            await session.slot.submit(item)
-            stage.replayed(item)
+        for item in session.preamble:
+            result, timing = await session.slot.submit(item)
+            message = stage.answer_preamble(item, result, timing)
+            if message is not None:
+                yield message
         index = session.history_len
         while True:
             message = await next_message(requests, idle_timeout_s)
@@ -135,8 +139,8 @@ class _ServedSession:
     def __init__(self, sid: int, opened: Opened) -> None:
         self.sid = sid
         self.opened = opened
-        # (frame index or None for a replay step, payload) not submitted yet.
-        self.queue: deque[tuple[int | None, Any]] = deque((None, p) for p in opened.replay)
+        # (frame index or None for a preamble payload, payload) not submitted yet.
+        self.queue: deque[tuple[int | None, Any]] = deque((None, p) for p in opened.preamble)
         self.busy = False
         self.closing = False
         self.index = opened.history_len  # next expected frame index
@@ -229,11 +233,11 @@ class MuxServer:
             self._fail(session.sid, session, exc)
             return
         session.busy = True
-        replayed = payload if index is None else None
-        future.add_done_callback(functools.partial(self._done, session, index, replayed))
+        preamble = payload if index is None else None
+        future.add_done_callback(functools.partial(self._done, session, index, preamble))
 
     def _done(
-        self, session: _ServedSession, index: int | None, replayed: Any, future: asyncio.Future
+        self, session: _ServedSession, index: int | None, preamble: Any, future: asyncio.Future
     ) -> None:
         session.busy = False
         if session.ended:
@@ -246,14 +250,15 @@ class MuxServer:
             self._fail(session.sid, session, exc)
             return
         result, timing = future.result()
-        if index is None:
-            self.stage.replayed(replayed)
-        else:
-            try:
+        try:
+            if index is None:
+                message = self.stage.answer_preamble(preamble, result, timing)
+            else:
                 message = self.stage.respond(index, result, timing)
-            except Exception as err:  # noqa: BLE001
-                self._fail(session.sid, session, err)
-                return
+        except Exception as err:  # noqa: BLE001
+            self._fail(session.sid, session, err)
+            return
+        if message is not None:
             self._add(session=session.sid, frame=message)
         if session.queue:
             self._submit(session)

@@ -391,7 +391,7 @@ def traced_open(stage: Any, message: Any, context: Any = None) -> Any:
         span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
         span.end()
         raise
-    if opened.replay:
+    if opened.history_len:
         span.set_attribute("moshi.replay_steps", opened.history_len)
     close = opened.close
 

@@ -32,6 +32,7 @@ def options_from_args(args: argparse.Namespace):
         idle_probe_s=args.idle_probe_s,
         cuda_graphs=args.cuda_graphs,
         cpu_forms=args.cpu_forms,
+        prefix_cache_mib=args.prefix_cache_mib,
     )
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from moshi_grpc.models.lm_gen import StreamLayout
+from moshi_grpc.models.lm_gen import Prefix, StreamLayout
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,9 @@ class EchoLM:
 
 class EchoLMGen:
     """Rows `[0, B)` per step, with the generator contract of `LMGen` that the engine's
-    runner uses (`reset`, `free`, `move_row`, `prefill`, `core`, `core_shape`,
-    `full_shape`, `widest_shape`, `advance`): the runner does not tell the two apart."""
+    runner uses (`reset`, `free`, `move_row`, `core`, `core_shape`, `full_shape`,
+    `widest_shape`, `advance`, and the prefix API `replay_plan`, `prefill_columns`,
+    `finish`): the runner does not tell the two apart. It takes no persona."""
 
     def __init__(self, lm: EchoLM, num_rows: int) -> None:
         cfg = lm.config
@@ -71,13 +72,29 @@ class EchoLMGen:
         self._steps[dst] = self._steps[src]
         self._history[dst] = self._history[src]
 
-    def prefill(self, row: int, user_codes: torch.Tensor, text: Any, audio: Any) -> None:
-        """The history's user codes are all the echo needs: its last steps fill the ring."""
+    # A replayed history (failover), as `LMGen`'s prefix API: its user codes are all the
+    # echo needs (in the columns' user streams); the last ones fill the history ring.
+    def fresh_ring(self) -> torch.Tensor:
+        return torch.zeros((self.layout.num_streams, self.max_delay + 2), dtype=torch.long)
+
+    def replay_plan(
+        self, user_codes: torch.Tensor, text: Any, audio: Any, after: Any = None
+    ) -> Prefix:
+        g = self.layout.generated
+        columns = torch.zeros((user_codes.shape[0], self.layout.num_streams), dtype=torch.long)
+        columns[:, g:] = user_codes
+        none = torch.zeros(g, dtype=torch.bool)
+        return Prefix(columns, self.fresh_ring(), none, torch.zeros(g, dtype=torch.long))
+
+    def prefill_columns(self, row: int, columns: torch.Tensor, start: int, chunk: int = 0) -> None:
         ring = self.max_delay + 1
-        total = int(user_codes.shape[0])
-        for s in range(max(0, total - ring), total):
-            self._history[row, s % ring] = user_codes[s, : self._history.shape[-1]]
-        self._steps[row] = total
+        g = self.layout.generated
+        for i in range(max(0, columns.shape[0] - ring), columns.shape[0]):
+            self._history[row, (start + i) % ring] = columns[i, g : g + self._history.shape[-1]]
+        self._steps[row] = start + columns.shape[0]
+
+    def finish(self, row: int, prefix: Prefix) -> None:
+        """Nothing beyond the history ring."""
 
     # The echo has no attention span or sampling: one static shape serves every step.
     def core_shape(self, b: int, active: torch.Tensor, forced: torch.Tensor) -> str:

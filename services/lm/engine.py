@@ -26,9 +26,25 @@ from moshi_grpc.services.common.batching import (
 )
 from moshi_grpc.services.common.buckets import TickPlan
 from moshi_grpc.services.common.cuda_graphs import use_cuda_graphs
-from moshi_grpc.services.common.device import exact_float32, torch_dtype
+from moshi_grpc.services.common.device import exact_float32, free_memory, torch_dtype
 from moshi_grpc.services.common.metrics import LmMetrics
 from moshi_grpc.services.common.runner import RowRunner
+from moshi_grpc.services.lm.prefix_cache import PrefixCache
+from moshi_grpc.services.lm.prompts import Prefill, PrefixWork, Start, StartDone
+
+__all__ = [
+    "GenRunner",
+    "JoinPayload",
+    "LmEngine",
+    "LmOptions",
+    "Prefill",
+    "Start",
+    "StartDone",
+    "StepInput",
+    "StepOut",
+    "load_lm_model",
+    "make_generator",
+]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +67,7 @@ class LmOptions:
     cpu_forms: str = "auto"  # auto | on | off (see moshi_grpc/models/cpu_fast.py)
     warmup_repeats: int = 3  # timed warm-up steps per bucket at load (0: one untimed step)
     idle_probe_s: float = DEFAULT_IDLE_PROBE_S
+    prefix_cache_mib: float = 1024.0  # persona models: prompt prefixes kept (host memory)
 
 
 @dataclass(frozen=True)
@@ -60,16 +77,6 @@ class StepInput:
     user_codes: torch.Tensor  # (n_user,) long
     force_text: int | None = None
     force_audio: torch.Tensor | None = None  # (dep_q,) long
-
-
-@dataclass(frozen=True)
-class Prefill:
-    """A replayed history to rebuild in one go before a session's first frame (failover):
-    the user codes of its first T steps and the tokens each of those steps sampled."""
-
-    user_codes: torch.Tensor  # (T, n_user) long
-    text: torch.Tensor  # (T,) long
-    audio: torch.Tensor  # (T, dep_q) long
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,8 @@ def load_lm_model(options: LmOptions) -> tuple[Any, Any]:
     from moshi_grpc.models.text import TextTokenizer
 
     exact_float32(options.device, dtype)
+    if torch.device(options.device).type == "cuda":
+        _check_fits(options, dtype)
     lm = load_lm(
         options.weights,
         config=options.config,
@@ -117,6 +126,19 @@ def load_lm_model(options: LmOptions) -> tuple[Any, Any]:
     )
     prepare_lm_for_cpu(lm, options.cpu_forms)  # faster CPU kernels; nothing elsewhere
     return lm, TextTokenizer(options.tokenizer)
+
+
+def _check_fits(options: LmOptions, dtype: torch.dtype) -> None:
+    """Refuse, before allocating anything, an LM whose weights and slots cannot fit the
+    CUDA device's free memory (a 7B in float32 with 16 slots needs ~75 GiB): seconds and
+    the figures, instead of an out-of-memory error minutes into the load."""
+    from moshi_grpc.models.lm import resolve_config
+    from moshi_grpc.models.memory_plan import check_lm_fits
+
+    cfg, _ = resolve_config(options.config)
+    check_lm_fits(
+        cfg, dtype, options.max_sessions, free_memory(options.device), what=options.device
+    )
 
 
 def make_generator(model: str, lm: Any, num_rows: int) -> Any:
@@ -134,18 +156,27 @@ class GenRunner(RowRunner):
     """A generator (`LMGen`, or the echo's) as a `RowRunner`.
 
     The step's static shape is the generator's `CoreShape`: eagerly the tightest one for the
-    tick (attention span from the host mirror of the step counters, top-k widths from the
-    rows' sampling), in graph mode the full one (whole context, full vocabularies) so one
-    graph per bucket serves every tick. A `Prefill` payload (failover replay) rebuilds its
-    row before the tick's step, on the host's schedule (it is not captured).
+    tick (the whole ring, top-k widths from the rows' sampling), in graph mode the full one
+    (whole vocabularies) so one graph per bucket serves every tick. A `Start` payload (a
+    persona prompt, a failover replay) is prefilled on the host's schedule, in chunks after
+    the tick's step (services/lm/prompts.py); it is not captured.
     """
 
-    def __init__(self, gen: Any, num_rows: int, graphs: bool) -> None:
+    def __init__(
+        self,
+        gen: Any,
+        num_rows: int,
+        graphs: bool,
+        cache: PrefixCache | None = None,
+        model_key: str = "",
+    ) -> None:
         super().__init__(num_rows, gen.device, graphs)
         self.gen = gen
         cfg = gen.lm.config
         self.n_user = int(cfg.num_user_streams)
         self.dep_q = int(cfg.dep_q)
+        self.work = PrefixWork(gen, cache, model_key)
+        self.step_ms: dict[int, float] = {}  # fastest warm-up step per bucket
 
     def reset_row(self, row: int, payload: JoinPayload) -> None:
         self.gen.reset(row, payload.sampling, payload.seed)
@@ -159,6 +190,24 @@ class GenRunner(RowRunner):
     def prepare_rows(self, bucket: int) -> None:
         for row in range(bucket):
             self.gen.reset(row, SamplingConfig(), seed=row)
+
+    @torch.inference_mode()
+    def leave(self, slot: int) -> None:
+        self.work.drop(slot)
+        super().leave(slot)
+
+    @torch.inference_mode()
+    def warm_up(self, bucket: int) -> float:
+        """The step's time (recorded per bucket for the prefill budget); at the first bucket
+        also the prefill's cost per position, on a free row."""
+        seconds = super().warm_up(bucket)
+        ms = seconds * 1000.0
+        self.step_ms[bucket] = min(self.step_ms.get(bucket, ms), ms)
+        if bucket == self.ladder[0]:
+            self.prepare_rows(1)
+            self.work.measure(0)
+            self.free_row(0)
+        return seconds
 
     def shape(self, plan: TickPlan, payloads: Sequence[StepInput]) -> Hashable:
         if self.graphs is not None:
@@ -215,20 +264,23 @@ class GenRunner(RowRunner):
 
     @torch.inference_mode()
     def run(
-        self, slots: Sequence[int], payloads: Sequence[StepInput | Prefill]
-    ) -> tuple[list[StepOut], int]:
-        results: list[StepOut] = [NOT_READY_OUT] * len(slots)
-        stepped = []
-        for i, (slot, p) in enumerate(zip(slots, payloads)):
-            if isinstance(p, Prefill):
-                self.gen.prefill(self.table.row_of(slot), p.user_codes, p.text, p.audio)
-            else:
-                stepped.append(i)
-        if not stepped:
-            return results, 0
-        outs, bucket = super().run([slots[i] for i in stepped], [payloads[i] for i in stepped])
-        for i, out in zip(stepped, outs):
-            results[i] = out
+        self, slots: Sequence[int], payloads: Sequence[StepInput | Start]
+    ) -> tuple[list[Any], int]:
+        """The live rows' step first (their frames are due), then the sessions' `Start`s
+        (prompts, replays) in the prefill budget this tick leaves."""
+        results: list[Any] = [NOT_READY_OUT] * len(slots)
+        stepped = [i for i, p in enumerate(payloads) if not isinstance(p, Start)]
+        bucket = 0
+        if stepped:
+            outs, bucket = super().run([slots[i] for i in stepped], [payloads[i] for i in stepped])
+            for i, out in zip(stepped, outs):
+                results[i] = out
+        starts = {slots[i]: i for i, p in enumerate(payloads) if isinstance(p, Start)}
+        budget = self.work.budget(self.step_ms.get(bucket))  # (none measured: no limit)
+        for slot in self.work.order(list(starts)):
+            i = starts[slot]
+            results[i], used = self.work.advance(slot, self.table.row_of(slot), payloads[i], budget)
+            budget = max(0, budget - used)
         return results, bucket
 
 
@@ -248,7 +300,18 @@ class LmEngine:
         self.text_card = int(cfg.text_card)
         self.gen = make_generator(options.model, lm, options.max_sessions)
         graphs = use_cuda_graphs(options.cuda_graphs, lm.device)
-        self.runner = GenRunner(self.gen, options.max_sessions, graphs)
+        # A persona model (PersonaPlex) starts every session with a prompt; its prefixes
+        # are cached (services/lm/prefix_cache.py).
+        self.persona = bool(getattr(cfg, "persona", False))
+        self.prefix_cache = (
+            PrefixCache(int(options.prefix_cache_mib * 2**20)) if self.persona else None
+        )
+        model_key = f"{options.model}/{options.config}/{options.weights}/{options.dtype}"
+        self.runner = GenRunner(
+            self.gen, options.max_sessions, graphs, self.prefix_cache, model_key
+        )
+        if metrics is not None and self.prefix_cache is not None:
+            metrics.watch_prefix_cache(self.prefix_cache.stats)
         self.scheduler = BatchScheduler(
             self.runner,
             name="lm-step",

@@ -12,14 +12,16 @@ from typing import Any
 import torch
 
 from moshi_grpc import __version__
+from moshi_grpc.models.persona import SILENCE_FRAMES, prompt_frames, wrap_prompt
 from moshi_grpc.services.common.backend import model_identity
-from moshi_grpc.services.common.errors import InvalidInput, NotReady
+from moshi_grpc.services.common.errors import InvalidInput, NotReady, WrongModel
 from moshi_grpc.services.common.metrics import LmMetrics
 from moshi_grpc.services.common.mux import Opened, serve_mux, serve_stream
 from moshi_grpc.services.common.request_streams import stream_closer
 from moshi_grpc.services.common.server import ServerState
 from moshi_grpc.services.common.wire import bucket_timings, parse_codes, timing_proto
-from moshi_grpc.services.lm.engine import JoinPayload, LmEngine, Prefill, StepInput
+from moshi_grpc.services.lm.engine import JoinPayload, LmEngine, Prefill, Start, StepInput
+from moshi_grpc.services.lm.prompts import PersonaRequest
 from moshi_grpc.v1 import common_pb2, lm_pb2, lm_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,42 @@ def sampling_from_proto(params: common_pb2.SamplingParams) -> Any:
         raise InvalidInput(f"sampling: {exc}") from None
 
 
-def parse_replay(replay: Any, engine: LmEngine) -> list[StepInput | Prefill]:
+def parse_persona(persona: lm_pb2.PersonaPrompt, engine: LmEngine) -> PersonaRequest:
+    """Validate a persona (voice codes, role text) for this replica's model and tokenize its
+    prompt with the model's tokenizer; WrongModel for a model that takes none."""
+    if not engine.persona:
+        raise WrongModel(
+            f"this LM replica serves {engine.lm.config_name}, which takes no persona (a "
+            "persona needs a PersonaPlex model)"
+        )
+    codes = list(persona.voice_codes)
+    q = engine.dep_q
+    if not codes or len(codes) % q:
+        raise InvalidInput(
+            f"persona.voice_codes must hold a whole number (>= 1) of {q}-code frames, "
+            f"got {len(codes)} codes"
+        )
+    voice = torch.stack(
+        [
+            parse_codes(codes[i : i + q], q, engine.card, f"persona.voice_codes[{i}:{i + q}]")
+            for i in range(0, len(codes), q)
+        ]
+    )
+    if not persona.text.strip():
+        raise InvalidInput("persona.text (the role prompt) is empty")
+    tokens = engine.tokenizer.encode(wrap_prompt(persona.text))
+    frames = len(prompt_frames(voice, tokens, 0)[0])
+    context = engine.lm.config.context
+    if frames >= context:
+        raise InvalidInput(
+            f"the persona's prompt takes {frames} frames ({voice.shape[0]} of voice, "
+            f"{len(tokens)} text tokens, {2 * SILENCE_FRAMES} of silence); the model's "
+            f"context is {context} steps: shorten the voice or the prompt"
+        )
+    return PersonaRequest(voice, tokens, persona.text)
+
+
+def parse_replay(replay: Any, engine: LmEngine, start: int = 0) -> list[StepInput | Prefill]:
     """Validate the history and turn it into one prefill plus the steps left to run.
 
     The history holds what each step emitted (delay-aligned); the generator's stream layout
@@ -77,7 +114,7 @@ def parse_replay(replay: Any, engine: LmEngine) -> list[StepInput | Prefill]:
             emitted.append(None)
     if not steps:
         return []
-    prefix, text, audio = engine.gen.layout.replay_prefix(emitted)
+    prefix, text, audio = engine.gen.layout.replay_prefix(emitted, start)
     out: list[StepInput | Prefill] = []
     if prefix:
         out.append(Prefill(torch.stack(user[:prefix]), text[:prefix], audio[:prefix]))
@@ -95,13 +132,32 @@ class LmStage:
         self.metrics = metrics
 
     def open(self, opened: lm_pb2.LmOpen) -> Opened:
+        """Validate the open (sampling, persona, replay) before taking a slot. The session's
+        persona prompt and the prefillable part of its replayed history go first, as one
+        `Start` payload; the replayed steps left run as ordinary steps."""
         engine = self.engine
         sampling = sampling_from_proto(opened.sampling)
         seed = int(opened.seed) if opened.HasField("seed") else None
-        replay = parse_replay(opened.replay, engine)
+        persona = None
+        if opened.HasField("persona"):
+            persona = parse_persona(opened.persona, engine)
+        elif engine.persona:
+            raise WrongModel(
+                f"this LM replica serves a persona model ({engine.lm.config_name}): every "
+                "session needs a persona (voice and role prompt)"
+            )
+        start_step = 0
+        if persona is not None:  # the history continues the prompt's prefix
+            start_step = len(prompt_frames(persona.voice, persona.tokens, 0)[0]) - 1
+        replay = parse_replay(opened.replay, engine, start_step)
+        prefill = replay.pop(0) if replay and isinstance(replay[0], Prefill) else None
+        preamble: list[Any] = []
+        if persona is not None or prefill is not None:
+            preamble.append(Start(persona, prefill))
+        preamble.extend(replay)
         slot = engine.scheduler.acquire(JoinPayload(sampling, seed), opened.session_id)
         step_metrics = self.metrics.step if self.metrics else None
-        return Opened(slot, stream_closer(slot, step_metrics), replay, len(opened.replay))
+        return Opened(slot, stream_closer(slot, step_metrics), preamble, len(opened.replay))
 
     def parse(self, frame: lm_pb2.UserCodes) -> StepInput:
         engine = self.engine
@@ -119,10 +175,30 @@ class LmStage:
             )
         return lm_pb2.StepOutput(index=index, ready=False, timing=timing_proto(timing))
 
-    def replayed(self, payload: Any) -> None:
-        if self.metrics is not None:
-            steps = payload.user_codes.shape[0] if isinstance(payload, Prefill) else 1
-            self.metrics.replayed_steps.inc(steps)
+    def answer_preamble(self, payload: Any, result: Any, timing: Any) -> Any:
+        """Counts replayed steps; a prompt's Start is answered (PromptReady)."""
+        m = self.metrics
+        if isinstance(payload, Start):
+            if m is not None and payload.replay is not None:
+                m.replayed_steps.inc(payload.replay.user_codes.shape[0])
+            if payload.persona is None:
+                return None
+            if m is not None:
+                m.prompt_ready_seconds.observe(result.ready_ms / 1000.0)
+            return lm_pb2.StepOutput(
+                index=0,
+                ready=False,
+                timing=timing_proto(timing),
+                prompt=lm_pb2.PromptReady(
+                    prefix_frames=result.prompt_frames,
+                    cached=result.cached,
+                    cached_frames=result.cached_frames,
+                    ready_ms=result.ready_ms,
+                ),
+            )
+        if m is not None:
+            m.replayed_steps.inc(1)
+        return None
 
 
 class LmServicer(lm_pb2_grpc.LMServicer):
@@ -185,4 +261,22 @@ class LmServicer(lm_pb2_grpc.LMServicer):
             codebook_size=engine.card,
             text_vocab_size=engine.text_card,
             buckets=bucket_timings(engine.scheduler, "step"),
+            persona=engine.persona,
+            prefix_cache=_cache_info(engine),
         )
+
+
+def _cache_info(engine: LmEngine) -> common_pb2.PrefixCacheInfo | None:
+    cache = engine.prefix_cache
+    if cache is None:
+        return None
+    st = cache.stats()
+    return common_pb2.PrefixCacheInfo(
+        entries=st.entries,
+        bytes=st.bytes,
+        capacity_bytes=cache.capacity,
+        hits=st.hits,
+        voice_hits=st.voice_hits,
+        misses=st.misses,
+        evictions=st.evictions,
+    )
