@@ -59,6 +59,9 @@ def test_every_session_and_admission_flag_reaches_its_setting(tmp_path) -> None:
         "--resample-quality": ("resample_quality", "VHQ"),
         "--backend-streams": ("backend_streams", "per-session"),
         "--mux-coalesce-ms": ("mux_coalesce_ms", 1.5),
+        "--voice-dir": ("voice_dir", str(tmp_path)),
+        "--max-voice-s": ("max_voice_s", 12.5),
+        "--open-answer-timeout-s": ("open_answer_timeout_s", 7.0),
     }
     default = GatewaySettings()
     argv = [f"{flag}={value}" for flag, (_, value) in given.items()]
@@ -92,6 +95,8 @@ def test_every_session_and_admission_flag_reaches_its_setting(tmp_path) -> None:
         "--batch-wait-ms=-1",
         "--unmeasured-stage-ms=-1",
         "--cost-sample-ttl-s=0",
+        "--max-voice-s=0",
+        "--open-answer-timeout-s=0",
     ],
 )
 def test_bad_flag_values_are_refused_by_name(bad: str) -> None:

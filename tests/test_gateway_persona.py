@@ -71,8 +71,9 @@ class Stack:
             await lm.stop()
 
 
-async def _stack(lms: list[PersonaLm], voice_dir=None, **settings) -> Stack:
-    codec = await start_codec_server(_cfg(), CodecOptions(model="echo", max_wait_ms=0.0))
+async def _stack(lms: list[PersonaLm], voice_dir=None, codec_delay_ms=0.0, **settings) -> Stack:
+    options = CodecOptions(model="echo", max_wait_ms=0.0, inject_delay_ms=codec_delay_ms)
+    codec = await start_codec_server(_cfg(), options)
     for lm in lms:
         await lm.start()
     gateway = await start_gateway(
@@ -269,6 +270,20 @@ async def test_an_lm_that_never_applies_the_prompt_ends_the_start_with_deadline_
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED and replies == []
     assert "did not answer the session's open within 0.3 s" in details
     assert refused == 1
+
+
+async def test_a_codec_that_stalls_on_the_voice_ends_the_start_with_deadline_exceeded(
+    voice_dir,
+) -> None:
+    lm = PersonaLm()
+    stack = await _stack([lm], voice_dir, codec_delay_ms=800, open_answer_timeout_s=0.2)
+    try:
+        code, details, replies = await _converse(stack.address, [_config(_named())])
+    finally:
+        await stack.close()
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and replies == []
+    assert "(voice encode) did not answer frame 0 of 15 within 0.2 s" in details
+    assert lm.opens == []  # the LM was never asked
 
 
 async def test_each_bad_persona_gets_its_status_and_touches_no_other_session(

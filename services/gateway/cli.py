@@ -139,7 +139,13 @@ async def start_pipeline(
     await pool.start()
     admission = Admission(pool, pipeline, settings.cost, settings.retry_after_ms)
     state = ServerState()
-    personas = Personas(voices, settings.max_voice_s, metrics, settings.retry_after_ms)
+    personas = Personas(
+        voices,
+        settings.max_voice_s,
+        metrics,
+        settings.retry_after_ms,
+        settings.open_answer_timeout_s,
+    )
     servicer = GatewayServicer(admission, settings, metrics, state, personas)
     try:
         server = await start_server(

@@ -79,8 +79,10 @@ class GatewaySettings:
     text_policy: Any = None
     # Persona sessions (persona.py, voices.py): the named voices' directory (WAV files,
     # named by their stems; None = none), the longest voice taken (inline or named), and
-    # how long a backend may take to answer a session's open (the LM applying a persona
-    # prompt) before the session is refused with DEADLINE_EXCEEDED.
+    # how long a backend may take over one answer before the session goes live (the LM
+    # applying a persona prompt, the codec one voice frame) before the session is refused
+    # with DEADLINE_EXCEEDED; kept below the backends' idle timeout (30 s by default), which
+    # a session's quiet streams would hit meanwhile.
     voice_dir: str | None = None
     max_voice_s: float = 30.0
     open_answer_timeout_s: float = 20.0

@@ -161,8 +161,9 @@ PERSONA_FLAGS = (
     Flag(
         "--open-answer-timeout-s",
         "open_answer_timeout_s",
-        "how long the LM may take to apply a session's persona prompt (its answer to the "
-        "session's open) before the session is refused with DEADLINE_EXCEEDED",
+        "how long a backend may take over one answer before a session goes live (the LM "
+        "applying a persona prompt, the codec one voice frame) before the session is "
+        "refused with DEADLINE_EXCEEDED; keep it below the backends' --idle-timeout-s",
         "> 0",
     ),
 )

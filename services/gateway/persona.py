@@ -68,12 +68,14 @@ class Personas:
         voices: VoiceDirectory,
         max_voice_s: float,
         metrics: GatewayMetrics,
-        retry_after_ms: int = 1000,
+        retry_after_ms: int,
+        answer_timeout_s: float,
     ) -> None:
         self.voices = voices
         self.max_voice_s = max_voice_s
         self.metrics = metrics
         self.retry_after_ms = retry_after_ms  # the hint when the voice's codec is full
+        self.answer_timeout_s = answer_timeout_s  # per voice frame's codes at the codec
 
     async def resolve(self, persona: gateway_pb2.Persona) -> PersonaRequest:
         """A session's persona, checked and its voice prepared (see the module docstring).
@@ -147,6 +149,7 @@ async def apply(ctx: OpenContext, encode: Stage) -> None:
             metadata=ctx.metadata,
             session_id=ctx.session_id,
             retry_ms=personas.retry_after_ms,
+            answer_timeout_s=personas.answer_timeout_s,
         )
 
     t0 = time.perf_counter()

@@ -33,6 +33,7 @@ import numpy as np
 
 from moshi_grpc import audio, loudness
 from moshi_grpc.services.common.errors import BackendUnavailable, InvalidInput, NotFound
+from moshi_grpc.services.gateway.ending import StageStalled
 from moshi_grpc.services.gateway.streams import PER_SESSION, backend_error, open_stream
 from moshi_grpc.v1 import codec_pb2, gateway_pb2
 
@@ -215,10 +216,13 @@ async def encode_on(
     metadata: tuple[tuple[str, str], ...],
     session_id: str,
     retry_ms: int,
+    answer_timeout_s: float,
 ) -> list[int]:
     """Mimi codes of `frames` (flat, frame after frame) from a fresh Encode stream on the
     codec `replica` (`stage`: the pipeline's encode stage): fresh streaming state, as the
-    reference encodes a voice. A refusal or failure raises what the session gets."""
+    reference encodes a voice. The codec steps one frame of a stream per tick, so this
+    takes about `len(frames)` ticks. A refusal or failure raises what the session gets;
+    a codec that leaves a frame unanswered for `answer_timeout_s` ends it (StageStalled)."""
     stream = open_stream(replica, stage, metadata, PER_SESSION)
     what = f"{replica.kind} replica {replica.address} (voice encode)"
 
@@ -232,7 +236,13 @@ async def encode_on(
     codes: list[int] = []
     try:
         for i in range(len(frames)):
-            answer = await stream.read()
+            try:
+                answer = await asyncio.wait_for(stream.read(), answer_timeout_s)
+            except asyncio.TimeoutError:
+                raise StageStalled(
+                    f"{what} did not answer frame {i} of {len(frames)} within "
+                    f"{answer_timeout_s:g} s (--open-answer-timeout-s)"
+                ) from None
             if answer is grpc.aio.EOF:
                 raise BackendUnavailable(f"{what} ended the stream after {i} of {len(frames)}")
             codes.extend(answer.codes)
@@ -242,6 +252,8 @@ async def encode_on(
     finally:
         if not sender.done():
             sender.cancel()
+        elif not sender.cancelled() and sender.exception() is not None:
+            log.debug("voice encode: sending failed too: %r", sender.exception())
         stream.close()
     per_frame = len(codes) // max(1, len(frames))
     if per_frame * len(frames) != len(codes) or per_frame == 0:
