@@ -20,6 +20,8 @@ from .events import ENCODINGS, OGG_OPUS, PCM16
 
 # Our own messages are small (one chunk of audio), but a client may send a long chunk at once.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# Float32 voice audio above this goes at 24 kHz (Persona.to_proto): 30 s fit a message.
+MAX_VOICE_FLOAT_BYTES = 3 * 1024 * 1024
 # Trailing-metadata key in which the gateway may hint how long to wait before retrying.
 RETRY_AFTER_KEY = "retry-after-ms"
 
@@ -230,10 +232,13 @@ class Persona:
 
     def to_proto(self) -> gateway_pb2.Persona:
         """The wire message. A recording goes losslessly: as PCM16 when every sample is a
-        16-bit value (a PCM16 file), else as float32."""
+        16-bit value (a PCM16 file), else as float32; float32 audio too large for one
+        message (the gateway takes 4 MiB by default) is first resampled to 24 kHz with the
+        gateway's own resampler, which gives the samples the gateway would have made."""
         if self.voice_id is not None:
             return gateway_pb2.Persona(voice_id=self.voice_id, prompt=self.prompt)
         x = np.asarray(self.voice_samples, dtype=np.float32)
+        rate = self.voice_rate
         scaled = x.astype(np.float64) * 32768.0
         if (
             np.array_equal(scaled, np.round(scaled))
@@ -241,8 +246,14 @@ class Persona:
         ):
             data, encoding = scaled.astype("<i2").tobytes(), gateway_pb2.AUDIO_ENCODING_PCM16
         else:
+            if x.nbytes > MAX_VOICE_FLOAT_BYTES and rate != 24000:
+                from moshi_grpc import audio
+
+                resampler = audio.StreamResampler(rate, audio.MODEL_RATE)
+                x = np.concatenate([resampler.process(x), resampler.flush()])
+                rate = audio.MODEL_RATE
             data, encoding = x.astype("<f4").tobytes(), gateway_pb2.AUDIO_ENCODING_FLOAT32
-        voice = gateway_pb2.VoiceAudio(data=data, encoding=encoding, sample_rate=self.voice_rate)
+        voice = gateway_pb2.VoiceAudio(data=data, encoding=encoding, sample_rate=rate)
         return gateway_pb2.Persona(voice_audio=voice, prompt=self.prompt)
 
 

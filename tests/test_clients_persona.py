@@ -33,6 +33,7 @@ from moshi_grpc.services.codec.startup import start_codec_server
 from moshi_grpc.services.common.server import ServerConfig
 from moshi_grpc.services.gateway.cli import start_gateway
 from moshi_grpc.services.gateway.config import GatewaySettings
+from moshi_grpc.services.gateway.voices import decode_voice, voice_frames
 from moshi_grpc.v1 import gateway_pb2
 
 PROMPT = "You are a helpful assistant."
@@ -131,6 +132,14 @@ def test_persona_options_are_checked_and_sent_losslessly(tmp_path) -> None:
     floats = Persona(PROMPT, voice_samples=x, voice_rate=16000).to_proto().voice_audio
     assert floats.encoding == gateway_pb2.AUDIO_ENCODING_FLOAT32
     assert np.array_equal(audio.decode_samples(floats.data, audio.FLOAT32), x)
+    # 30 s of float32 at 48 kHz would not fit the gateway's 4 MiB messages: it goes at
+    # 24 kHz, resampled as the gateway itself would (the same frames in the end).
+    long = audio.speech_like(30.0, 48000, seed=2)
+    big = Persona(PROMPT, voice_samples=long, voice_rate=48000).to_proto()
+    assert big.voice_audio.sample_rate == 24000
+    assert big.ByteSize() < 4 * 2**20
+    sent = decode_voice(big.voice_audio)
+    assert np.array_equal(voice_frames(*sent, "v", 30.0), voice_frames(long, 48000, "v", 30.0))
 
 
 def test_sync_sdk_sends_no_live_audio_before_the_persona_session_started(live: Live) -> None:
