@@ -139,13 +139,7 @@ async def start_pipeline(
     await pool.start()
     admission = Admission(pool, pipeline, settings.cost, settings.retry_after_ms)
     state = ServerState()
-    personas = Personas(
-        voices,
-        settings.max_voice_s,
-        metrics,
-        settings.retry_after_ms,
-        settings.open_answer_timeout_s,
-    )
+    personas = Personas.of(settings, metrics, voices)
     servicer = GatewayServicer(admission, settings, metrics, state, personas)
     try:
         server = await start_server(

@@ -32,9 +32,15 @@ from typing import Any
 from moshi_grpc.services.common.errors import InvalidInput
 from moshi_grpc.services.common.metrics import GatewayMetrics
 from moshi_grpc.services.gateway.admission import Need
+from moshi_grpc.services.gateway.config import GatewaySettings
 from moshi_grpc.services.gateway.pipeline import OpenAnswer, OpenContext, Stage
-from moshi_grpc.services.gateway.voices import Voice, VoiceDirectory, decode_voice, encode_on
-from moshi_grpc.services.gateway.voices import voice_frames as prepare_frames
+from moshi_grpc.services.gateway.voices import (
+    Voice,
+    VoiceDirectory,
+    decode_voice,
+    encode_on,
+    voice_frames,
+)
 from moshi_grpc.v1 import common_pb2, gateway_pb2, lm_pb2
 
 log = logging.getLogger(__name__)
@@ -50,8 +56,7 @@ class PersonaRequest:
     voice: Voice
     prompt: str
     personas: Personas
-    voice_encoded: bool = False  # its codes were made for this session (not kept ones)
-    voice_encode_s: float = 0.0
+    voice_encode_s: float = 0.0  # 0: the named voice's codes were kept
     ready: lm_pb2.PromptReady | None = None
     ready_s: float = 0.0  # the LM open sent -> its PromptReady, as the gateway saw it
 
@@ -77,6 +82,19 @@ class Personas:
         self.retry_after_ms = retry_after_ms  # the hint when the voice's codec is full
         self.answer_timeout_s = answer_timeout_s  # per voice frame's codes at the codec
 
+    @classmethod
+    def of(
+        cls, settings: GatewaySettings, metrics: GatewayMetrics, voices: VoiceDirectory
+    ) -> Personas:
+        """The gateway's persona settings from its settings."""
+        return cls(
+            voices,
+            settings.max_voice_s,
+            metrics,
+            settings.retry_after_ms,
+            settings.open_answer_timeout_s,
+        )
+
     async def resolve(self, persona: gateway_pb2.Persona) -> PersonaRequest:
         """A session's persona, checked and its voice prepared (see the module docstring).
         An inline voice is decoded and normalised in a worker thread (the loudness filters
@@ -97,7 +115,7 @@ class Personas:
 
     def _inline(self, voice_audio: gateway_pb2.VoiceAudio) -> Voice:
         samples, rate = decode_voice(voice_audio)
-        frames = prepare_frames(samples, rate, "persona.voice_audio", self.max_voice_s)
+        frames = voice_frames(samples, rate, "persona.voice_audio", self.max_voice_s)
         return Voice(frames=frames, duration_s=samples.size / rate)
 
 
@@ -155,7 +173,6 @@ async def apply(ctx: OpenContext, encode: Stage) -> None:
     t0 = time.perf_counter()
     codes, encoded = await request.voice.codes(encode_frames, model)
     if encoded:
-        request.voice_encoded = True
         request.voice_encode_s = time.perf_counter() - t0
         personas.metrics.voice_encode_seconds.observe(request.voice_encode_s)
     ctx.values[PROMPT] = lm_pb2.PersonaPrompt(voice_codes=codes, text=request.prompt)

@@ -72,12 +72,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     def __post_init__(self) -> None:
         if self.personas is None:
-            self.personas = Personas(
-                VoiceDirectory(),
-                self.settings.max_voice_s,
-                self.metrics,
-                self.settings.retry_after_ms,
-            )
+            self.personas = Personas.of(self.settings, self.metrics, VoiceDirectory())
 
     async def Info(self, request, context: grpc.aio.ServicerContext) -> gateway_pb2.GatewayInfo:
         lm = self.admission.pool.sets.get(persona.PERSONA_BACKEND)
