@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from moshi_grpc.services.common.backend import BackendCli, backend_options
+from moshi_grpc.services.common.backend import BackendCli
+from moshi_grpc.services.common.options import backend_options
 
 
 def options_from_args(args: argparse.Namespace):

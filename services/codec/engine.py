@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
-from moshi_grpc.services.common.backend import BackendOptions
 from moshi_grpc.services.common.batching import BatchScheduler
 from moshi_grpc.services.common.buckets import TickPlan
 from moshi_grpc.services.common.cuda_graphs import use_cuda_graphs
 from moshi_grpc.services.common.device import exact_float32, torch_dtype
 from moshi_grpc.services.common.metrics import BatcherMetrics, CodecMetrics
+from moshi_grpc.services.common.options import BackendOptions
 from moshi_grpc.services.common.runner import RowRunner
 
 log = logging.getLogger(__name__)

@@ -19,12 +19,12 @@ from typing import Any
 import torch
 
 from moshi_grpc.models.lm_gen import SamplingConfig
-from moshi_grpc.services.common.backend import BackendOptions
 from moshi_grpc.services.common.batching import BatchScheduler
 from moshi_grpc.services.common.buckets import TickPlan
 from moshi_grpc.services.common.cuda_graphs import use_cuda_graphs
 from moshi_grpc.services.common.device import exact_float32, free_memory, torch_dtype
 from moshi_grpc.services.common.metrics import LmMetrics
+from moshi_grpc.services.common.options import BackendOptions
 from moshi_grpc.services.common.runner import RowRunner
 from moshi_grpc.services.lm.prefix_cache import PrefixCache
 from moshi_grpc.services.lm.prompts import Prefill, PrefixWork, Start, StartDone
