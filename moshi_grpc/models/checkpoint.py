@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moshi_grpc.models.validation import listed_problems
+
 log = logging.getLogger(__name__)
 
 
@@ -33,11 +35,6 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path), device="cpu")
     except Exception as exc:  # safetensors raises its own error types
         raise CheckpointError(f"cannot read {path} as safetensors: {exc}") from exc
-
-
-def _preview(names: list[str], limit: int = 12) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
 def load_state_strict(
@@ -69,13 +66,9 @@ def load_state_strict(
         for k, v in mapped.items()
         if tuple(v.shape) != tuple(target[k].shape)
     ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing: {_preview(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected: {_preview(sorted(unexpected))}")
-    if misshaped:
-        problems.append(f"{len(misshaped)} mis-shaped: {_preview(misshaped)}")
+    problems = listed_problems(
+        ("missing", missing), ("unexpected", sorted(unexpected)), ("mis-shaped", misshaped)
+    )
     if problems:
         raise CheckpointError(f"{source} does not match the model; " + "; ".join(problems))
     with torch.no_grad():

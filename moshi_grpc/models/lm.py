@@ -193,55 +193,35 @@ def _derive(**changes: Any) -> dict[str, Any]:
     return out
 
 
+def _sized(
+    dim: int, heads: int, layers: int, dep_dim: int, dep_heads: int, dep_layers: int, **more: Any
+) -> dict[str, Any]:
+    """Moshiko's config at other sizes (temporal and depformer widths, heads, layers)."""
+    return _derive(
+        dim=dim,
+        num_heads=heads,
+        num_layers=layers,
+        depformer_dim=dep_dim,
+        depformer_num_heads=dep_heads,
+        depformer_num_layers=dep_layers,
+        depformer_dim_feedforward=int(4.125 * dep_dim),
+        **more,
+    )
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "moshiko-7b": _MOSHIKO_7B,
     # Mid-size model for the CPU benchmark: real vocabularies and stream layout.
-    "mid": _derive(
-        dim=1024,
-        num_heads=8,
-        num_layers=12,
-        depformer_dim=512,
-        depformer_num_heads=8,
-        depformer_num_layers=4,
-        depformer_dim_feedforward=int(4.125 * 512),
-    ),
+    "mid": _sized(1024, 8, 12, 512, 8, 4),
     # CPU demo: real vocab layout (32000 text / 2048 audio, 8+8 streams), tiny dims.
-    "small": _derive(
-        dim=128,
-        num_heads=4,
-        num_layers=2,
-        depformer_dim=64,
-        depformer_num_heads=2,
-        depformer_num_layers=1,
-        depformer_dim_feedforward=int(4.125 * 64),
-    ),
+    "small": _sized(128, 4, 2, 64, 2, 1),
     # NVIDIA PersonaPlex (nvidia/personaplex-7b-v1): moshiko's network, its depformer over
     # all 16 streams (the checkpoint's steps 8..15, the user's, are left unused here).
     "personaplex-7b": _derive(dep_q=16),
     # CPU demo of persona sessions: the small preset in PersonaPlex's layout.
-    "personaplex-small": _derive(
-        dim=128,
-        num_heads=4,
-        num_layers=2,
-        depformer_dim=64,
-        depformer_num_heads=2,
-        depformer_num_layers=1,
-        depformer_dim_feedforward=int(4.125 * 64),
-        dep_q=16,
-    ),
+    "personaplex-small": _sized(128, 4, 2, 64, 2, 1, dep_q=16),
     # Unit tests: tiny vocabularies too.
-    "tiny": _derive(
-        dim=64,
-        num_heads=4,
-        num_layers=2,
-        text_card=200,
-        card=64,
-        context=16,
-        depformer_dim=32,
-        depformer_num_heads=2,
-        depformer_num_layers=2,
-        depformer_dim_feedforward=int(4.125 * 32),
-    ),
+    "tiny": _sized(64, 4, 2, 32, 2, 2, text_card=200, card=64, context=16),
 }
 
 

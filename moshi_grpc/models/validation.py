@@ -36,6 +36,18 @@ __all__ = [
 ]
 
 
+def listed_problems(*parts: tuple[str, list[str]], limit: int = 12) -> list[str]:
+    """ "N what: a, b, ..." for each non-empty `(what, names)` part (at most `limit` names
+    shown each): how a refused file or config names everything wrong at once."""
+    out = []
+    for what, names in parts:
+        if names:
+            shown = ", ".join(names[:limit])
+            more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+            out.append(f"{len(names)} {what}: {shown}{more}")
+    return out
+
+
 class MimiInputError(ValueError):
     """Audio or codes given to the codec have the wrong shape, dtype, length or values."""
 
@@ -166,11 +178,7 @@ def parse_lm_config(cls: type[LMConfig], raw: dict[str, Any]) -> LMConfig:
     optional = {"existing_text_end_padding_id"}
     unknown = sorted(set(raw) - names - _METADATA_KEYS - set(_NEUTRAL_KEYS))
     missing = sorted(names - optional - set(raw))
-    problems = []
-    if unknown:
-        problems.append(f"unknown keys: {', '.join(unknown)}")
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing)}")
+    problems = listed_problems(("unknown keys", unknown), ("missing keys", missing))
     if problems:
         raise LMConfigError("invalid LM config; " + "; ".join(problems))
     for key, neutral in _NEUTRAL_KEYS.items():

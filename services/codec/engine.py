@@ -16,38 +16,23 @@ from typing import Any
 
 import torch
 
-from moshi_grpc.services.common.batching import (
-    DEFAULT_IDLE_PROBE_S,
-    DEFAULT_MAX_SESSIONS,
-    BatchScheduler,
-)
+from moshi_grpc.services.common.batching import BatchScheduler
 from moshi_grpc.services.common.buckets import TickPlan
 from moshi_grpc.services.common.cuda_graphs import use_cuda_graphs
 from moshi_grpc.services.common.device import exact_float32, torch_dtype
 from moshi_grpc.services.common.metrics import BatcherMetrics, CodecMetrics
+from moshi_grpc.services.common.options import BackendOptions
 from moshi_grpc.services.common.runner import RowRunner
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class CodecOptions:
-    """Model and batching settings of a codec replica (the CLI flags)."""
+class CodecOptions(BackendOptions):
+    """Settings of a codec replica (the CLI flags)."""
 
-    model: str = "real"  # "real" | "echo"
-    weights: str | None = None
     config: str = "mimi"
-    device: str = "cpu"
-    dtype: str = "float32"
     num_codebooks: int = 8
-    max_sessions: int = DEFAULT_MAX_SESSIONS
-    max_wait_ms: float = 5.0
-    inject_delay_ms: float = 0.0
-    seed: int = 0
-    cuda_graphs: str = "auto"  # "auto" (on for CUDA) | "on" | "off"
-    cpu_forms: str = "auto"  # auto | on | off (see moshi_grpc/models/cpu_fast.py)
-    warmup_repeats: int = 3  # timed warm-up steps per bucket at load (after an untimed one)
-    idle_probe_s: float = DEFAULT_IDLE_PROBE_S
 
 
 def load_codec_model(options: CodecOptions) -> Any:

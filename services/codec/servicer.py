@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from moshi_grpc import __version__
 from moshi_grpc.services.codec.engine import CodecEngine
-from moshi_grpc.services.common.backend import model_identity
+from moshi_grpc.services.common.backend import ModelServicer, backend_info
 from moshi_grpc.services.common.batching import BatchScheduler
-from moshi_grpc.services.common.errors import NotReady
-from moshi_grpc.services.common.metrics import BatcherMetrics
-from moshi_grpc.services.common.mux import Opened, serve_mux, serve_stream
+from moshi_grpc.services.common.metrics import BatcherMetrics, CodecMetrics
+from moshi_grpc.services.common.mux import Opened
 from moshi_grpc.services.common.request_streams import stream_closer
-from moshi_grpc.services.common.server import ServerState
 from moshi_grpc.services.common.wire import (
     bucket_timings,
     parse_codes,
@@ -35,45 +33,37 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "moshi_grpc.v1.Codec"
 
 
+@dataclass(frozen=True)
 class CodecStage:
-    """One codec stage (encode or decode) of an attached engine: see `mux.Stage`."""
+    """One codec stage (encode or decode) of an attached engine: see `mux.Stage`.
+    `parse` checks a frame message; `answer` builds the reply to one frame."""
 
-    def __init__(
-        self,
-        what: str,
-        scheduler: BatchScheduler,
-        metrics: BatcherMetrics | None,
-        parse: Callable[[Any], torch.Tensor],
-        respond: Callable[[int, torch.Tensor, Any], Any],
-    ) -> None:
-        self.what = what
-        self.scheduler = scheduler
-        self.metrics = metrics
-        self.parse = parse
-        self._respond = respond
+    what: str
+    scheduler: BatchScheduler
+    metrics: BatcherMetrics | None
+    parse: Callable[[Any], torch.Tensor]
+    answer: Callable[[int, torch.Tensor, Any], Any]
 
     def open(self, opened: codec_pb2.CodecOpen) -> Opened:
         slot = self.scheduler.acquire(None, opened.session_id)
         return Opened(slot, stream_closer(slot, self.metrics))
 
     def respond(self, index: int, result: torch.Tensor, timing: Any) -> Any:
-        return self._respond(index, result, timing_proto(timing))
+        return self.answer(index, result, timing_proto(timing))
 
     def answer_preamble(self, payload: Any, result: Any, timing: Any) -> None:
         """Codec streams have no preamble."""
 
 
-class CodecServicer(codec_pb2_grpc.CodecServicer):
+class CodecServicer(ModelServicer, codec_pb2_grpc.CodecServicer):
     """Encode/Decode streams over an engine that is attached once the model is loaded."""
 
-    def __init__(
-        self, state: ServerState, idle_timeout_s: float, *, metrics: Any | None = None
-    ) -> None:
-        self.state = state
-        self.idle_timeout_s = idle_timeout_s
-        self.metrics = metrics
-        self.engine: CodecEngine | None = None
-        self._stages: tuple[CodecStage, CodecStage] | None = None
+    what = "codec model"
+    grpc_service = SERVICE_NAME
+    register = staticmethod(codec_pb2_grpc.add_CodecServicer_to_server)
+    metrics_type = CodecMetrics
+
+    _stages: tuple[CodecStage, CodecStage] | None = None  # set by attach()
 
     def attach(self, engine: CodecEngine) -> None:
         mimi = engine.mimi
@@ -104,47 +94,26 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         self._stages = (encode, decode)
         self.engine = engine
 
-    def _engine(self) -> CodecEngine:
-        if self.engine is None:
-            raise NotReady("codec model is still loading; retry shortly")
-        return self.engine
-
     def _stage(self, i: int) -> CodecStage:
         self._engine()
         return self._stages[i]
 
     async def Encode(self, request_iterator, context):
-        stage = self._stage(0)
-        async for out in serve_stream(stage, request_iterator, context, self.idle_timeout_s):
+        async for out in self._serve(self._stage(0), request_iterator, context):
             yield out
 
     async def Decode(self, request_iterator, context):
-        stage = self._stage(1)
-        async for out in serve_stream(stage, request_iterator, context, self.idle_timeout_s):
+        async for out in self._serve(self._stage(1), request_iterator, context):
             yield out
 
     async def EncodeMux(self, request_iterator, context):
-        stage = self._stage(0)
-        async for out in serve_mux(
-            stage,
-            codec_pb2.EncodeMuxResponse,
-            self.state,
-            request_iterator,
-            context,
-            self.idle_timeout_s,
-        ):
+        stage, response = self._stage(0), codec_pb2.EncodeMuxResponse
+        async for out in self._serve_mux(stage, response, request_iterator, context):
             yield out
 
     async def DecodeMux(self, request_iterator, context):
-        stage = self._stage(1)
-        async for out in serve_mux(
-            stage,
-            codec_pb2.DecodeMuxResponse,
-            self.state,
-            request_iterator,
-            context,
-            self.idle_timeout_s,
-        ):
+        stage, response = self._stage(1), codec_pb2.DecodeMuxResponse
+        async for out in self._serve_mux(stage, response, request_iterator, context):
             yield out
 
     async def Info(self, request, context) -> common_pb2.BackendInfo:
@@ -155,18 +124,13 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         mimi = engine.mimi
         e50, e99 = engine.encoder.step_percentiles_ms()
         d50, d99 = engine.decoder.step_percentiles_ms()
-        ident = model_identity(mimi, engine.options)
-        return common_pb2.BackendInfo(
-            model_name=engine.model_name,
-            config_name=ident.config,
-            dtype=ident.dtype,
-            device=ident.device,
-            slots_total=engine.options.max_sessions,
+        return backend_info(
+            engine,
+            mimi,
+            self.state,
             slots_in_use=max(engine.encoder.slots_in_use, engine.decoder.slots_in_use),
             step_p50_ms=e50 + d50,
             step_p99_ms=e99 + d99,
-            version=__version__,
-            draining=self.state.draining,
             num_codebooks=mimi.num_codebooks,
             sample_rate=mimi.sample_rate,
             frame_size=mimi.frame_size,

@@ -19,7 +19,9 @@ from prometheus_client import CollectorRegistry
 
 from moshi_grpc import __version__
 from moshi_grpc.services.common import flags, logs, tracing
+from moshi_grpc.services.common.errors import NotReady
 from moshi_grpc.services.common.metrics import new_registry
+from moshi_grpc.services.common.mux import serve_mux, serve_stream
 from moshi_grpc.services.common.server import (
     RunningServer,
     ServerConfig,
@@ -29,6 +31,58 @@ from moshi_grpc.services.common.server import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def backend_info(engine: Any, model: Any, state: ServerState, **fields: Any) -> Any:
+    """A replica's `Info` answer: what every backend reports (its model's identity, slots,
+    version, draining), plus the service's own `fields`."""
+    from moshi_grpc.v1 import common_pb2
+
+    ident = model_identity(model, engine.options)
+    return common_pb2.BackendInfo(
+        model_name=engine.model_name,
+        config_name=ident.config,
+        dtype=ident.dtype,
+        device=ident.device,
+        slots_total=engine.options.max_sessions,
+        version=__version__,
+        draining=state.draining,
+        **fields,
+    )
+
+
+class ModelServicer:
+    """What a backend's servicer does the same way for the codec and the LM: it serves
+    stages of an engine attached once the model is loaded (UNAVAILABLE before), per
+    session or multiplexed."""
+
+    what = "model"  # for the not-ready message
+    grpc_service = ""  # the full gRPC service name (health, reflection)
+    register: Callable[[Any, Any], None]  # the generated `add_*Servicer_to_server`
+    metrics_type: Any  # `.create(registry)` builds the service's metrics
+
+    def __init__(self, state: ServerState, idle_timeout_s: float, *, metrics: Any = None):
+        self.state = state
+        self.idle_timeout_s = idle_timeout_s
+        self.metrics = metrics
+        self.engine: Any = None
+
+    def _engine(self) -> Any:
+        if self.engine is None:
+            raise NotReady(f"{self.what} is still loading; retry shortly")
+        return self.engine
+
+    async def _serve(self, stage: Any, requests: Any, context: Any):
+        """A per-session stream of `stage` (`mux.serve_stream`)."""
+        async for out in serve_stream(stage, requests, context, self.idle_timeout_s):
+            yield out
+
+    async def _serve_mux(self, stage: Any, response_type: type, requests: Any, context: Any):
+        """A multiplexed stream of `stage` (`mux.serve_mux`)."""
+        async for out in serve_mux(
+            stage, response_type, self.state, requests, context, self.idle_timeout_s
+        ):
+            yield out
 
 
 async def start_backend(
@@ -106,34 +160,36 @@ def model_identity(model: Any, options: Any) -> ModelIdentity:
 @dataclass(frozen=True)
 class BackendKind:
     """What differs between the codec and the LM server, said once per service (in its
-    `startup.py`) so the shared start-up flow takes one description, not six callables."""
+    `startup.py`) so the shared start-up flow takes one description. The servicer class
+    names its gRPC service, its generated registration and its metrics (`grpc_service`,
+    `register`, `metrics_type`: class attributes of a `ModelServicer`)."""
 
     name: str  # "codec" / "lm": logs, metric labels, build info
-    grpc_service: str  # full gRPC service name, for health and reflection
-    metrics_type: Any  # `.create(registry)` builds the service's metrics
-    servicer_type: Callable[..., Any]  # `(state, idle_timeout_s, metrics=...)`
-    register: Callable[[Any, Any], None]  # the generated `add_*Servicer_to_server`
+    servicer_type: Any  # a ModelServicer subclass: `(state, idle_timeout_s, metrics=...)`
     model_of: Callable[[Any], Any]  # the engine's network, for build info
+    load: Callable[[Any], Any]  # options -> the loaded model (the service's loader)
+    build: Callable[[Any, Any, Any], Any]  # (loaded model, options, metrics) -> the engine
 
 
 async def start_model_server(
     config: ServerConfig,
     options: Any,
     kind: BackendKind,
-    make_engine: Callable[[Any], Any],
     *,
+    load_model: Callable[[], Any] | None = None,
     wait_ready: bool = True,
 ) -> RunningServer:
-    """The body of `start_codec_server` / `start_lm_server`: one per-server metrics
-    registry, a servicer that answers UNAVAILABLE until the engine is attached, the model
-    loaded by `make_engine(metrics)` in a worker thread, then build info and SERVING.
-
-    Build info names the model (`model_identity`). `running.servicer` is set; with `wait_ready=False` it returns
-    while loading."""
+    """Start a backend service (`start_codec_server` / `start_lm_server`): one per-server
+    metrics registry, a servicer that answers UNAVAILABLE until the engine is attached, the
+    model loaded (`kind.load(options)`, or `load_model()`: tests pass prebuilt models or a
+    loader that blocks to observe NOT_SERVING while loading) and its engine built in a worker
+    thread, then build info (`model_identity`) and SERVING. `running.servicer` is set; with
+    `wait_ready=False` it returns while loading (await `running.ready`)."""
     registry = new_registry()
-    metrics = kind.metrics_type.create(registry)
+    servicer_type = kind.servicer_type
+    metrics = servicer_type.metrics_type.create(registry)
     state = ServerState()
-    servicer = kind.servicer_type(state, config.idle_timeout_s, metrics=metrics)
+    servicer = servicer_type(state, config.idle_timeout_s, metrics=metrics)
 
     def attach(engine: Any, running: RunningServer) -> None:
         servicer.attach(engine)
@@ -146,12 +202,15 @@ async def start_model_server(
             dtype=ident.dtype,
         )
 
-    service = Service(kind.grpc_service, lambda server: kind.register(servicer, server))
+    register = servicer_type.register
+    service = Service(servicer_type.grpc_service, lambda server: register(servicer, server))
     running = await start_backend(
         config,
         service,
         kind.name,
-        load=lambda: make_engine(metrics),
+        load=lambda: kind.build(
+            load_model() if load_model is not None else kind.load(options), options, metrics
+        ),
         attach=attach,
         registry=registry,
         state=state,
@@ -184,6 +243,34 @@ async def _serve_backend(
         return 1
     await running.wait_closed()
     return 0
+
+
+class BackendCli:
+    """A backend's subcommand (`codec`, `lm`): its flags (server, batching, model) and its
+    `run`, from the service's name, its `options_from_args` and its start function (named
+    "module:function", imported when the command runs: the service pulls in torch, and
+    `--help` stays fast)."""
+
+    def __init__(
+        self, name: str, options_from_args: Callable[[argparse.Namespace], Any], start: str
+    ) -> None:
+        self.name = name
+        self.options_from_args = options_from_args
+        self._start = start
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        flags.add_server_flags(parser, self.name)
+        flags.add_batching_flags(parser)
+        flags.add_model_flags(parser, self.name)
+
+    async def start(self, config: ServerConfig, options: Any, **kwargs: Any) -> RunningServer:
+        import importlib
+
+        module, _, function = self._start.partition(":")
+        return await getattr(importlib.import_module(module), function)(config, options, **kwargs)
+
+    def run(self, args: argparse.Namespace) -> int:
+        return run_backend_cli(args, self.name, self.start, self.options_from_args)
 
 
 def run_backend_cli(

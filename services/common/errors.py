@@ -64,34 +64,36 @@ class CapacityExhausted(ServiceError):
     code = ErrorCode.NO_CAPACITY
 
 
-class Draining(ServiceError):
+class Unavailable(ServiceError):
+    """Transient: the caller may retry, elsewhere or after a while (UNAVAILABLE)."""
+
+    code = ErrorCode.UNAVAILABLE
+
+
+class Draining(Unavailable):
     """The replica is shutting down and admits no new streams."""
 
-    code = ErrorCode.UNAVAILABLE
 
-
-class NotReady(ServiceError):
+class NotReady(Unavailable):
     """The replica is still loading its model."""
 
-    code = ErrorCode.UNAVAILABLE
 
-
-class BackendUnavailable(ServiceError):
+class BackendUnavailable(Unavailable):
     """A backend the gateway depends on failed or is unreachable."""
 
-    code = ErrorCode.UNAVAILABLE
+
+class TimedOut(ServiceError):
+    """A stream or session ran out of time (DEADLINE_EXCEEDED)."""
+
+    code = ErrorCode.TIMED_OUT
 
 
-class IdleTimeout(ServiceError):
+class IdleTimeout(TimedOut):
     """No message arrived on a stream for longer than the idle timeout."""
 
-    code = ErrorCode.TIMED_OUT
 
-
-class BudgetExceeded(ServiceError):
+class BudgetExceeded(TimedOut):
     """A session kept missing its per-frame latency budget."""
-
-    code = ErrorCode.TIMED_OUT
 
 
 class Unauthenticated(ServiceError):

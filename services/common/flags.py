@@ -118,23 +118,25 @@ def add_otel_flag(g: argparse._ActionsContainer) -> None:
     )
 
 
+def _auto_on_off(g: argparse._ActionsContainer, flag: str, help: str) -> None:
+    g.add_argument(flag, choices=("auto", "on", "off"), default="auto", help=help)
+
+
 def add_cuda_graphs_flag(g: argparse._ActionsContainer) -> None:
-    g.add_argument(
+    _auto_on_off(
+        g,
         "--cuda-graphs",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="capture each batch bucket's step as a CUDA graph at load (auto: on for --device "
+        "capture each batch bucket's step as a CUDA graph at load (auto: on for --device "
         "cuda); saves the per-kernel launch cost of every step",
     )
 
 
 def add_cpu_forms_flag(g: argparse._ActionsContainer) -> None:
-    g.add_argument(
+    _auto_on_off(
+        g,
         "--cpu-forms",
-        default="auto",
-        choices=["auto", "on", "off"],
-        help="faster exact CPU forms of the model's layers (moshi_grpc/models/cpu_fast.py): "
-        "auto = each where a measurement at load says it is faster, on, or off (the plain "
+        "faster exact CPU forms of the model's layers (moshi_grpc/models/cpu_fast.py): auto "
+        "= each where a measurement at load says it is faster, on, or off (the plain "
         "model); nothing applies off CPU",
     )
 

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# What an interceptor calls for the handler of an RPC.
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]]
+
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 REFLECTION_PREFIXES = (
     "/grpc.reflection.v1alpha.ServerReflection/",
@@ -104,7 +107,26 @@ def _code_name(code: object) -> str:
     return "UNKNOWN"
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class _HandlerInterceptor(grpc.aio.ServerInterceptor):
+    """An interceptor that wraps the handler of each RPC that has one (`wrap`)."""
+
+    async def intercept_service(
+        self,
+        continuation: Continuation,
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        return self.wrap(handler, handler_call_details)
+
+    def wrap(
+        self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        raise NotImplementedError
+
+
+class AuthInterceptor(_HandlerInterceptor):
     """Bearer-token auth: `authorization: Bearer <token>` compared in constant time.
 
     Health checks are exempt so that load balancers and kubelet probes work without it.
@@ -124,15 +146,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 break
         return hmac.compare_digest(provided, self._expected)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
+    def wrap(
+        self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(HEALTH_PREFIX):
-            return handler
-        if self._authorized(handler_call_details.invocation_metadata):
+        if details.method.startswith(HEALTH_PREFIX) or self._authorized(
+            details.invocation_metadata
+        ):
             return handler
 
         async def reject(_request, context: grpc.aio.ServicerContext) -> None:
@@ -141,22 +160,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return _replace_behavior(handler, reject)
 
 
-class ServingInterceptor(grpc.aio.ServerInterceptor):
+class ServingInterceptor(_HandlerInterceptor):
     """Admission, error mapping, RPC metrics, in-flight accounting, log context."""
 
     def __init__(self, state: ServerState, metrics: RpcMetrics) -> None:
         self._state = state
         self._metrics = metrics
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
+    def wrap(
+        self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
+        method = details.method
         service, _, name = method.lstrip("/").rpartition("/")
         rpc_type = _rpc_type(handler)
         attr, _factory = _FACTORIES[rpc_type]

@@ -19,15 +19,12 @@ from typing import Any
 import torch
 
 from moshi_grpc.models.lm_gen import SamplingConfig
-from moshi_grpc.services.common.batching import (
-    DEFAULT_IDLE_PROBE_S,
-    DEFAULT_MAX_SESSIONS,
-    BatchScheduler,
-)
+from moshi_grpc.services.common.batching import BatchScheduler
 from moshi_grpc.services.common.buckets import TickPlan
 from moshi_grpc.services.common.cuda_graphs import use_cuda_graphs
 from moshi_grpc.services.common.device import exact_float32, free_memory, torch_dtype
 from moshi_grpc.services.common.metrics import LmMetrics
+from moshi_grpc.services.common.options import BackendOptions
 from moshi_grpc.services.common.runner import RowRunner
 from moshi_grpc.services.lm.prefix_cache import PrefixCache
 from moshi_grpc.services.lm.prompts import Prefill, PrefixWork, Start, StartDone
@@ -50,23 +47,11 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class LmOptions:
-    """Model and batching settings of an LM replica (the CLI flags)."""
+class LmOptions(BackendOptions):
+    """Settings of an LM replica (the CLI flags)."""
 
-    model: str = "real"  # "real" | "echo"
-    weights: str | None = None
     config: str = "small"
     tokenizer: str | None = None
-    device: str = "cpu"
-    dtype: str = "float32"
-    max_sessions: int = DEFAULT_MAX_SESSIONS
-    max_wait_ms: float = 5.0
-    inject_delay_ms: float = 0.0
-    seed: int = 0
-    cuda_graphs: str = "auto"  # auto | on | off (see services/common/cuda_graphs.py)
-    cpu_forms: str = "auto"  # auto | on | off (see moshi_grpc/models/cpu_fast.py)
-    warmup_repeats: int = 3  # timed warm-up steps per bucket at load (0: one untimed step)
-    idle_probe_s: float = DEFAULT_IDLE_PROBE_S
     prefix_cache_mib: float = 1024.0  # persona models: prompt prefixes kept (host memory)
 
 

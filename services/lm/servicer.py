@@ -11,14 +11,12 @@ from typing import Any
 
 import torch
 
-from moshi_grpc import __version__
 from moshi_grpc.models.persona import SILENCE_FRAMES, prompt_frames, wrap_prompt
-from moshi_grpc.services.common.backend import model_identity
-from moshi_grpc.services.common.errors import InvalidInput, NotReady, WrongModel
+from moshi_grpc.services.common.backend import ModelServicer, backend_info
+from moshi_grpc.services.common.errors import InvalidInput, WrongModel
 from moshi_grpc.services.common.metrics import LmMetrics
-from moshi_grpc.services.common.mux import Opened, serve_mux, serve_stream
+from moshi_grpc.services.common.mux import Opened
 from moshi_grpc.services.common.request_streams import stream_closer
-from moshi_grpc.services.common.server import ServerState
 from moshi_grpc.services.common.wire import bucket_timings, parse_codes, timing_proto
 from moshi_grpc.services.lm.engine import JoinPayload, LmEngine, Prefill, Start, StepInput
 from moshi_grpc.services.lm.prompts import PersonaRequest
@@ -201,60 +199,41 @@ class LmStage:
         return None
 
 
-class LmServicer(lm_pb2_grpc.LMServicer):
+class LmServicer(ModelServicer, lm_pb2_grpc.LMServicer):
     """Step streams over an engine that is attached once the model is loaded."""
 
-    def __init__(
-        self, state: ServerState, idle_timeout_s: float, *, metrics: LmMetrics | None = None
-    ) -> None:
-        self.state = state
-        self.idle_timeout_s = idle_timeout_s
-        self.metrics = metrics
-        self.engine: LmEngine | None = None
-        self._stage: LmStage | None = None
+    what = "LM model"
+    grpc_service = SERVICE_NAME
+    register = staticmethod(lm_pb2_grpc.add_LMServicer_to_server)
+    metrics_type = LmMetrics
+
+    _stage: LmStage | None = None  # set by attach()
 
     def attach(self, engine: LmEngine) -> None:
         self._stage = LmStage(engine, self.metrics)
         self.engine = engine
 
-    def _engine(self) -> LmEngine:
-        if self.engine is None:
-            raise NotReady("LM model is still loading; retry shortly")
-        return self.engine
-
     async def Step(self, request_iterator, context):
         self._engine()
-        async for out in serve_stream(self._stage, request_iterator, context, self.idle_timeout_s):
+        async for out in self._serve(self._stage, request_iterator, context):
             yield out
 
     async def StepMux(self, request_iterator, context):
         self._engine()
-        async for out in serve_mux(
-            self._stage,
-            lm_pb2.StepMuxResponse,
-            self.state,
-            request_iterator,
-            context,
-            self.idle_timeout_s,
-        ):
+        response = lm_pb2.StepMuxResponse
+        async for out in self._serve_mux(self._stage, response, request_iterator, context):
             yield out
 
     async def Info(self, request, context) -> common_pb2.BackendInfo:
         engine = self._engine()
-        lm = engine.lm
         p50, p99 = engine.scheduler.step_percentiles_ms()
-        ident = model_identity(lm, engine.options)
-        return common_pb2.BackendInfo(
-            model_name=engine.model_name,
-            config_name=ident.config,
-            dtype=ident.dtype,
-            device=ident.device,
-            slots_total=engine.options.max_sessions,
+        return backend_info(
+            engine,
+            engine.lm,
+            self.state,
             slots_in_use=engine.scheduler.slots_in_use,
             step_p50_ms=p50,
             step_p99_ms=p99,
-            version=__version__,
-            draining=self.state.draining,
             num_codebooks=engine.dep_q,
             sample_rate=24000,
             frame_size=1920,
@@ -270,13 +249,4 @@ def _cache_info(engine: LmEngine) -> common_pb2.PrefixCacheInfo | None:
     cache = engine.prefix_cache
     if cache is None:
         return None
-    st = cache.stats()
-    return common_pb2.PrefixCacheInfo(
-        entries=st.entries,
-        bytes=st.bytes,
-        capacity_bytes=cache.capacity,
-        hits=st.hits,
-        voice_hits=st.voice_hits,
-        misses=st.misses,
-        evictions=st.evictions,
-    )
+    return common_pb2.PrefixCacheInfo(capacity_bytes=cache.capacity, **vars(cache.stats()))
