@@ -293,9 +293,12 @@ class _CudaApi:
         "current_device",
         "synchronize",
         "empty_cache",
+        "mem_get_info",
         "CUDAGraph",
         "graph",
     )
+
+    MEMORY = 80 * 2**30  # what `mem_get_info` reports for every virtual device: an H100
 
     def __init__(self, vc: VirtualCuda) -> None:
         self.vc = vc
@@ -363,6 +366,11 @@ class _CudaApi:
 
     def empty_cache(self) -> None:
         pass
+
+    def mem_get_info(self, device: Any = None) -> tuple[int, int]:
+        """(free, total) bytes: the whole card free (nothing real is allocated on it)."""
+        self._index(device)
+        return self.MEMORY, self.MEMORY
 
     @contextlib.contextmanager
     def graph(

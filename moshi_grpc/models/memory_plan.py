@@ -140,9 +140,12 @@ def lm_memory(
     dep_hd = cfg.depformer_dim // cfg.depformer_num_heads
     dep = cfg.depformer_num_layers * 2 * cfg.depformer_num_heads * cfg.dep_q * dep_hd * size
     # LMGen: tokens [K, max_delay + 2] int64; counter, cache row id, generator row id, two
-    # seed halves (int64 each); temperature [2] float32; top_k [2] int64
+    # seed halves (int64 each); temperature [2] float32; top_k [2] int64; a prompt's fixed
+    # tokens (a bool and an int64 per generated stream); the lagged user codes (int64 each)
     ring = cfg.max_delay + 2
+    generated = cfg.dep_q + 1
     state = cfg.num_codebooks * ring * 8 + 5 * 8 + 2 * 4 + 2 * 8
+    state += generated * (1 + 8) + cfg.num_user_streams * 8
     return LmMemory(lm_parameter_count(cfg) * size, kv, dep, state, cfg.context)
 
 

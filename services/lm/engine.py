@@ -26,7 +26,7 @@ from moshi_grpc.services.common.device import exact_float32, free_memory, torch_
 from moshi_grpc.services.common.metrics import LmMetrics
 from moshi_grpc.services.common.options import BackendOptions
 from moshi_grpc.services.common.runner import RowRunner
-from moshi_grpc.services.lm.prefix_cache import PrefixCache
+from moshi_grpc.services.lm.prefix_cache import CacheStats, PrefixCache
 from moshi_grpc.services.lm.prompts import Prefill, PrefixWork, Start, StartDone
 
 __all__ = [
@@ -295,8 +295,10 @@ class LmEngine:
         self.runner = GenRunner(
             self.gen, options.max_sessions, graphs, self.prefix_cache, model_key
         )
-        if metrics is not None and self.prefix_cache is not None:
-            metrics.watch_prefix_cache(self.prefix_cache.stats)
+        if metrics is not None:  # (zeros on a model without prompts: every series exists)
+            metrics.watch_prefix_cache(
+                self.prefix_cache.stats if self.prefix_cache is not None else CacheStats
+            )
         self.scheduler = BatchScheduler(
             self.runner,
             name="lm-step",
