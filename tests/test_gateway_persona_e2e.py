@@ -45,7 +45,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PROMPT = "You are a helpful assistant."
 SILENCE = 6  # frames after the voice and after the text (PersonaPlex)
-GREEDY = {"text_temperature": 0.0, "audio_temperature": 0.0, "seed": 1}
+# Greedy, and a budget no loaded machine misses: these tests compare replies exactly (a late
+# frame would be silence); the budget's own rules are tested with fake clocks elsewhere.
+GREEDY = {"text_temperature": 0.0, "audio_temperature": 0.0, "seed": 1, "budget_ms": 10_000}
 
 
 def _cfg() -> ServerConfig:
@@ -149,6 +151,7 @@ def test_a_named_voice_session_end_to_end_and_the_codes_its_open_carried(stack: 
     assert (p2.cached, p2.voice_encode_ms, p2.prompt_frames) == (True, 0.0, p1.prompt_frames)
     for result in (first, again):
         assert result.frames == 13 and result.summary.reason == "client_closed"
+        assert result.summary.frames_late == 0
     # Greedy: a start from the LM's prefix cache replies exactly as the prefilled one.
     assert np.array_equal(first.audio, again.audio) and first.transcript == again.transcript
     # The open carried the codes the codec makes of the prepared (normalised) voice frames:

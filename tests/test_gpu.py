@@ -272,6 +272,7 @@ def check_memory_matches_the_plan(device: str, dtype) -> None:
 def _state_tensors(gen: LMGen) -> list[torch.Tensor]:
     scratch = gen.dep_scratch.buffers
     small = [gen.tokens, gen.temperature, gen.top_k, gen.seed_lo, gen.seed_hi, gen._rows]
+    small += [gen.pending, gen.pending_tokens, gen.user_prev]
     return [*gen.cache.k, *gen.cache.v, gen.cache.pos, gen.cache._row_ids, *scratch, *small]
 
 
