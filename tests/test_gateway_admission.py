@@ -244,7 +244,8 @@ async def test_idle_replica_with_a_busy_warm_up_is_admitted_once_its_probes_run_
     and the gateway reads them from Info. While the neighbour stays busy, it stays refused."""
     cfg = ServerConfig(host="127.0.0.1", port=0)
     codec = await start_codec_server(cfg, CodecOptions(model="echo", max_wait_ms=0.0))
-    lm = await start_lm_server(cfg, LmOptions(model="echo", max_wait_ms=0.0, idle_probe_s=0.02))
+    # probes start once the busy warm-up is in place (one in flight would race with it)
+    lm = await start_lm_server(cfg, LmOptions(model="echo", max_wait_ms=0.0, idle_probe_s=0.0))
     scheduler = lm.servicer.engine.scheduler
     step = scheduler.runner.warm_up
     busy = True
@@ -254,6 +255,7 @@ async def test_idle_replica_with_a_busy_warm_up_is_admitted_once_its_probes_run_
 
     scheduler.runner.warm_up = warm_up
     scheduler.warm_ms.update(dict.fromkeys(scheduler.warm_ms, 300.0))  # the busy warm-up
+    scheduler.idle_probe_s = 0.02
     gateway = await start_gateway(
         cfg, codec.address, lm.address, GatewaySettings(refresh_interval_s=0.05)
     )

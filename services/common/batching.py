@@ -169,7 +169,7 @@ class BatchScheduler:
         self._recent_len = recent
         # bucket -> fastest step seen while idle (ms): at load, then by idle probes
         self.warm_ms: dict[int, float] = {}
-        self.idle_probe_s = idle_probe_s
+        self._idle_probe_s = idle_probe_s
         self.idle_probes = 0  # probes run (tests and logs read it)
         self._next_probe = float("inf")  # set by start()
         self._probe_at = 0  # index into the ladder of the next bucket to probe
@@ -454,9 +454,24 @@ class BatchScheduler:
             except Exception:  # noqa: BLE001 - the runner thread must survive
                 log.exception("%s: scheduler tick failed", self.name)
 
+    @property
+    def idle_probe_s(self) -> float:
+        """Seconds between idle probes (0: none)."""
+        return self._idle_probe_s
+
+    @idle_probe_s.setter
+    def idle_probe_s(self, seconds: float) -> None:
+        """A new interval, counted from now (0 stops the probes)."""
+        if seconds < 0:
+            raise ValueError(f"{self.name}: idle probe interval must be >= 0, got {seconds}")
+        with self._cond:
+            self._idle_probe_s = seconds
+            self._schedule_probe()
+            self._cond.notify()
+
     def _schedule_probe(self) -> None:
         # jittered, so that the probes of replicas started together drift apart
-        every = self.idle_probe_s
+        every = self._idle_probe_s
         self._next_probe = (
             time.perf_counter() + every * random.uniform(0.8, 1.2) if every else float("inf")
         )
