@@ -9,7 +9,7 @@ Two ways to run the services, both on loopback only:
   capture), whose readiness is the grpc.health.v1 status SERVING.
 
 Plus small helpers: health checks, Info, Prometheus scraping (parsed with
-prometheus_client.parser), /proc RSS.
+prometheus_client.parser), /proc RSS, a FLOAT32 conversation's requests.
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
+
+from moshi_grpc.v1 import gateway_pb2
 
 T = TypeVar("T")
 
@@ -206,6 +209,16 @@ class ServiceProcess:
                 self.proc.wait(5)
         self._log.close()
         return self.proc.returncode
+
+
+def float32_session(pcm: np.ndarray, **config: Any) -> list[Any]:
+    """A whole Converse request stream: the config (24 kHz FLOAT32, plus `config`'s fields)
+    then `pcm` in one chunk; the gateway cuts it into 80 ms frames."""
+    session = gateway_pb2.SessionConfig(
+        sample_rate=24000, encoding=gateway_pb2.AUDIO_ENCODING_FLOAT32, **config
+    )
+    audio = gateway_pb2.AudioChunk(data=np.asarray(pcm, "<f4").tobytes())
+    return [gateway_pb2.ConverseRequest(config=session), gateway_pb2.ConverseRequest(audio=audio)]
 
 
 def run_stream(

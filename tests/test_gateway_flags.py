@@ -11,6 +11,7 @@ import asyncio
 import grpc
 import numpy as np
 import pytest
+from svc_harness import float32_session
 from tls_certs import make_pki
 
 from moshi_grpc.services.codec.engine import CodecOptions
@@ -205,17 +206,12 @@ async def test_flow_window_frames_other_than_three() -> None:
     encoder = codec.servicer.engine.encoder
     frames = 12
     x = np.random.default_rng(0).uniform(-0.5, 0.5, frames * 1920).astype("<f4")
-    config = gateway_pb2.SessionConfig(
-        sample_rate=24000,
-        encoding=gateway_pb2.AUDIO_ENCODING_FLOAT32,
+    requests = float32_session(
+        x,
         budget_ms=10_000,
         max_consecutive_misses=0,
         input_pacing=gateway_pb2.INPUT_PACING_FLOW_CONTROL,
     )
-    requests = [
-        gateway_pb2.ConverseRequest(config=config),
-        gateway_pb2.ConverseRequest(audio=gateway_pb2.AudioChunk(data=x.tobytes())),
-    ]
     try:
         async with grpc.aio.insecure_channel(gateway.address) as channel:
             encoder.hold()

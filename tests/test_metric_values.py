@@ -14,7 +14,7 @@ import time
 import grpc
 import numpy as np
 import pytest
-from svc_harness import until_queued
+from svc_harness import float32_session, until_queued
 
 from moshi_grpc.services.codec.engine import CodecOptions
 from moshi_grpc.services.codec.startup import start_codec_server
@@ -173,16 +173,9 @@ async def test_session_wall_audio_ratio_and_admission_estimate() -> None:
     gateway.admission.lease = recording
     frames = 50
     x = np.random.default_rng(1).uniform(-0.5, 0.5, frames * FRAME).astype("<f4")
-    config = gateway_pb2.SessionConfig(
-        sample_rate=24000,
-        encoding=gateway_pb2.AUDIO_ENCODING_FLOAT32,
-        budget_ms=10_000,
-        input_pacing=gateway_pb2.INPUT_PACING_FLOW_CONTROL,
+    requests = float32_session(
+        x, budget_ms=10_000, input_pacing=gateway_pb2.INPUT_PACING_FLOW_CONTROL
     )
-    requests = [
-        gateway_pb2.ConverseRequest(config=config),
-        gateway_pb2.ConverseRequest(audio=gateway_pb2.AudioChunk(data=x.tobytes())),
-    ]
     try:
         async with grpc.aio.insecure_channel(gateway.address) as channel:
             opened = time.monotonic()  # the session lives inside the call

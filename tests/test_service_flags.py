@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import torch
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from svc_harness import ServiceProcess
+from svc_harness import ServiceProcess, float32_session
 
 from moshi_grpc.services.codec import cli as codec_cli
 from moshi_grpc.services.codec.engine import CodecOptions
@@ -33,7 +33,6 @@ from moshi_grpc.v1 import (
     codec_pb2,
     codec_pb2_grpc,
     common_pb2,
-    gateway_pb2,
     gateway_pb2_grpc,
     lm_pb2,
     lm_pb2_grpc,
@@ -203,14 +202,7 @@ async def test_json_logs_one_object_per_line_with_the_session_id(
     try:
         await asyncio.to_thread(gateway.wait_serving)
         async with grpc.aio.insecure_channel(gateway.address) as channel:
-            config = gateway_pb2.SessionConfig(
-                sample_rate=24000, encoding=gateway_pb2.AUDIO_ENCODING_FLOAT32, budget_ms=5000
-            )
-            chunk = np.zeros(2 * FRAME, "<f4").tobytes()
-            requests = [
-                gateway_pb2.ConverseRequest(config=config),
-                gateway_pb2.ConverseRequest(audio=gateway_pb2.AudioChunk(data=chunk)),
-            ]
+            requests = float32_session(np.zeros(2 * FRAME, "<f4"), budget_ms=5000)
             call = gateway_pb2_grpc.GatewayStub(channel).Converse(iter(requests), timeout=30)
             replies = [r async for r in call]
             assert await call.code() == grpc.StatusCode.OK
