@@ -236,6 +236,8 @@ def test_bad_personas_are_refused_clearly(golden, lm) -> None:
         _plan(gen, voice + 2048, [5])
     with pytest.raises(PersonaError, match="context is 64"):
         _plan(gen, voice.repeat(20, 1), [5])
+    with pytest.raises(ValueError, match="a persona prompt, a replayed history, or both"):
+        Start()  # a session with nothing to prefill sends no Start
 
 
 # -- the runner: chunks between live ticks, the prefix cache --------------------------------

@@ -58,7 +58,7 @@ def run_prompt(lm: Any, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from moshi_grpc.models.lm_gen import LMGen, SamplingConfig
-    from moshi_grpc.models.persona import prompt_frames
+    from moshi_grpc.models.persona import prompt_length
     from moshi_grpc.services.common.batching import DEFERRED
     from moshi_grpc.services.common.device import synchronize
     from moshi_grpc.services.lm.engine import GenRunner, JoinPayload, StepInput
@@ -85,7 +85,7 @@ def run_prompt(lm: Any, args: argparse.Namespace) -> dict[str, Any]:
         runner.join(slot, JoinPayload(SamplingConfig(), slot))
         return Start(PersonaRequest(voice, tokens(seed), "bench")), None
 
-    frames = len(prompt_frames(voice, tokens(0), 0)[0])
+    frames = prompt_length(n_voice, n_tokens)
     # 1. the reference's way: one full step per prompt frame (scaled from a sample)
     solo = LMGen(lm, 1)  # one session, batch 1: the reference serves one at a time
     solo.reset(0, SamplingConfig(), seed=1)

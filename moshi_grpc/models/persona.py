@@ -38,8 +38,10 @@ __all__ = [
     "SINE_TOKENS",
     "PersonaError",
     "PersonaPlan",
+    "check_prompt_fits",
     "persona_plan",
     "prompt_frames",
+    "prompt_length",
     "wrap_prompt",
 ]
 
@@ -74,12 +76,30 @@ class PersonaPlan:
     voice_steps: int
 
 
+def prompt_length(voice_frames: int, text_tokens: int) -> int:
+    """Frames of a prompt: the voice, its silence, one per text token, silence again."""
+    return voice_frames + 2 * SILENCE_FRAMES + text_tokens
+
+
+def check_prompt_fits(voice_frames: int, text_tokens: int, context: int) -> int:
+    """The prompt's frames; PersonaError when they do not fit a model of `context` steps
+    (the live session needs at least one position after them)."""
+    frames = prompt_length(voice_frames, text_tokens)
+    if frames >= context:
+        raise PersonaError(
+            f"the persona's prompt takes {frames} frames ({voice_frames} of voice, "
+            f"{text_tokens} text tokens, {2 * SILENCE_FRAMES} of silence); the model's "
+            f"context is {context} steps: shorten the voice or the prompt"
+        )
+    return frames
+
+
 def prompt_frames(
     voice: torch.Tensor, tokens: list[int], pad: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The prompt's frames: text `[F]`, Moshi's codes `[F, 8]`, the user's `[F, 8]`."""
     v, n = int(voice.shape[0]), len(tokens)
-    f = v + 2 * SILENCE_FRAMES + n
+    f = prompt_length(v, n)
     silence = torch.tensor(SILENCE_TOKENS, dtype=torch.long)
     text = torch.full((f,), pad, dtype=torch.long)
     text[v + SILENCE_FRAMES : v + SILENCE_FRAMES + n] = torch.tensor(tokens, dtype=torch.long)
@@ -122,14 +142,8 @@ def persona_plan(
             f"the model's codebooks hold {card} codes: too few for PersonaPlex's silence and "
             "sine frames (its codebooks hold 2048)"
         )
+    frames = check_prompt_fits(int(voice.shape[0]), len(tokens), context)
     text, moshi, user = prompt_frames(voice.to("cpu", torch.long), tokens, pad)
-    frames = int(text.shape[0])
-    if frames >= context:
-        raise PersonaError(
-            f"the persona's prompt takes {frames} frames ({voice.shape[0]} of voice, "
-            f"{len(tokens)} text tokens, {2 * SILENCE_FRAMES} of silence); the model's "
-            f"context is {context}: shorten the voice or the prompt"
-        )
     steps = frames - 1
     sampled = torch.cat([text[1:, None], moshi[1:, :1], moshi[:-1, 1:]], dim=1)  # [F - 1, G]
     columns, ring = layout.simulate(ring, 0, user[:steps], sampled, initial)

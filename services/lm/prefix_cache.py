@@ -106,7 +106,6 @@ class PrefixCache:
                 self._stats.evictions += 1
             self._entries[key] = entry
             self._stats.bytes += size
-            self._stats.entries = len(self._entries)
             return True
 
     def __contains__(self, key: str) -> bool:

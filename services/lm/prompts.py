@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from moshi_grpc.models.lm_gen import Prefix
-from moshi_grpc.models.persona import PersonaPlan, persona_plan
+from moshi_grpc.models.persona import PersonaPlan, persona_plan, prompt_length
 from moshi_grpc.services.common.batching import DEFERRED
 from moshi_grpc.services.common.device import synchronize
 from moshi_grpc.services.lm.prefix_cache import PROMPT, VOICE, CachedPrefix, PrefixCache, prefix_key
@@ -48,6 +48,11 @@ class PersonaRequest:
     voice: torch.Tensor
     tokens: list[int]
     text: str
+
+    @property
+    def frames(self) -> int:
+        """The prompt's frames (its prefix runs one step fewer)."""
+        return prompt_length(int(self.voice.shape[0]), len(self.tokens))
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,10 @@ class Start:
     persona: PersonaRequest | None = None
     replay: Prefill | None = None
     opened_at: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        if self.persona is None and self.replay is None:
+            raise ValueError("a Start carries a persona prompt, a replayed history, or both")
 
 
 @dataclass(frozen=True)
@@ -218,15 +227,4 @@ class PrefixWork:
         if start.replay is not None:
             r = start.replay
             plan = gen.replay_plan(r.user_codes, r.text, r.audio, after=after)
-        if plan is None:
-            plan = gen.replay_plan(*_empty_history(gen), after=None)
         return _Job(start, plan, done, persona, voice_key, prompt_key, done)
-
-
-def _empty_history(gen: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    cfg = gen.lm.config
-    return (
-        torch.zeros((0, cfg.num_user_streams), dtype=torch.long),
-        torch.zeros(0, dtype=torch.long),
-        torch.zeros((0, cfg.dep_q), dtype=torch.long),
-    )

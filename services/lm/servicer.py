@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from moshi_grpc.models.persona import SILENCE_FRAMES, prompt_frames, wrap_prompt
+from moshi_grpc.models.persona import PersonaError, check_prompt_fits, wrap_prompt
 from moshi_grpc.services.common.backend import ModelServicer, backend_info
 from moshi_grpc.services.common.errors import InvalidInput, WrongModel
 from moshi_grpc.services.common.metrics import LmMetrics
@@ -65,14 +65,10 @@ def parse_persona(persona: lm_pb2.PersonaPrompt, engine: LmEngine) -> PersonaReq
     if not persona.text.strip():
         raise InvalidInput("persona.text (the role prompt) is empty")
     tokens = engine.tokenizer.encode(wrap_prompt(persona.text))
-    frames = len(prompt_frames(voice, tokens, 0)[0])
-    context = engine.lm.config.context
-    if frames >= context:
-        raise InvalidInput(
-            f"the persona's prompt takes {frames} frames ({voice.shape[0]} of voice, "
-            f"{len(tokens)} text tokens, {2 * SILENCE_FRAMES} of silence); the model's "
-            f"context is {context} steps: shorten the voice or the prompt"
-        )
+    try:
+        check_prompt_fits(int(voice.shape[0]), len(tokens), engine.lm.config.context)
+    except PersonaError as err:
+        raise InvalidInput(str(err)) from None
     return PersonaRequest(voice, tokens, persona.text)
 
 
@@ -146,7 +142,7 @@ class LmStage:
             )
         start_step = 0
         if persona is not None:  # the history continues the prompt's prefix
-            start_step = len(prompt_frames(persona.voice, persona.tokens, 0)[0]) - 1
+            start_step = persona.frames - 1
         replay = parse_replay(opened.replay, engine, start_step)
         prefill = replay.pop(0) if replay and isinstance(replay[0], Prefill) else None
         preamble: list[Any] = []
