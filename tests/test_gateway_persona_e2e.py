@@ -59,9 +59,7 @@ def _codec_options() -> CodecOptions:
 
 
 def _lm_options(config: str = "personaplex-small") -> LmOptions:
-    return LmOptions(
-        config=config, max_sessions=2, max_wait_ms=0.0, cpu_forms="off", warmup_repeats=0
-    )
+    return LmOptions(config=config, cpu_forms="off", warmup_repeats=0)
 
 
 @dataclass

@@ -384,8 +384,7 @@ async def test_the_lm_service_answers_a_persona_open_then_the_references_frames(
     options = LmOptions(
         weights=str(weights),
         config=str(FIXTURES / "persona" / "config.json"),
-        max_sessions=2,
-        cpu_forms="off",
+        cpu_forms="off",  # (max_sessions at its default: the ladder users get)
         warmup_repeats=0,
     )
     server = await start_lm_server(ServerConfig(host="127.0.0.1", port=0), options)
